@@ -1,0 +1,167 @@
+//! The `volley` binary: `sql`, `scheduler` and `executor` subcommands.
+
+mod sql;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use volley_executor::{ExecutorConfig, start_executor};
+use volley_scheduler::{SchedulerConfig, start_scheduler};
+
+/// Volley: a distributed SQL batch engine.
+#[derive(Parser, Debug)]
+#[command(name = "volley", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run SQL on a cluster (embedded unless --scheduler is given).
+    Sql(sql::SqlArgs),
+    /// Run a scheduler.
+    Scheduler(SchedulerArgs),
+    /// Run an executor.
+    Executor(ExecutorArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SchedulerArgs {
+    /// Address to bind.
+    #[arg(long, env = "VOLLEY_SCHEDULER_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Port to bind.
+    #[arg(long, env = "VOLLEY_SCHEDULER_PORT", default_value_t = 50050)]
+    port: u16,
+    /// Attempts per task before its job fails.
+    #[arg(long, env = "VOLLEY_TASK_MAX_ATTEMPTS", default_value_t = 4)]
+    task_max_attempts: u32,
+    /// Attempts per stage (re-runs after lost shuffle output) before its job fails.
+    #[arg(long, env = "VOLLEY_STAGE_MAX_ATTEMPTS", default_value_t = 4)]
+    stage_max_attempts: u32,
+    /// Seconds of silence after which an executor is declared lost.
+    #[arg(long, env = "VOLLEY_EXECUTOR_TIMEOUT", default_value_t = 10)]
+    executor_timeout_secs: u64,
+    /// Shuffle partitions per exchange (default: total executor slots).
+    #[arg(long, env = "VOLLEY_TARGET_PARTITIONS")]
+    target_partitions: Option<usize>,
+}
+
+#[derive(clap::Args, Debug)]
+struct ExecutorArgs {
+    /// Scheduler URL.
+    #[arg(long, env = "VOLLEY_SCHEDULER", default_value = "http://127.0.0.1:50050")]
+    scheduler: String,
+    /// Address to bind and advertise.
+    #[arg(long, env = "VOLLEY_EXECUTOR_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Port for gRPC and Flight (0 = any free port).
+    #[arg(long, env = "VOLLEY_EXECUTOR_PORT", default_value_t = 50051)]
+    port: u16,
+    /// Concurrent tasks (default: number of cores).
+    #[arg(long, env = "VOLLEY_EXECUTOR_SLOTS")]
+    slots: Option<usize>,
+    /// Directory for shuffle files.
+    #[arg(long, env = "VOLLEY_WORK_DIR")]
+    work_dir: Option<PathBuf>,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, env = "VOLLEY_HEARTBEAT_MS", default_value_t = 2000)]
+    heartbeat_ms: u64,
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn run_scheduler(args: SchedulerArgs) -> Result<(), String> {
+    let config = SchedulerConfig {
+        host: args.host,
+        port: args.port,
+        task_max_attempts: args.task_max_attempts,
+        stage_max_attempts: args.stage_max_attempts,
+        executor_timeout: Duration::from_secs(args.executor_timeout_secs.max(1)),
+        target_partitions: args.target_partitions,
+        ..SchedulerConfig::default()
+    };
+    let handle = start_scheduler(config).await.map_err(|e| e.to_string())?;
+    eprintln!("volley scheduler listening on {}", handle.url());
+    wait_for_signal().await;
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn run_executor(args: ExecutorArgs) -> Result<(), String> {
+    let mut config = ExecutorConfig::new(args.scheduler);
+    config.host = args.host;
+    config.port = args.port;
+    if let Some(slots) = args.slots {
+        config.slots = slots.max(1);
+    }
+    if let Some(dir) = args.work_dir {
+        config.work_dir = dir;
+    } else {
+        config.work_dir = std::env::temp_dir().join(format!("volley-executor-{}", std::process::id()));
+    }
+    config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms.max(50));
+    let handle = start_executor(config).await.map_err(|e| e.to_string())?;
+    eprintln!("volley executor {} listening on {}", handle.id(), handle.addr());
+    wait_for_signal().await;
+    handle.shutdown().await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Sql(args) => sql::run(args).await,
+            Command::Scheduler(args) => run_scheduler(args).await,
+            Command::Executor(args) => run_executor(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

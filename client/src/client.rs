@@ -1,0 +1,181 @@
+//! A connection to a scheduler with its own session.
+
+use std::io::Cursor;
+use std::time::Duration;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::ipc::reader::StreamReader;
+use datafusion::sql::parser::DFParser;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use tonic::transport::{Channel, Endpoint};
+use volley_core::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
+use volley_core::protobuf::{self as pb, job_status};
+use volley_core::shuffle::{PartitionLocation, read_partition_location};
+use volley_core::{Result, VolleyError};
+
+/// A client session on a Volley scheduler.
+#[derive(Clone)]
+pub struct VolleyClient {
+    scheduler: SchedulerGrpcClient<Channel>,
+    session_id: String,
+}
+
+/// Split a SQL text into single statements.
+pub fn split_statements(sql: &str) -> Result<Vec<String>> {
+    let statements = DFParser::parse_sql(sql).map_err(datafusion::error::DataFusionError::from)?;
+    Ok(statements.into_iter().map(|s| s.to_string()).collect())
+}
+
+fn status_error(status: tonic::Status) -> VolleyError {
+    match status.code() {
+        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::Internal => {
+            VolleyError::JobFailed(status.message().to_string())
+        }
+        _ => VolleyError::Grpc(status),
+    }
+}
+
+impl VolleyClient {
+    /// Connect to the scheduler at `url` (`http://host:port`) and open a session.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let channel = Endpoint::from_shared(url.to_string())
+            .map_err(|e| VolleyError::Connect {
+                address: url.to_string(),
+                message: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| VolleyError::Connect {
+                address: url.to_string(),
+                message: format!("scheduler unreachable: {e}"),
+            })?;
+        let mut scheduler = SchedulerGrpcClient::new(channel)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024);
+        let session_id = scheduler
+            .create_session(pb::CreateSessionParams { settings: vec![] })
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .session_id;
+        Ok(Self {
+            scheduler,
+            session_id,
+        })
+    }
+
+    /// The raw gRPC client, for cluster inspection.
+    pub fn scheduler(&self) -> SchedulerGrpcClient<Channel> {
+        self.scheduler.clone()
+    }
+
+    /// Submit one statement; returns its job id.
+    pub async fn submit(&self, sql: &str) -> Result<String> {
+        let mut scheduler = self.scheduler.clone();
+        Ok(scheduler
+            .execute_sql(pb::ExecuteSqlParams {
+                session_id: self.session_id.clone(),
+                sql: sql.to_string(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .job_id)
+    }
+
+    /// Wait for a job to end; returns its final status.
+    pub async fn wait(&self, job_id: &str) -> Result<pb::CompletedJob> {
+        let mut scheduler = self.scheduler.clone();
+        loop {
+            let status = scheduler
+                .get_job_status(pb::GetJobStatusParams {
+                    job_id: job_id.to_string(),
+                    wait_ms: 1000,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match status.status {
+                Some(job_status::Status::Completed(done)) => return Ok(done),
+                Some(job_status::Status::Failed(message)) => return Err(VolleyError::JobFailed(message)),
+                Some(job_status::Status::Cancelled(_)) => {
+                    return Err(VolleyError::JobFailed(format!("job {job_id} was cancelled")));
+                }
+                Some(job_status::Status::Running(_)) | None => {}
+            }
+        }
+    }
+
+    /// Cancel a job.
+    pub async fn cancel(&self, job_id: &str) -> Result<bool> {
+        let mut scheduler = self.scheduler.clone();
+        Ok(scheduler
+            .cancel_job(pb::CancelJobParams {
+                job_id: job_id.to_string(),
+            })
+            .await?
+            .into_inner()
+            .cancelled)
+    }
+
+    /// Run one statement and stream its result; the job's files are released at the end.
+    pub async fn execute(&self, sql: &str) -> Result<(SchemaRef, BoxStream<'static, Result<RecordBatch>>)> {
+        let job_id = self.submit(sql).await?;
+        let done = self.wait(&job_id).await?;
+        let schema = StreamReader::try_new(Cursor::new(done.schema), None)?.schema();
+        if !done.inline_result.is_empty() {
+            let reader = StreamReader::try_new(Cursor::new(done.inline_result), None)?;
+            let batches: Vec<Result<RecordBatch>> = reader.map(|b| b.map_err(VolleyError::from)).collect();
+            self.release(&job_id).await;
+            return Ok((schema, futures::stream::iter(batches).boxed()));
+        }
+        let locations = done
+            .locations
+            .iter()
+            .map(PartitionLocation::try_from)
+            .collect::<Result<Vec<_>>>()?;
+        let data = futures::stream::iter(locations)
+            .map(|location| read_partition_location(location, None, 0))
+            .flatten()
+            .map_err(VolleyError::from);
+        let this = self.clone();
+        let release = futures::stream::once(async move {
+            this.release(&job_id).await;
+            None
+        })
+        .filter_map(|x: Option<Result<RecordBatch>>| async move { x });
+        Ok((schema, data.chain(release).boxed()))
+    }
+
+    /// Run one statement and collect its result.
+    pub async fn sql(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let (schema, stream) = self.execute(sql).await?;
+        let batches = stream.try_collect().await?;
+        Ok((schema, batches))
+    }
+
+    async fn release(&self, job_id: &str) {
+        let mut scheduler = self.scheduler.clone();
+        if let Err(e) = scheduler
+            .release_job(pb::ReleaseJobParams {
+                job_id: job_id.to_string(),
+            })
+            .await
+        {
+            tracing::warn!(job_id, error = %e, "cannot release job");
+        }
+    }
+
+    /// Jobs, stages, tasks and executors as the scheduler sees them.
+    pub async fn cluster_state(&self) -> Result<pb::GetClusterStateResult> {
+        let mut scheduler = self.scheduler.clone();
+        Ok(scheduler
+            .get_cluster_state(pb::GetClusterStateParams {})
+            .await?
+            .into_inner())
+    }
+}

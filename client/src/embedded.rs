@@ -1,0 +1,73 @@
+//! The embedded cluster: a scheduler and executors in this process on loopback.
+
+use std::time::Duration;
+
+use volley_executor::{ExecutorConfig, ExecutorHandle, start_executor};
+use volley_scheduler::{SchedulerConfig, SchedulerHandle, start_scheduler};
+
+use crate::VolleyClient;
+use volley_core::{Result, VolleyError};
+
+/// A scheduler and executors running in this process, talking gRPC over 127.0.0.1.
+pub struct EmbeddedCluster {
+    scheduler: SchedulerHandle,
+    executors: Vec<ExecutorHandle>,
+    _work_dir: tempfile::TempDir,
+}
+
+impl EmbeddedCluster {
+    /// Start a scheduler and `executors` executors with `slots` slots each.
+    pub async fn start(executors: usize, slots: usize) -> Result<Self> {
+        Self::start_with(SchedulerConfig::default().with_address("127.0.0.1", 0), executors, slots).await
+    }
+
+    /// Start with a given scheduler configuration.
+    pub async fn start_with(config: SchedulerConfig, executors: usize, slots: usize) -> Result<Self> {
+        let work_dir = tempfile::Builder::new()
+            .prefix("volley-embedded-")
+            .tempdir()
+            .map_err(VolleyError::Io)?;
+        let scheduler = start_scheduler(config).await?;
+        let mut handles = Vec::new();
+        for i in 0..executors.max(1) {
+            let mut config = ExecutorConfig::new(scheduler.url());
+            config.slots = slots.max(1);
+            config.work_dir = work_dir.path().join(format!("executor-{i}"));
+            config.heartbeat_interval = Duration::from_secs(2);
+            handles.push(start_executor(config).await?);
+        }
+        Ok(Self {
+            scheduler,
+            executors: handles,
+            _work_dir: work_dir,
+        })
+    }
+
+    /// The scheduler's URL.
+    pub fn url(&self) -> String {
+        self.scheduler.url()
+    }
+
+    /// The scheduler, for inspection.
+    pub fn scheduler(&self) -> &SchedulerHandle {
+        &self.scheduler
+    }
+
+    /// Ids of the executors.
+    pub fn executor_ids(&self) -> Vec<String> {
+        self.executors.iter().map(|e| e.id().to_string()).collect()
+    }
+
+    /// A client session on this cluster.
+    pub async fn client(&self) -> Result<VolleyClient> {
+        VolleyClient::connect(&self.url()).await
+    }
+
+    /// Stop executors, then the scheduler; removes the work dirs.
+    pub async fn shutdown(self) {
+        for executor in self.executors {
+            executor.shutdown().await;
+        }
+        self.scheduler.shutdown().await;
+    }
+}

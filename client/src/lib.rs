@@ -1,0 +1,9 @@
+//! Volley client: submit SQL to a Volley cluster and stream the result, or start an embedded
+//! cluster (scheduler + executors in this process, over the same gRPC paths as a real one).
+
+mod client;
+mod embedded;
+
+pub use client::{VolleyClient, split_statements};
+pub use embedded::EmbeddedCluster;
+pub use volley_core::{Result, VolleyError};

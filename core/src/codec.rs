@@ -1,0 +1,243 @@
+//! Encoding of physical plans for the wire: datafusion-proto plus Volley's own nodes.
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::Schema;
+use datafusion::error::{DataFusionError, Result as DFResult};
+use datafusion::execution::TaskContext;
+use datafusion::physical_plan::{ExecutionPlan, Partitioning};
+use datafusion_proto::physical_plan::from_proto::parse_protobuf_partitioning;
+use datafusion_proto::physical_plan::to_proto::serialize_partitioning;
+use datafusion_proto::physical_plan::{
+    PhysicalExtensionCodec, PhysicalPlanDecodeContext, PhysicalProtoConverterExtension,
+};
+use datafusion_proto::protobuf as dfproto;
+use prost::Message;
+
+use crate::plan::{ShuffleReaderExec, ShuffleWriterExec};
+use crate::protobuf::{self, volley_plan_node::Node};
+use crate::shuffle::PartitionLocation;
+
+/// Knows how to encode and decode every Volley [`ExecutionPlan`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct VolleyCodec;
+
+fn decode_err(e: impl std::fmt::Display) -> DataFusionError {
+    DataFusionError::Internal(format!("cannot decode Volley plan node: {e}"))
+}
+
+impl VolleyCodec {
+    /// Serialize a physical plan to bytes.
+    pub fn encode_plan(plan: Arc<dyn ExecutionPlan>) -> DFResult<Vec<u8>> {
+        Ok(datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec(plan, &VolleyCodec)?.to_vec())
+    }
+
+    /// Deserialize a physical plan from bytes, resolving functions and object stores in `ctx`.
+    pub fn decode_plan(bytes: &[u8], ctx: &TaskContext) -> DFResult<Arc<dyn ExecutionPlan>> {
+        datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(bytes, ctx, &VolleyCodec)
+    }
+
+    fn encode_partitioning(
+        &self,
+        partitioning: &Partitioning,
+        converter: &dyn PhysicalProtoConverterExtension,
+    ) -> DFResult<Vec<u8>> {
+        Ok(serialize_partitioning(partitioning, self, converter)?.encode_to_vec())
+    }
+
+    fn decode_partitioning(
+        &self,
+        bytes: &[u8],
+        ctx: &TaskContext,
+        schema: &Schema,
+        converter: &dyn PhysicalProtoConverterExtension,
+    ) -> DFResult<Option<Partitioning>> {
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        let proto = dfproto::Partitioning::decode(bytes).map_err(decode_err)?;
+        let decode_ctx = PhysicalPlanDecodeContext::new(ctx, self);
+        parse_protobuf_partitioning(Some(&proto), &decode_ctx, schema, converter)
+    }
+}
+
+impl PhysicalExtensionCodec for VolleyCodec {
+    fn try_decode(
+        &self,
+        buf: &[u8],
+        inputs: &[Arc<dyn ExecutionPlan>],
+        ctx: &TaskContext,
+        proto_converter: &dyn PhysicalProtoConverterExtension,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        let node = protobuf::VolleyPlanNode::decode(buf).map_err(decode_err)?;
+        match node.node {
+            Some(Node::ShuffleWriter(w)) => {
+                let [input] = inputs else {
+                    return Err(decode_err("ShuffleWriterExec needs exactly one input"));
+                };
+                let partitioning =
+                    self.decode_partitioning(&w.partitioning, ctx, &input.schema(), proto_converter)?;
+                Ok(Arc::new(ShuffleWriterExec::new(w.job_id, w.stage_id, Arc::clone(input), partitioning)))
+            }
+            Some(Node::ShuffleReader(r)) => {
+                let schema_proto = dfproto::Schema::decode(r.schema.as_slice()).map_err(decode_err)?;
+                let schema = Arc::new(Schema::try_from(&schema_proto).map_err(decode_err)?);
+                let count = r.partition_count as usize;
+                let partitioning = self
+                    .decode_partitioning(&r.partitioning, ctx, &schema, proto_converter)?
+                    .unwrap_or(Partitioning::UnknownPartitioning(count));
+                let mut locations = vec![Vec::new(); count];
+                for (slot, partition) in locations.iter_mut().zip(r.partitions.iter()) {
+                    *slot = partition
+                        .locations
+                        .iter()
+                        .map(PartitionLocation::try_from)
+                        .collect::<crate::Result<Vec<_>>>()?;
+                }
+                Ok(Arc::new(ShuffleReaderExec::with_locations(
+                    r.stage_id,
+                    schema,
+                    partitioning,
+                    r.hash_partitioned,
+                    locations,
+                )))
+            }
+            None => Err(decode_err("empty node")),
+        }
+    }
+
+    fn try_encode(
+        &self,
+        node: Arc<dyn ExecutionPlan>,
+        buf: &mut Vec<u8>,
+        proto_converter: &dyn PhysicalProtoConverterExtension,
+    ) -> DFResult<()> {
+        let encoded = if let Some(w) = node.downcast_ref::<ShuffleWriterExec>() {
+            let partitioning = match w.shuffle_partitioning() {
+                Some(p) => self.encode_partitioning(p, proto_converter)?,
+                None => Vec::new(),
+            };
+            Node::ShuffleWriter(protobuf::ShuffleWriterExecNode {
+                job_id: w.job_id().to_string(),
+                stage_id: w.stage_id(),
+                partitioning,
+            })
+        } else if let Some(r) = node.downcast_ref::<ShuffleReaderExec>() {
+            let schema = dfproto::Schema::try_from(r.schema().as_ref())
+                .map_err(|e| DataFusionError::Internal(format!("cannot encode schema: {e}")))?;
+            let partitioning = match r.partitioning() {
+                p @ Partitioning::Hash(..) => self.encode_partitioning(p, proto_converter)?,
+                _ => Vec::new(),
+            };
+            Node::ShuffleReader(protobuf::ShuffleReaderExecNode {
+                stage_id: r.stage_id(),
+                schema: schema.encode_to_vec(),
+                partition_count: u32::try_from(r.partitioning().partition_count())
+                    .map_err(|_| DataFusionError::Internal("too many partitions".to_string()))?,
+                hash_partitioned: r.hash_partitioned(),
+                partitioning,
+                partitions: r
+                    .locations()
+                    .iter()
+                    .map(|locs| protobuf::ShuffleReaderPartition {
+                        locations: locs.iter().map(protobuf::PartitionLocation::from).collect(),
+                    })
+                    .collect(),
+                ordered: false,
+            })
+        } else {
+            return Err(DataFusionError::NotImplemented(format!(
+                "Volley cannot send {} to executors",
+                node.name()
+            )));
+        };
+        protobuf::VolleyPlanNode { node: Some(encoded) }.encode(buf).map_err(|e| {
+            DataFusionError::Internal(format!("cannot encode Volley plan node: {e}"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::datatypes::{DataType, Field};
+    use datafusion::physical_expr::expressions::Column;
+    use datafusion::physical_plan::{ExecutionPlanProperties, displayable};
+    use datafusion::physical_plan::empty::EmptyExec;
+    use datafusion::prelude::SessionContext;
+
+    fn schema() -> Arc<Schema> {
+        Arc::new(Schema::new(vec![
+            Field::new("a", DataType::Int32, false),
+            Field::new("b", DataType::Utf8, true),
+        ]))
+    }
+
+    fn round_trip(plan: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
+        let bytes = VolleyCodec::encode_plan(Arc::clone(&plan)).unwrap();
+        let ctx = SessionContext::new();
+        let decoded = VolleyCodec::decode_plan(&bytes, &ctx.task_ctx()).unwrap();
+        assert_eq!(
+            displayable(plan.as_ref()).indent(true).to_string(),
+            displayable(decoded.as_ref()).indent(true).to_string()
+        );
+        decoded
+    }
+
+    #[test]
+    fn shuffle_writer_round_trips() {
+        let input = Arc::new(EmptyExec::new(schema()).with_partitions(3));
+        let hash = Partitioning::Hash(vec![Arc::new(Column::new("a", 0))], 4);
+        let writer = Arc::new(ShuffleWriterExec::new("job-1", 7, input, Some(hash)));
+        let decoded = round_trip(writer);
+        let w = decoded.downcast_ref::<ShuffleWriterExec>().unwrap();
+        assert_eq!(w.job_id(), "job-1");
+        assert_eq!(w.stage_id(), 7);
+        assert_eq!(w.output_partition_count(), 4);
+        assert_eq!(w.input().output_partitioning().partition_count(), 3);
+
+        let unpartitioned = Arc::new(ShuffleWriterExec::new(
+            "job-2",
+            1,
+            Arc::new(EmptyExec::new(schema())),
+            None,
+        ));
+        let decoded = round_trip(unpartitioned);
+        assert!(decoded.downcast_ref::<ShuffleWriterExec>().unwrap().shuffle_partitioning().is_none());
+    }
+
+    #[test]
+    fn shuffle_reader_round_trips_with_locations() {
+        let location = |map: u32, out: u32| PartitionLocation {
+            executor_id: format!("exec-{map}"),
+            host: "127.0.0.1".to_string(),
+            flight_port: 50051,
+            path: format!("/tmp/w/job/2/{map}-0/part-{out}.arrow"),
+            map_partition: map,
+            output_partition: out,
+            num_rows: 10 + u64::from(map),
+            num_bytes: 1000,
+        };
+        let hash = Partitioning::Hash(vec![Arc::new(Column::new("a", 0))], 2);
+        let reader = Arc::new(ShuffleReaderExec::with_locations(
+            2,
+            schema(),
+            hash,
+            true,
+            vec![vec![location(0, 0), location(1, 0)], vec![location(1, 1)]],
+        ));
+        let decoded = round_trip(reader.clone());
+        let r = decoded.downcast_ref::<ShuffleReaderExec>().unwrap();
+        assert_eq!(r.stage_id(), 2);
+        assert!(r.hash_partitioned());
+        assert_eq!(r.locations(), reader.locations());
+        assert!(matches!(r.partitioning(), Partitioning::Hash(exprs, 2) if exprs.len() == 1));
+        assert_eq!(r.schema(), schema());
+
+        let passthrough = Arc::new(ShuffleReaderExec::new(3, schema(), Partitioning::UnknownPartitioning(5), false));
+        let decoded = round_trip(passthrough);
+        let r = decoded.downcast_ref::<ShuffleReaderExec>().unwrap();
+        assert!(!r.hash_partitioned());
+        assert_eq!(r.locations().len(), 5);
+    }
+}

@@ -1,0 +1,13 @@
+//! Volley core: errors, identifiers, configuration, the physical plan codec and the shuffle
+//! execution plans shared by the scheduler and the executors.
+
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod plan;
+pub mod shuffle;
+
+pub use error::{Result, VolleyError};
+
+/// Generated protobuf types, re-exported for the crates that convert at their edges.
+pub use volley_proto::protobuf;

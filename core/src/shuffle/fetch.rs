@@ -1,0 +1,126 @@
+//! Reading shuffle partitions: local files directly, remote ones over Arrow Flight `do_get`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::PathBuf;
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+use arrow_flight::{FlightClient, Ticket};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::ipc::reader::StreamReader;
+use datafusion::error::DataFusionError;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use tonic::transport::{Channel, Endpoint};
+
+use super::PartitionLocation;
+use crate::{Result, VolleyError};
+
+/// A process-wide cache of gRPC channels to executors' Flight services.
+pub struct FlightChannels;
+
+static CHANNELS: LazyLock<Mutex<HashMap<String, Channel>>> = LazyLock::new(Default::default);
+
+impl FlightChannels {
+    /// A (shared, lazily connected) channel to `host:port`.
+    pub fn get(host: &str, port: u16) -> Result<Channel> {
+        let address = format!("http://{host}:{port}");
+        let mut map = CHANNELS
+            .lock()
+            .map_err(|_| VolleyError::Internal("flight channel cache poisoned".to_string()))?;
+        if let Some(channel) = map.get(&address) {
+            return Ok(channel.clone());
+        }
+        let channel = Endpoint::from_shared(address.clone())
+            .map_err(|e| VolleyError::Connect {
+                address: address.clone(),
+                message: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        map.insert(address, channel.clone());
+        Ok(channel)
+    }
+
+    /// Forget a channel after a failure so the next call dials again.
+    pub fn forget(host: &str, port: u16) {
+        if let Ok(mut map) = CHANNELS.lock() {
+            map.remove(&format!("http://{host}:{port}"));
+        }
+    }
+}
+
+/// Stream the batches of a local shuffle file, decoding on a blocking thread.
+pub fn read_local_file(path: PathBuf) -> BoxStream<'static, Result<RecordBatch>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<RecordBatch>>(2);
+    tokio::task::spawn_blocking(move || {
+        let reader = File::open(&path)
+            .map_err(VolleyError::from)
+            .and_then(|f| Ok(StreamReader::try_new(BufReader::with_capacity(256 * 1024, f), None)?));
+        match reader {
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+            }
+            Ok(reader) => {
+                for batch in reader {
+                    let item = batch.map_err(VolleyError::from);
+                    let failed = item.is_err();
+                    if tx.blocking_send(item).is_err() || failed {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
+}
+
+async fn fetch_remote(location: &PartitionLocation) -> Result<BoxStream<'static, Result<RecordBatch>>> {
+    let channel = FlightChannels::get(&location.host, location.flight_port)?;
+    let mut client = FlightClient::new(channel);
+    let ticket = Ticket::new(location.path.clone());
+    let stream = client.do_get(ticket).await.map_err(|e| {
+        FlightChannels::forget(&location.host, location.flight_port);
+        VolleyError::Internal(e.to_string())
+    })?;
+    Ok(stream.map_err(|e| VolleyError::Internal(e.to_string())).boxed())
+}
+
+/// Batches of one shuffle file; local files (same executor) are read without the network.
+/// Any failure becomes a typed [`VolleyError::FetchFailed`] naming the producer.
+pub fn read_partition_location(
+    location: PartitionLocation,
+    local_executor_id: Option<String>,
+    stage_id: u32,
+) -> BoxStream<'static, datafusion::error::Result<RecordBatch>> {
+    let fetch_failed = {
+        let location = location.clone();
+        move |e: VolleyError| {
+            DataFusionError::External(Box::new(VolleyError::FetchFailed {
+                executor_id: location.executor_id.clone(),
+                stage_id,
+                map_partition: location.map_partition,
+                message: e.to_string(),
+            }))
+        }
+    };
+    let is_local = local_executor_id.as_deref() == Some(location.executor_id.as_str());
+    let stream = async move {
+        if is_local {
+            Ok(read_local_file(PathBuf::from(&location.path)))
+        } else {
+            fetch_remote(&location).await
+        }
+    };
+    let on_error = fetch_failed.clone();
+    futures::stream::once(stream)
+        .map(move |opened| match opened {
+            Ok(s) => s.map_err(fetch_failed.clone()).boxed(),
+            Err(e) => futures::stream::once(futures::future::ready(Err(on_error(e)))).boxed(),
+        })
+        .flatten()
+        .boxed()
+}

@@ -1,0 +1,59 @@
+//! A shuffle partition file's location.
+
+use crate::protobuf;
+
+/// One shuffle file written by one map task for one output partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLocation {
+    /// Executor holding the file.
+    pub executor_id: String,
+    /// Host of that executor's Flight service.
+    pub host: String,
+    /// Port of that executor's Flight service.
+    pub flight_port: u16,
+    /// Path of the file on the executor.
+    pub path: String,
+    /// Map task (input partition) that wrote the file.
+    pub map_partition: u32,
+    /// Output bucket.
+    pub output_partition: u32,
+    /// Rows in the file.
+    pub num_rows: u64,
+    /// Bytes of the file.
+    pub num_bytes: u64,
+}
+
+impl From<&PartitionLocation> for protobuf::PartitionLocation {
+    fn from(l: &PartitionLocation) -> Self {
+        protobuf::PartitionLocation {
+            executor_id: l.executor_id.clone(),
+            host: l.host.clone(),
+            flight_port: u32::from(l.flight_port),
+            path: l.path.clone(),
+            map_partition: l.map_partition,
+            output_partition: l.output_partition,
+            num_rows: l.num_rows,
+            num_bytes: l.num_bytes,
+        }
+    }
+}
+
+impl TryFrom<&protobuf::PartitionLocation> for PartitionLocation {
+    type Error = crate::VolleyError;
+
+    fn try_from(l: &protobuf::PartitionLocation) -> crate::Result<Self> {
+        let flight_port = u16::try_from(l.flight_port).map_err(|_| {
+            crate::VolleyError::InvalidMessage(format!("flight port {} out of range", l.flight_port))
+        })?;
+        Ok(PartitionLocation {
+            executor_id: l.executor_id.clone(),
+            host: l.host.clone(),
+            flight_port,
+            path: l.path.clone(),
+            map_partition: l.map_partition,
+            output_partition: l.output_partition,
+            num_rows: l.num_rows,
+            num_bytes: l.num_bytes,
+        })
+    }
+}

@@ -1,0 +1,197 @@
+//! Writes one map task's output as compressed Arrow IPC stream files, one per output bucket.
+//!
+//! Partitioning and IPC encoding are CPU-bound, so they run on rayon's pool and the tokio
+//! threads only pull batches from the input stream.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::compute::BatchCoalescer;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::ipc::CompressionType;
+use datafusion::arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
+use datafusion::physical_plan::metrics;
+use datafusion::physical_plan::repartition::BatchPartitioner;
+use datafusion::physical_plan::{Partitioning, SendableRecordBatchStream};
+use futures::StreamExt;
+
+use crate::{Result, VolleyError};
+
+/// One file written by a map task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenPartition {
+    /// Output bucket the file belongs to.
+    pub output_partition: u32,
+    /// Where it is.
+    pub path: PathBuf,
+    /// Rows written.
+    pub num_rows: u64,
+    /// Bytes on disk.
+    pub num_bytes: u64,
+}
+
+struct Bucket {
+    path: PathBuf,
+    coalescer: BatchCoalescer,
+    writer: StreamWriter<BufWriter<File>>,
+    num_rows: u64,
+}
+
+impl Bucket {
+    fn push(&mut self, batch: RecordBatch) -> Result<()> {
+        self.num_rows += batch.num_rows() as u64;
+        self.coalescer.push_batch(batch)?;
+        while let Some(done) = self.coalescer.next_completed_batch() {
+            self.writer.write(&done)?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self, output_partition: u32) -> Result<WrittenPartition> {
+        self.coalescer.finish_buffered_batch()?;
+        while let Some(done) = self.coalescer.next_completed_batch() {
+            self.writer.write(&done)?;
+        }
+        self.writer.finish()?;
+        let file = self.writer.into_inner()?;
+        file.into_inner().map_err(|e| VolleyError::Io(e.into_error()))?.sync_data()?;
+        let num_bytes = std::fs::metadata(&self.path)?.len();
+        Ok(WrittenPartition {
+            output_partition,
+            path: self.path,
+            num_rows: self.num_rows,
+            num_bytes,
+        })
+    }
+}
+
+/// Splits a map task's batches into buckets and writes each bucket to its own file.
+pub struct ShuffleFileWriter {
+    dir: PathBuf,
+    schema: SchemaRef,
+    partitioner: Option<BatchPartitioner>,
+    buckets: Vec<Option<Bucket>>,
+    batch_size: usize,
+}
+
+impl ShuffleFileWriter {
+    /// A writer into `dir`. `partitioning` None writes everything to bucket 0.
+    pub fn try_new(
+        dir: PathBuf,
+        schema: SchemaRef,
+        partitioning: Option<Partitioning>,
+        input_partition: usize,
+        num_input_partitions: usize,
+        batch_size: usize,
+    ) -> Result<Self> {
+        let (partitioner, count) = match partitioning {
+            Some(p) => {
+                let count = p.partition_count();
+                let partitioner = BatchPartitioner::try_new(
+                    p,
+                    metrics::Time::new(),
+                    input_partition,
+                    num_input_partitions,
+                )?;
+                (Some(partitioner), count)
+            }
+            None => (None, 1),
+        };
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            dir,
+            schema,
+            partitioner,
+            buckets: (0..count).map(|_| None).collect(),
+            batch_size: batch_size.max(1),
+        })
+    }
+
+    fn bucket(&mut self, index: usize) -> Result<&mut Bucket> {
+        let slot = self
+            .buckets
+            .get_mut(index)
+            .ok_or_else(|| VolleyError::Internal(format!("bucket {index} out of range")))?;
+        if slot.is_none() {
+            let path = self.dir.join(format!("part-{index}.arrow"));
+            let options = IpcWriteOptions::default()
+                .try_with_compression(Some(CompressionType::LZ4_FRAME))?;
+            let file = BufWriter::with_capacity(256 * 1024, File::create(&path)?);
+            let writer = StreamWriter::try_new_with_options(file, &self.schema, options)?;
+            *slot = Some(Bucket {
+                path,
+                coalescer: BatchCoalescer::new(std::sync::Arc::clone(&self.schema), self.batch_size),
+                writer,
+                num_rows: 0,
+            });
+        }
+        slot.as_mut()
+            .ok_or_else(|| VolleyError::Internal("bucket vanished".to_string()))
+    }
+
+    /// Partition and write one batch.
+    pub fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        match self.partitioner.take() {
+            None => self.bucket(0)?.push(batch),
+            Some(mut partitioner) => {
+                let mut pieces = Vec::new();
+                let result = partitioner.partition(batch, |index, piece| {
+                    pieces.push((index, piece));
+                    Ok(())
+                });
+                self.partitioner = Some(partitioner);
+                result?;
+                for (index, piece) in pieces {
+                    if piece.num_rows() > 0 {
+                        self.bucket(index)?.push(piece)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Flush every bucket; returns the files written (buckets with no rows write no file).
+    pub fn finish(self) -> Result<Vec<WrittenPartition>> {
+        let mut written = Vec::new();
+        for (index, bucket) in self.buckets.into_iter().enumerate() {
+            if let Some(bucket) = bucket {
+                let index = u32::try_from(index)
+                    .map_err(|_| VolleyError::Internal("too many buckets".to_string()))?;
+                written.push(bucket.finish(index)?);
+            }
+        }
+        Ok(written)
+    }
+
+    /// The directory the files go to.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Drain `stream` into this writer, doing the CPU work on rayon's pool.
+    pub async fn write_stream(self, mut stream: SendableRecordBatchStream) -> Result<Vec<WrittenPartition>> {
+        let mut writer = self;
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
+            writer = run_on_rayon(move || writer.write(batch).map(|()| writer)).await??;
+        }
+        run_on_rayon(move || writer.finish()).await?
+    }
+}
+
+/// Run CPU-bound work on rayon's pool and await its result from async code.
+pub async fn run_on_rayon<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    rayon::spawn(move || {
+        // The receiver only goes away when the task was cancelled; nothing to report then.
+        let _ = tx.send(work());
+    });
+    rx.await
+        .map_err(|_| VolleyError::Internal("rayon worker dropped its result".to_string()))
+}

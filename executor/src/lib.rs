@@ -1,0 +1,8 @@
+//! Volley executor: registers with the scheduler, runs tasks with DataFusion, writes shuffle
+//! files and serves them over Arrow Flight.
+
+mod flight;
+mod runner;
+pub mod server;
+
+pub use server::{ExecutorConfig, ExecutorHandle, start_executor};

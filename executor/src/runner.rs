@@ -1,0 +1,124 @@
+//! Runs one task: decode the stage plan, execute one partition, report the files written.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use datafusion::execution::TaskContext;
+use datafusion::execution::session_state::SessionState;
+use datafusion::prelude::SessionConfig;
+use volley_core::VolleyError;
+use volley_core::codec::VolleyCodec;
+use volley_core::config::TaskEnv;
+use volley_core::plan::ShuffleWriterExec;
+use volley_core::protobuf as pb;
+
+/// What an executor needs to run tasks.
+pub struct TaskRunner {
+    pub executor_id: String,
+    pub work_dir: std::path::PathBuf,
+    pub base_state: SessionState,
+}
+
+impl TaskRunner {
+    /// Run `def` and produce the status to report.
+    pub async fn run(&self, def: pb::TaskDefinition) -> pb::TaskStatus {
+        let started = Instant::now();
+        let task = def.task.clone().unwrap_or_default();
+        let status = match self.execute(&def, &task).await {
+            Ok(partitions) => pb::task_status::Status::Succeeded(pb::TaskSucceeded {
+                partitions,
+                elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            }),
+            Err(e) => {
+                let fetch_failure = match &e {
+                    VolleyError::DataFusion(df) => VolleyError::find_fetch_failure(df).map(
+                        |(executor_id, stage_id, map_partition)| pb::FetchFailure {
+                            executor_id: executor_id.to_string(),
+                            stage_id,
+                            map_partition,
+                        },
+                    ),
+                    VolleyError::FetchFailed {
+                        executor_id,
+                        stage_id,
+                        map_partition,
+                        ..
+                    } => Some(pb::FetchFailure {
+                        executor_id: executor_id.clone(),
+                        stage_id: *stage_id,
+                        map_partition: *map_partition,
+                    }),
+                    _ => None,
+                };
+                let retryable = fetch_failure.is_some() || is_retryable(&e);
+                tracing::warn!(job_id = %task.job_id, stage_id = task.stage_id, partition = task.partition, attempt = task.attempt, error = %e, "task failed");
+                pb::task_status::Status::Failed(pb::TaskFailed {
+                    message: e.to_string(),
+                    retryable,
+                    fetch_failure,
+                })
+            }
+        };
+        pb::TaskStatus {
+            task: Some(task),
+            executor_id: self.executor_id.clone(),
+            status: Some(status),
+        }
+    }
+
+    async fn execute(
+        &self,
+        def: &pb::TaskDefinition,
+        task: &pb::TaskId,
+    ) -> Result<Vec<pb::PartitionStats>, VolleyError> {
+        let mut config = SessionConfig::new();
+        for kv in &def.settings {
+            // Settings of a newer scheduler this executor does not know are not fatal.
+            if let Err(e) = config.options_mut().set(&kv.key, &kv.value) {
+                tracing::debug!(key = %kv.key, error = %e, "ignoring setting");
+            }
+        }
+        let config = config.with_extension(Arc::new(TaskEnv {
+            executor_id: self.executor_id.clone(),
+            work_dir: self.work_dir.clone(),
+            attempt: task.attempt,
+        }));
+        let ctx = Arc::new(
+            TaskContext::from(&self.base_state)
+                .with_session_config(config)
+                .with_task_id(format!(
+                    "{}/{}/{}/{}",
+                    task.job_id, task.stage_id, task.partition, task.attempt
+                )),
+        );
+        let plan = VolleyCodec::decode_plan(&def.plan, &ctx)?;
+        let writer = plan.downcast_ref::<ShuffleWriterExec>().ok_or_else(|| {
+            VolleyError::Internal(format!("stage plan root is {}, not ShuffleWriterExec", plan.name()))
+        })?;
+        let written = writer.write_partition(task.partition as usize, ctx).await?;
+        Ok(written
+            .into_iter()
+            .map(|w| pb::PartitionStats {
+                output_partition: w.output_partition,
+                path: w.path.display().to_string(),
+                num_rows: w.num_rows,
+                num_bytes: w.num_bytes,
+            })
+            .collect())
+    }
+}
+
+/// IO and resource errors may pass on another attempt; user errors (bad cast, divide by zero,
+/// missing file, bad plan) will not.
+fn is_retryable(e: &VolleyError) -> bool {
+    use datafusion::error::DataFusionError as D;
+    match e {
+        VolleyError::Io(_) | VolleyError::Grpc(_) | VolleyError::Connect { .. } => true,
+        VolleyError::DataFusion(df) => match df.find_root() {
+            D::ResourcesExhausted(_) => true,
+            D::IoError(err) => err.kind() != std::io::ErrorKind::NotFound,
+            _ => false,
+        },
+        _ => false,
+    }
+}

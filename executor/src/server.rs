@@ -1,0 +1,325 @@
+//! The executor process: gRPC + Flight server, registration, heartbeats, task slots.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_flight::flight_service_server::FlightServiceServer;
+use datafusion::execution::session_state::SessionStateBuilder;
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+use volley_core::protobuf::executor_grpc_server::{ExecutorGrpc, ExecutorGrpcServer};
+use volley_core::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
+use volley_core::protobuf::{self as pb};
+use volley_core::{Result, VolleyError};
+
+use crate::flight::ShuffleFlightService;
+use crate::runner::TaskRunner;
+
+/// Executor settings.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// `http://host:port` of the scheduler.
+    pub scheduler_url: String,
+    /// Address to bind and to advertise.
+    pub host: String,
+    /// Port to bind (gRPC and Flight share it); 0 picks a free one.
+    pub port: u16,
+    /// Tasks run at once.
+    pub slots: usize,
+    /// Where shuffle files go; a job's folder is removed when the job ends.
+    pub work_dir: PathBuf,
+    /// Heartbeat period.
+    pub heartbeat_interval: Duration,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_size: usize,
+}
+
+impl ExecutorConfig {
+    /// Defaults: loopback, free port, one slot per core, a work dir under the system temp dir.
+    pub fn new(scheduler_url: impl Into<String>) -> Self {
+        Self {
+            scheduler_url: scheduler_url.into(),
+            host: "127.0.0.1".to_string(),
+            port: 0,
+            slots: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            work_dir: std::env::temp_dir().join("volley-executor"),
+            heartbeat_interval: Duration::from_secs(2),
+            max_message_size: 64 * 1024 * 1024,
+        }
+    }
+}
+
+struct ExecutorInner {
+    id: String,
+    config: ExecutorConfig,
+    port: u16,
+    runner: TaskRunner,
+    slots: Arc<Semaphore>,
+    running: Mutex<HashMap<String, Vec<AbortHandle>>>,
+    scheduler: SchedulerGrpcClient<Channel>,
+}
+
+/// The executor's gRPC service.
+#[derive(Clone)]
+struct ExecutorService {
+    inner: Arc<ExecutorInner>,
+}
+
+impl ExecutorInner {
+    fn metadata(&self) -> pb::ExecutorMetadata {
+        pb::ExecutorMetadata {
+            id: self.id.clone(),
+            host: self.config.host.clone(),
+            flight_port: u32::from(self.port),
+            grpc_port: u32::from(self.port),
+            slots: u32::try_from(self.config.slots).unwrap_or(u32::MAX),
+        }
+    }
+
+    async fn register(&self) -> Result<()> {
+        let mut client = self.scheduler.clone();
+        client
+            .register_executor(pb::RegisterExecutorParams {
+                metadata: Some(self.metadata()),
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn report(&self, status: pb::TaskStatus) {
+        let mut delay = Duration::from_millis(100);
+        for attempt in 0..5 {
+            let mut client = self.scheduler.clone();
+            let result = client
+                .update_task_status(pb::UpdateTaskStatusParams {
+                    statuses: vec![status.clone()],
+                })
+                .await;
+            match result {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(attempt, error = %e, "cannot report task status");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+    }
+
+    fn remove_finished(&self, job_id: &str) {
+        let mut running = self.running.lock();
+        if let Some(handles) = running.get_mut(job_id) {
+            handles.retain(|h| !h.is_finished());
+            if handles.is_empty() {
+                running.remove(job_id);
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ExecutorGrpc for ExecutorService {
+    async fn launch_tasks(
+        &self,
+        request: Request<pb::LaunchTasksParams>,
+    ) -> Result<Response<pb::LaunchTasksResult>, Status> {
+        for def in request.into_inner().tasks {
+            let job_id = def.task.as_ref().map(|t| t.job_id.clone()).unwrap_or_default();
+            let inner = Arc::clone(&self.inner);
+            let job = job_id.clone();
+            let handle = tokio::spawn(async move {
+                let Ok(_permit) = Arc::clone(&inner.slots).acquire_owned().await else {
+                    return;
+                };
+                let status = inner.runner.run(def).await;
+                inner.report(status).await;
+                inner.remove_finished(&job);
+            });
+            self.inner
+                .running
+                .lock()
+                .entry(job_id)
+                .or_default()
+                .push(handle.abort_handle());
+        }
+        Ok(Response::new(pb::LaunchTasksResult {}))
+    }
+
+    async fn cancel_tasks(
+        &self,
+        request: Request<pb::CancelTasksParams>,
+    ) -> Result<Response<pb::CancelTasksResult>, Status> {
+        let job_id = request.into_inner().job_id;
+        let handles = self.inner.running.lock().remove(&job_id).unwrap_or_default();
+        let mut cancelled = 0u32;
+        for handle in handles {
+            if !handle.is_finished() {
+                handle.abort();
+                cancelled += 1;
+            }
+        }
+        if cancelled > 0 {
+            tracing::info!(job_id, cancelled, "tasks cancelled");
+        }
+        Ok(Response::new(pb::CancelTasksResult { cancelled }))
+    }
+
+    async fn remove_job_data(
+        &self,
+        request: Request<pb::RemoveJobDataParams>,
+    ) -> Result<Response<pb::RemoveJobDataResult>, Status> {
+        let job_id = request.into_inner().job_id;
+        if job_id.is_empty() || job_id.contains(['/', '\\', '.']) {
+            return Err(Status::invalid_argument(format!("bad job id {job_id:?}")));
+        }
+        let dir = self.inner.config.work_dir.join(&job_id);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Status::internal(format!("cannot remove {}: {e}", dir.display()))),
+        }
+        Ok(Response::new(pb::RemoveJobDataResult {}))
+    }
+}
+
+/// A running executor.
+pub struct ExecutorHandle {
+    id: String,
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    join: Option<JoinHandle<()>>,
+    heartbeat: JoinHandle<()>,
+}
+
+impl ExecutorHandle {
+    /// Executor id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Address of its gRPC/Flight server.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stop heartbeats and the server.
+    pub async fn shutdown(mut self) {
+        self.heartbeat.abort();
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(join) = self.join.take() {
+            let _ = join.await;
+        }
+    }
+}
+
+/// Start an executor: bind, serve, register with the scheduler, heartbeat.
+pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
+    std::fs::create_dir_all(&config.work_dir)?;
+    let listener = TcpListener::bind((config.host.as_str(), config.port))
+        .await
+        .map_err(|e| VolleyError::Connect {
+            address: format!("{}:{}", config.host, config.port),
+            message: format!("cannot bind executor: {e}"),
+        })?;
+    let addr = listener.local_addr()?;
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let channel = Endpoint::from_shared(config.scheduler_url.clone())
+        .map_err(|e| VolleyError::Connect {
+            address: config.scheduler_url.clone(),
+            message: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let scheduler = SchedulerGrpcClient::new(channel)
+        .max_decoding_message_size(config.max_message_size)
+        .max_encoding_message_size(config.max_message_size);
+    let base_state = SessionStateBuilder::new().with_default_features().build();
+    let inner = Arc::new(ExecutorInner {
+        id: id.clone(),
+        port: addr.port(),
+        runner: TaskRunner {
+            executor_id: id.clone(),
+            work_dir: config.work_dir.clone(),
+            base_state,
+        },
+        slots: Arc::new(Semaphore::new(config.slots.max(1))),
+        running: Mutex::new(HashMap::new()),
+        scheduler,
+        config: config.clone(),
+    });
+
+    let (tx, rx) = oneshot::channel::<()>();
+    let grpc = ExecutorGrpcServer::new(ExecutorService {
+        inner: Arc::clone(&inner),
+    })
+    .max_decoding_message_size(config.max_message_size)
+    .max_encoding_message_size(config.max_message_size);
+    let flight = FlightServiceServer::new(ShuffleFlightService::new(config.work_dir.clone()))
+        .max_decoding_message_size(config.max_message_size)
+        .max_encoding_message_size(config.max_message_size);
+    let join = tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(grpc)
+            .add_service(flight)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = rx.await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "executor server stopped");
+        }
+    });
+
+    inner.register().await.map_err(|e| {
+        VolleyError::Internal(format!("cannot register with scheduler {}: {e}", config.scheduler_url))
+    })?;
+    tracing::info!(executor_id = %id, %addr, slots = config.slots, "executor registered");
+
+    let hb_inner = Arc::clone(&inner);
+    let heartbeat = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(hb_inner.config.heartbeat_interval);
+        loop {
+            tick.tick().await;
+            let free = u32::try_from(hb_inner.slots.available_permits()).unwrap_or(0);
+            let slots = u32::try_from(hb_inner.config.slots).unwrap_or(0);
+            let mut client = hb_inner.scheduler.clone();
+            match client
+                .heartbeat(pb::HeartbeatParams {
+                    executor_id: hb_inner.id.clone(),
+                    free_slots: free,
+                    running_tasks: slots.saturating_sub(free),
+                })
+                .await
+            {
+                Ok(resp) if resp.get_ref().reregister => {
+                    tracing::warn!("scheduler does not know this executor; registering again");
+                    if let Err(e) = hb_inner.register().await {
+                        tracing::warn!(error = %e, "re-registration failed");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            }
+        }
+    });
+
+    Ok(ExecutorHandle {
+        id,
+        addr,
+        shutdown: Some(tx),
+        join: Some(join),
+        heartbeat,
+    })
+}

@@ -1,0 +1,9 @@
+//! Volley scheduler: plans SQL with DataFusion, cuts the physical plan into stages, tracks
+//! jobs, stages, tasks and executors, and launches tasks on executors over gRPC.
+
+pub mod planner;
+pub mod server;
+pub mod service;
+pub mod state;
+
+pub use server::{SchedulerConfig, SchedulerHandle, start_scheduler};

@@ -1,0 +1,321 @@
+//! Cuts an optimized DataFusion physical plan into a DAG of stages at its exchanges.
+//!
+//! * hash (or round-robin) `RepartitionExec` becomes a shuffle: the producing stage ends in a
+//!   hashing `ShuffleWriterExec`, the consumer starts with a hash-mode `ShuffleReaderExec`;
+//! * `CoalescePartitionsExec` and `SortPreservingMergeExec` over several partitions stay in the
+//!   consumer stage, reading every map task's single file (passthrough mode);
+//! * the build side of a `CollectLeft` hash join is such a passthrough read by every join task:
+//!   a broadcast stage;
+//! * the root ends in a result stage whose files the client fetches directly.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use datafusion::error::Result;
+use datafusion::physical_expr::LexOrdering;
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::sorts::sort::SortExec;
+use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
+use datafusion::physical_plan::{
+    ExecutionPlan, ExecutionPlanProperties, Partitioning, replace_children_if_necessary,
+};
+use volley_core::plan::{ShuffleReaderExec, ShuffleWriterExec};
+
+/// What a stage's output is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageKind {
+    /// Hash-partitioned shuffle consumed partition by partition.
+    Shuffle,
+    /// One file per task, merged or coalesced by a single consumer task.
+    Merge,
+    /// One file per task, read in full by every task of the consumer (join build side).
+    Broadcast,
+    /// The job's result, fetched by the client.
+    Result,
+}
+
+impl StageKind {
+    /// Lower-case name used in EXPLAIN and state records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageKind::Shuffle => "shuffle",
+            StageKind::Merge => "merge",
+            StageKind::Broadcast => "broadcast",
+            StageKind::Result => "result",
+        }
+    }
+}
+
+/// One stage of a job: a plan ending in a [`ShuffleWriterExec`], run as one task per partition.
+#[derive(Debug, Clone)]
+pub struct StagePlan {
+    /// Stage id, unique within the job; inputs always have smaller ids.
+    pub stage_id: u32,
+    /// The stage's plan; its readers have no locations yet.
+    pub plan: Arc<ShuffleWriterExec>,
+    /// Stages whose output this stage reads.
+    pub inputs: Vec<u32>,
+    /// Number of tasks.
+    pub partitions: usize,
+    /// What the output is for.
+    pub kind: StageKind,
+}
+
+/// Split `plan` into stages; the last one is the result stage.
+pub fn plan_stages(job_id: &str, plan: Arc<dyn ExecutionPlan>) -> Result<Vec<StagePlan>> {
+    let mut cutter = Cutter {
+        job_id: job_id.to_string(),
+        stages: Vec::new(),
+    };
+    let root = cutter.cut(plan)?;
+    cutter.add_stage(root, None, StageKind::Result);
+    Ok(cutter.stages)
+}
+
+struct Cutter {
+    job_id: String,
+    stages: Vec<StagePlan>,
+}
+
+impl Cutter {
+    fn next_id(&self) -> u32 {
+        u32::try_from(self.stages.len() + 1).unwrap_or(u32::MAX)
+    }
+
+    fn add_stage(
+        &mut self,
+        input: Arc<dyn ExecutionPlan>,
+        partitioning: Option<Partitioning>,
+        kind: StageKind,
+    ) -> u32 {
+        let stage_id = self.next_id();
+        let mut inputs = Vec::new();
+        collect_reader_stages(&input, &mut inputs);
+        let partitions = input.output_partitioning().partition_count();
+        let plan = Arc::new(ShuffleWriterExec::new(self.job_id.clone(), stage_id, input, partitioning));
+        self.stages.push(StagePlan {
+            stage_id,
+            plan,
+            inputs,
+            partitions,
+            kind,
+        });
+        stage_id
+    }
+
+    fn mark(&mut self, stage_id: u32, kind: StageKind) {
+        if let Some(stage) = self.stages.iter_mut().find(|s| s.stage_id == stage_id) {
+            stage.kind = kind;
+        }
+    }
+
+    fn cut(&mut self, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+        let children = plan
+            .children()
+            .into_iter()
+            .map(|child| self.cut(Arc::clone(child)))
+            .collect::<Result<Vec<_>>>()?;
+        let plan = if children.is_empty() {
+            plan
+        } else {
+            replace_children_if_necessary(plan, children)?
+        };
+
+        if let Some(repartition) = plan.downcast_ref::<RepartitionExec>() {
+            let partitioning = repartition.partitioning().clone();
+            if matches!(partitioning, Partitioning::Hash(..) | Partitioning::RoundRobinBatch(_)) {
+                let input = Arc::clone(repartition.input());
+                let ordering = repartition
+                    .preserve_order()
+                    .then(|| input.output_ordering().cloned())
+                    .flatten();
+                let schema = plan.schema();
+                let reader_partitioning = match &partitioning {
+                    Partitioning::Hash(..) => partitioning.clone(),
+                    other => Partitioning::UnknownPartitioning(other.partition_count()),
+                };
+                let stage_id = self.add_stage(input, Some(partitioning), StageKind::Shuffle);
+                let reader: Arc<dyn ExecutionPlan> =
+                    Arc::new(ShuffleReaderExec::new(stage_id, schema, reader_partitioning, true));
+                return Ok(resort(reader, ordering));
+            }
+            return Ok(plan);
+        }
+
+        let merges = plan.is::<CoalescePartitionsExec>() || plan.is::<SortPreservingMergeExec>();
+        if merges {
+            if let Some(input) = plan.children().first().map(|c| Arc::clone(*c)) {
+                let count = input.output_partitioning().partition_count();
+                if count > 1 {
+                    let schema = input.schema();
+                    let stage_id = self.add_stage(input, None, StageKind::Merge);
+                    let reader: Arc<dyn ExecutionPlan> = Arc::new(ShuffleReaderExec::new(
+                        stage_id,
+                        schema,
+                        Partitioning::UnknownPartitioning(count),
+                        false,
+                    ));
+                    return replace_children_if_necessary(plan, vec![reader]);
+                }
+            }
+            return Ok(plan);
+        }
+
+        if let Some(join) = plan.downcast_ref::<HashJoinExec>()
+            && *join.partition_mode() == PartitionMode::CollectLeft
+            && let Some(stage_id) = first_reader_stage(join.left())
+        {
+            self.mark(stage_id, StageKind::Broadcast);
+        }
+        Ok(plan)
+    }
+}
+
+/// A sort-preserving repartition kept each partition sorted; re-sort what the reader returns.
+fn resort(reader: Arc<dyn ExecutionPlan>, ordering: Option<LexOrdering>) -> Arc<dyn ExecutionPlan> {
+    match ordering {
+        Some(ordering) => Arc::new(SortExec::new(ordering, reader).with_preserve_partitioning(true)),
+        None => reader,
+    }
+}
+
+fn first_reader_stage(plan: &Arc<dyn ExecutionPlan>) -> Option<u32> {
+    if let Some(reader) = plan.downcast_ref::<ShuffleReaderExec>() {
+        return Some(reader.stage_id());
+    }
+    match plan.children().as_slice() {
+        [only] => first_reader_stage(only),
+        _ => None,
+    }
+}
+
+fn collect_reader_stages(plan: &Arc<dyn ExecutionPlan>, out: &mut Vec<u32>) {
+    if let Some(reader) = plan.downcast_ref::<ShuffleReaderExec>() {
+        if !out.contains(&reader.stage_id()) {
+            out.push(reader.stage_id());
+        }
+        return;
+    }
+    for child in plan.children() {
+        collect_reader_stages(child, out);
+    }
+}
+
+/// One line per stage: id, kind, task count, inputs and operators (pre-order).
+pub fn explain_stages(stages: &[StagePlan]) -> Vec<String> {
+    stages
+        .iter()
+        .map(|stage| {
+            let inputs: Vec<String> = stage.inputs.iter().map(|i| i.to_string()).collect();
+            let mut ops = String::new();
+            let writer: Arc<dyn ExecutionPlan> = Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>;
+            operators(&writer, &mut ops);
+            format!(
+                "Stage {}: kind={} partitions={} inputs=[{}] operators: {}",
+                stage.stage_id,
+                stage.kind.as_str(),
+                stage.partitions,
+                inputs.join(" "),
+                ops
+            )
+        })
+        .collect()
+}
+
+fn operators(plan: &Arc<dyn ExecutionPlan>, out: &mut String) {
+    let _ = write!(out, "{}", plan.name());
+    if let Some(reader) = plan.downcast_ref::<ShuffleReaderExec>() {
+        let _ = write!(out, "[stage {}]", reader.stage_id());
+    }
+    if let Some(writer) = plan.downcast_ref::<ShuffleWriterExec>() {
+        match writer.shuffle_partitioning() {
+            Some(Partitioning::Hash(_, n)) => {
+                let _ = write!(out, "[hash {n}]");
+            }
+            Some(p) => {
+                let _ = write!(out, "[{} buckets]", p.partition_count());
+            }
+            None => {}
+        }
+    }
+    let children = plan.children();
+    match children.len() {
+        0 => {}
+        1 => {
+            out.push_str(" <- ");
+            operators(children[0], out);
+        }
+        _ => {
+            out.push_str(" <- (");
+            for (i, child) in children.iter().enumerate() {
+                if i > 0 {
+                    out.push_str("; ");
+                }
+                operators(child, out);
+            }
+            out.push(')');
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::prelude::{CsvReadOptions, SessionContext};
+    use volley_core::codec::VolleyCodec;
+    use volley_core::config::volley_session_config;
+
+    async fn stages_of(sql: &str) -> Vec<StagePlan> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.csv");
+        std::fs::write(&path, "a,b\n1,x\n2,y\n3,x\n").unwrap();
+        let ctx = SessionContext::new_with_config(volley_session_config(4));
+        ctx.register_csv("t", path.to_str().unwrap(), CsvReadOptions::new())
+            .await
+            .unwrap();
+        ctx.register_csv("u", path.to_str().unwrap(), CsvReadOptions::new())
+            .await
+            .unwrap();
+        let plan = ctx.sql(sql).await.unwrap().create_physical_plan().await.unwrap();
+        plan_stages("job", plan).unwrap()
+    }
+
+    fn kinds(stages: &[StagePlan]) -> Vec<&'static str> {
+        stages.iter().map(|s| s.kind.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn group_by_order_by_cuts_shuffle_merge_result() {
+        let stages = stages_of("SELECT b, count(*) FROM t GROUP BY b ORDER BY b").await;
+        assert_eq!(kinds(&stages), vec!["shuffle", "merge", "result"]);
+        assert_eq!(stages[0].inputs, Vec::<u32>::new());
+        assert_eq!(stages[1].inputs, vec![1]);
+        assert_eq!(stages[1].partitions, 4);
+        assert_eq!(stages[2].inputs, vec![2]);
+        assert_eq!(stages[2].partitions, 1);
+        let lines = explain_stages(&stages);
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("Stage 1: kind=shuffle"), "{}", lines[0]);
+        assert!(lines[2].contains("SortPreservingMergeExec <- ShuffleReaderExec[stage 2]"), "{}", lines[2]);
+        for stage in &stages {
+            assert!(VolleyCodec::encode_plan(Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>).is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn partitioned_join_shuffles_both_sides() {
+        let stages = stages_of(
+            "SELECT /* big enough to avoid collect-left */ t.a, u.b FROM t JOIN u ON t.b = u.b ORDER BY 1, 2",
+        )
+        .await;
+        let kinds = kinds(&stages);
+        assert_eq!(kinds.last(), Some(&"result"));
+        assert!(kinds.contains(&"shuffle") || kinds.contains(&"broadcast"), "{kinds:?}");
+        // Every stage's inputs are earlier stages.
+        for stage in &stages {
+            assert!(stage.inputs.iter().all(|i| *i < stage.stage_id));
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Starting and stopping a scheduler server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use volley_core::protobuf::scheduler_grpc_server::SchedulerGrpcServer;
+use volley_core::{Result, VolleyError};
+
+use crate::service::SchedulerService;
+use crate::state::SchedulerPolicy;
+
+/// Scheduler settings.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Address to bind.
+    pub host: String,
+    /// Port to bind; 0 picks a free one.
+    pub port: u16,
+    /// Attempts per task before its job fails.
+    pub task_max_attempts: u32,
+    /// Attempts per stage before its job fails.
+    pub stage_max_attempts: u32,
+    /// An executor silent this long is declared lost.
+    pub executor_timeout: Duration,
+    /// Shuffle partitions per exchange; None = total executor slots (at least 2).
+    pub target_partitions: Option<usize>,
+    /// Unreleased results are removed this long after their job ended.
+    pub result_ttl: Duration,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_size: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".to_string(),
+            port: 50050,
+            task_max_attempts: 4,
+            stage_max_attempts: 4,
+            executor_timeout: Duration::from_secs(10),
+            target_partitions: None,
+            result_ttl: Duration::from_secs(600),
+            max_message_size: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Bind to `host:port`.
+    pub fn with_address(mut self, host: impl Into<String>, port: u16) -> Self {
+        self.host = host.into();
+        self.port = port;
+        self
+    }
+
+    /// Fix the number of shuffle partitions.
+    pub fn with_target_partitions(mut self, n: usize) -> Self {
+        self.target_partitions = Some(n);
+        self
+    }
+}
+
+/// A running scheduler; dropping it does not stop it, call [`SchedulerHandle::shutdown`].
+pub struct SchedulerHandle {
+    addr: SocketAddr,
+    service: SchedulerService,
+    shutdown: Option<oneshot::Sender<()>>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl SchedulerHandle {
+    /// Address the gRPC server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://host:port` for clients and executors.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The service, for in-process inspection.
+    pub fn service(&self) -> &SchedulerService {
+        &self.service
+    }
+
+    /// Stop serving and wait for the server to end.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.service.stop_background();
+        if let Some(join) = self.join.take() {
+            let _ = join.await;
+        }
+    }
+}
+
+/// Bind and serve a scheduler.
+pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle> {
+    let listener = TcpListener::bind((config.host.as_str(), config.port))
+        .await
+        .map_err(|e| VolleyError::Connect {
+            address: format!("{}:{}", config.host, config.port),
+            message: format!("cannot bind scheduler: {e}"),
+        })?;
+    let addr = listener.local_addr()?;
+    let policy = SchedulerPolicy {
+        task_max_attempts: config.task_max_attempts.max(1),
+        stage_max_attempts: config.stage_max_attempts.max(1),
+    };
+    let service = SchedulerService::new(Arc::new(config.clone()), policy);
+    service.start_background();
+    let (tx, rx) = oneshot::channel::<()>();
+    let grpc = SchedulerGrpcServer::new(service.clone())
+        .max_decoding_message_size(config.max_message_size)
+        .max_encoding_message_size(config.max_message_size);
+    let join = tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(grpc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = rx.await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "scheduler server stopped");
+        }
+    });
+    tracing::info!(%addr, "scheduler listening");
+    Ok(SchedulerHandle {
+        addr,
+        service,
+        shutdown: Some(tx),
+        join: Some(join),
+    })
+}

@@ -1,0 +1,582 @@
+//! The scheduler's gRPC service: executors register and report, clients submit SQL.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::ipc::writer::StreamWriter;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::SessionContext;
+use parking_lot::Mutex;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+use volley_core::codec::VolleyCodec;
+use volley_core::config::{config_to_pairs, volley_session_config};
+use volley_core::protobuf::executor_grpc_client::ExecutorGrpcClient;
+use volley_core::protobuf::{self as pb, job_status, scheduler_grpc_server::SchedulerGrpc};
+use volley_core::{Result, VolleyError};
+
+use crate::planner::{explain_stages, plan_stages};
+use crate::server::SchedulerConfig;
+use crate::state::{ClusterState, ExecutorInfo, JobState, SchedulerPolicy, TaskLaunch, TaskOutcome, TaskState};
+
+/// Shared scheduler service; cheap to clone.
+#[derive(Clone)]
+pub struct SchedulerService {
+    config: Arc<SchedulerConfig>,
+    state: Arc<Mutex<ClusterState>>,
+    sessions: Arc<Mutex<HashMap<String, SessionContext>>>,
+    clients: Arc<Mutex<HashMap<String, ExecutorGrpcClient<Channel>>>>,
+    background: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+const NO_EXECUTOR_GRACE: Duration = Duration::from_secs(20);
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
+}
+
+/// Encode batches as an Arrow IPC stream.
+pub fn ipc_bytes(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
+    let mut writer = StreamWriter::try_new(Vec::new(), schema)?;
+    for batch in batches {
+        writer.write(batch)?;
+    }
+    writer.finish()?;
+    Ok(writer.into_inner()?)
+}
+
+impl SchedulerService {
+    /// A service with no executors and no jobs.
+    pub fn new(config: Arc<SchedulerConfig>, policy: SchedulerPolicy) -> Self {
+        let state = ClusterState {
+            policy,
+            ..Default::default()
+        };
+        Self {
+            config,
+            state: Arc::new(Mutex::new(state)),
+            sessions: Arc::new(Mutex::new(HashMap::new())),
+            clients: Arc::new(Mutex::new(HashMap::new())),
+            background: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Read the state (tests, status pages).
+    pub fn with_state<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> T {
+        f(&self.state.lock())
+    }
+
+    /// Start the loop that expires silent executors and old results.
+    pub fn start_background(&self) {
+        let this = self.clone();
+        let handle = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let mut no_executors_since: Option<Instant> = None;
+            loop {
+                tick.tick().await;
+                this.housekeeping(&mut no_executors_since).await;
+            }
+        });
+        *self.background.lock() = Some(handle);
+    }
+
+    /// Stop the background loop.
+    pub fn stop_background(&self) {
+        if let Some(handle) = self.background.lock().take() {
+            handle.abort();
+        }
+    }
+
+    async fn housekeeping(&self, no_executors_since: &mut Option<Instant>) {
+        let (lost, expired, failed) = {
+            let mut state = self.state.lock();
+            let lost = state.expire_executors(self.config.executor_timeout);
+            let expired = state.expired_results(self.config.result_ttl);
+            let mut failed = Vec::new();
+            let running = state.jobs.values().any(|j| j.state == JobState::Running);
+            if state.total_slots() == 0 && running {
+                let since = *no_executors_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > NO_EXECUTOR_GRACE {
+                    for job in state.jobs.values_mut() {
+                        if job.state == JobState::Running {
+                            job.state = JobState::Failed(format!(
+                                "no executors alive for {} s: cannot run job {}",
+                                NO_EXECUTOR_GRACE.as_secs(),
+                                job.id
+                            ));
+                            job.finished = Some(Instant::now());
+                            job.version.send_modify(|v| *v += 1);
+                            failed.push(job.id.clone());
+                        }
+                    }
+                }
+            } else {
+                *no_executors_since = None;
+            }
+            (lost, expired, failed)
+        };
+        for id in &lost {
+            tracing::warn!(executor_id = %id, "executor lost: no heartbeat");
+            self.clients.lock().remove(id);
+        }
+        for job_id in expired.into_iter().chain(failed) {
+            self.release(&job_id).await;
+        }
+        if !lost.is_empty() {
+            self.schedule();
+        }
+    }
+
+    fn client(&self, executor: &ExecutorInfo) -> Result<ExecutorGrpcClient<Channel>> {
+        let mut clients = self.clients.lock();
+        if let Some(c) = clients.get(&executor.id) {
+            return Ok(c.clone());
+        }
+        let address = format!("http://{}:{}", executor.host, executor.port);
+        let channel = Endpoint::from_shared(address.clone())
+            .map_err(|e| VolleyError::Connect {
+                address: address.clone(),
+                message: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(RPC_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let client = ExecutorGrpcClient::new(channel)
+            .max_decoding_message_size(self.config.max_message_size)
+            .max_encoding_message_size(self.config.max_message_size);
+        clients.insert(executor.id.clone(), client.clone());
+        Ok(client)
+    }
+
+    /// Hand pending tasks to executors with free slots.
+    pub fn schedule(&self) {
+        let assignments = self.state.lock().assign_tasks();
+        for (executor, tasks) in assignments {
+            let this = self.clone();
+            tokio::spawn(async move { this.launch(executor, tasks).await });
+        }
+    }
+
+    async fn launch(&self, executor: ExecutorInfo, tasks: Vec<TaskLaunch>) {
+        let request = pb::LaunchTasksParams {
+            tasks: tasks
+                .iter()
+                .map(|t| pb::TaskDefinition {
+                    task: Some(pb::TaskId {
+                        job_id: t.job_id.clone(),
+                        stage_id: t.stage_id,
+                        partition: t.partition,
+                        attempt: t.attempt,
+                    }),
+                    plan: t.plan.as_ref().clone(),
+                    settings: t
+                        .settings
+                        .iter()
+                        .map(|(key, value)| pb::KeyValue {
+                            key: key.clone(),
+                            value: value.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        };
+        let result = match self.client(&executor) {
+            Ok(mut client) => client.launch_tasks(request).await.map(|_| ()).map_err(VolleyError::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(executor_id = %executor.id, error = %e, "cannot launch tasks");
+            self.clients.lock().remove(&executor.id);
+            {
+                let mut state = self.state.lock();
+                for t in &tasks {
+                    state.update_task(
+                        &executor.id,
+                        &t.job_id,
+                        t.stage_id,
+                        t.partition,
+                        t.attempt,
+                        TaskOutcome::Failed {
+                            message: format!("cannot launch task on executor {}: {e}", executor.id),
+                            retryable: true,
+                            fetch_failure: None,
+                        },
+                    );
+                }
+            }
+            self.finish_jobs(tasks.iter().map(|t| t.job_id.clone()).collect()).await;
+            self.schedule();
+        }
+    }
+
+    async fn finish_jobs(&self, mut job_ids: Vec<String>) {
+        job_ids.sort();
+        job_ids.dedup();
+        for job_id in job_ids {
+            let state = self.state.lock().jobs.get(&job_id).map(|j| j.state.clone());
+            if matches!(state, Some(JobState::Failed(_) | JobState::Cancelled)) {
+                self.release(&job_id).await;
+            }
+        }
+    }
+
+    /// Cancel a job's tasks and delete its shuffle files on every executor.
+    pub async fn release(&self, job_id: &str) {
+        let executors: Vec<ExecutorInfo> = {
+            let mut state = self.state.lock();
+            if let Some(job) = state.jobs.get_mut(job_id) {
+                if job.released {
+                    return;
+                }
+                job.released = true;
+                // Plans and locations are no longer needed once files are gone.
+                for stage in job.stages.values_mut() {
+                    stage.resolved = None;
+                }
+            }
+            state.executors.values().filter(|e| e.alive).cloned().collect()
+        };
+        for executor in executors {
+            let Ok(mut client) = self.client(&executor) else { continue };
+            let job = job_id.to_string();
+            let _ = client
+                .cancel_tasks(pb::CancelTasksParams { job_id: job.clone() })
+                .await;
+            if let Err(e) = client.remove_job_data(pb::RemoveJobDataParams { job_id: job }).await {
+                tracing::warn!(executor_id = %executor.id, job_id, error = %e, "cannot remove job data");
+            }
+        }
+    }
+
+    fn new_session(&self, settings: &[pb::KeyValue]) -> Result<SessionContext> {
+        let target = self
+            .config
+            .target_partitions
+            .unwrap_or_else(|| self.state.lock().total_slots().max(2));
+        let mut config = volley_session_config(target);
+        for kv in settings {
+            config.options_mut().set(&kv.key, &kv.value)?;
+        }
+        Ok(SessionContext::new_with_config(config))
+    }
+
+    fn session(&self, id: &str) -> Result<SessionContext, Status> {
+        self.sessions
+            .lock()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("unknown session {id}: create one first")))
+    }
+
+    /// Plan `sql` in session `ctx` and submit it; returns the job id.
+    pub async fn submit(&self, ctx: &SessionContext, sql: &str) -> Result<String> {
+        let job_id = new_id();
+        let state = ctx.state();
+        let logical = state.create_logical_plan(sql).await?;
+        if let LogicalPlan::Explain(explain) = &logical {
+            let physical = state.create_physical_plan(&explain.plan).await?;
+            let stages = plan_stages(&job_id, physical)?;
+            let lines = explain_stages(&stages);
+            let schema = Arc::new(Schema::new(vec![Field::new("plan", DataType::Utf8, false)]));
+            let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(StringArray::from(lines))])?;
+            let bytes = ipc_bytes(&schema, &[batch])?;
+            self.state.lock().add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
+            return Ok(job_id);
+        }
+        let scheduler_side = matches!(
+            logical,
+            LogicalPlan::Ddl(_) | LogicalPlan::Statement(_) | LogicalPlan::DescribeTable(_)
+        );
+        let df = ctx.execute_logical_plan(logical).await?;
+        if scheduler_side {
+            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+            let batches = df.collect().await?;
+            let bytes = ipc_bytes(&schema, &batches)?;
+            self.state.lock().add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
+            return Ok(job_id);
+        }
+        let physical = df.create_physical_plan().await?;
+        let schema = physical.schema();
+        let stages = plan_stages(&job_id, Arc::clone(&physical))?;
+        let distributable = stages
+            .iter()
+            .all(|s| VolleyCodec::encode_plan(Arc::clone(&s.plan) as Arc<dyn ExecutionPlan>).is_ok());
+        if !distributable {
+            // System tables and in-memory sources cannot travel; they are small, run them here.
+            tracing::info!(job_id, "plan cannot be sent to executors; running it on the scheduler");
+            let batches = datafusion::physical_plan::collect(physical, ctx.task_ctx()).await?;
+            let bytes = ipc_bytes(&schema, &batches)?;
+            self.state.lock().add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
+            return Ok(job_id);
+        }
+        let settings = Arc::new(config_to_pairs(&state.config().clone()));
+        tracing::info!(job_id, stages = stages.len(), "job submitted");
+        self.state
+            .lock()
+            .add_job(job_id.clone(), sql.to_string(), settings, stages, schema);
+        self.schedule();
+        Ok(job_id)
+    }
+
+    fn job_status(&self, job_id: &str) -> Result<pb::JobStatus, Status> {
+        let state = self.state.lock();
+        let job = state
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| Status::not_found(format!("unknown job {job_id}")))?;
+        let (stages_done, stages_total, tasks_done, tasks_total) = job.progress();
+        let status = match &job.state {
+            JobState::Running => job_status::Status::Running("running".to_string()),
+            JobState::Failed(msg) => job_status::Status::Failed(msg.clone()),
+            JobState::Cancelled => job_status::Status::Cancelled("cancelled".to_string()),
+            JobState::Succeeded => {
+                let locations = job.result_locations();
+                let num_rows = locations.iter().map(|l| l.num_rows).sum();
+                job_status::Status::Completed(pb::CompletedJob {
+                    schema: ipc_bytes(&job.schema, &[]).map_err(Status::from)?,
+                    locations: locations.iter().map(pb::PartitionLocation::from).collect(),
+                    inline_result: job.inline_result.clone().unwrap_or_default(),
+                    num_rows,
+                })
+            }
+        };
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        Ok(pb::JobStatus {
+            job_id: job_id.to_string(),
+            status: Some(status),
+            stages_total: n(stages_total),
+            stages_done: n(stages_done),
+            tasks_total: n(tasks_total),
+            tasks_done: n(tasks_done),
+        })
+    }
+
+    /// Cancel a running job.
+    pub async fn cancel(&self, job_id: &str) -> bool {
+        let cancelled = self.state.lock().cancel_job(job_id);
+        if cancelled {
+            tracing::info!(job_id, "job cancelled");
+            self.release(job_id).await;
+        }
+        cancelled
+    }
+}
+
+#[tonic::async_trait]
+impl SchedulerGrpc for SchedulerService {
+    async fn register_executor(
+        &self,
+        request: Request<pb::RegisterExecutorParams>,
+    ) -> Result<Response<pb::RegisterExecutorResult>, Status> {
+        let meta = request
+            .into_inner()
+            .metadata
+            .ok_or_else(|| Status::invalid_argument("executor metadata missing"))?;
+        let port = u16::try_from(meta.grpc_port)
+            .map_err(|_| Status::invalid_argument(format!("bad port {}", meta.grpc_port)))?;
+        if meta.id.is_empty() || meta.slots == 0 {
+            return Err(Status::invalid_argument("executor id and slots are required"));
+        }
+        tracing::info!(executor_id = %meta.id, host = %meta.host, port, slots = meta.slots, "executor registered");
+        self.clients.lock().remove(&meta.id);
+        self.state
+            .lock()
+            .register_executor(meta.id, meta.host, port, meta.slots);
+        self.schedule();
+        Ok(Response::new(pb::RegisterExecutorResult { success: true }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatParams>,
+    ) -> Result<Response<pb::HeartbeatResult>, Status> {
+        let hb = request.into_inner();
+        let known = self.state.lock().heartbeat(&hb.executor_id);
+        Ok(Response::new(pb::HeartbeatResult { reregister: !known }))
+    }
+
+    async fn update_task_status(
+        &self,
+        request: Request<pb::UpdateTaskStatusParams>,
+    ) -> Result<Response<pb::UpdateTaskStatusResult>, Status> {
+        let mut finished = Vec::new();
+        {
+            let mut state = self.state.lock();
+            for status in request.into_inner().statuses {
+                let Some(task) = status.task else { continue };
+                let outcome = match status.status {
+                    Some(pb::task_status::Status::Succeeded(s)) => TaskOutcome::Succeeded {
+                        outputs: s
+                            .partitions
+                            .into_iter()
+                            .map(|p| (p.output_partition, p.path, p.num_rows, p.num_bytes))
+                            .collect(),
+                        elapsed: Duration::from_millis(s.elapsed_ms),
+                    },
+                    Some(pb::task_status::Status::Failed(f)) => TaskOutcome::Failed {
+                        message: f.message,
+                        retryable: f.retryable,
+                        fetch_failure: f
+                            .fetch_failure
+                            .map(|ff| (ff.executor_id, ff.stage_id, ff.map_partition)),
+                    },
+                    None => continue,
+                };
+                if let Some(job) = state.update_task(
+                    &status.executor_id,
+                    &task.job_id,
+                    task.stage_id,
+                    task.partition,
+                    task.attempt,
+                    outcome,
+                ) {
+                    finished.push(job);
+                }
+            }
+        }
+        self.finish_jobs(finished).await;
+        self.schedule();
+        Ok(Response::new(pb::UpdateTaskStatusResult {}))
+    }
+
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionParams>,
+    ) -> Result<Response<pb::CreateSessionResult>, Status> {
+        let ctx = self.new_session(&request.into_inner().settings)?;
+        let id = new_id();
+        self.sessions.lock().insert(id.clone(), ctx);
+        Ok(Response::new(pb::CreateSessionResult { session_id: id }))
+    }
+
+    async fn execute_sql(
+        &self,
+        request: Request<pb::ExecuteSqlParams>,
+    ) -> Result<Response<pb::ExecuteSqlResult>, Status> {
+        let params = request.into_inner();
+        let ctx = self.session(&params.session_id)?;
+        let job_id = self.submit(&ctx, &params.sql).await?;
+        Ok(Response::new(pb::ExecuteSqlResult { job_id }))
+    }
+
+    async fn get_job_status(
+        &self,
+        request: Request<pb::GetJobStatusParams>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let params = request.into_inner();
+        let deadline = Instant::now() + Duration::from_millis(u64::from(params.wait_ms));
+        let mut rx = {
+            let state = self.state.lock();
+            let job = state
+                .jobs
+                .get(&params.job_id)
+                .ok_or_else(|| Status::not_found(format!("unknown job {}", params.job_id)))?;
+            job.version.subscribe()
+        };
+        loop {
+            let done = self
+                .state
+                .lock()
+                .jobs
+                .get(&params.job_id)
+                .is_none_or(|j| j.state.is_final());
+            let now = Instant::now();
+            if done || now >= deadline {
+                break;
+            }
+            if tokio::time::timeout(deadline - now, rx.changed()).await.is_err() {
+                break;
+            }
+        }
+        Ok(Response::new(self.job_status(&params.job_id)?))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobParams>,
+    ) -> Result<Response<pb::CancelJobResult>, Status> {
+        let cancelled = self.cancel(&request.into_inner().job_id).await;
+        Ok(Response::new(pb::CancelJobResult { cancelled }))
+    }
+
+    async fn release_job(
+        &self,
+        request: Request<pb::ReleaseJobParams>,
+    ) -> Result<Response<pb::ReleaseJobResult>, Status> {
+        self.release(&request.into_inner().job_id).await;
+        Ok(Response::new(pb::ReleaseJobResult {}))
+    }
+
+    async fn get_cluster_state(
+        &self,
+        _request: Request<pb::GetClusterStateParams>,
+    ) -> Result<Response<pb::GetClusterStateResult>, Status> {
+        let state = self.state.lock();
+        let executors = state
+            .executors
+            .values()
+            .filter(|e| e.alive)
+            .map(|e| pb::ExecutorMetadata {
+                id: e.id.clone(),
+                host: e.host.clone(),
+                flight_port: u32::from(e.port),
+                grpc_port: u32::from(e.port),
+                slots: e.slots,
+            })
+            .collect();
+        let jobs = state
+            .job_order
+            .iter()
+            .filter_map(|id| state.jobs.get(id))
+            .map(|job| {
+                let mut tasks = Vec::new();
+                let stages = job
+                    .stages
+                    .iter()
+                    .map(|(stage_id, stage)| {
+                        for (partition, task) in stage.tasks.iter().enumerate() {
+                            let (executor_id, state) = match &task.state {
+                                TaskState::Pending => (String::new(), "pending"),
+                                TaskState::Running { executor_id, .. } => (executor_id.clone(), "running"),
+                                TaskState::Succeeded { executor_id, .. } => (executor_id.clone(), "succeeded"),
+                            };
+                            tasks.push(pb::TaskRecord {
+                                task: Some(pb::TaskId {
+                                    job_id: job.id.clone(),
+                                    stage_id: *stage_id,
+                                    partition: u32::try_from(partition).unwrap_or(u32::MAX),
+                                    attempt: task.attempt,
+                                }),
+                                executor_id,
+                                state: state.to_string(),
+                            });
+                        }
+                        pb::StageRecord {
+                            stage_id: *stage_id,
+                            partitions: u32::try_from(stage.tasks.len()).unwrap_or(u32::MAX),
+                            inputs: stage.plan.inputs.clone(),
+                            state: if stage.is_complete() { "succeeded" } else { "running" }.to_string(),
+                            kind: ClusterState::stage_kind(stage).as_str().to_string(),
+                            attempts: stage.attempts,
+                        }
+                    })
+                    .collect();
+                pb::JobRecord {
+                    job_id: job.id.clone(),
+                    sql: job.sql.clone(),
+                    state: job.state.as_str().to_string(),
+                    stages,
+                    tasks,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::GetClusterStateResult { executors, jobs }))
+    }
+}

@@ -1,0 +1,724 @@
+//! Jobs, stages, tasks and executors: the scheduler's in-memory state machine.
+//!
+//! All methods are synchronous and run under one lock; RPCs happen outside of it, driven by
+//! what these methods return.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::error::Result as DFResult;
+use datafusion::physical_plan::ExecutionPlan;
+use tokio::sync::watch;
+use volley_core::codec::VolleyCodec;
+use volley_core::plan::ShuffleReaderExec;
+use volley_core::shuffle::PartitionLocation;
+
+use crate::planner::{StageKind, StagePlan};
+
+/// A registered executor as the scheduler sees it.
+#[derive(Debug, Clone)]
+pub struct ExecutorInfo {
+    /// Executor id (new on every registration).
+    pub id: String,
+    /// Host its gRPC and Flight services listen on.
+    pub host: String,
+    /// Port of its gRPC + Flight server.
+    pub port: u16,
+    /// Task slots.
+    pub slots: u32,
+    /// Slots not taken by tasks this scheduler launched.
+    pub free_slots: u32,
+    /// Last heartbeat or registration.
+    pub last_seen: Instant,
+    /// False once declared lost.
+    pub alive: bool,
+    /// Tasks that finished on it.
+    pub completed_tasks: u64,
+    /// Tasks that failed on it.
+    pub failed_tasks: u64,
+}
+
+/// Lifecycle of one task (one partition of a stage).
+#[derive(Debug, Clone)]
+pub enum TaskState {
+    /// Waiting for a slot.
+    Pending,
+    /// Launched on an executor.
+    Running {
+        /// Where.
+        executor_id: String,
+        /// Since when.
+        started: Instant,
+    },
+    /// Done; its files are listed.
+    Succeeded {
+        /// Where its output lives.
+        executor_id: String,
+        /// Files written, one per non-empty bucket.
+        outputs: Vec<PartitionLocation>,
+        /// Duration of the attempt.
+        elapsed: Duration,
+    },
+}
+
+/// One task.
+#[derive(Debug, Clone)]
+pub struct TaskInfo {
+    /// Current state.
+    pub state: TaskState,
+    /// Attempt number of the current (or next) attempt, from 0.
+    pub attempt: u32,
+    /// Failed attempts so far.
+    pub failures: u32,
+    /// Last error, if any attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// One stage of a running job.
+#[derive(Debug)]
+pub struct StageState {
+    /// The plan as cut by the planner.
+    pub plan: StagePlan,
+    /// Per-partition tasks.
+    pub tasks: Vec<TaskInfo>,
+    /// The stage's plan with resolved shuffle locations, encoded once for all its tasks.
+    pub resolved: Option<Arc<Vec<u8>>>,
+    /// Times the stage was (re)started.
+    pub attempts: u32,
+}
+
+impl StageState {
+    /// True when every task succeeded.
+    pub fn is_complete(&self) -> bool {
+        self.tasks
+            .iter()
+            .all(|t| matches!(t.state, TaskState::Succeeded { .. }))
+    }
+
+    fn done_count(&self) -> usize {
+        self.tasks
+            .iter()
+            .filter(|t| matches!(t.state, TaskState::Succeeded { .. }))
+            .count()
+    }
+}
+
+/// Lifecycle of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobState {
+    /// Stages are running.
+    Running,
+    /// The result is ready.
+    Succeeded,
+    /// It failed with this message.
+    Failed(String),
+    /// Cancelled by a user.
+    Cancelled,
+}
+
+impl JobState {
+    /// True when the job will not change any more.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, JobState::Running)
+    }
+
+    /// Lower-case name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed(_) => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A submitted query.
+#[derive(Debug)]
+pub struct Job {
+    /// Job id.
+    pub id: String,
+    /// The SQL text.
+    pub sql: String,
+    /// Session settings shipped with each task.
+    pub settings: Arc<Vec<(String, String)>>,
+    /// Stages by id.
+    pub stages: BTreeMap<u32, StageState>,
+    /// Id of the result stage.
+    pub final_stage: u32,
+    /// Result schema.
+    pub schema: SchemaRef,
+    /// Current state.
+    pub state: JobState,
+    /// Result computed on the scheduler (DDL, EXPLAIN), as an Arrow IPC stream.
+    pub inline_result: Option<Vec<u8>>,
+    /// Submission time.
+    pub submitted: Instant,
+    /// When it reached a final state.
+    pub finished: Option<Instant>,
+    /// True once the client fetched the result and its files were removed.
+    pub released: bool,
+    /// Bumped on every change, for waiters.
+    pub version: watch::Sender<u64>,
+}
+
+impl Job {
+    fn touch(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Stages done / total and tasks done / total.
+    pub fn progress(&self) -> (usize, usize, usize, usize) {
+        let stages_done = self.stages.values().filter(|s| s.is_complete()).count();
+        let tasks_total = self.stages.values().map(|s| s.tasks.len()).sum();
+        let tasks_done = self.stages.values().map(|s| s.done_count()).sum();
+        (stages_done, self.stages.len(), tasks_done, tasks_total)
+    }
+
+    /// Files of the result stage in partition order.
+    pub fn result_locations(&self) -> Vec<PartitionLocation> {
+        self.stages
+            .get(&self.final_stage)
+            .map(|stage| {
+                stage
+                    .tasks
+                    .iter()
+                    .flat_map(|t| match &t.state {
+                        TaskState::Succeeded { outputs, .. } => outputs.clone(),
+                        _ => Vec::new(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn stage_ready(&self, stage: &StageState) -> bool {
+        stage.plan.inputs.iter().all(|input| {
+            self.stages
+                .get(input)
+                .is_some_and(StageState::is_complete)
+        })
+    }
+
+    fn fail(&mut self, message: String) {
+        if !self.state.is_final() {
+            self.state = JobState::Failed(message);
+            self.finished = Some(Instant::now());
+            self.touch();
+        }
+    }
+}
+
+/// A task to launch on an executor.
+#[derive(Debug, Clone)]
+pub struct TaskLaunch {
+    /// Job.
+    pub job_id: String,
+    /// Stage.
+    pub stage_id: u32,
+    /// Partition.
+    pub partition: u32,
+    /// Attempt.
+    pub attempt: u32,
+    /// Encoded stage plan.
+    pub plan: Arc<Vec<u8>>,
+    /// Session settings.
+    pub settings: Arc<Vec<(String, String)>>,
+}
+
+/// How a task attempt ended, as reported by its executor.
+#[derive(Debug, Clone)]
+pub enum TaskOutcome {
+    /// It wrote these files.
+    Succeeded {
+        /// Files written.
+        outputs: Vec<(u32, String, u64, u64)>,
+        /// Duration.
+        elapsed: Duration,
+    },
+    /// It failed.
+    Failed {
+        /// Error text.
+        message: String,
+        /// Whether a retry may help.
+        retryable: bool,
+        /// The shuffle input it could not read: (executor, stage, map partition).
+        fetch_failure: Option<(String, u32, u32)>,
+    },
+}
+
+/// Scheduler policy knobs.
+#[derive(Debug, Clone)]
+pub struct SchedulerPolicy {
+    /// Attempts per task before the job fails.
+    pub task_max_attempts: u32,
+    /// Attempts per stage (re-runs after lost output) before the job fails.
+    pub stage_max_attempts: u32,
+}
+
+impl Default for SchedulerPolicy {
+    fn default() -> Self {
+        Self {
+            task_max_attempts: 4,
+            stage_max_attempts: 4,
+        }
+    }
+}
+
+/// Everything the scheduler tracks.
+#[derive(Debug, Default)]
+pub struct ClusterState {
+    /// Registered executors by id.
+    pub executors: BTreeMap<String, ExecutorInfo>,
+    /// Jobs by id.
+    pub jobs: HashMap<String, Job>,
+    /// Job ids in submission order.
+    pub job_order: Vec<String>,
+    /// Policy.
+    pub policy: SchedulerPolicy,
+}
+
+impl ClusterState {
+    /// Register (or re-register) an executor.
+    pub fn register_executor(&mut self, id: String, host: String, port: u16, slots: u32) {
+        let info = ExecutorInfo {
+            id: id.clone(),
+            host,
+            port,
+            slots,
+            free_slots: slots,
+            last_seen: Instant::now(),
+            alive: true,
+            completed_tasks: 0,
+            failed_tasks: 0,
+        };
+        self.executors.insert(id, info);
+    }
+
+    /// Record a heartbeat; false when the executor is unknown and must register again.
+    pub fn heartbeat(&mut self, id: &str) -> bool {
+        match self.executors.get_mut(id) {
+            Some(e) if e.alive => {
+                e.last_seen = Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Total slots of live executors.
+    pub fn total_slots(&self) -> usize {
+        self.executors
+            .values()
+            .filter(|e| e.alive)
+            .map(|e| e.slots as usize)
+            .sum()
+    }
+
+    /// Add a job planned into `stages`.
+    pub fn add_job(
+        &mut self,
+        id: String,
+        sql: String,
+        settings: Arc<Vec<(String, String)>>,
+        stages: Vec<StagePlan>,
+        schema: SchemaRef,
+    ) {
+        let final_stage = stages.last().map_or(0, |s| s.stage_id);
+        let stages = stages
+            .into_iter()
+            .map(|plan| {
+                let tasks = (0..plan.partitions)
+                    .map(|_| TaskInfo {
+                        state: TaskState::Pending,
+                        attempt: 0,
+                        failures: 0,
+                        last_error: None,
+                    })
+                    .collect();
+                (
+                    plan.stage_id,
+                    StageState {
+                        plan,
+                        tasks,
+                        resolved: None,
+                        attempts: 1,
+                    },
+                )
+            })
+            .collect();
+        let mut job = Job {
+            id: id.clone(),
+            sql,
+            settings,
+            stages,
+            final_stage,
+            schema,
+            state: JobState::Running,
+            inline_result: None,
+            submitted: Instant::now(),
+            finished: None,
+            released: false,
+            version: watch::channel(0).0,
+        };
+        Self::check_job_done(&mut job);
+        self.jobs.insert(id.clone(), job);
+        self.job_order.push(id);
+    }
+
+    /// Add a job whose result the scheduler computed itself.
+    pub fn add_inline_job(&mut self, id: String, sql: String, schema: SchemaRef, result: Vec<u8>) {
+        let job = Job {
+            id: id.clone(),
+            sql,
+            settings: Arc::new(Vec::new()),
+            stages: BTreeMap::new(),
+            final_stage: 0,
+            schema,
+            state: JobState::Succeeded,
+            inline_result: Some(result),
+            submitted: Instant::now(),
+            finished: Some(Instant::now()),
+            released: false,
+            version: watch::channel(0).0,
+        };
+        self.jobs.insert(id.clone(), job);
+        self.job_order.push(id);
+    }
+
+    fn check_job_done(job: &mut Job) {
+        if job.state == JobState::Running
+            && job
+                .stages
+                .get(&job.final_stage)
+                .is_none_or(StageState::is_complete)
+        {
+            job.state = JobState::Succeeded;
+            job.finished = Some(Instant::now());
+            job.touch();
+        }
+    }
+
+    /// Give pending tasks of ready stages to executors with free slots, least loaded first.
+    pub fn assign_tasks(&mut self) -> Vec<(ExecutorInfo, Vec<TaskLaunch>)> {
+        let mut assigned: BTreeMap<String, Vec<TaskLaunch>> = BTreeMap::new();
+        let order = self.job_order.clone();
+        for job_id in order {
+            let Some(job) = self.jobs.get_mut(&job_id) else { continue };
+            if job.state != JobState::Running {
+                continue;
+            }
+            let stage_ids: Vec<u32> = job.stages.keys().copied().collect();
+            for stage_id in stage_ids {
+                let ready = job
+                    .stages
+                    .get(&stage_id)
+                    .is_some_and(|s| !s.is_complete() && job.stage_ready(s));
+                if !ready {
+                    continue;
+                }
+                let plan = match Self::resolved_plan(job, stage_id) {
+                    Ok(plan) => plan,
+                    Err(e) => {
+                        job.fail(format!("cannot prepare stage {stage_id}: {e}"));
+                        break;
+                    }
+                };
+                let Some(stage) = job.stages.get_mut(&stage_id) else { continue };
+                for (partition, task) in stage.tasks.iter_mut().enumerate() {
+                    if !matches!(task.state, TaskState::Pending) {
+                        continue;
+                    }
+                    let Some(executor) = self
+                        .executors
+                        .values_mut()
+                        .filter(|e| e.alive && e.free_slots > 0)
+                        .max_by_key(|e| (e.free_slots, std::cmp::Reverse(e.id.clone())))
+                    else {
+                        return Self::group(assigned, &self.executors);
+                    };
+                    executor.free_slots -= 1;
+                    task.state = TaskState::Running {
+                        executor_id: executor.id.clone(),
+                        started: Instant::now(),
+                    };
+                    assigned.entry(executor.id.clone()).or_default().push(TaskLaunch {
+                        job_id: job_id.clone(),
+                        stage_id,
+                        partition: u32::try_from(partition).unwrap_or(u32::MAX),
+                        attempt: task.attempt,
+                        plan: Arc::clone(&plan),
+                        settings: Arc::clone(&job.settings),
+                    });
+                }
+            }
+        }
+        Self::group(assigned, &self.executors)
+    }
+
+    fn group(
+        assigned: BTreeMap<String, Vec<TaskLaunch>>,
+        executors: &BTreeMap<String, ExecutorInfo>,
+    ) -> Vec<(ExecutorInfo, Vec<TaskLaunch>)> {
+        assigned
+            .into_iter()
+            .filter_map(|(id, tasks)| executors.get(&id).map(|e| (e.clone(), tasks)))
+            .collect()
+    }
+
+    /// The stage's plan with every reader pointed at its producer's files, encoded.
+    fn resolved_plan(job: &mut Job, stage_id: u32) -> DFResult<Arc<Vec<u8>>> {
+        if let Some(plan) = job.stages.get(&stage_id).and_then(|s| s.resolved.clone()) {
+            return Ok(plan);
+        }
+        let Some(stage) = job.stages.get(&stage_id) else {
+            return Err(datafusion::error::DataFusionError::Internal(format!(
+                "no stage {stage_id}"
+            )));
+        };
+        let plan: Arc<dyn ExecutionPlan> = Arc::clone(&stage.plan.plan) as Arc<dyn ExecutionPlan>;
+        let stages = &job.stages;
+        let resolved = plan
+            .transform_up(|node| {
+                let Some(reader) = node.downcast_ref::<ShuffleReaderExec>() else {
+                    return Ok(Transformed::no(node));
+                };
+                let producer = stages.get(&reader.stage_id());
+                let count = reader.partitioning().partition_count();
+                let mut locations = vec![Vec::new(); count];
+                for (map_partition, task) in producer.map(|p| p.tasks.as_slice()).unwrap_or(&[]).iter().enumerate() {
+                    let TaskState::Succeeded { outputs, .. } = &task.state else { continue };
+                    for output in outputs {
+                        let target = if reader.hash_partitioned() {
+                            output.output_partition as usize
+                        } else {
+                            map_partition
+                        };
+                        if let Some(slot) = locations.get_mut(target) {
+                            slot.push(output.clone());
+                        }
+                    }
+                }
+                Ok(Transformed::yes(Arc::new(ShuffleReaderExec::with_locations(
+                    reader.stage_id(),
+                    reader.schema(),
+                    reader.partitioning().clone(),
+                    reader.hash_partitioned(),
+                    locations,
+                )) as Arc<dyn ExecutionPlan>))
+            })?
+            .data;
+        let bytes = Arc::new(VolleyCodec::encode_plan(resolved)?);
+        if let Some(stage) = job.stages.get_mut(&stage_id) {
+            stage.resolved = Some(Arc::clone(&bytes));
+        }
+        Ok(bytes)
+    }
+
+    /// Apply a task status report. Returns the job id when the job reached a final state.
+    pub fn update_task(
+        &mut self,
+        executor_id: &str,
+        job_id: &str,
+        stage_id: u32,
+        partition: u32,
+        attempt: u32,
+        outcome: TaskOutcome,
+    ) -> Option<String> {
+        let policy = self.policy.clone();
+        let executor = self.executors.get(executor_id).cloned();
+        let job = self.jobs.get_mut(job_id)?;
+        let stage = job.stages.get_mut(&stage_id)?;
+        let task = stage.tasks.get_mut(partition as usize)?;
+        let current = matches!(&task.state, TaskState::Running { executor_id: e, .. } if e == executor_id)
+            && task.attempt == attempt;
+        if !current {
+            tracing::debug!(job_id, stage_id, partition, attempt, "ignoring stale task status");
+            return None;
+        }
+        if let Some(e) = self.executors.get_mut(executor_id) {
+            e.free_slots = (e.free_slots + 1).min(e.slots);
+        }
+        if job.state != JobState::Running {
+            task.state = TaskState::Pending;
+            return None;
+        }
+        match outcome {
+            TaskOutcome::Succeeded { outputs, elapsed } => {
+                let (host, port) = executor.map(|e| (e.host, e.port)).unwrap_or_default();
+                let outputs = outputs
+                    .into_iter()
+                    .map(|(output_partition, path, num_rows, num_bytes)| PartitionLocation {
+                        executor_id: executor_id.to_string(),
+                        host: host.clone(),
+                        flight_port: port,
+                        path,
+                        map_partition: partition,
+                        output_partition,
+                        num_rows,
+                        num_bytes,
+                    })
+                    .collect();
+                task.state = TaskState::Succeeded {
+                    executor_id: executor_id.to_string(),
+                    outputs,
+                    elapsed,
+                };
+                if let Some(e) = self.executors.get_mut(executor_id) {
+                    e.completed_tasks += 1;
+                }
+                job.touch();
+                Self::check_job_done(job);
+            }
+            TaskOutcome::Failed {
+                message,
+                retryable,
+                fetch_failure,
+            } => {
+                if let Some(e) = self.executors.get_mut(executor_id) {
+                    e.failed_tasks += 1;
+                }
+                task.failures += 1;
+                task.attempt += 1;
+                task.last_error = Some(message.clone());
+                task.state = TaskState::Pending;
+                let attempts = task.failures;
+                if let Some((lost_executor, producer, map_partition)) = fetch_failure {
+                    tracing::warn!(job_id, stage_id, producer, map_partition, %lost_executor, "shuffle fetch failed; re-running producer");
+                    Self::rerun_producer(job, producer, map_partition, &lost_executor, &policy);
+                } else if !retryable || attempts >= policy.task_max_attempts {
+                    let tries = if retryable {
+                        format!(" after {attempts} attempts")
+                    } else {
+                        String::new()
+                    };
+                    job.fail(format!(
+                        "task {partition} of stage {stage_id} failed{tries}: {message}"
+                    ));
+                }
+                job.touch();
+            }
+        }
+        job.state.is_final().then(|| job_id.to_string())
+    }
+
+    fn rerun_producer(job: &mut Job, producer: u32, map_partition: u32, lost_executor: &str, policy: &SchedulerPolicy) {
+        let Some(stage) = job.stages.get_mut(&producer) else { return };
+        let mut changed = false;
+        for (index, task) in stage.tasks.iter_mut().enumerate() {
+            let lost = matches!(&task.state, TaskState::Succeeded { executor_id, .. } if executor_id == lost_executor);
+            if lost || index == map_partition as usize && matches!(task.state, TaskState::Succeeded { .. }) {
+                task.state = TaskState::Pending;
+                task.attempt += 1;
+                changed = true;
+            }
+        }
+        if changed {
+            stage.attempts += 1;
+            if stage.attempts > policy.stage_max_attempts {
+                let attempts = stage.attempts - 1;
+                job.fail(format!("stage {producer} failed after {attempts} attempts: its shuffle output was lost"));
+                return;
+            }
+            Self::invalidate_consumers(job, producer);
+        }
+    }
+
+    fn invalidate_consumers(job: &mut Job, producer: u32) {
+        for stage in job.stages.values_mut() {
+            if stage.plan.inputs.contains(&producer) {
+                stage.resolved = None;
+            }
+        }
+    }
+
+    /// Declare executors silent for longer than `timeout` lost; re-queue their work.
+    /// Returns ids of the executors declared lost.
+    pub fn expire_executors(&mut self, timeout: Duration) -> Vec<String> {
+        let now = Instant::now();
+        let lost: Vec<String> = self
+            .executors
+            .values()
+            .filter(|e| e.alive && now.duration_since(e.last_seen) > timeout)
+            .map(|e| e.id.clone())
+            .collect();
+        for id in &lost {
+            self.executor_lost(id);
+        }
+        lost
+    }
+
+    /// Forget an executor: its running tasks go back to the queue, its shuffle files are lost.
+    pub fn executor_lost(&mut self, executor_id: &str) {
+        if let Some(e) = self.executors.get_mut(executor_id) {
+            e.alive = false;
+            e.free_slots = 0;
+        }
+        let policy = self.policy.clone();
+        for job in self.jobs.values_mut() {
+            if job.state != JobState::Running {
+                continue;
+            }
+            let mut lost_stages = Vec::new();
+            for (stage_id, stage) in job.stages.iter_mut() {
+                let mut lost_output = false;
+                for task in stage.tasks.iter_mut() {
+                    match &task.state {
+                        TaskState::Running { executor_id: e, .. } if e == executor_id => {
+                            task.state = TaskState::Pending;
+                            task.attempt += 1;
+                        }
+                        TaskState::Succeeded { executor_id: e, .. } if e == executor_id => {
+                            task.state = TaskState::Pending;
+                            task.attempt += 1;
+                            lost_output = true;
+                        }
+                        _ => {}
+                    }
+                }
+                if lost_output {
+                    stage.attempts += 1;
+                    lost_stages.push((*stage_id, stage.attempts));
+                }
+            }
+            for (stage_id, attempts) in lost_stages {
+                if attempts > policy.stage_max_attempts {
+                    job.fail(format!("stage {stage_id} failed after {} attempts: its shuffle output was lost", attempts - 1));
+                }
+                Self::invalidate_consumers(job, stage_id);
+            }
+            job.touch();
+        }
+    }
+
+    /// Mark a job cancelled. Returns true when it was running.
+    pub fn cancel_job(&mut self, job_id: &str) -> bool {
+        let Some(job) = self.jobs.get_mut(job_id) else { return false };
+        if job.state.is_final() {
+            return false;
+        }
+        job.state = JobState::Cancelled;
+        job.finished = Some(Instant::now());
+        job.touch();
+        // Slots held by its running tasks come back when executors report them.
+        true
+    }
+
+    /// Jobs finished more than `ttl` ago whose results were never released.
+    pub fn expired_results(&self, ttl: Duration) -> Vec<String> {
+        let now = Instant::now();
+        self.jobs
+            .values()
+            .filter(|j| !j.released && j.finished.is_some_and(|f| now.duration_since(f) > ttl))
+            .map(|j| j.id.clone())
+            .collect()
+    }
+
+    /// Stage kinds, for records.
+    pub fn stage_kind(stage: &StageState) -> StageKind {
+        stage.plan.kind
+    }
+}

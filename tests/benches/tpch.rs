@@ -1,0 +1,122 @@
+//! TPC-H benchmark: the 22 queries on single-node DataFusion and on Volley's embedded cluster in
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! the same run; prints per-query seconds, totals and the Volley/DataFusion ratio.
+//!
+//! `cargo bench -p volley-tests --bench tpch -- [--sf 1] [--executors 2] [--slots 1]
+//!  [--query N] [--iterations 1] [--data DIR]`
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use datafusion::prelude::SessionContext;
+use volley::EmbeddedCluster;
+use volley_core::config::volley_session_config;
+use volley_scheduler::SchedulerConfig;
+use volley_tests::compare::{assert_same_rows, float_columns, rows};
+use volley_tests::tpch;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+struct Args {
+    sf: f64,
+    executors: usize,
+    slots: usize,
+    queries: Vec<usize>,
+    iterations: usize,
+    data: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args, BoxError> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut args = Args {
+        sf: 1.0,
+        executors: 2,
+        slots: (cores / 2).max(1),
+        queries: (1..=22).collect(),
+        iterations: 1,
+        data: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--sf" => args.sf = value()?.parse()?,
+            "--executors" => args.executors = value()?.parse()?,
+            "--slots" => args.slots = value()?.parse()?,
+            "--query" => args.queries = vec![value()?.parse()?],
+            "--iterations" => args.iterations = value()?.parse::<usize>()?.max(1),
+            "--data" => args.data = Some(PathBuf::from(value()?)),
+            "--bench" => {}
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
+    Ok(args)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<(), BoxError> {
+    let args = parse_args()?;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let dir = match &args.data {
+        Some(d) => d.clone(),
+        None => volley_tests::workspace_root()
+            .join("target/tpch-data")
+            .join(format!("sf{}", args.sf)),
+    };
+    let started = Instant::now();
+    tpch::generate(&dir, args.sf, (args.sf * 4.0).ceil().max(2.0) as i32)?;
+    eprintln!("data ready in {:.1}s at {}", started.elapsed().as_secs_f64(), dir.display());
+
+    let ctx = SessionContext::new_with_config(volley_session_config(cores));
+    tpch::register_local(&ctx, &dir).await?;
+
+    let partitions = args.executors * args.slots;
+    let boot = Instant::now();
+    let cluster = EmbeddedCluster::start_with(
+        SchedulerConfig::default()
+            .with_address("127.0.0.1", 0)
+            .with_target_partitions(partitions),
+        args.executors,
+        args.slots,
+    )
+    .await?;
+    let client = cluster.client().await?;
+    let boot = boot.elapsed();
+    for statement in tpch::create_table_statements(&dir) {
+        client.sql(&statement).await?;
+    }
+
+    println!(
+        "TPC-H SF{} | DataFusion: {} partitions | Volley: {} executors x {} slots | cluster up in {:.3}s",
+        args.sf,
+        cores,
+        args.executors,
+        args.slots,
+        boot.as_secs_f64()
+    );
+    println!("{:>5} {:>12} {:>12} {:>8} {:>10}", "query", "datafusion_s", "volley_s", "ratio", "rows");
+    let (mut total_df, mut total_volley) = (0.0, 0.0);
+    for &q in &args.queries {
+        let sql = tpch::query(q)?;
+        let mut best_df = f64::MAX;
+        let mut best_volley = f64::MAX;
+        let mut checked = 0;
+        for _ in 0..args.iterations {
+            let t = Instant::now();
+            let local = ctx.sql(&sql).await?.collect().await?;
+            best_df = best_df.min(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let (_, remote) = client.sql(&sql).await?;
+            best_volley = best_volley.min(t.elapsed().as_secs_f64());
+            let expected = rows(&local)?;
+            assert_same_rows(&expected, &rows(&remote)?, &float_columns(&local), &format!("q{q}"));
+            checked = expected.len();
+        }
+        total_df += best_df;
+        total_volley += best_volley;
+        println!("{:>5} {:>12.3} {:>12.3} {:>8.2} {:>10}", format!("q{q}"), best_df, best_volley, best_volley / best_df, checked);
+    }
+    println!("{:>5} {:>12.3} {:>12.3} {:>8.2}", "total", total_df, total_volley, total_volley / total_df);
+    cluster.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,32 @@
+//! Volley's test harness: TPC-H data generation, a cluster of real `volley` processes, result
+//! comparison against oracles, and a sqllogictest runner for local and cluster modes.
+
+pub mod compare;
+pub mod process;
+pub mod slt;
+pub mod tpch;
+
+use std::path::PathBuf;
+
+/// Root of the workspace.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Install a tracing subscriber once (RUST_LOG controls it).
+pub fn init_tracing() {
+    use std::sync::Once;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}

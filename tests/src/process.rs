@@ -1,0 +1,160 @@
+//! A cluster of real `volley` processes on 127.0.0.1: one scheduler, N executors.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use volley::VolleyClient;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The `volley` binary built by this workspace (`VOLLEY_BIN` overrides).
+pub fn volley_bin() -> Result<PathBuf, BoxError> {
+    if let Ok(path) = std::env::var("VOLLEY_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    // Test binaries live in target/<profile>/deps; the binary in target/<profile>.
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or("cannot locate target dir")?;
+    let bin = profile_dir.join(format!("volley{}", std::env::consts::EXE_SUFFIX));
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(format!("{} not found: run `cargo build --bin volley` (cargo test --workspace builds it)", bin.display()).into())
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> Result<u16, BoxError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Scheduler and executor processes; all are killed on drop.
+pub struct ProcessCluster {
+    url: String,
+    scheduler: Child,
+    executors: Vec<Child>,
+    work_dir: tempfile::TempDir,
+    scheduler_args: Vec<String>,
+}
+
+impl ProcessCluster {
+    /// Start a scheduler and `executors` executors with `slots` slots each and wait until all
+    /// executors registered.
+    pub async fn start(executors: usize, slots: usize, scheduler_args: &[&str]) -> Result<Self, BoxError> {
+        let port = free_port()?;
+        let bin = volley_bin()?;
+        let scheduler_args: Vec<String> = scheduler_args.iter().map(|s| s.to_string()).collect();
+        let scheduler = Command::new(&bin)
+            .args(["scheduler", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(&scheduler_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut cluster = Self {
+            url: format!("http://127.0.0.1:{port}"),
+            scheduler,
+            executors: Vec::new(),
+            work_dir: tempfile::Builder::new().prefix("volley-test-").tempdir()?,
+            scheduler_args,
+        };
+        cluster.wait_for_scheduler().await?;
+        for _ in 0..executors {
+            cluster.add_executor(slots)?;
+        }
+        cluster.wait_for_executors(executors).await?;
+        Ok(cluster)
+    }
+
+    /// Start one more executor process.
+    pub fn add_executor(&mut self, slots: usize) -> Result<(), BoxError> {
+        let n = self.executors.len();
+        let dir = self.work_dir.path().join(format!("executor-{n}-{}", free_port()?));
+        let child = Command::new(volley_bin()?)
+            .args([
+                "executor",
+                "--scheduler",
+                &self.url,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--slots",
+                &slots.to_string(),
+                "--heartbeat-ms",
+                "500",
+                "--work-dir",
+            ])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        self.executors.push(child);
+        Ok(())
+    }
+
+    async fn wait_for_scheduler(&self) -> Result<(), BoxError> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match VolleyClient::connect(&self.url).await {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => return Err(format!("scheduler did not start: {e}").into()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Wait until `n` executors are alive.
+    pub async fn wait_for_executors(&self, n: usize) -> Result<(), BoxError> {
+        let client = VolleyClient::connect(&self.url).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let alive = client.cluster_state().await?.executors.len();
+            if alive >= n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("only {alive} of {n} executors registered").into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Scheduler URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Arguments the scheduler was started with.
+    pub fn scheduler_args(&self) -> &[String] {
+        &self.scheduler_args
+    }
+
+    /// OS process ids of the executors.
+    pub fn executor_pids(&self) -> Vec<u32> {
+        self.executors.iter().map(|c| c.id()).collect()
+    }
+
+    /// Root of the executors' work dirs.
+    pub fn work_dir(&self) -> &std::path::Path {
+        self.work_dir.path()
+    }
+
+    /// A new client session.
+    pub async fn client(&self) -> Result<VolleyClient, BoxError> {
+        Ok(VolleyClient::connect(&self.url).await?)
+    }
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        for child in self.executors.iter_mut().chain(std::iter::once(&mut self.scheduler)) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! The same .slt files on a local DataFusion context and on an in-process Volley cluster.
+
+use std::path::PathBuf;
+
+use datafusion::prelude::SessionContext;
+use sqllogictest::Runner;
+use volley::EmbeddedCluster;
+use volley_core::config::volley_session_config;
+use volley_tests::slt::{ClusterDb, LocalDb};
+
+fn slt_files() -> Vec<PathBuf> {
+    let dir = volley_tests::workspace_root().join("tests/slt");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("slt dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "slt"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 6, "slt files found: {files:?}");
+    files
+}
+
+/// A copy of `file` with `${DATA}` replaced by the data folder.
+fn prepared(file: &PathBuf, out: &tempfile::TempDir) -> PathBuf {
+    let data = volley_tests::workspace_root().join("tests/slt/data");
+    let text = std::fs::read_to_string(file).expect("read slt");
+    let path = out.path().join(file.file_name().expect("file name"));
+    std::fs::write(&path, text.replace("${DATA}", &data.display().to_string())).expect("write slt");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slt_local_datafusion() {
+    let out = tempfile::tempdir().expect("tempdir");
+    for file in slt_files() {
+        let path = prepared(&file, &out);
+        let mut runner = Runner::new(|| async {
+            Ok(LocalDb {
+                ctx: SessionContext::new_with_config(volley_session_config(4)),
+            })
+        });
+        if std::env::var("VOLLEY_SLT_COMPLETE").is_ok() {
+            let col_sep = " ";
+            runner
+                .update_test_file(&path, col_sep, sqllogictest::default_validator, sqllogictest::default_normalizer, sqllogictest::default_column_validator)
+                .await
+                .expect("complete");
+            let text = std::fs::read_to_string(&path).expect("read completed");
+            let data = volley_tests::workspace_root().join("tests/slt/data");
+            std::fs::write(&file, text.replace(&data.display().to_string(), "${DATA}")).expect("write back");
+            continue;
+        }
+        runner
+            .run_file_async(&path)
+            .await
+            .unwrap_or_else(|e| panic!("{} (local): {e}", file.display()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slt_volley_cluster() {
+    volley_tests::init_tracing();
+    let cluster = EmbeddedCluster::start(2, 2).await.expect("cluster");
+    let url = cluster.url();
+    let out = tempfile::tempdir().expect("tempdir");
+    for file in slt_files() {
+        let path = prepared(&file, &out);
+        let url = url.clone();
+        let mut runner = Runner::new(move || {
+            let url = url.clone();
+            async move {
+                let client = volley::VolleyClient::connect(&url)
+                    .await
+                    .map_err(|e| volley_tests::slt::SltError(e.to_string()))?;
+                Ok(ClusterDb { client })
+            }
+        });
+        runner
+            .run_file_async(&path)
+            .await
+            .unwrap_or_else(|e| panic!("{} (cluster): {e}", file.display()));
+    }
+    let executors_used = cluster.scheduler().service().with_state(|s| {
+        let mut used = std::collections::BTreeSet::new();
+        for job in s.jobs.values() {
+            for stage in job.stages.values() {
+                for task in &stage.tasks {
+                    if let volley_scheduler::state::TaskState::Succeeded { executor_id, .. } = &task.state {
+                        used.insert(executor_id.clone());
+                    }
+                }
+            }
+        }
+        used
+    });
+    assert_eq!(executors_used.len(), 2, "slt queries ran on both executors");
+    cluster.shutdown().await;
+}
