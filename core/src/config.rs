@@ -19,14 +19,19 @@ pub struct TaskEnv {
 /// The session configuration Volley plans and executes with.
 ///
 /// Round-robin repartitioning is off because each task already is one partition of the stage;
-/// dynamic filters are off because the producer and consumer of a filter may run in different
-/// processes.
+/// file-scan work stealing is off because a task runs one partition alone and would otherwise
+/// read its siblings' files too; dynamic filters are off because the producer and consumer of a
+/// filter may run in different processes. Uncorrelated scalar subqueries are planned as joins
+/// (DataFusion's distributed escape hatch) because `ScalarSubqueryExec` must sit in the same
+/// task as the expressions reading its results, which a stage cut can separate.
 pub fn volley_session_config(target_partitions: usize) -> SessionConfig {
     let mut config = SessionConfig::new()
         .with_target_partitions(target_partitions.max(1))
         .with_information_schema(true)
         .with_round_robin_repartition(false);
     let options = config.options_mut();
+    options.execution.enable_file_stream_work_stealing = false;
+    options.optimizer.enable_physical_uncorrelated_scalar_subquery = false;
     options.optimizer.enable_dynamic_filter_pushdown = false;
     options.optimizer.enable_join_dynamic_filter_pushdown = false;
     options.optimizer.enable_topk_dynamic_filter_pushdown = false;

@@ -2,6 +2,7 @@
 //! jobs, stages, tasks and executors, and launches tasks on executors over gRPC.
 
 pub mod planner;
+pub mod rules;
 pub mod server;
 pub mod service;
 pub mod state;

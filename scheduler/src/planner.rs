@@ -11,10 +11,10 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
 use datafusion::physical_expr::LexOrdering;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
-use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
+use datafusion::physical_plan::joins::{HashJoinExec, NestedLoopJoinExec, PartitionMode};
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
@@ -22,6 +22,8 @@ use datafusion::physical_plan::{
     ExecutionPlan, ExecutionPlanProperties, Partitioning, replace_children_if_necessary,
 };
 use volley_core::plan::{ShuffleReaderExec, ShuffleWriterExec};
+
+use crate::rules::emits_build_rows_at_end;
 
 /// What a stage's output is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,7 +150,9 @@ impl Cutter {
         if merges {
             if let Some(input) = plan.children().first().map(|c| Arc::clone(*c)) {
                 let count = input.output_partitioning().partition_count();
-                if count > 1 {
+                // Already cut (re-walks of a cut subtree leave it alone).
+                let cut_before = input.is::<ShuffleReaderExec>();
+                if count > 1 && !cut_before {
                     let schema = input.schema();
                     let stage_id = self.add_stage(input, None, StageKind::Merge);
                     let reader: Arc<dyn ExecutionPlan> = Arc::new(ShuffleReaderExec::new(
@@ -163,6 +167,10 @@ impl Cutter {
             return Ok(plan);
         }
 
+        if let Some(fixed) = single_probe_partition(&plan)? {
+            return self.cut(fixed);
+        }
+
         if let Some(join) = plan.downcast_ref::<HashJoinExec>()
             && *join.partition_mode() == PartitionMode::CollectLeft
             && let Some(stage_id) = first_reader_stage(join.left())
@@ -171,6 +179,38 @@ impl Cutter {
         }
         Ok(plan)
     }
+}
+
+/// Joins that emit build-side rows after the last probe partition (null-aware anti hash joins,
+/// outer/semi/anti nested-loop joins) are only correct when one task sees every probe row: give
+/// them a single probe partition. Returns the rewritten join, or None when nothing is needed.
+fn single_probe_partition(plan: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    let (join_type, right) = if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
+        if *join.partition_mode() != PartitionMode::CollectLeft {
+            return Ok(None);
+        }
+        (*join.join_type(), Arc::clone(join.right()))
+    } else if let Some(join) = plan.downcast_ref::<NestedLoopJoinExec>() {
+        (*join.join_type(), Arc::clone(join.right()))
+    } else {
+        return Ok(None);
+    };
+    if !emits_build_rows_at_end(join_type) || right.output_partitioning().partition_count() <= 1 {
+        return Ok(None);
+    }
+    if matches!(plan.output_partitioning(), Partitioning::Hash(..)) {
+        return Err(DataFusionError::NotImplemented(format!(
+            "Volley cannot distribute a {join_type} {} whose output must stay hash-partitioned",
+            plan.name()
+        )));
+    }
+    let left = plan
+        .children()
+        .first()
+        .map(|c| Arc::clone(*c))
+        .ok_or_else(|| DataFusionError::Internal("join without children".to_string()))?;
+    let coalesced: Arc<dyn ExecutionPlan> = Arc::new(CoalescePartitionsExec::new(right));
+    Ok(Some(replace_children_if_necessary(Arc::clone(plan), vec![left, coalesced])?))
 }
 
 /// A sort-preserving repartition kept each partition sorted; re-sort what the reader returns.
@@ -271,7 +311,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.csv");
         std::fs::write(&path, "a,b\n1,x\n2,y\n3,x\n").unwrap();
-        let ctx = SessionContext::new_with_config(volley_session_config(4));
+        let ctx = SessionContext::new_with_state(crate::rules::volley_session_state(volley_session_config(4)));
         ctx.register_csv("t", path.to_str().unwrap(), CsvReadOptions::new())
             .await
             .unwrap();

@@ -21,6 +21,7 @@ use volley_core::protobuf::{self as pb, job_status, scheduler_grpc_server::Sched
 use volley_core::{Result, VolleyError};
 
 use crate::planner::{explain_stages, plan_stages};
+use crate::rules::volley_session_state;
 use crate::server::SchedulerConfig;
 use crate::state::{ClusterState, ExecutorInfo, JobState, SchedulerPolicy, TaskLaunch, TaskOutcome, TaskState};
 
@@ -264,7 +265,7 @@ impl SchedulerService {
         for kv in settings {
             config.options_mut().set(&kv.key, &kv.value)?;
         }
-        Ok(SessionContext::new_with_config(config))
+        Ok(SessionContext::new_with_state(volley_session_state(config)))
     }
 
     fn session(&self, id: &str) -> Result<SessionContext, Status> {
@@ -280,7 +281,9 @@ impl SchedulerService {
         let job_id = new_id();
         let state = ctx.state();
         let logical = state.create_logical_plan(sql).await?;
-        if let LogicalPlan::Explain(explain) = &logical {
+        if let LogicalPlan::Explain(explain) = &logical
+            && !explain.verbose
+        {
             let physical = state.create_physical_plan(&explain.plan).await?;
             let stages = plan_stages(&job_id, physical)?;
             let lines = explain_stages(&stages);
