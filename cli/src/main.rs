@@ -54,7 +54,11 @@ struct SchedulerArgs {
 #[derive(clap::Args, Debug)]
 struct ExecutorArgs {
     /// Scheduler URL.
-    #[arg(long, env = "VOLLEY_SCHEDULER", default_value = "http://127.0.0.1:50050")]
+    #[arg(
+        long,
+        env = "VOLLEY_SCHEDULER",
+        default_value = "http://127.0.0.1:50050"
+    )]
     scheduler: String,
     /// Address to bind and advertise.
     #[arg(long, env = "VOLLEY_EXECUTOR_HOST", default_value = "127.0.0.1")]
@@ -130,11 +134,16 @@ async fn run_executor(args: ExecutorArgs) -> Result<(), String> {
     if let Some(dir) = args.work_dir {
         config.work_dir = dir;
     } else {
-        config.work_dir = std::env::temp_dir().join(format!("volley-executor-{}", std::process::id()));
+        config.work_dir =
+            std::env::temp_dir().join(format!("volley-executor-{}", std::process::id()));
     }
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms.max(50));
     let handle = start_executor(config).await.map_err(|e| e.to_string())?;
-    eprintln!("volley executor {} listening on {}", handle.id(), handle.addr());
+    eprintln!(
+        "volley executor {} listening on {}",
+        handle.id(),
+        handle.addr()
+    );
     wait_for_signal().await;
     handle.shutdown().await;
     Ok(())
@@ -143,7 +152,10 @@ async fn run_executor(args: ExecutorArgs) -> Result<(), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start runtime: {e}");

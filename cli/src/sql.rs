@@ -50,7 +50,8 @@ fn format_of(path: &Path) -> Result<&'static str, String> {
             .map(|e| e.to_ascii_lowercase())
     };
     let ext = if path.is_dir() {
-        let entries = std::fs::read_dir(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let entries =
+            std::fs::read_dir(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         entries
             .filter_map(|e| e.ok())
             .filter_map(|e| ext_of(&e.path()))
@@ -141,12 +142,18 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
         statements.extend(split_statements(command).map_err(|e| e.to_string())?);
     }
     for file in &args.files {
-        let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
         statements.extend(split_statements(&text).map_err(|e| format!("{}: {e}", file.display()))?);
     }
 
     let (cluster, client) = match &args.scheduler {
-        Some(url) => (None, VolleyClient::connect(url).await.map_err(|e| e.to_string())?),
+        Some(url) => (
+            None,
+            VolleyClient::connect(url)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
         None => {
             let slots = args
                 .slots

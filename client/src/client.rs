@@ -24,7 +24,7 @@ pub struct VolleyClient {
 
 /// Split a SQL text into single statements.
 pub fn split_statements(sql: &str) -> Result<Vec<String>> {
-    let statements = DFParser::parse_sql(sql).map_err(datafusion::error::DataFusionError::from)?;
+    let statements = DFParser::parse_sql(sql)?;
     Ok(statements.into_iter().map(|s| s.to_string()).collect())
 }
 
@@ -101,9 +101,13 @@ impl VolleyClient {
                 .into_inner();
             match status.status {
                 Some(job_status::Status::Completed(done)) => return Ok(done),
-                Some(job_status::Status::Failed(message)) => return Err(VolleyError::JobFailed(message)),
+                Some(job_status::Status::Failed(message)) => {
+                    return Err(VolleyError::JobFailed(message));
+                }
                 Some(job_status::Status::Cancelled(_)) => {
-                    return Err(VolleyError::JobFailed(format!("job {job_id} was cancelled")));
+                    return Err(VolleyError::JobFailed(format!(
+                        "job {job_id} was cancelled"
+                    )));
                 }
                 Some(job_status::Status::Running(_)) | None => {}
             }
@@ -123,13 +127,17 @@ impl VolleyClient {
     }
 
     /// Run one statement and stream its result; the job's files are released at the end.
-    pub async fn execute(&self, sql: &str) -> Result<(SchemaRef, BoxStream<'static, Result<RecordBatch>>)> {
+    pub async fn execute(
+        &self,
+        sql: &str,
+    ) -> Result<(SchemaRef, BoxStream<'static, Result<RecordBatch>>)> {
         let job_id = self.submit(sql).await?;
         let done = self.wait(&job_id).await?;
         let schema = StreamReader::try_new(Cursor::new(done.schema), None)?.schema();
         if !done.inline_result.is_empty() {
             let reader = StreamReader::try_new(Cursor::new(done.inline_result), None)?;
-            let batches: Vec<Result<RecordBatch>> = reader.map(|b| b.map_err(VolleyError::from)).collect();
+            let batches: Vec<Result<RecordBatch>> =
+                reader.map(|b| b.map_err(VolleyError::from)).collect();
             self.release(&job_id).await;
             return Ok((schema, futures::stream::iter(batches).boxed()));
         }

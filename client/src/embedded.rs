@@ -18,11 +18,20 @@ pub struct EmbeddedCluster {
 impl EmbeddedCluster {
     /// Start a scheduler and `executors` executors with `slots` slots each.
     pub async fn start(executors: usize, slots: usize) -> Result<Self> {
-        Self::start_with(SchedulerConfig::default().with_address("127.0.0.1", 0), executors, slots).await
+        Self::start_with(
+            SchedulerConfig::default().with_address("127.0.0.1", 0),
+            executors,
+            slots,
+        )
+        .await
     }
 
     /// Start with a given scheduler configuration.
-    pub async fn start_with(config: SchedulerConfig, executors: usize, slots: usize) -> Result<Self> {
+    pub async fn start_with(
+        config: SchedulerConfig,
+        executors: usize,
+        slots: usize,
+    ) -> Result<Self> {
         let work_dir = tempfile::Builder::new()
             .prefix("volley-embedded-")
             .tempdir()

@@ -29,12 +29,22 @@ fn decode_err(e: impl std::fmt::Display) -> DataFusionError {
 impl VolleyCodec {
     /// Serialize a physical plan to bytes.
     pub fn encode_plan(plan: Arc<dyn ExecutionPlan>) -> DFResult<Vec<u8>> {
-        Ok(datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec(plan, &VolleyCodec)?.to_vec())
+        Ok(
+            datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec(
+                plan,
+                &VolleyCodec,
+            )?
+            .to_vec(),
+        )
     }
 
     /// Deserialize a physical plan from bytes, resolving functions and object stores in `ctx`.
     pub fn decode_plan(bytes: &[u8], ctx: &TaskContext) -> DFResult<Arc<dyn ExecutionPlan>> {
-        datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(bytes, ctx, &VolleyCodec)
+        datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
+            bytes,
+            ctx,
+            &VolleyCodec,
+        )
     }
 
     fn encode_partitioning(
@@ -75,12 +85,22 @@ impl PhysicalExtensionCodec for VolleyCodec {
                 let [input] = inputs else {
                     return Err(decode_err("ShuffleWriterExec needs exactly one input"));
                 };
-                let partitioning =
-                    self.decode_partitioning(&w.partitioning, ctx, &input.schema(), proto_converter)?;
-                Ok(Arc::new(ShuffleWriterExec::new(w.job_id, w.stage_id, Arc::clone(input), partitioning)))
+                let partitioning = self.decode_partitioning(
+                    &w.partitioning,
+                    ctx,
+                    &input.schema(),
+                    proto_converter,
+                )?;
+                Ok(Arc::new(ShuffleWriterExec::new(
+                    w.job_id,
+                    w.stage_id,
+                    Arc::clone(input),
+                    partitioning,
+                )))
             }
             Some(Node::ShuffleReader(r)) => {
-                let schema_proto = dfproto::Schema::decode(r.schema.as_slice()).map_err(decode_err)?;
+                let schema_proto =
+                    dfproto::Schema::decode(r.schema.as_slice()).map_err(decode_err)?;
                 let schema = Arc::new(Schema::try_from(&schema_proto).map_err(decode_err)?);
                 let count = r.partition_count as usize;
                 let partitioning = self
@@ -151,9 +171,11 @@ impl PhysicalExtensionCodec for VolleyCodec {
                 node.name()
             )));
         };
-        protobuf::VolleyPlanNode { node: Some(encoded) }.encode(buf).map_err(|e| {
-            DataFusionError::Internal(format!("cannot encode Volley plan node: {e}"))
-        })
+        protobuf::VolleyPlanNode {
+            node: Some(encoded),
+        }
+        .encode(buf)
+        .map_err(|e| DataFusionError::Internal(format!("cannot encode Volley plan node: {e}")))
     }
 }
 
@@ -162,8 +184,8 @@ mod tests {
     use super::*;
     use datafusion::arrow::datatypes::{DataType, Field};
     use datafusion::physical_expr::expressions::Column;
-    use datafusion::physical_plan::{ExecutionPlanProperties, displayable};
     use datafusion::physical_plan::empty::EmptyExec;
+    use datafusion::physical_plan::{ExecutionPlanProperties, displayable};
     use datafusion::prelude::SessionContext;
 
     fn schema() -> Arc<Schema> {
@@ -203,7 +225,13 @@ mod tests {
             None,
         ));
         let decoded = round_trip(unpartitioned);
-        assert!(decoded.downcast_ref::<ShuffleWriterExec>().unwrap().shuffle_partitioning().is_none());
+        assert!(
+            decoded
+                .downcast_ref::<ShuffleWriterExec>()
+                .unwrap()
+                .shuffle_partitioning()
+                .is_none()
+        );
     }
 
     #[test]
@@ -234,7 +262,12 @@ mod tests {
         assert!(matches!(r.partitioning(), Partitioning::Hash(exprs, 2) if exprs.len() == 1));
         assert_eq!(r.schema(), schema());
 
-        let passthrough = Arc::new(ShuffleReaderExec::new(3, schema(), Partitioning::UnknownPartitioning(5), false));
+        let passthrough = Arc::new(ShuffleReaderExec::new(
+            3,
+            schema(),
+            Partitioning::UnknownPartitioning(5),
+            false,
+        ));
         let decoded = round_trip(passthrough);
         let r = decoded.downcast_ref::<ShuffleReaderExec>().unwrap();
         assert!(!r.hash_partitioned());

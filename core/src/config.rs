@@ -31,7 +31,9 @@ pub fn volley_session_config(target_partitions: usize) -> SessionConfig {
         .with_round_robin_repartition(false);
     let options = config.options_mut();
     options.execution.enable_file_stream_work_stealing = false;
-    options.optimizer.enable_physical_uncorrelated_scalar_subquery = false;
+    options
+        .optimizer
+        .enable_physical_uncorrelated_scalar_subquery = false;
     options.optimizer.enable_dynamic_filter_pushdown = false;
     options.optimizer.enable_join_dynamic_filter_pushdown = false;
     options.optimizer.enable_topk_dynamic_filter_pushdown = false;

@@ -30,7 +30,9 @@ pub enum VolleyError {
     #[error("IO error: {0}")]
     Io(#[from] std::io::Error),
     /// A shuffle input could not be fetched: the scheduler re-runs the map task.
-    #[error("failed to fetch shuffle output of stage {stage_id} map partition {map_partition} from executor {executor_id}: {message}")]
+    #[error(
+        "failed to fetch shuffle output of stage {stage_id} map partition {map_partition} from executor {executor_id}: {message}"
+    )]
     FetchFailed {
         /// Executor that held the data.
         executor_id: String,
@@ -66,15 +68,20 @@ impl VolleyError {
             {
                 return Some((executor_id.as_str(), *stage_id, *map_partition));
             }
-            if let Some(DataFusionError::External(inner)) = current.downcast_ref::<DataFusionError>() {
+            if let Some(DataFusionError::External(inner)) =
+                current.downcast_ref::<DataFusionError>()
+            {
                 current = inner.as_ref();
                 continue;
             }
-            if let Some(DataFusionError::Context(_, inner)) = current.downcast_ref::<DataFusionError>() {
+            if let Some(DataFusionError::Context(_, inner)) =
+                current.downcast_ref::<DataFusionError>()
+            {
                 current = inner.as_ref();
                 continue;
             }
-            if let Some(DataFusionError::Shared(inner)) = current.downcast_ref::<DataFusionError>() {
+            if let Some(DataFusionError::Shared(inner)) = current.downcast_ref::<DataFusionError>()
+            {
                 current = inner.as_ref();
                 continue;
             }
@@ -103,7 +110,9 @@ impl From<VolleyError> for tonic::Status {
                 | DataFusionError::SQL(..)
                 | DataFusionError::SchemaError(..)
                 | DataFusionError::NotImplemented(_)
-                | DataFusionError::Configuration(_) => tonic::Status::invalid_argument(e.to_string()),
+                | DataFusionError::Configuration(_) => {
+                    tonic::Status::invalid_argument(e.to_string())
+                }
                 _ => tonic::Status::internal(e.to_string()),
             },
             VolleyError::Grpc(status) => status.clone(),

@@ -93,7 +93,10 @@ impl TaskRunner {
         );
         let plan = VolleyCodec::decode_plan(&def.plan, &ctx)?;
         let writer = plan.downcast_ref::<ShuffleWriterExec>().ok_or_else(|| {
-            VolleyError::Internal(format!("stage plan root is {}, not ShuffleWriterExec", plan.name()))
+            VolleyError::Internal(format!(
+                "stage plan root is {}, not ShuffleWriterExec",
+                plan.name()
+            ))
         })?;
         let written = writer.write_partition(task.partition as usize, ctx).await?;
         Ok(written

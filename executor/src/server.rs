@@ -132,7 +132,11 @@ impl ExecutorGrpc for ExecutorService {
         request: Request<pb::LaunchTasksParams>,
     ) -> Result<Response<pb::LaunchTasksResult>, Status> {
         for def in request.into_inner().tasks {
-            let job_id = def.task.as_ref().map(|t| t.job_id.clone()).unwrap_or_default();
+            let job_id = def
+                .task
+                .as_ref()
+                .map(|t| t.job_id.clone())
+                .unwrap_or_default();
             let inner = Arc::clone(&self.inner);
             let job = job_id.clone();
             let handle = tokio::spawn(async move {
@@ -158,7 +162,12 @@ impl ExecutorGrpc for ExecutorService {
         request: Request<pb::CancelTasksParams>,
     ) -> Result<Response<pb::CancelTasksResult>, Status> {
         let job_id = request.into_inner().job_id;
-        let handles = self.inner.running.lock().remove(&job_id).unwrap_or_default();
+        let handles = self
+            .inner
+            .running
+            .lock()
+            .remove(&job_id)
+            .unwrap_or_default();
         let mut cancelled = 0u32;
         for handle in handles {
             if !handle.is_finished() {
@@ -184,7 +193,12 @@ impl ExecutorGrpc for ExecutorService {
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Status::internal(format!("cannot remove {}: {e}", dir.display()))),
+            Err(e) => {
+                return Err(Status::internal(format!(
+                    "cannot remove {}: {e}",
+                    dir.display()
+                )));
+            }
         }
         Ok(Response::new(pb::RemoveJobDataResult {}))
     }
@@ -283,7 +297,10 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
     });
 
     inner.register().await.map_err(|e| {
-        VolleyError::Internal(format!("cannot register with scheduler {}: {e}", config.scheduler_url))
+        VolleyError::Internal(format!(
+            "cannot register with scheduler {}: {e}",
+            config.scheduler_url
+        ))
     })?;
     tracing::info!(executor_id = %id, %addr, slots = config.slots, "executor registered");
 

@@ -96,7 +96,12 @@ impl Cutter {
         let mut inputs = Vec::new();
         collect_reader_stages(&input, &mut inputs);
         let partitions = input.output_partitioning().partition_count();
-        let plan = Arc::new(ShuffleWriterExec::new(self.job_id.clone(), stage_id, input, partitioning));
+        let plan = Arc::new(ShuffleWriterExec::new(
+            self.job_id.clone(),
+            stage_id,
+            input,
+            partitioning,
+        ));
         self.stages.push(StagePlan {
             stage_id,
             plan,
@@ -127,7 +132,10 @@ impl Cutter {
 
         if let Some(repartition) = plan.downcast_ref::<RepartitionExec>() {
             let partitioning = repartition.partitioning().clone();
-            if matches!(partitioning, Partitioning::Hash(..) | Partitioning::RoundRobinBatch(_)) {
+            if matches!(
+                partitioning,
+                Partitioning::Hash(..) | Partitioning::RoundRobinBatch(_)
+            ) {
                 let input = Arc::clone(repartition.input());
                 let ordering = repartition
                     .preserve_order()
@@ -139,8 +147,12 @@ impl Cutter {
                     other => Partitioning::UnknownPartitioning(other.partition_count()),
                 };
                 let stage_id = self.add_stage(input, Some(partitioning), StageKind::Shuffle);
-                let reader: Arc<dyn ExecutionPlan> =
-                    Arc::new(ShuffleReaderExec::new(stage_id, schema, reader_partitioning, true));
+                let reader: Arc<dyn ExecutionPlan> = Arc::new(ShuffleReaderExec::new(
+                    stage_id,
+                    schema,
+                    reader_partitioning,
+                    true,
+                ));
                 return Ok(resort(reader, ordering));
             }
             return Ok(plan);
@@ -210,13 +222,18 @@ fn single_probe_partition(plan: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dy
         .map(|c| Arc::clone(*c))
         .ok_or_else(|| DataFusionError::Internal("join without children".to_string()))?;
     let coalesced: Arc<dyn ExecutionPlan> = Arc::new(CoalescePartitionsExec::new(right));
-    Ok(Some(replace_children_if_necessary(Arc::clone(plan), vec![left, coalesced])?))
+    Ok(Some(replace_children_if_necessary(
+        Arc::clone(plan),
+        vec![left, coalesced],
+    )?))
 }
 
 /// A sort-preserving repartition kept each partition sorted; re-sort what the reader returns.
 fn resort(reader: Arc<dyn ExecutionPlan>, ordering: Option<LexOrdering>) -> Arc<dyn ExecutionPlan> {
     match ordering {
-        Some(ordering) => Arc::new(SortExec::new(ordering, reader).with_preserve_partitioning(true)),
+        Some(ordering) => {
+            Arc::new(SortExec::new(ordering, reader).with_preserve_partitioning(true))
+        }
         None => reader,
     }
 }
@@ -311,14 +328,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.csv");
         std::fs::write(&path, "a,b\n1,x\n2,y\n3,x\n").unwrap();
-        let ctx = SessionContext::new_with_state(crate::rules::volley_session_state(volley_session_config(4)));
+        let ctx = SessionContext::new_with_state(crate::rules::volley_session_state(
+            volley_session_config(4),
+        ));
         ctx.register_csv("t", path.to_str().unwrap(), CsvReadOptions::new())
             .await
             .unwrap();
         ctx.register_csv("u", path.to_str().unwrap(), CsvReadOptions::new())
             .await
             .unwrap();
-        let plan = ctx.sql(sql).await.unwrap().create_physical_plan().await.unwrap();
+        let plan = ctx
+            .sql(sql)
+            .await
+            .unwrap()
+            .create_physical_plan()
+            .await
+            .unwrap();
         plan_stages("job", plan).unwrap()
     }
 
@@ -337,10 +362,20 @@ mod tests {
         assert_eq!(stages[2].partitions, 1);
         let lines = explain_stages(&stages);
         assert_eq!(lines.len(), 3);
-        assert!(lines[0].starts_with("Stage 1: kind=shuffle"), "{}", lines[0]);
-        assert!(lines[2].contains("SortPreservingMergeExec <- ShuffleReaderExec[stage 2]"), "{}", lines[2]);
+        assert!(
+            lines[0].starts_with("Stage 1: kind=shuffle"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[2].contains("SortPreservingMergeExec <- ShuffleReaderExec[stage 2]"),
+            "{}",
+            lines[2]
+        );
         for stage in &stages {
-            assert!(VolleyCodec::encode_plan(Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>).is_ok());
+            assert!(
+                VolleyCodec::encode_plan(Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>).is_ok()
+            );
         }
     }
 
@@ -352,7 +387,10 @@ mod tests {
         .await;
         let kinds = kinds(&stages);
         assert_eq!(kinds.last(), Some(&"result"));
-        assert!(kinds.contains(&"shuffle") || kinds.contains(&"broadcast"), "{kinds:?}");
+        assert!(
+            kinds.contains(&"shuffle") || kinds.contains(&"broadcast"),
+            "{kinds:?}"
+        );
         // Every stage's inputs are earlier stages.
         for stage in &stages {
             assert!(stage.inputs.iter().all(|i| *i < stage.stage_id));

@@ -18,7 +18,11 @@ use datafusion::prelude::SessionConfig;
 pub fn emits_build_rows_at_end(join_type: JoinType) -> bool {
     matches!(
         join_type,
-        JoinType::Left | JoinType::LeftAnti | JoinType::LeftSemi | JoinType::LeftMark | JoinType::Full
+        JoinType::Left
+            | JoinType::LeftAnti
+            | JoinType::LeftSemi
+            | JoinType::LeftMark
+            | JoinType::Full
     )
 }
 
@@ -29,7 +33,11 @@ pub fn emits_build_rows_at_end(join_type: JoinType) -> bool {
 pub struct DistributedJoinSelection;
 
 impl PhysicalOptimizerRule for DistributedJoinSelection {
-    fn optimize(&self, plan: Arc<dyn ExecutionPlan>, _config: &ConfigOptions) -> Result<Arc<dyn ExecutionPlan>> {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        _config: &ConfigOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
         plan.transform_up(|node| {
             if let Some(join) = node.downcast_ref::<HashJoinExec>()
                 && *join.partition_mode() == PartitionMode::CollectLeft

@@ -23,7 +23,9 @@ use volley_core::{Result, VolleyError};
 use crate::planner::{explain_stages, plan_stages};
 use crate::rules::volley_session_state;
 use crate::server::SchedulerConfig;
-use crate::state::{ClusterState, ExecutorInfo, JobState, SchedulerPolicy, TaskLaunch, TaskOutcome, TaskState};
+use crate::state::{
+    ClusterState, ExecutorInfo, JobState, SchedulerPolicy, TaskLaunch, TaskOutcome, TaskState,
+};
 
 /// Shared scheduler service; cheap to clone.
 #[derive(Clone)]
@@ -189,7 +191,11 @@ impl SchedulerService {
                 .collect(),
         };
         let result = match self.client(&executor) {
-            Ok(mut client) => client.launch_tasks(request).await.map(|_| ()).map_err(VolleyError::from),
+            Ok(mut client) => client
+                .launch_tasks(request)
+                .await
+                .map(|_| ())
+                .map_err(VolleyError::from),
             Err(e) => Err(e),
         };
         if let Err(e) = result {
@@ -212,7 +218,8 @@ impl SchedulerService {
                     );
                 }
             }
-            self.finish_jobs(tasks.iter().map(|t| t.job_id.clone()).collect()).await;
+            self.finish_jobs(tasks.iter().map(|t| t.job_id.clone()).collect())
+                .await;
             self.schedule();
         }
     }
@@ -242,15 +249,27 @@ impl SchedulerService {
                     stage.resolved = None;
                 }
             }
-            state.executors.values().filter(|e| e.alive).cloned().collect()
+            state
+                .executors
+                .values()
+                .filter(|e| e.alive)
+                .cloned()
+                .collect()
         };
         for executor in executors {
-            let Ok(mut client) = self.client(&executor) else { continue };
+            let Ok(mut client) = self.client(&executor) else {
+                continue;
+            };
             let job = job_id.to_string();
             let _ = client
-                .cancel_tasks(pb::CancelTasksParams { job_id: job.clone() })
+                .cancel_tasks(pb::CancelTasksParams {
+                    job_id: job.clone(),
+                })
                 .await;
-            if let Err(e) = client.remove_job_data(pb::RemoveJobDataParams { job_id: job }).await {
+            if let Err(e) = client
+                .remove_job_data(pb::RemoveJobDataParams { job_id: job })
+                .await
+            {
                 tracing::warn!(executor_id = %executor.id, job_id, error = %e, "cannot remove job data");
             }
         }
@@ -288,9 +307,14 @@ impl SchedulerService {
             let stages = plan_stages(&job_id, physical)?;
             let lines = explain_stages(&stages);
             let schema = Arc::new(Schema::new(vec![Field::new("plan", DataType::Utf8, false)]));
-            let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(StringArray::from(lines))])?;
+            let batch = RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![Arc::new(StringArray::from(lines))],
+            )?;
             let bytes = ipc_bytes(&schema, &[batch])?;
-            self.state.lock().add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
+            self.state
+                .lock()
+                .add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
             return Ok(job_id);
         }
         let scheduler_side = matches!(
@@ -302,21 +326,28 @@ impl SchedulerService {
             let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
             let batches = df.collect().await?;
             let bytes = ipc_bytes(&schema, &batches)?;
-            self.state.lock().add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
+            self.state
+                .lock()
+                .add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
             return Ok(job_id);
         }
         let physical = df.create_physical_plan().await?;
         let schema = physical.schema();
         let stages = plan_stages(&job_id, Arc::clone(&physical))?;
-        let distributable = stages
-            .iter()
-            .all(|s| VolleyCodec::encode_plan(Arc::clone(&s.plan) as Arc<dyn ExecutionPlan>).is_ok());
+        let distributable = stages.iter().all(|s| {
+            VolleyCodec::encode_plan(Arc::clone(&s.plan) as Arc<dyn ExecutionPlan>).is_ok()
+        });
         if !distributable {
             // System tables and in-memory sources cannot travel; they are small, run them here.
-            tracing::info!(job_id, "plan cannot be sent to executors; running it on the scheduler");
+            tracing::info!(
+                job_id,
+                "plan cannot be sent to executors; running it on the scheduler"
+            );
             let batches = datafusion::physical_plan::collect(physical, ctx.task_ctx()).await?;
             let bytes = ipc_bytes(&schema, &batches)?;
-            self.state.lock().add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
+            self.state
+                .lock()
+                .add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
             return Ok(job_id);
         }
         let settings = Arc::new(config_to_pairs(&state.config().clone()));
@@ -385,7 +416,9 @@ impl SchedulerGrpc for SchedulerService {
         let port = u16::try_from(meta.grpc_port)
             .map_err(|_| Status::invalid_argument(format!("bad port {}", meta.grpc_port)))?;
         if meta.id.is_empty() || meta.slots == 0 {
-            return Err(Status::invalid_argument("executor id and slots are required"));
+            return Err(Status::invalid_argument(
+                "executor id and slots are required",
+            ));
         }
         tracing::info!(executor_id = %meta.id, host = %meta.host, port, slots = meta.slots, "executor registered");
         self.clients.lock().remove(&meta.id);
@@ -494,7 +527,10 @@ impl SchedulerGrpc for SchedulerService {
             if done || now >= deadline {
                 break;
             }
-            if tokio::time::timeout(deadline - now, rx.changed()).await.is_err() {
+            if tokio::time::timeout(deadline - now, rx.changed())
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -547,8 +583,12 @@ impl SchedulerGrpc for SchedulerService {
                         for (partition, task) in stage.tasks.iter().enumerate() {
                             let (executor_id, state) = match &task.state {
                                 TaskState::Pending => (String::new(), "pending"),
-                                TaskState::Running { executor_id, .. } => (executor_id.clone(), "running"),
-                                TaskState::Succeeded { executor_id, .. } => (executor_id.clone(), "succeeded"),
+                                TaskState::Running { executor_id, .. } => {
+                                    (executor_id.clone(), "running")
+                                }
+                                TaskState::Succeeded { executor_id, .. } => {
+                                    (executor_id.clone(), "succeeded")
+                                }
                             };
                             tasks.push(pb::TaskRecord {
                                 task: Some(pb::TaskId {
@@ -565,7 +605,12 @@ impl SchedulerGrpc for SchedulerService {
                             stage_id: *stage_id,
                             partitions: u32::try_from(stage.tasks.len()).unwrap_or(u32::MAX),
                             inputs: stage.plan.inputs.clone(),
-                            state: if stage.is_complete() { "succeeded" } else { "running" }.to_string(),
+                            state: if stage.is_complete() {
+                                "succeeded"
+                            } else {
+                                "running"
+                            }
+                            .to_string(),
                             kind: ClusterState::stage_kind(stage).as_str().to_string(),
                             attempts: stage.attempts,
                         }

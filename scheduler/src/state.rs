@@ -196,11 +196,11 @@ impl Job {
     }
 
     fn stage_ready(&self, stage: &StageState) -> bool {
-        stage.plan.inputs.iter().all(|input| {
-            self.stages
-                .get(input)
-                .is_some_and(StageState::is_complete)
-        })
+        stage
+            .plan
+            .inputs
+            .iter()
+            .all(|input| self.stages.get(input).is_some_and(StageState::is_complete))
     }
 
     fn fail(&mut self, message: String) {
@@ -407,7 +407,9 @@ impl ClusterState {
         let mut assigned: BTreeMap<String, Vec<TaskLaunch>> = BTreeMap::new();
         let order = self.job_order.clone();
         for job_id in order {
-            let Some(job) = self.jobs.get_mut(&job_id) else { continue };
+            let Some(job) = self.jobs.get_mut(&job_id) else {
+                continue;
+            };
             if job.state != JobState::Running {
                 continue;
             }
@@ -427,7 +429,9 @@ impl ClusterState {
                         break;
                     }
                 };
-                let Some(stage) = job.stages.get_mut(&stage_id) else { continue };
+                let Some(stage) = job.stages.get_mut(&stage_id) else {
+                    continue;
+                };
                 for (partition, task) in stage.tasks.iter_mut().enumerate() {
                     if !matches!(task.state, TaskState::Pending) {
                         continue;
@@ -445,14 +449,17 @@ impl ClusterState {
                         executor_id: executor.id.clone(),
                         started: Instant::now(),
                     };
-                    assigned.entry(executor.id.clone()).or_default().push(TaskLaunch {
-                        job_id: job_id.clone(),
-                        stage_id,
-                        partition: u32::try_from(partition).unwrap_or(u32::MAX),
-                        attempt: task.attempt,
-                        plan: Arc::clone(&plan),
-                        settings: Arc::clone(&job.settings),
-                    });
+                    assigned
+                        .entry(executor.id.clone())
+                        .or_default()
+                        .push(TaskLaunch {
+                            job_id: job_id.clone(),
+                            stage_id,
+                            partition: u32::try_from(partition).unwrap_or(u32::MAX),
+                            attempt: task.attempt,
+                            plan: Arc::clone(&plan),
+                            settings: Arc::clone(&job.settings),
+                        });
                 }
             }
         }
@@ -489,8 +496,15 @@ impl ClusterState {
                 let producer = stages.get(&reader.stage_id());
                 let count = reader.partitioning().partition_count();
                 let mut locations = vec![Vec::new(); count];
-                for (map_partition, task) in producer.map(|p| p.tasks.as_slice()).unwrap_or(&[]).iter().enumerate() {
-                    let TaskState::Succeeded { outputs, .. } = &task.state else { continue };
+                for (map_partition, task) in producer
+                    .map(|p| p.tasks.as_slice())
+                    .unwrap_or(&[])
+                    .iter()
+                    .enumerate()
+                {
+                    let TaskState::Succeeded { outputs, .. } = &task.state else {
+                        continue;
+                    };
                     for output in outputs {
                         let target = if reader.hash_partitioned() {
                             output.output_partition as usize
@@ -502,13 +516,15 @@ impl ClusterState {
                         }
                     }
                 }
-                Ok(Transformed::yes(Arc::new(ShuffleReaderExec::with_locations(
-                    reader.stage_id(),
-                    reader.schema(),
-                    reader.partitioning().clone(),
-                    reader.hash_partitioned(),
-                    locations,
-                )) as Arc<dyn ExecutionPlan>))
+                Ok(Transformed::yes(
+                    Arc::new(ShuffleReaderExec::with_locations(
+                        reader.stage_id(),
+                        reader.schema(),
+                        reader.partitioning().clone(),
+                        reader.hash_partitioned(),
+                        locations,
+                    )) as Arc<dyn ExecutionPlan>,
+                ))
             })?
             .data;
         let bytes = Arc::new(VolleyCodec::encode_plan(resolved)?);
@@ -536,7 +552,13 @@ impl ClusterState {
         let current = matches!(&task.state, TaskState::Running { executor_id: e, .. } if e == executor_id)
             && task.attempt == attempt;
         if !current {
-            tracing::debug!(job_id, stage_id, partition, attempt, "ignoring stale task status");
+            tracing::debug!(
+                job_id,
+                stage_id,
+                partition,
+                attempt,
+                "ignoring stale task status"
+            );
             return None;
         }
         if let Some(e) = self.executors.get_mut(executor_id) {
@@ -551,16 +573,18 @@ impl ClusterState {
                 let (host, port) = executor.map(|e| (e.host, e.port)).unwrap_or_default();
                 let outputs = outputs
                     .into_iter()
-                    .map(|(output_partition, path, num_rows, num_bytes)| PartitionLocation {
-                        executor_id: executor_id.to_string(),
-                        host: host.clone(),
-                        flight_port: port,
-                        path,
-                        map_partition: partition,
-                        output_partition,
-                        num_rows,
-                        num_bytes,
-                    })
+                    .map(
+                        |(output_partition, path, num_rows, num_bytes)| PartitionLocation {
+                            executor_id: executor_id.to_string(),
+                            host: host.clone(),
+                            flight_port: port,
+                            path,
+                            map_partition: partition,
+                            output_partition,
+                            num_rows,
+                            num_bytes,
+                        },
+                    )
                     .collect();
                 task.state = TaskState::Succeeded {
                     executor_id: executor_id.to_string(),
@@ -605,12 +629,23 @@ impl ClusterState {
         job.state.is_final().then(|| job_id.to_string())
     }
 
-    fn rerun_producer(job: &mut Job, producer: u32, map_partition: u32, lost_executor: &str, policy: &SchedulerPolicy) {
-        let Some(stage) = job.stages.get_mut(&producer) else { return };
+    fn rerun_producer(
+        job: &mut Job,
+        producer: u32,
+        map_partition: u32,
+        lost_executor: &str,
+        policy: &SchedulerPolicy,
+    ) {
+        let Some(stage) = job.stages.get_mut(&producer) else {
+            return;
+        };
         let mut changed = false;
         for (index, task) in stage.tasks.iter_mut().enumerate() {
             let lost = matches!(&task.state, TaskState::Succeeded { executor_id, .. } if executor_id == lost_executor);
-            if lost || index == map_partition as usize && matches!(task.state, TaskState::Succeeded { .. }) {
+            if lost
+                || index == map_partition as usize
+                    && matches!(task.state, TaskState::Succeeded { .. })
+            {
                 task.state = TaskState::Pending;
                 task.attempt += 1;
                 changed = true;
@@ -620,7 +655,9 @@ impl ClusterState {
             stage.attempts += 1;
             if stage.attempts > policy.stage_max_attempts {
                 let attempts = stage.attempts - 1;
-                job.fail(format!("stage {producer} failed after {attempts} attempts: its shuffle output was lost"));
+                job.fail(format!(
+                    "stage {producer} failed after {attempts} attempts: its shuffle output was lost"
+                ));
                 return;
             }
             Self::invalidate_consumers(job, producer);
@@ -686,7 +723,10 @@ impl ClusterState {
             }
             for (stage_id, attempts) in lost_stages {
                 if attempts > policy.stage_max_attempts {
-                    job.fail(format!("stage {stage_id} failed after {} attempts: its shuffle output was lost", attempts - 1));
+                    job.fail(format!(
+                        "stage {stage_id} failed after {} attempts: its shuffle output was lost",
+                        attempts - 1
+                    ));
                 }
                 Self::invalidate_consumers(job, stage_id);
             }
@@ -696,7 +736,9 @@ impl ClusterState {
 
     /// Mark a job cancelled. Returns true when it was running.
     pub fn cancel_job(&mut self, job_id: &str) -> bool {
-        let Some(job) = self.jobs.get_mut(job_id) else { return false };
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return false;
+        };
         if job.state.is_final() {
             return false;
         }

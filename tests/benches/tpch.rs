@@ -65,7 +65,11 @@ async fn main() -> Result<(), BoxError> {
     };
     let started = Instant::now();
     tpch::generate(&dir, args.sf, (args.sf * 4.0).ceil().max(2.0) as i32)?;
-    eprintln!("data ready in {:.1}s at {}", started.elapsed().as_secs_f64(), dir.display());
+    eprintln!(
+        "data ready in {:.1}s at {}",
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
 
     let ctx = SessionContext::new_with_config(volley_session_config(cores));
     tpch::register_local(&ctx, &dir).await?;
@@ -94,7 +98,10 @@ async fn main() -> Result<(), BoxError> {
         args.slots,
         boot.as_secs_f64()
     );
-    println!("{:>5} {:>12} {:>12} {:>8} {:>10}", "query", "datafusion_s", "volley_s", "ratio", "rows");
+    println!(
+        "{:>5} {:>12} {:>12} {:>8} {:>10}",
+        "query", "datafusion_s", "volley_s", "ratio", "rows"
+    );
     let (mut total_df, mut total_volley) = (0.0, 0.0);
     for &q in &args.queries {
         let sql = tpch::query(q)?;
@@ -109,14 +116,32 @@ async fn main() -> Result<(), BoxError> {
             let (_, remote) = client.sql(&sql).await?;
             best_volley = best_volley.min(t.elapsed().as_secs_f64());
             let expected = rows(&local)?;
-            assert_same_rows(&expected, &rows(&remote)?, &float_columns(&local), &format!("q{q}"));
+            assert_same_rows(
+                &expected,
+                &rows(&remote)?,
+                &float_columns(&local),
+                &format!("q{q}"),
+            );
             checked = expected.len();
         }
         total_df += best_df;
         total_volley += best_volley;
-        println!("{:>5} {:>12.3} {:>12.3} {:>8.2} {:>10}", format!("q{q}"), best_df, best_volley, best_volley / best_df, checked);
+        println!(
+            "{:>5} {:>12.3} {:>12.3} {:>8.2} {:>10}",
+            format!("q{q}"),
+            best_df,
+            best_volley,
+            best_volley / best_df,
+            checked
+        );
     }
-    println!("{:>5} {:>12.3} {:>12.3} {:>8.2}", "total", total_df, total_volley, total_volley / total_df);
+    println!(
+        "{:>5} {:>12.3} {:>12.3} {:>8.2}",
+        "total",
+        total_df,
+        total_volley,
+        total_volley / total_df
+    );
     cluster.shutdown().await;
     Ok(())
 }

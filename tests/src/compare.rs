@@ -24,7 +24,12 @@ pub fn rows(batches: &[RecordBatch]) -> Result<Vec<Row>, BoxError> {
             .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
             .collect::<Result<Vec<_>, _>>()?;
         for row in 0..batch.num_rows() {
-            out.push(formatters.iter().map(|f| f.value(row).to_string()).collect());
+            out.push(
+                formatters
+                    .iter()
+                    .map(|f| f.value(row).to_string())
+                    .collect(),
+            );
         }
     }
     Ok(out)
@@ -38,7 +43,12 @@ pub fn float_columns(batches: &[RecordBatch]) -> Vec<bool> {
             b.schema()
                 .fields()
                 .iter()
-                .map(|f| matches!(f.data_type(), DataType::Float16 | DataType::Float32 | DataType::Float64))
+                .map(|f| {
+                    matches!(
+                        f.data_type(),
+                        DataType::Float16 | DataType::Float32 | DataType::Float64
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -61,13 +71,20 @@ fn close(a: &str, b: &str, tolerance: f64, relative: bool) -> bool {
 /// Compare two result sets row by row (in order). Float columns may differ by a relative 1e-9
 /// (distributed sums add in another order); everything else must be identical text.
 pub fn assert_same_rows(expected: &[Row], actual: &[Row], floats: &[bool], what: &str) {
-    assert_eq!(expected.len(), actual.len(), "{what}: row count differs\nexpected: {expected:?}\nactual:   {actual:?}");
+    assert_eq!(
+        expected.len(),
+        actual.len(),
+        "{what}: row count differs\nexpected: {expected:?}\nactual:   {actual:?}"
+    );
     for (i, (e, a)) in expected.iter().zip(actual).enumerate() {
         assert_eq!(e.len(), a.len(), "{what}: row {i} width differs");
         for (j, (ev, av)) in e.iter().zip(a).enumerate() {
             let is_float = floats.get(j).copied().unwrap_or(false);
             let ok = ev == av || (is_float && close(ev, av, 1e-9, true));
-            assert!(ok, "{what}: row {i} column {j} differs: expected {ev:?}, got {av:?}\nexpected row: {e:?}\nactual row:   {a:?}");
+            assert!(
+                ok,
+                "{what}: row {i} column {j} differs: expected {ev:?}, got {av:?}\nexpected row: {e:?}\nactual row:   {a:?}"
+            );
         }
     }
 }
@@ -122,12 +139,23 @@ pub fn assert_matches_answer(actual: &[Row], answer: &Path, tolerance: f64, what
         Ok(v) => v,
         Err(e) => panic!("{what}: cannot read {}: {e}", answer.display()),
     };
-    assert_eq!(expected.len(), actual.len(), "{what}: row count differs from DuckDB's answer");
+    assert_eq!(
+        expected.len(),
+        actual.len(),
+        "{what}: row count differs from DuckDB's answer"
+    );
     for (i, (e, a)) in expected.iter().zip(actual).enumerate() {
-        assert_eq!(e.len(), a.len(), "{what}: row {i} width differs from DuckDB's answer");
+        assert_eq!(
+            e.len(),
+            a.len(),
+            "{what}: row {i} width differs from DuckDB's answer"
+        );
         for (j, (ev, av)) in e.iter().zip(a).enumerate() {
             let ok = ev.trim() == av.trim() || close(ev, av, tolerance, false);
-            assert!(ok, "{what}: row {i} column {j}: DuckDB says {ev:?}, Volley says {av:?}");
+            assert!(
+                ok,
+                "{what}: row {i} column {j}: DuckDB says {ev:?}, Volley says {av:?}"
+            );
         }
     }
 }

@@ -23,7 +23,11 @@ pub fn volley_bin() -> Result<PathBuf, BoxError> {
     if bin.exists() {
         Ok(bin)
     } else {
-        Err(format!("{} not found: run `cargo build --bin volley` (cargo test --workspace builds it)", bin.display()).into())
+        Err(format!(
+            "{} not found: run `cargo build --bin volley` (cargo test --workspace builds it)",
+            bin.display()
+        )
+        .into())
     }
 }
 
@@ -45,12 +49,22 @@ pub struct ProcessCluster {
 impl ProcessCluster {
     /// Start a scheduler and `executors` executors with `slots` slots each and wait until all
     /// executors registered.
-    pub async fn start(executors: usize, slots: usize, scheduler_args: &[&str]) -> Result<Self, BoxError> {
+    pub async fn start(
+        executors: usize,
+        slots: usize,
+        scheduler_args: &[&str],
+    ) -> Result<Self, BoxError> {
         let port = free_port()?;
         let bin = volley_bin()?;
         let scheduler_args: Vec<String> = scheduler_args.iter().map(|s| s.to_string()).collect();
         let scheduler = Command::new(&bin)
-            .args(["scheduler", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
             .args(&scheduler_args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -73,7 +87,10 @@ impl ProcessCluster {
     /// Start one more executor process.
     pub fn add_executor(&mut self, slots: usize) -> Result<(), BoxError> {
         let n = self.executors.len();
-        let dir = self.work_dir.path().join(format!("executor-{n}-{}", free_port()?));
+        let dir = self
+            .work_dir
+            .path()
+            .join(format!("executor-{n}-{}", free_port()?));
         let child = Command::new(volley_bin()?)
             .args([
                 "executor",
@@ -102,7 +119,9 @@ impl ProcessCluster {
         loop {
             match VolleyClient::connect(&self.url).await {
                 Ok(_) => return Ok(()),
-                Err(e) if Instant::now() > deadline => return Err(format!("scheduler did not start: {e}").into()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!("scheduler did not start: {e}").into());
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
@@ -152,7 +171,11 @@ impl ProcessCluster {
 
 impl Drop for ProcessCluster {
     fn drop(&mut self) {
-        for child in self.executors.iter_mut().chain(std::iter::once(&mut self.scheduler)) {
+        for child in self
+            .executors
+            .iter_mut()
+            .chain(std::iter::once(&mut self.scheduler))
+        {
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -41,11 +41,18 @@ fn column_type(dt: &DataType) -> DefaultColumnType {
     }
 }
 
-fn output(batches: &[RecordBatch], schema: &datafusion::arrow::datatypes::Schema) -> Result<DBOutput<DefaultColumnType>, BoxError> {
+fn output(
+    batches: &[RecordBatch],
+    schema: &datafusion::arrow::datatypes::Schema,
+) -> Result<DBOutput<DefaultColumnType>, BoxError> {
     if schema.fields().is_empty() {
         return Ok(DBOutput::StatementComplete(0));
     }
-    let types = schema.fields().iter().map(|f| column_type(f.data_type())).collect();
+    let types = schema
+        .fields()
+        .iter()
+        .map(|f| column_type(f.data_type()))
+        .collect();
     let options = FormatOptions::default().with_null("NULL");
     let mut rows = Vec::new();
     for batch in batches {
@@ -60,7 +67,11 @@ fn output(batches: &[RecordBatch], schema: &datafusion::arrow::datatypes::Schema
                     .iter()
                     .map(|f| {
                         let v = f.value(row).to_string();
-                        if v.is_empty() { "(empty)".to_string() } else { v }
+                        if v.is_empty() {
+                            "(empty)".to_string()
+                        } else {
+                            v
+                        }
                     })
                     .collect(),
             );

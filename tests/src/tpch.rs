@@ -27,7 +27,12 @@ pub const TABLES: [&str; 8] = [
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn batches(table: &str, sf: f64, part: i32, parts: i32) -> Result<Box<dyn Iterator<Item = Result<RecordBatch, ArrowError>>>, BoxError> {
+fn batches(
+    table: &str,
+    sf: f64,
+    part: i32,
+    parts: i32,
+) -> Result<Box<dyn Iterator<Item = Result<RecordBatch, ArrowError>>>, BoxError> {
     Ok(match table {
         "customer" => Box::new(CustomerArrow::new(CustomerGenerator::new(sf, part, parts))),
         "lineitem" => Box::new(LineItemArrow::new(LineItemGenerator::new(sf, part, parts))),
@@ -74,9 +79,16 @@ pub fn generate(dir: &Path, sf: f64, parts: i32) -> Result<(), BoxError> {
     for table in TABLES {
         let table_dir = dir.join(table);
         std::fs::create_dir_all(&table_dir)?;
-        let n = if matches!(table, "nation" | "region") { 1 } else { parts.max(1) };
+        let n = if matches!(table, "nation" | "region") {
+            1
+        } else {
+            parts.max(1)
+        };
         for part in 1..=n {
-            write_parquet(&table_dir.join(format!("part-{part}.parquet")), batches(table, sf, part, n)?)?;
+            write_parquet(
+                &table_dir.join(format!("part-{part}.parquet")),
+                batches(table, sf, part, n)?,
+            )?;
         }
     }
     File::create(done)?;
@@ -87,7 +99,10 @@ pub fn generate(dir: &Path, sf: f64, parts: i32) -> Result<(), BoxError> {
 pub fn sf01() -> Result<PathBuf, BoxError> {
     static LOCK: Mutex<()> = Mutex::new(());
     let _guard = LOCK.lock().map_err(|_| "tpch lock poisoned")?;
-    let dir = crate::workspace_root().join("target").join("tpch-data").join("sf0.1");
+    let dir = crate::workspace_root()
+        .join("target")
+        .join("tpch-data")
+        .join("sf0.1");
     generate(&dir, 0.1, 2)?;
     Ok(dir)
 }
@@ -108,8 +123,12 @@ pub fn create_table_statements(dir: &Path) -> Vec<String> {
 /// Register the tables in a local DataFusion context.
 pub async fn register_local(ctx: &SessionContext, dir: &Path) -> Result<(), BoxError> {
     for t in TABLES {
-        ctx.register_parquet(t, dir.join(t).display().to_string(), ParquetReadOptions::default())
-            .await?;
+        ctx.register_parquet(
+            t,
+            dir.join(t).display().to_string(),
+            ParquetReadOptions::default(),
+        )
+        .await?;
     }
     Ok(())
 }

@@ -36,9 +36,20 @@ pub struct ShuffleReaderExec {
 
 impl ShuffleReaderExec {
     /// A reader whose locations are filled in once the producer stage is done.
-    pub fn new(stage_id: u32, schema: SchemaRef, partitioning: Partitioning, hash_partitioned: bool) -> Self {
+    pub fn new(
+        stage_id: u32,
+        schema: SchemaRef,
+        partitioning: Partitioning,
+        hash_partitioned: bool,
+    ) -> Self {
         let count = partitioning.partition_count();
-        Self::with_locations(stage_id, schema, partitioning, hash_partitioned, vec![Vec::new(); count])
+        Self::with_locations(
+            stage_id,
+            schema,
+            partitioning,
+            hash_partitioned,
+            vec![Vec::new(); count],
+        )
     }
 
     /// A reader with resolved locations, one list per output partition.
@@ -88,7 +99,11 @@ impl ShuffleReaderExec {
 
 impl DisplayAs for ShuffleReaderExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        let mode = if self.hash_partitioned { "hash" } else { "passthrough" };
+        let mode = if self.hash_partitioned {
+            "hash"
+        } else {
+            "passthrough"
+        };
         write!(
             f,
             "ShuffleReaderExec: stage={}, partitions={}, mode={mode}",
@@ -126,7 +141,9 @@ impl ExecutionPlan for ShuffleReaderExec {
         if children.is_empty() {
             Ok(self)
         } else {
-            Err(DataFusionError::Internal("ShuffleReaderExec has no children".to_string()))
+            Err(DataFusionError::Internal(
+                "ShuffleReaderExec has no children".to_string(),
+            ))
         }
     }
 
@@ -136,11 +153,17 @@ impl ExecutionPlan for ShuffleReaderExec {
     ) -> DFResult<Arc<dyn ExecutionPlan>> {
         self.replace_children(
             children,
-            ReplaceChildrenOptions::new(datafusion::physical_plan::ChildrenPropertiesMode::Recompute),
+            ReplaceChildrenOptions::new(
+                datafusion::physical_plan::ChildrenPropertiesMode::Recompute,
+            ),
         )
     }
 
-    fn execute(&self, partition: usize, context: Arc<TaskContext>) -> DFResult<SendableRecordBatchStream> {
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> DFResult<SendableRecordBatchStream> {
         let locations = self.locations.get(partition).cloned().ok_or_else(|| {
             DataFusionError::Internal(format!(
                 "ShuffleReaderExec of stage {} has no partition {partition}",
@@ -155,6 +178,9 @@ impl ExecutionPlan for ShuffleReaderExec {
         let stream = futures::stream::iter(locations)
             .map(move |location| read_partition_location(location, local.clone(), stage_id))
             .flatten();
-        Ok(Box::pin(RecordBatchStreamAdapter::new(Arc::clone(&self.schema), stream)))
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&self.schema),
+            stream,
+        )))
     }
 }

@@ -88,7 +88,9 @@ impl ShuffleWriterExec {
 
     /// Number of buckets each task writes.
     pub fn output_partition_count(&self) -> usize {
-        self.partitioning.as_ref().map_or(1, |p| p.partition_count())
+        self.partitioning
+            .as_ref()
+            .map_or(1, |p| p.partition_count())
     }
 
     /// Run input partition `partition` and write it; returns the files written.
@@ -101,7 +103,9 @@ impl ShuffleWriterExec {
             .session_config()
             .get_extension::<TaskEnv>()
             .ok_or_else(|| {
-                VolleyError::Internal("ShuffleWriterExec runs only inside a Volley executor".to_string())
+                VolleyError::Internal(
+                    "ShuffleWriterExec runs only inside a Volley executor".to_string(),
+                )
             })?;
         let dir = env
             .work_dir
@@ -122,14 +126,23 @@ impl ShuffleWriterExec {
     }
 
     fn stats_batch(written: &[WrittenPartition]) -> Result<RecordBatch> {
-        let paths: Vec<String> = written.iter().map(|w| w.path.display().to_string()).collect();
+        let paths: Vec<String> = written
+            .iter()
+            .map(|w| w.path.display().to_string())
+            .collect();
         Ok(RecordBatch::try_new(
             Self::stats_schema(),
             vec![
-                Arc::new(UInt32Array::from_iter_values(written.iter().map(|w| w.output_partition))),
+                Arc::new(UInt32Array::from_iter_values(
+                    written.iter().map(|w| w.output_partition),
+                )),
                 Arc::new(StringArray::from(paths)),
-                Arc::new(UInt64Array::from_iter_values(written.iter().map(|w| w.num_rows))),
-                Arc::new(UInt64Array::from_iter_values(written.iter().map(|w| w.num_bytes))),
+                Arc::new(UInt64Array::from_iter_values(
+                    written.iter().map(|w| w.num_rows),
+                )),
+                Arc::new(UInt64Array::from_iter_values(
+                    written.iter().map(|w| w.num_bytes),
+                )),
             ],
         )?)
     }
@@ -138,8 +151,16 @@ impl ShuffleWriterExec {
 impl DisplayAs for ShuffleWriterExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         match &self.partitioning {
-            Some(p) => write!(f, "ShuffleWriterExec: stage={}, partitioning={p}", self.stage_id),
-            None => write!(f, "ShuffleWriterExec: stage={}, partitioning=none", self.stage_id),
+            Some(p) => write!(
+                f,
+                "ShuffleWriterExec: stage={}, partitioning={p}",
+                self.stage_id
+            ),
+            None => write!(
+                f,
+                "ShuffleWriterExec: stage={}, partitioning=none",
+                self.stage_id
+            ),
         }
     }
 }
@@ -193,11 +214,17 @@ impl ExecutionPlan for ShuffleWriterExec {
     ) -> DFResult<Arc<dyn ExecutionPlan>> {
         self.replace_children(
             children,
-            ReplaceChildrenOptions::new(datafusion::physical_plan::ChildrenPropertiesMode::Recompute),
+            ReplaceChildrenOptions::new(
+                datafusion::physical_plan::ChildrenPropertiesMode::Recompute,
+            ),
         )
     }
 
-    fn execute(&self, partition: usize, context: Arc<TaskContext>) -> DFResult<SendableRecordBatchStream> {
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> DFResult<SendableRecordBatchStream> {
         let this = Self::new(
             self.job_id.clone(),
             self.stage_id,

@@ -57,9 +57,12 @@ impl FlightChannels {
 pub fn read_local_file(path: PathBuf) -> BoxStream<'static, Result<RecordBatch>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<RecordBatch>>(2);
     tokio::task::spawn_blocking(move || {
-        let reader = File::open(&path)
-            .map_err(VolleyError::from)
-            .and_then(|f| Ok(StreamReader::try_new(BufReader::with_capacity(256 * 1024, f), None)?));
+        let reader = File::open(&path).map_err(VolleyError::from).and_then(|f| {
+            Ok(StreamReader::try_new(
+                BufReader::with_capacity(256 * 1024, f),
+                None,
+            )?)
+        });
         match reader {
             Err(e) => {
                 let _ = tx.blocking_send(Err(e));
@@ -78,7 +81,9 @@ pub fn read_local_file(path: PathBuf) -> BoxStream<'static, Result<RecordBatch>>
     tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
 }
 
-async fn fetch_remote(location: &PartitionLocation) -> Result<BoxStream<'static, Result<RecordBatch>>> {
+async fn fetch_remote(
+    location: &PartitionLocation,
+) -> Result<BoxStream<'static, Result<RecordBatch>>> {
     let channel = FlightChannels::get(&location.host, location.flight_port)?;
     let mut client = FlightClient::new(channel);
     let ticket = Ticket::new(location.path.clone());
@@ -86,7 +91,9 @@ async fn fetch_remote(location: &PartitionLocation) -> Result<BoxStream<'static,
         FlightChannels::forget(&location.host, location.flight_port);
         VolleyError::Internal(e.to_string())
     })?;
-    Ok(stream.map_err(|e| VolleyError::Internal(e.to_string())).boxed())
+    Ok(stream
+        .map_err(|e| VolleyError::Internal(e.to_string()))
+        .boxed())
 }
 
 /// Batches of one shuffle file; local files (same executor) are read without the network.

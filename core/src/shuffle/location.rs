@@ -43,7 +43,10 @@ impl TryFrom<&protobuf::PartitionLocation> for PartitionLocation {
 
     fn try_from(l: &protobuf::PartitionLocation) -> crate::Result<Self> {
         let flight_port = u16::try_from(l.flight_port).map_err(|_| {
-            crate::VolleyError::InvalidMessage(format!("flight port {} out of range", l.flight_port))
+            crate::VolleyError::InvalidMessage(format!(
+                "flight port {} out of range",
+                l.flight_port
+            ))
         })?;
         Ok(PartitionLocation {
             executor_id: l.executor_id.clone(),

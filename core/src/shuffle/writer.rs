@@ -56,7 +56,9 @@ impl Bucket {
         }
         self.writer.finish()?;
         let file = self.writer.into_inner()?;
-        file.into_inner().map_err(|e| VolleyError::Io(e.into_error()))?.sync_data()?;
+        file.into_inner()
+            .map_err(|e| VolleyError::Io(e.into_error()))?
+            .sync_data()?;
         let num_bytes = std::fs::metadata(&self.path)?.len();
         Ok(WrittenPartition {
             output_partition,
@@ -122,7 +124,10 @@ impl ShuffleFileWriter {
             let writer = StreamWriter::try_new_with_options(file, &self.schema, options)?;
             *slot = Some(Bucket {
                 path,
-                coalescer: BatchCoalescer::new(std::sync::Arc::clone(&self.schema), self.batch_size),
+                coalescer: BatchCoalescer::new(
+                    std::sync::Arc::clone(&self.schema),
+                    self.batch_size,
+                ),
                 writer,
                 num_rows: 0,
             });
@@ -175,7 +180,10 @@ impl ShuffleFileWriter {
     }
 
     /// Drain `stream` into this writer, doing the CPU work on rayon's pool.
-    pub async fn write_stream(self, mut stream: SendableRecordBatchStream) -> Result<Vec<WrittenPartition>> {
+    pub async fn write_stream(
+        self,
+        mut stream: SendableRecordBatchStream,
+    ) -> Result<Vec<WrittenPartition>> {
         let mut writer = self;
         while let Some(batch) = stream.next().await {
             let batch = batch?;
@@ -186,7 +194,9 @@ impl ShuffleFileWriter {
 }
 
 /// Run CPU-bound work on rayon's pool and await its result from async code.
-pub async fn run_on_rayon<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+pub async fn run_on_rayon<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     rayon::spawn(move || {
         // The receiver only goes away when the task was cancelled; nothing to report then.

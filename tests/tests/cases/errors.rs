@@ -8,7 +8,10 @@ async fn good_query(client: &volley::VolleyClient) {
         .sql("SELECT count(*) AS n, sum(x) AS s FROM (SELECT * FROM nums) t")
         .await
         .expect("good query after an error");
-    assert_eq!(rows(&batches).expect("rows"), vec![vec!["3".to_string(), "6".to_string()]]);
+    assert_eq!(
+        rows(&batches).expect("rows"),
+        vec![vec!["3".to_string(), "6".to_string()]]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,12 +34,26 @@ async fn bad_input_gives_clear_errors_and_cluster_keeps_serving() {
         .expect("register csv");
     good_query(&client).await;
 
-    let err = client.sql("SELEC 1 FROM nums").await.expect_err("bad SQL fails").to_string();
-    assert!(err.contains("SQL error") && err.contains("SELEC"), "bad SQL message: {err}");
+    let err = client
+        .sql("SELEC 1 FROM nums")
+        .await
+        .expect_err("bad SQL fails")
+        .to_string();
+    assert!(
+        err.contains("SQL error") && err.contains("SELEC"),
+        "bad SQL message: {err}"
+    );
     good_query(&client).await;
 
-    let err = client.sql("SELECT * FROM no_such_table").await.expect_err("unknown table fails").to_string();
-    assert!(err.contains("no_such_table") && err.contains("not found"), "unknown table message: {err}");
+    let err = client
+        .sql("SELECT * FROM no_such_table")
+        .await
+        .expect_err("unknown table fails")
+        .to_string();
+    assert!(
+        err.contains("no_such_table") && err.contains("not found"),
+        "unknown table message: {err}"
+    );
     good_query(&client).await;
 
     let err = client
@@ -47,11 +64,21 @@ async fn bad_input_gives_clear_errors_and_cluster_keeps_serving() {
         .await
         .expect_err("non-parquet file fails")
         .to_string();
-    assert!(err.to_lowercase().contains("parquet"), "not-parquet message: {err}");
+    assert!(
+        err.to_lowercase().contains("parquet"),
+        "not-parquet message: {err}"
+    );
     good_query(&client).await;
 
-    let err = client.sql("SELECT x / (x - x) FROM nums").await.expect_err("divide by zero fails").to_string();
-    assert!(err.contains("Divide by zero"), "runtime error message: {err}");
+    let err = client
+        .sql("SELECT x / (x - x) FROM nums")
+        .await
+        .expect_err("divide by zero fails")
+        .to_string();
+    assert!(
+        err.contains("Divide by zero"),
+        "runtime error message: {err}"
+    );
     good_query(&client).await;
 
     cluster.shutdown().await;

@@ -42,12 +42,19 @@ async fn slt_local_datafusion() {
         if std::env::var("VOLLEY_SLT_COMPLETE").is_ok() {
             let col_sep = " ";
             runner
-                .update_test_file(&path, col_sep, sqllogictest::default_validator, sqllogictest::default_normalizer, sqllogictest::default_column_validator)
+                .update_test_file(
+                    &path,
+                    col_sep,
+                    sqllogictest::default_validator,
+                    sqllogictest::default_normalizer,
+                    sqllogictest::default_column_validator,
+                )
                 .await
                 .expect("complete");
             let text = std::fs::read_to_string(&path).expect("read completed");
             let data = volley_tests::workspace_root().join("tests/slt/data");
-            std::fs::write(&file, text.replace(&data.display().to_string(), "${DATA}")).expect("write back");
+            std::fs::write(&file, text.replace(&data.display().to_string(), "${DATA}"))
+                .expect("write back");
             continue;
         }
         runner
@@ -85,7 +92,9 @@ async fn slt_volley_cluster() {
         for job in s.jobs.values() {
             for stage in job.stages.values() {
                 for task in &stage.tasks {
-                    if let volley_scheduler::state::TaskState::Succeeded { executor_id, .. } = &task.state {
+                    if let volley_scheduler::state::TaskState::Succeeded { executor_id, .. } =
+                        &task.state
+                    {
                         used.insert(executor_id.clone());
                     }
                 }

@@ -13,13 +13,17 @@ use volley_tests::tpch;
 async fn tpch_sf01_on_process_cluster_matches_datafusion_and_duckdb() {
     volley_tests::init_tracing();
     let dir = tpch::sf01().expect("generate TPC-H");
-    let cluster = ProcessCluster::start(2, 2, &[]).await.expect("start cluster");
+    let cluster = ProcessCluster::start(2, 2, &[])
+        .await
+        .expect("start cluster");
     let client = cluster.client().await.expect("connect");
     for statement in tpch::create_table_statements(&dir) {
         client.sql(&statement).await.expect("register table");
     }
     let ctx = SessionContext::new_with_config(volley_session_config(4));
-    tpch::register_local(&ctx, &dir).await.expect("register local tables");
+    tpch::register_local(&ctx, &dir)
+        .await
+        .expect("register local tables");
 
     for q in 1..=22 {
         let sql = tpch::query(q).expect("query text");
@@ -38,8 +42,18 @@ async fn tpch_sf01_on_process_cluster_matches_datafusion_and_duckdb() {
             .expect("local run");
         let expected = rows(&local_batches).expect("format");
         let actual = rows(&volley_batches).expect("format");
-        assert_same_rows(&expected, &actual, &float_columns(&local_batches), &format!("q{q} vs DataFusion"));
-        assert_matches_answer(&actual, &tpch::answer_path(q), 0.011, &format!("q{q} vs DuckDB"));
+        assert_same_rows(
+            &expected,
+            &actual,
+            &float_columns(&local_batches),
+            &format!("q{q} vs DataFusion"),
+        );
+        assert_matches_answer(
+            &actual,
+            &tpch::answer_path(q),
+            0.011,
+            &format!("q{q} vs DuckDB"),
+        );
     }
 
     // The scheduler's records: shuffles happened and tasks ran on both executors.
@@ -51,7 +65,11 @@ async fn tpch_sf01_on_process_cluster_matches_datafusion_and_duckdb() {
         .find(|j| j.sql.contains("local supplier volume") || j.sql.contains("r_name = 'ASIA'"))
         .expect("q5 job recorded");
     assert_eq!(q5.state, "succeeded");
-    assert!(q5.stages.iter().any(|s| s.kind == "shuffle"), "q5 has a hash shuffle: {:?}", q5.stages);
+    assert!(
+        q5.stages.iter().any(|s| s.kind == "shuffle"),
+        "q5 has a hash shuffle: {:?}",
+        q5.stages
+    );
     let executors: BTreeSet<&str> = q5.tasks.iter().map(|t| t.executor_id.as_str()).collect();
     let registered: BTreeSet<&str> = state.executors.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(executors, registered, "q5's tasks ran on both executors");
