@@ -49,6 +49,18 @@ struct SchedulerArgs {
     /// Shuffle partitions per exchange (default: total executor slots).
     #[arg(long, env = "VOLLEY_TARGET_PARTITIONS")]
     target_partitions: Option<usize>,
+    /// Task placement: least-loaded executor first, or round-robin.
+    #[arg(long, env = "VOLLEY_LOAD_BALANCING", value_enum, default_value_t = LoadBalancing::LeastLoaded)]
+    load_balancing: LoadBalancing,
+}
+
+/// Task placement policies.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LoadBalancing {
+    /// The executor with the most free slots.
+    LeastLoaded,
+    /// Executors in turn.
+    RoundRobin,
 }
 
 #[derive(clap::Args, Debug)]
@@ -115,6 +127,7 @@ async fn run_scheduler(args: SchedulerArgs) -> Result<(), String> {
         stage_max_attempts: args.stage_max_attempts,
         executor_timeout: Duration::from_secs(args.executor_timeout_secs.max(1)),
         target_partitions: args.target_partitions,
+        round_robin: args.load_balancing == LoadBalancing::RoundRobin,
         ..SchedulerConfig::default()
     };
     let handle = start_scheduler(config).await.map_err(|e| e.to_string())?;

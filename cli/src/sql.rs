@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::util::pretty::pretty_format_batches;
+use futures::TryStreamExt;
 use volley::{EmbeddedCluster, VolleyClient, split_statements};
 
 /// Output formats.
@@ -132,6 +133,26 @@ fn print(schema: &SchemaRef, batches: &[RecordBatch], format: Format) -> Result<
     out.flush().map_err(|e| e.to_string())
 }
 
+/// Run one statement; Ctrl-C cancels its job on the cluster.
+async fn run_statement(
+    client: &VolleyClient,
+    statement: &str,
+) -> Result<(SchemaRef, Vec<RecordBatch>), String> {
+    let job_id = client.submit(statement).await.map_err(|e| e.to_string())?;
+    let run = async {
+        let (schema, stream) = client.fetch(job_id.clone()).await?;
+        let batches: Vec<RecordBatch> = stream.try_collect().await?;
+        Ok::<_, volley::VolleyError>((schema, batches))
+    };
+    tokio::select! {
+        result = run => result.map_err(|e| e.to_string()),
+        _ = tokio::signal::ctrl_c() => {
+            let _ = client.cancel(&job_id).await;
+            Err(format!("job {job_id} cancelled by Ctrl-C"))
+        }
+    }
+}
+
 /// Run `volley sql`.
 pub async fn run(args: SqlArgs) -> Result<(), String> {
     let mut statements = Vec::new();
@@ -168,7 +189,7 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
 
     let mut result = Ok(());
     for statement in &statements {
-        match client.sql(statement).await {
+        match run_statement(&client, statement).await {
             Ok((schema, batches)) => {
                 if let Err(e) = print(&schema, &batches, args.format) {
                     result = Err(e);

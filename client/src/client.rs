@@ -132,6 +132,14 @@ impl VolleyClient {
         sql: &str,
     ) -> Result<(SchemaRef, BoxStream<'static, Result<RecordBatch>>)> {
         let job_id = self.submit(sql).await?;
+        self.fetch(job_id).await
+    }
+
+    /// Wait for a submitted job and stream its result; its files are released at the end.
+    pub async fn fetch(
+        &self,
+        job_id: String,
+    ) -> Result<(SchemaRef, BoxStream<'static, Result<RecordBatch>>)> {
         let done = self.wait(&job_id).await?;
         let schema = StreamReader::try_new(Cursor::new(done.schema), None)?.schema();
         if !done.inline_result.is_empty() {
@@ -157,6 +165,12 @@ impl VolleyClient {
         })
         .filter_map(|x: Option<Result<RecordBatch>>| async move { x });
         Ok((schema, data.chain(release).boxed()))
+    }
+
+    /// Wait for a submitted job and collect its result.
+    pub async fn sql_job_rows(&self, job_id: &str) -> Result<Vec<RecordBatch>> {
+        let (_, stream) = self.fetch(job_id.to_string()).await?;
+        stream.try_collect().await
     }
 
     /// Run one statement and collect its result.

@@ -12,7 +12,7 @@ use volley_core::{Result, VolleyError};
 pub struct EmbeddedCluster {
     scheduler: SchedulerHandle,
     executors: Vec<ExecutorHandle>,
-    _work_dir: tempfile::TempDir,
+    work_dir: tempfile::TempDir,
 }
 
 impl EmbeddedCluster {
@@ -48,7 +48,7 @@ impl EmbeddedCluster {
         Ok(Self {
             scheduler,
             executors: handles,
-            _work_dir: work_dir,
+            work_dir,
         })
     }
 
@@ -65,6 +65,11 @@ impl EmbeddedCluster {
     /// Ids of the executors.
     pub fn executor_ids(&self) -> Vec<String> {
         self.executors.iter().map(|e| e.id().to_string()).collect()
+    }
+
+    /// Root of the executors' work dirs (one folder per executor).
+    pub fn work_dir(&self) -> &std::path::Path {
+        self.work_dir.path()
     }
 
     /// A client session on this cluster.

@@ -3,7 +3,62 @@
 
 use std::path::PathBuf;
 
+use datafusion::common::extensions_options;
+use datafusion::config::ConfigExtension;
 use datafusion::prelude::SessionConfig;
+
+extensions_options! {
+    /// Per-query Volley options, set with `SET volley.<key> = <value>`; they travel with each
+    /// task to the executors.
+    pub struct VolleyOptions {
+        /// Test hook: `STAGE:PARTITION` makes every attempt of that task fail with a
+        /// retryable injected fault, `STAGE:PARTITION:K` only its first K attempts
+        /// (deterministic fault injection for tests).
+        pub test_fail_task: String, default = String::new()
+        /// Test hook: `STAGE:MILLIS` makes every task of that stage wait that long before it
+        /// runs, giving tests a deterministic window (e.g. to kill an executor mid-stage).
+        pub test_delay_task: String, default = String::new()
+    }
+}
+
+impl ConfigExtension for VolleyOptions {
+    const PREFIX: &'static str = "volley";
+}
+
+impl VolleyOptions {
+    fn pair(spec: &str) -> Option<(u32, u64)> {
+        let (a, b) = spec.split_once(':')?;
+        Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+    }
+
+    /// True when the fault hook targets this task attempt: `STAGE:PARTITION` fails every
+    /// attempt, `STAGE:PARTITION:K` the first K attempts.
+    pub fn fails(&self, stage_id: u32, partition: u32, attempt: u32) -> bool {
+        let mut parts = self
+            .test_fail_task
+            .split(':')
+            .map(|p| p.trim().parse::<u32>());
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(Ok(s)), Some(Ok(p)), None, None) => s == stage_id && p == partition,
+            (Some(Ok(s)), Some(Ok(p)), Some(Ok(k)), None) => {
+                s == stage_id && p == partition && attempt < k
+            }
+            _ => false,
+        }
+    }
+
+    /// How long the delay hook holds tasks of this stage.
+    pub fn delay(&self, stage_id: u32) -> Option<std::time::Duration> {
+        Self::pair(&self.test_delay_task)
+            .filter(|(stage, _)| *stage == stage_id)
+            .map(|(_, ms)| std::time::Duration::from_millis(ms))
+    }
+}
+
+/// A configuration that knows Volley's options, for executors applying shipped settings.
+pub fn base_session_config() -> SessionConfig {
+    SessionConfig::new().with_option_extension(VolleyOptions::default())
+}
 
 /// Executor-side facts a task needs, stored as a [`SessionConfig`] extension.
 #[derive(Debug, Clone)]
@@ -25,7 +80,7 @@ pub struct TaskEnv {
 /// (DataFusion's distributed escape hatch) because `ScalarSubqueryExec` must sit in the same
 /// task as the expressions reading its results, which a stage cut can separate.
 pub fn volley_session_config(target_partitions: usize) -> SessionConfig {
-    let mut config = SessionConfig::new()
+    let mut config = base_session_config()
         .with_target_partitions(target_partitions.max(1))
         .with_information_schema(true)
         .with_round_robin_repartition(false);
@@ -43,10 +98,21 @@ pub fn volley_session_config(target_partitions: usize) -> SessionConfig {
 
 /// The settings of `config` as key/value pairs, to ship with each task.
 pub fn config_to_pairs(config: &SessionConfig) -> Vec<(String, String)> {
-    config
-        .options()
+    let options = config.options();
+    // Extension entries come without their prefix; DataFusion's own keys carry theirs.
+    let mut pairs: Vec<(String, String)> = options
         .entries()
         .into_iter()
+        .filter(|entry| entry.key.starts_with("datafusion."))
         .filter_map(|entry| entry.value.map(|v| (entry.key, v)))
-        .collect()
+        .collect();
+    if let Some(volley) = options.extensions.get::<VolleyOptions>() {
+        use datafusion::config::ExtensionOptions;
+        pairs.extend(volley.entries().into_iter().filter_map(|entry| {
+            entry
+                .value
+                .map(|v| (format!("{}.{}", VolleyOptions::PREFIX, entry.key), v))
+        }));
+    }
+    pairs
 }

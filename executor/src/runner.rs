@@ -5,10 +5,9 @@ use std::time::Instant;
 
 use datafusion::execution::TaskContext;
 use datafusion::execution::session_state::SessionState;
-use datafusion::prelude::SessionConfig;
 use volley_core::VolleyError;
 use volley_core::codec::VolleyCodec;
-use volley_core::config::TaskEnv;
+use volley_core::config::{TaskEnv, VolleyOptions, base_session_config};
 use volley_core::plan::ShuffleWriterExec;
 use volley_core::protobuf as pb;
 
@@ -71,7 +70,7 @@ impl TaskRunner {
         def: &pb::TaskDefinition,
         task: &pb::TaskId,
     ) -> Result<Vec<pb::PartitionStats>, VolleyError> {
-        let mut config = SessionConfig::new();
+        let mut config = base_session_config();
         for kv in &def.settings {
             // Settings of a newer scheduler this executor does not know are not fatal.
             if let Err(e) = config.options_mut().set(&kv.key, &kv.value) {
@@ -91,6 +90,22 @@ impl TaskRunner {
                     task.job_id, task.stage_id, task.partition, task.attempt
                 )),
         );
+        if let Some(options) = ctx
+            .session_config()
+            .options()
+            .extensions
+            .get::<VolleyOptions>()
+        {
+            if let Some(delay) = options.delay(task.stage_id) {
+                tokio::time::sleep(delay).await;
+            }
+            if options.fails(task.stage_id, task.partition, task.attempt) {
+                return Err(VolleyError::Io(std::io::Error::other(format!(
+                    "injected fault (volley.test_fail_task) in attempt {}",
+                    task.attempt
+                ))));
+            }
+        }
         let plan = VolleyCodec::decode_plan(&def.plan, &ctx)?;
         let writer = plan.downcast_ref::<ShuffleWriterExec>().ok_or_else(|| {
             VolleyError::Internal(format!(

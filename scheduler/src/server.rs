@@ -33,6 +33,8 @@ pub struct SchedulerConfig {
     pub result_ttl: Duration,
     /// Largest gRPC message accepted or sent.
     pub max_message_size: usize,
+    /// Place tasks round-robin instead of on the least-loaded executor.
+    pub round_robin: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -46,6 +48,7 @@ impl Default for SchedulerConfig {
             target_partitions: None,
             result_ttl: Duration::from_secs(600),
             max_message_size: 64 * 1024 * 1024,
+            round_robin: false,
         }
     }
 }
@@ -113,6 +116,7 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
     let policy = SchedulerPolicy {
         task_max_attempts: config.task_max_attempts.max(1),
         stage_max_attempts: config.stage_max_attempts.max(1),
+        round_robin: config.round_robin,
     };
     let service = SchedulerService::new(Arc::new(config.clone()), policy);
     service.start_background();

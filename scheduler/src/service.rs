@@ -38,7 +38,7 @@ pub struct SchedulerService {
 }
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
-const NO_EXECUTOR_GRACE: Duration = Duration::from_secs(20);
+const NO_EXECUTOR_GRACE: Duration = Duration::from_secs(15);
 
 fn new_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
@@ -200,24 +200,11 @@ impl SchedulerService {
         };
         if let Err(e) = result {
             tracing::warn!(executor_id = %executor.id, error = %e, "cannot launch tasks");
+            // An executor we cannot reach is treated as lost: its tasks go back to the queue
+            // (without counting as task failures) and a live executor registers again on its
+            // next heartbeat.
             self.clients.lock().remove(&executor.id);
-            {
-                let mut state = self.state.lock();
-                for t in &tasks {
-                    state.update_task(
-                        &executor.id,
-                        &t.job_id,
-                        t.stage_id,
-                        t.partition,
-                        t.attempt,
-                        TaskOutcome::Failed {
-                            message: format!("cannot launch task on executor {}: {e}", executor.id),
-                            retryable: true,
-                            fetch_failure: None,
-                        },
-                    );
-                }
-            }
+            self.state.lock().executor_lost(&executor.id);
             self.finish_jobs(tasks.iter().map(|t| t.job_id.clone()).collect())
                 .await;
             self.schedule();
@@ -239,6 +226,7 @@ impl SchedulerService {
     pub async fn release(&self, job_id: &str) {
         let executors: Vec<ExecutorInfo> = {
             let mut state = self.state.lock();
+            state.abort_job_tasks(job_id);
             if let Some(job) = state.jobs.get_mut(job_id) {
                 if job.released {
                     return;
@@ -434,7 +422,10 @@ impl SchedulerGrpc for SchedulerService {
         request: Request<pb::HeartbeatParams>,
     ) -> Result<Response<pb::HeartbeatResult>, Status> {
         let hb = request.into_inner();
-        let known = self.state.lock().heartbeat(&hb.executor_id);
+        let known = self
+            .state
+            .lock()
+            .heartbeat(&hb.executor_id, hb.running_tasks);
         Ok(Response::new(pb::HeartbeatResult { reregister: !known }))
     }
 

@@ -39,6 +39,8 @@ pub struct ExecutorInfo {
     pub completed_tasks: u64,
     /// Tasks that failed on it.
     pub failed_tasks: u64,
+    /// Tasks running on it, as its last heartbeat said.
+    pub reported_running: u32,
 }
 
 /// Lifecycle of one task (one partition of a stage).
@@ -75,6 +77,8 @@ pub struct TaskInfo {
     pub failures: u32,
     /// Last error, if any attempt failed.
     pub last_error: Option<String>,
+    /// Executor the last attempt failed on: retries go elsewhere when they can.
+    pub avoid: Option<String>,
 }
 
 /// One stage of a running job.
@@ -257,6 +261,8 @@ pub struct SchedulerPolicy {
     pub task_max_attempts: u32,
     /// Attempts per stage (re-runs after lost output) before the job fails.
     pub stage_max_attempts: u32,
+    /// Round-robin task placement instead of least-loaded.
+    pub round_robin: bool,
 }
 
 impl Default for SchedulerPolicy {
@@ -264,6 +270,7 @@ impl Default for SchedulerPolicy {
         Self {
             task_max_attempts: 4,
             stage_max_attempts: 4,
+            round_robin: false,
         }
     }
 }
@@ -279,6 +286,8 @@ pub struct ClusterState {
     pub job_order: Vec<String>,
     /// Policy.
     pub policy: SchedulerPolicy,
+    /// Next executor index for round-robin placement.
+    pub rr_cursor: usize,
 }
 
 impl ClusterState {
@@ -294,15 +303,17 @@ impl ClusterState {
             alive: true,
             completed_tasks: 0,
             failed_tasks: 0,
+            reported_running: 0,
         };
         self.executors.insert(id, info);
     }
 
     /// Record a heartbeat; false when the executor is unknown and must register again.
-    pub fn heartbeat(&mut self, id: &str) -> bool {
+    pub fn heartbeat(&mut self, id: &str, running_tasks: u32) -> bool {
         match self.executors.get_mut(id) {
             Some(e) if e.alive => {
                 e.last_seen = Instant::now();
+                e.reported_running = running_tasks;
                 true
             }
             _ => false,
@@ -337,6 +348,7 @@ impl ClusterState {
                         attempt: 0,
                         failures: 0,
                         last_error: None,
+                        avoid: None,
                     })
                     .collect();
                 (
@@ -436,13 +448,15 @@ impl ClusterState {
                     if !matches!(task.state, TaskState::Pending) {
                         continue;
                     }
-                    let Some(executor) = self
-                        .executors
-                        .values_mut()
-                        .filter(|e| e.alive && e.free_slots > 0)
-                        .max_by_key(|e| (e.free_slots, std::cmp::Reverse(e.id.clone())))
-                    else {
+                    let Some(executor_id) = Self::pick_executor(
+                        &self.executors,
+                        task.avoid.as_deref(),
+                        self.policy.round_robin.then_some(&mut self.rr_cursor),
+                    ) else {
                         return Self::group(assigned, &self.executors);
+                    };
+                    let Some(executor) = self.executors.get_mut(&executor_id) else {
+                        continue;
                     };
                     executor.free_slots -= 1;
                     task.state = TaskState::Running {
@@ -464,6 +478,59 @@ impl ClusterState {
             }
         }
         Self::group(assigned, &self.executors)
+    }
+
+    /// Least-loaded (most free slots) or round-robin, avoiding `avoid` when another executor
+    /// has a free slot.
+    fn pick_executor(
+        executors: &BTreeMap<String, ExecutorInfo>,
+        avoid: Option<&str>,
+        round_robin: Option<&mut usize>,
+    ) -> Option<String> {
+        let free: Vec<&ExecutorInfo> = executors
+            .values()
+            .filter(|e| e.alive && e.free_slots > 0)
+            .collect();
+        let preferred: Vec<&ExecutorInfo> = free
+            .iter()
+            .copied()
+            .filter(|e| Some(e.id.as_str()) != avoid)
+            .collect();
+        let candidates = if preferred.is_empty() {
+            free
+        } else {
+            preferred
+        };
+        match round_robin {
+            Some(cursor) => {
+                let chosen = candidates.get(*cursor % candidates.len().max(1))?;
+                *cursor = cursor.wrapping_add(1);
+                Some(chosen.id.clone())
+            }
+            None => candidates
+                .into_iter()
+                .max_by_key(|e| (e.free_slots, std::cmp::Reverse(e.id.clone())))
+                .map(|e| e.id.clone()),
+        }
+    }
+
+    /// Running tasks of a failed or cancelled job were stopped on their executors: give their
+    /// slots back and forget them.
+    pub fn abort_job_tasks(&mut self, job_id: &str) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        for stage in job.stages.values_mut() {
+            for task in stage.tasks.iter_mut() {
+                if let TaskState::Running { executor_id, .. } = &task.state {
+                    if let Some(e) = self.executors.get_mut(executor_id) {
+                        e.free_slots = (e.free_slots + 1).min(e.slots);
+                    }
+                    task.state = TaskState::Pending;
+                    task.attempt += 1;
+                }
+            }
+        }
     }
 
     fn group(
@@ -608,6 +675,7 @@ impl ClusterState {
                 task.failures += 1;
                 task.attempt += 1;
                 task.last_error = Some(message.clone());
+                task.avoid = Some(executor_id.to_string());
                 task.state = TaskState::Pending;
                 let attempts = task.failures;
                 if let Some((lost_executor, producer, map_partition)) = fetch_failure {
@@ -699,16 +767,43 @@ impl ClusterState {
             if job.state != JobState::Running {
                 continue;
             }
+            // Output only matters to stages that still have to read it.
+            let needed: Vec<u32> = job
+                .stages
+                .iter()
+                .filter(|(id, _)| {
+                    **id == job.final_stage
+                        || job
+                            .stages
+                            .values()
+                            .any(|c| c.plan.inputs.contains(id) && !c.is_complete())
+                })
+                .map(|(id, _)| *id)
+                .collect();
             let mut lost_stages = Vec::new();
+            let mut exhausted = None;
             for (stage_id, stage) in job.stages.iter_mut() {
+                let output_needed = needed.contains(stage_id);
                 let mut lost_output = false;
-                for task in stage.tasks.iter_mut() {
+                for (partition, task) in stage.tasks.iter_mut().enumerate() {
                     match &task.state {
                         TaskState::Running { executor_id: e, .. } if e == executor_id => {
                             task.state = TaskState::Pending;
                             task.attempt += 1;
+                            task.failures += 1;
+                            task.avoid = Some(executor_id.to_string());
+                            let message = format!("executor {executor_id} was lost");
+                            task.last_error = Some(message.clone());
+                            if task.failures >= policy.task_max_attempts && exhausted.is_none() {
+                                exhausted = Some(format!(
+                                    "task {partition} of stage {stage_id} failed after {} attempts: {message}",
+                                    task.failures
+                                ));
+                            }
                         }
-                        TaskState::Succeeded { executor_id: e, .. } if e == executor_id => {
+                        TaskState::Succeeded { executor_id: e, .. }
+                            if e == executor_id && output_needed =>
+                        {
                             task.state = TaskState::Pending;
                             task.attempt += 1;
                             lost_output = true;
@@ -720,6 +815,9 @@ impl ClusterState {
                     stage.attempts += 1;
                     lost_stages.push((*stage_id, stage.attempts));
                 }
+            }
+            if let Some(message) = exhausted {
+                job.fail(message);
             }
             for (stage_id, attempts) in lost_stages {
                 if attempts > policy.stage_max_attempts {

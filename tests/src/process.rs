@@ -42,6 +42,7 @@ pub struct ProcessCluster {
     url: String,
     scheduler: Child,
     executors: Vec<Child>,
+    executor_ports: Vec<u16>,
     work_dir: tempfile::TempDir,
     scheduler_args: Vec<String>,
 }
@@ -73,6 +74,7 @@ impl ProcessCluster {
             url: format!("http://127.0.0.1:{port}"),
             scheduler,
             executors: Vec::new(),
+            executor_ports: Vec::new(),
             work_dir: tempfile::Builder::new().prefix("volley-test-").tempdir()?,
             scheduler_args,
         };
@@ -87,10 +89,8 @@ impl ProcessCluster {
     /// Start one more executor process.
     pub fn add_executor(&mut self, slots: usize) -> Result<(), BoxError> {
         let n = self.executors.len();
-        let dir = self
-            .work_dir
-            .path()
-            .join(format!("executor-{n}-{}", free_port()?));
+        let port = free_port()?;
+        let dir = self.work_dir.path().join(format!("executor-{n}-{port}"));
         let child = Command::new(volley_bin()?)
             .args([
                 "executor",
@@ -99,7 +99,7 @@ impl ProcessCluster {
                 "--host",
                 "127.0.0.1",
                 "--port",
-                "0",
+                &port.to_string(),
                 "--slots",
                 &slots.to_string(),
                 "--heartbeat-ms",
@@ -111,6 +111,7 @@ impl ProcessCluster {
             .stderr(Stdio::inherit())
             .spawn()?;
         self.executors.push(child);
+        self.executor_ports.push(port);
         Ok(())
     }
 
@@ -156,6 +157,43 @@ impl ProcessCluster {
     /// OS process ids of the executors.
     pub fn executor_pids(&self) -> Vec<u32> {
         self.executors.iter().map(|c| c.id()).collect()
+    }
+
+    /// Index of the executor process registered under `executor_id`.
+    pub async fn executor_index(&self, executor_id: &str) -> Result<usize, BoxError> {
+        let client = VolleyClient::connect(&self.url).await?;
+        let state = client.cluster_state().await?;
+        let port = state
+            .executors
+            .iter()
+            .find(|e| e.id == executor_id)
+            .map(|e| e.grpc_port)
+            .ok_or_else(|| format!("executor {executor_id} is not registered"))?;
+        self.executor_ports
+            .iter()
+            .position(|p| u32::from(*p) == port)
+            .ok_or_else(|| format!("no executor process on port {port}").into())
+    }
+
+    /// SIGKILL executor `index`.
+    pub fn kill_executor(&mut self, index: usize) -> Result<(), BoxError> {
+        let child = self.executors.get_mut(index).ok_or("no such executor")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Send a signal (`STOP`, `CONT`, ...) to executor `index`.
+    pub fn signal_executor(&self, index: usize, signal: &str) -> Result<(), BoxError> {
+        let pid = self.executors.get(index).ok_or("no such executor")?.id();
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("kill -{signal} {pid} failed").into())
+        }
     }
 
     /// Root of the executors' work dirs.

@@ -1,3 +1,6 @@
+mod cli;
 mod errors;
+mod faults;
+mod lifecycle;
 mod slt;
 mod tpch;

@@ -73,4 +73,14 @@ async fn tpch_sf01_on_process_cluster_matches_datafusion_and_duckdb() {
     let executors: BTreeSet<&str> = q5.tasks.iter().map(|t| t.executor_id.as_str()).collect();
     let registered: BTreeSet<&str> = state.executors.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(executors, registered, "q5's tasks ran on both executors");
+
+    // Every job's shuffle files were removed once its result was read.
+    let mut leftovers = Vec::new();
+    for executor_dir in std::fs::read_dir(cluster.work_dir()).expect("work dir") {
+        let executor_dir = executor_dir.expect("entry").path();
+        for job_dir in std::fs::read_dir(&executor_dir).expect("executor dir") {
+            leftovers.push(job_dir.expect("entry").path());
+        }
+    }
+    assert!(leftovers.is_empty(), "job dirs left behind: {leftovers:?}");
 }

@@ -1,0 +1,275 @@
+//! Fault tolerance with real processes. Every fault test also runs with retries disabled and
+//! must then fail, proving its fault fired. Faults are placed deterministically with the
+//! `volley.test_delay_task` / `volley.test_fail_task` hooks.
+
+use std::time::{Duration, Instant};
+
+use datafusion::prelude::SessionContext;
+use futures::TryStreamExt;
+use volley::VolleyClient;
+use volley_core::config::volley_session_config;
+use volley_core::protobuf::JobRecord;
+use volley_tests::compare::{Row, assert_same_rows, float_columns, rows};
+use volley_tests::process::ProcessCluster;
+use volley_tests::tpch;
+
+const QUERY: usize = 3;
+
+async fn expected() -> (Vec<Row>, Vec<bool>) {
+    let dir = tpch::sf01().unwrap();
+    let ctx = SessionContext::new_with_config(volley_session_config(4));
+    tpch::register_local(&ctx, &dir).await.unwrap();
+    let batches = ctx
+        .sql(&tpch::query(QUERY).unwrap())
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    (rows(&batches).unwrap(), float_columns(&batches))
+}
+
+async fn cluster(executors: usize, retries: bool) -> (ProcessCluster, VolleyClient) {
+    let attempts = if retries { "4" } else { "1" };
+    let cluster = ProcessCluster::start(
+        executors,
+        2,
+        &[
+            "--executor-timeout-secs",
+            "2",
+            "--task-max-attempts",
+            attempts,
+            "--stage-max-attempts",
+            attempts,
+        ],
+    )
+    .await
+    .unwrap();
+    let client = cluster.client().await.unwrap();
+    for statement in tpch::create_table_statements(&tpch::sf01().unwrap()) {
+        client.sql(&statement).await.unwrap();
+    }
+    (cluster, client)
+}
+
+async fn job(client: &VolleyClient, job_id: &str) -> JobRecord {
+    client
+        .cluster_state()
+        .await
+        .unwrap()
+        .jobs
+        .into_iter()
+        .find(|j| j.job_id == job_id)
+        .unwrap()
+}
+
+async fn wait_for(
+    client: &VolleyClient,
+    job_id: &str,
+    what: &str,
+    ready: impl Fn(&JobRecord) -> bool,
+) -> JobRecord {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let record = job(client, job_id).await;
+        if ready(&record) {
+            return record;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {record:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn running_on(record: &JobRecord, stage: u32) -> Option<String> {
+    record
+        .tasks
+        .iter()
+        .find(|t| t.state == "running" && t.task.as_ref().is_some_and(|id| id.stage_id == stage))
+        .map(|t| t.executor_id.clone())
+}
+
+async fn result(client: &VolleyClient, job_id: String) -> Result<Vec<Row>, String> {
+    let (_, stream) = client.fetch(job_id).await.map_err(|e| e.to_string())?;
+    let batches: Vec<_> = stream.try_collect().await.map_err(|e| e.to_string())?;
+    Ok(rows(&batches).unwrap())
+}
+
+/// Id of the first stage that ends in a hash shuffle, from Volley's EXPLAIN.
+async fn first_shuffle_stage(client: &VolleyClient) -> u32 {
+    let (_, plan) = client
+        .sql(&format!("EXPLAIN {}", tpch::query(QUERY).unwrap()))
+        .await
+        .unwrap();
+    let lines = rows(&plan).unwrap();
+    let line = lines
+        .iter()
+        .map(|r| r[0].clone())
+        .find(|l| l.contains("kind=shuffle"))
+        .expect("the query has a hash shuffle");
+    line.trim_start_matches("Stage ")
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// SIGKILL one of 3 executors while a stage (which ends in a hash shuffle) runs on it.
+async fn kill_in_map_stage(retries: bool) -> Result<Vec<Row>, String> {
+    let (mut cluster, client) = cluster(3, retries).await;
+    let stage = first_shuffle_stage(&client).await;
+    client
+        .sql(&format!("SET volley.test_delay_task = '{stage}:1500'"))
+        .await
+        .unwrap();
+    let job_id = client.submit(&tpch::query(QUERY).unwrap()).await.unwrap();
+    let record = wait_for(&client, &job_id, "shuffle stage running", |j| {
+        running_on(j, stage).is_some()
+    })
+    .await;
+    let victim = running_on(&record, stage).unwrap();
+    let index = cluster.executor_index(&victim).await.unwrap();
+    cluster.kill_executor(index).unwrap();
+    result(&client, job_id).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_executor_during_shuffle_stage_keeps_exact_answer() {
+    volley_tests::init_tracing();
+    let (expected, floats) = expected().await;
+    let actual = kill_in_map_stage(true)
+        .await
+        .expect("query survives the kill");
+    assert_same_rows(&expected, &actual, &floats, "q3 after SIGKILL");
+    let err = kill_in_map_stage(false)
+        .await
+        .expect_err("without retries the kill fails the job");
+    assert!(err.contains("was lost"), "{err}");
+}
+
+/// SIGKILL the executor holding finished map output while the consumer stage waits to read it.
+async fn kill_after_map_output(retries: bool) -> Result<(Vec<Row>, u32), String> {
+    let (mut cluster, client) = cluster(3, retries).await;
+    client
+        .sql("SET volley.test_delay_task = '2:1500'")
+        .await
+        .unwrap();
+    let job_id = client.submit(&tpch::query(QUERY).unwrap()).await.unwrap();
+    let record = wait_for(&client, &job_id, "stage 1 done, stage 2 running", |j| {
+        j.stages
+            .iter()
+            .any(|s| s.stage_id == 1 && s.state == "succeeded")
+            && running_on(j, 2).is_some()
+    })
+    .await;
+    let holder = record
+        .tasks
+        .iter()
+        .find(|t| t.task.as_ref().is_some_and(|id| id.stage_id == 1))
+        .map(|t| t.executor_id.clone())
+        .unwrap();
+    let index = cluster.executor_index(&holder).await.unwrap();
+    cluster.kill_executor(index).unwrap();
+    let rows = result(&client, job_id.clone()).await?;
+    let attempts = job(&client, &job_id)
+        .await
+        .stages
+        .iter()
+        .find(|s| s.stage_id == 1)
+        .unwrap()
+        .attempts;
+    Ok((rows, attempts))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_executor_holding_map_output_reruns_the_map_stage() {
+    volley_tests::init_tracing();
+    let (expected, floats) = expected().await;
+    let (actual, attempts) = kill_after_map_output(true)
+        .await
+        .expect("query survives the kill");
+    assert_same_rows(&expected, &actual, &floats, "q3 after losing map output");
+    assert!(attempts >= 2, "stage 1 ran again (attempts = {attempts})");
+    let err = kill_after_map_output(false)
+        .await
+        .expect_err("without retries the lost output fails the job");
+    assert!(err.contains("lost"), "{err}");
+}
+
+/// SIGSTOP an executor until the scheduler gives its tasks to others, then SIGCONT it.
+async fn stop_and_continue(retries: bool) -> Result<Vec<Row>, String> {
+    let (cluster, client) = cluster(3, retries).await;
+    client
+        .sql("SET volley.test_delay_task = '1:1500'")
+        .await
+        .unwrap();
+    let job_id = client.submit(&tpch::query(QUERY).unwrap()).await.unwrap();
+    let record = wait_for(&client, &job_id, "stage 1 running", |j| {
+        running_on(j, 1).is_some()
+    })
+    .await;
+    let victim = running_on(&record, 1).unwrap();
+    let index = cluster.executor_index(&victim).await.unwrap();
+    cluster.signal_executor(index, "STOP").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client
+        .cluster_state()
+        .await
+        .unwrap()
+        .executors
+        .iter()
+        .any(|e| e.id == victim)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "stopped executor never declared lost"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.signal_executor(index, "CONT").unwrap();
+    result(&client, job_id).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_executor_tasks_retried_elsewhere_rows_counted_once() {
+    volley_tests::init_tracing();
+    let (expected, floats) = expected().await;
+    let actual = stop_and_continue(true)
+        .await
+        .expect("query survives the stall");
+    assert_same_rows(&expected, &actual, &floats, "q3 after SIGSTOP/SIGCONT");
+    let err = stop_and_continue(false)
+        .await
+        .expect_err("without retries the stall fails the job");
+    assert!(err.contains("was lost"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_all_executors_fails_the_query_clearly_within_30s() {
+    volley_tests::init_tracing();
+    let (mut cluster, client) = cluster(2, true).await;
+    client
+        .sql("SET volley.test_delay_task = '1:3000'")
+        .await
+        .unwrap();
+    let job_id = client.submit(&tpch::query(QUERY).unwrap()).await.unwrap();
+    wait_for(&client, &job_id, "stage 1 running", |j| {
+        running_on(j, 1).is_some()
+    })
+    .await;
+    let killed = Instant::now();
+    cluster.kill_executor(0).unwrap();
+    cluster.kill_executor(1).unwrap();
+    let err = result(&client, job_id)
+        .await
+        .expect_err("no executors: the job fails");
+    let elapsed = killed.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(30),
+        "failed after {elapsed:?}"
+    );
+    assert!(err.contains("no executors alive"), "{err}");
+}

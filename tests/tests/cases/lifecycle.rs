@@ -1,0 +1,189 @@
+//! Task retries and cancellation on an in-process cluster (real gRPC servers on 127.0.0.1).
+
+use std::time::{Duration, Instant};
+
+use volley::EmbeddedCluster;
+use volley_scheduler::SchedulerConfig;
+use volley_scheduler::state::TaskState;
+use volley_tests::compare::rows;
+
+async fn cluster(task_max_attempts: u32) -> (EmbeddedCluster, volley::VolleyClient) {
+    let config = SchedulerConfig {
+        task_max_attempts,
+        ..SchedulerConfig::default().with_address("127.0.0.1", 0)
+    };
+    let cluster = EmbeddedCluster::start_with(config, 2, 2).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let data = volley_tests::workspace_root().join("tests/slt/data/sales.csv");
+    client
+        .sql(&format!(
+            "CREATE EXTERNAL TABLE sales (sale_id INT, emp_id INT, amount DECIMAL(10,2), region VARCHAR, day DATE) \
+             STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true')",
+            data.display()
+        ))
+        .await
+        .unwrap();
+    (cluster, client)
+}
+
+const QUERY: &str = "SELECT region, count(*) AS n, sum(amount) AS total FROM sales GROUP BY region ORDER BY region NULLS LAST";
+
+fn expected() -> Vec<Vec<String>> {
+    [
+        ["east", "2", "370.00"],
+        ["north", "3", "237.75"],
+        ["south", "3", "849.99"],
+        ["west", "1", "11.11"],
+        ["NULL", "1", "18.75"],
+    ]
+    .iter()
+    .map(|r| r.iter().map(|v| v.to_string()).collect())
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_failing_every_attempt_fails_job_after_exactly_n_attempts() {
+    volley_tests::init_tracing();
+    let (cluster, client) = cluster(3).await;
+    client
+        .sql("SET volley.test_fail_task = '1:0'")
+        .await
+        .unwrap();
+    let job_id = client.submit(QUERY).await.unwrap();
+    let err = client
+        .wait(&job_id)
+        .await
+        .expect_err("the task never succeeds")
+        .to_string();
+    assert!(
+        err.contains("task 0 of stage 1 failed after 3 attempts"),
+        "{err}"
+    );
+    assert!(err.contains("injected fault"), "{err}");
+    let attempts = cluster.scheduler().service().with_state(|s| {
+        let job = &s.jobs[&job_id];
+        let task = &job.stages[&1].tasks[0];
+        (task.failures, task.attempt)
+    });
+    assert_eq!(attempts, (3, 3), "three failed attempts, no fourth");
+
+    client.sql("SET volley.test_fail_task = ''").await.unwrap();
+    let (_, batches) = client.sql(QUERY).await.expect("ordinary query succeeds");
+    assert_eq!(rows(&batches).unwrap(), expected());
+    cluster.shutdown().await;
+}
+
+async fn fail_first_attempt(task_max_attempts: u32) -> Result<(String, Option<String>), String> {
+    let (cluster, client) = cluster(task_max_attempts).await;
+    client
+        .sql("SET volley.test_fail_task = '1:0:1'")
+        .await
+        .unwrap();
+    let job_id = client.submit(QUERY).await.unwrap();
+    let outcome = client.sql_job_rows(&job_id).await;
+    let placement = cluster.scheduler().service().with_state(|s| {
+        let task = &s.jobs[&job_id].stages[&1].tasks[0];
+        let ran_on = match &task.state {
+            TaskState::Succeeded { executor_id, .. } => Some(executor_id.clone()),
+            _ => None,
+        };
+        (task.avoid.clone(), ran_on)
+    });
+    cluster.shutdown().await;
+    let batches = outcome.map_err(|e| e.to_string())?;
+    assert_eq!(rows(&batches).unwrap(), expected());
+    let (failed_on, ran_on) = placement;
+    Ok((failed_on.unwrap_or_default(), ran_on))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_task_is_retried_on_another_executor() {
+    volley_tests::init_tracing();
+    let (failed_on, ran_on) = fail_first_attempt(4).await.expect("retry succeeds");
+    assert!(!failed_on.is_empty(), "the first attempt failed");
+    assert_ne!(
+        Some(failed_on),
+        ran_on,
+        "the retry ran on the other executor"
+    );
+    let err = fail_first_attempt(1)
+        .await
+        .expect_err("without retries the fault fails the job");
+    assert!(
+        err.contains("task 0 of stage 1 failed after 1 attempts") && err.contains("injected fault"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_tasks_frees_slots_and_removes_files() {
+    volley_tests::init_tracing();
+    let (cluster, client) = cluster(4).await;
+    client
+        .sql("SET volley.test_delay_task = '2:60000'")
+        .await
+        .unwrap();
+    let job_id = client.submit(QUERY).await.unwrap();
+    let service = cluster.scheduler().service().clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stage2_running = service.with_state(|s| {
+            s.jobs[&job_id].stages[&2]
+                .tasks
+                .iter()
+                .any(|t| matches!(t.state, TaskState::Running { .. }))
+        });
+        if stage2_running {
+            break;
+        }
+        assert!(Instant::now() < deadline, "stage 2 never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Stage 1 wrote shuffle files by now.
+    let files_before = count_files(cluster.work_dir());
+    assert!(files_before > 0, "stage 1 wrote shuffle files");
+
+    let cancelled_at = Instant::now();
+    assert!(client.cancel(&job_id).await.unwrap());
+    let err = client
+        .wait(&job_id)
+        .await
+        .expect_err("cancelled")
+        .to_string();
+    assert!(err.contains("cancelled"), "{err}");
+    loop {
+        let (free, slots, reported) = service.with_state(|s| {
+            let alive = s.executors.values().filter(|e| e.alive);
+            alive.fold((0, 0, 0), |(f, t, r), e| {
+                (f + e.free_slots, t + e.slots, r + e.reported_running)
+            })
+        });
+        if free == slots && reported == 0 && count_files(cluster.work_dir()) == 0 {
+            break;
+        }
+        assert!(
+            cancelled_at.elapsed() < Duration::from_secs(5),
+            "after cancel: free {free}/{slots}, executors report {reported} running, {} files",
+            count_files(cluster.work_dir())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    client.sql("SET volley.test_delay_task = ''").await.unwrap();
+    let (_, batches) = client.sql(QUERY).await.expect("next query runs");
+    assert_eq!(rows(&batches).unwrap(), expected());
+    cluster.shutdown().await;
+}
+
+fn count_files(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            let path = e.path();
+            if path.is_dir() { count_files(&path) } else { 1 }
+        })
+        .sum()
+}
