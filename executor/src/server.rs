@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arrow_flight::flight_service_server::FlightServiceServer;
@@ -22,6 +23,9 @@ use volley_core::{Result, VolleyError};
 
 use crate::flight::ShuffleFlightService;
 use crate::runner::TaskRunner;
+
+/// How long a graceful shutdown waits for running tasks.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Executor settings.
 #[derive(Debug, Clone)]
@@ -65,6 +69,16 @@ struct ExecutorInner {
     slots: Arc<Semaphore>,
     running: Mutex<HashMap<String, Vec<AbortHandle>>>,
     scheduler: SchedulerGrpcClient<Channel>,
+    draining: AtomicBool,
+}
+
+/// Exponential backoff with jitter: `base * 2^attempt` capped at 5 s, plus up to 50 % more.
+fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(100)
+        .saturating_mul(1 << attempt.min(6))
+        .min(Duration::from_secs(5));
+    let jitter_percent = (uuid::Uuid::new_v4().as_u128() % 50) as u32;
+    base + base * jitter_percent / 100
 }
 
 /// The executor's gRPC service.
@@ -94,9 +108,38 @@ impl ExecutorInner {
         Ok(())
     }
 
+    /// Register, retrying with backoff while the scheduler is not reachable yet.
+    async fn register_with_retry(&self) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            match self.register().await {
+                Ok(()) => return Ok(()),
+                Err(VolleyError::Grpc(status))
+                    if status.code() == tonic::Code::Unavailable && attempt < 8 =>
+                {
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn deregister(&self, draining: bool) {
+        let mut client = self.scheduler.clone();
+        if let Err(e) = client
+            .deregister_executor(pb::DeregisterExecutorParams {
+                executor_id: self.id.clone(),
+                draining,
+            })
+            .await
+        {
+            tracing::warn!(error = %e, "cannot deregister from scheduler");
+        }
+    }
+
     async fn report(&self, status: pb::TaskStatus) {
-        let mut delay = Duration::from_millis(100);
-        for attempt in 0..5 {
+        for attempt in 0..8 {
             let mut client = self.scheduler.clone();
             let result = client
                 .update_task_status(pb::UpdateTaskStatusParams {
@@ -107,8 +150,7 @@ impl ExecutorInner {
                 Ok(_) => return,
                 Err(e) => {
                     tracing::warn!(attempt, error = %e, "cannot report task status");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
+                    tokio::time::sleep(backoff(attempt)).await;
                 }
             }
         }
@@ -131,6 +173,12 @@ impl ExecutorGrpc for ExecutorService {
         &self,
         request: Request<pb::LaunchTasksParams>,
     ) -> Result<Response<pb::LaunchTasksResult>, Status> {
+        if self.inner.draining.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(format!(
+                "executor {} is shutting down",
+                self.inner.id
+            )));
+        }
         for def in request.into_inner().tasks {
             let job_id = def
                 .task
@@ -207,6 +255,7 @@ impl ExecutorGrpc for ExecutorService {
 /// A running executor.
 pub struct ExecutorHandle {
     id: String,
+    inner: Arc<ExecutorInner>,
     addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     join: Option<JoinHandle<()>>,
@@ -226,7 +275,20 @@ impl ExecutorHandle {
 
     /// Stop heartbeats and the server.
     pub async fn shutdown(mut self) {
+        // Drain: no new tasks, running ones finish and report, then leave.
+        self.inner.draining.store(true, Ordering::SeqCst);
+        self.inner.deregister(true).await;
+        let slots = u32::try_from(self.inner.config.slots.max(1)).unwrap_or(u32::MAX);
+        let drained = tokio::time::timeout(
+            DRAIN_TIMEOUT,
+            Arc::clone(&self.inner.slots).acquire_many_owned(slots),
+        )
+        .await;
+        if drained.is_err() {
+            tracing::warn!(executor_id = %self.id, "tasks still running after the drain timeout");
+        }
         self.heartbeat.abort();
+        self.inner.deregister(false).await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -272,6 +334,7 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
         running: Mutex::new(HashMap::new()),
         scheduler,
         config: config.clone(),
+        draining: AtomicBool::new(false),
     });
 
     let (tx, rx) = oneshot::channel::<()>();
@@ -296,7 +359,7 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
         }
     });
 
-    inner.register().await.map_err(|e| {
+    inner.register_with_retry().await.map_err(|e| {
         VolleyError::Internal(format!(
             "cannot register with scheduler {}: {e}",
             config.scheduler_url
@@ -334,6 +397,7 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
 
     Ok(ExecutorHandle {
         id,
+        inner: Arc::clone(&inner),
         addr,
         shutdown: Some(tx),
         join: Some(join),

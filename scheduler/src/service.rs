@@ -429,6 +429,23 @@ impl SchedulerGrpc for SchedulerService {
         Ok(Response::new(pb::HeartbeatResult { reregister: !known }))
     }
 
+    async fn deregister_executor(
+        &self,
+        request: Request<pb::DeregisterExecutorParams>,
+    ) -> Result<Response<pb::DeregisterExecutorResult>, Status> {
+        let params = request.into_inner();
+        if params.draining {
+            tracing::info!(executor_id = %params.executor_id, "executor draining");
+            self.state.lock().drain_executor(&params.executor_id);
+        } else {
+            tracing::info!(executor_id = %params.executor_id, "executor deregistered");
+            self.state.lock().executor_lost(&params.executor_id);
+            self.clients.lock().remove(&params.executor_id);
+            self.schedule();
+        }
+        Ok(Response::new(pb::DeregisterExecutorResult {}))
+    }
+
     async fn update_task_status(
         &self,
         request: Request<pb::UpdateTaskStatusParams>,

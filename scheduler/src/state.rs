@@ -41,6 +41,71 @@ pub struct ExecutorInfo {
     pub failed_tasks: u64,
     /// Tasks running on it, as its last heartbeat said.
     pub reported_running: u32,
+    /// Circuit breaker guarding task placement on this executor.
+    pub breaker: Breaker,
+    /// Shutting down gracefully: running tasks finish, no new ones come.
+    pub draining: bool,
+}
+
+/// A per-executor circuit breaker: after [`Breaker::THRESHOLD`] consecutive failures (failed
+/// launches, retryable task failures) no tasks go to the executor for [`Breaker::COOL_DOWN`];
+/// then one probe task may go (half-open); its success closes the breaker, its failure
+/// opens it again.
+#[derive(Debug, Clone, Default)]
+pub struct Breaker {
+    /// Failures since the last success.
+    pub consecutive_failures: u32,
+    /// While set and in the future, the breaker is open.
+    pub open_until: Option<Instant>,
+    /// A probe task is out (half-open).
+    pub probing: bool,
+}
+
+impl Breaker {
+    /// Consecutive failures that open the breaker.
+    pub const THRESHOLD: u32 = 3;
+    /// How long it stays open before a probe.
+    pub const COOL_DOWN: Duration = Duration::from_secs(5);
+
+    /// "closed", "open" or "half-open".
+    pub fn state(&self) -> &'static str {
+        match self.open_until {
+            None => "closed",
+            Some(until) if Instant::now() < until => "open",
+            Some(_) => "half-open",
+        }
+    }
+
+    /// May a task be placed now?
+    pub fn allows(&self) -> bool {
+        match self.state() {
+            "closed" => true,
+            "half-open" => !self.probing,
+            _ => false,
+        }
+    }
+
+    fn placed(&mut self) {
+        if self.open_until.is_some() {
+            self.probing = true;
+        }
+    }
+
+    /// Record a success: closes the breaker.
+    pub fn success(&mut self) {
+        *self = Breaker::default();
+    }
+
+    /// Record a failure; returns true when this opened the breaker.
+    pub fn failure(&mut self) -> bool {
+        self.consecutive_failures += 1;
+        self.probing = false;
+        if self.consecutive_failures >= Self::THRESHOLD || self.open_until.is_some() {
+            self.open_until = Some(Instant::now() + Self::COOL_DOWN);
+            return true;
+        }
+        false
+    }
 }
 
 /// Lifecycle of one task (one partition of a stage).
@@ -304,6 +369,8 @@ impl ClusterState {
             completed_tasks: 0,
             failed_tasks: 0,
             reported_running: 0,
+            breaker: Breaker::default(),
+            draining: false,
         };
         self.executors.insert(id, info);
     }
@@ -320,11 +387,18 @@ impl ClusterState {
         }
     }
 
+    /// Stop placing tasks on an executor that is shutting down.
+    pub fn drain_executor(&mut self, id: &str) {
+        if let Some(e) = self.executors.get_mut(id) {
+            e.draining = true;
+        }
+    }
+
     /// Total slots of live executors.
     pub fn total_slots(&self) -> usize {
         self.executors
             .values()
-            .filter(|e| e.alive)
+            .filter(|e| e.alive && !e.draining)
             .map(|e| e.slots as usize)
             .sum()
     }
@@ -459,6 +533,7 @@ impl ClusterState {
                         continue;
                     };
                     executor.free_slots -= 1;
+                    executor.breaker.placed();
                     task.state = TaskState::Running {
                         executor_id: executor.id.clone(),
                         started: Instant::now(),
@@ -489,7 +564,7 @@ impl ClusterState {
     ) -> Option<String> {
         let free: Vec<&ExecutorInfo> = executors
             .values()
-            .filter(|e| e.alive && e.free_slots > 0)
+            .filter(|e| e.alive && !e.draining && e.free_slots > 0 && e.breaker.allows())
             .collect();
         let preferred: Vec<&ExecutorInfo> = free
             .iter()
@@ -660,6 +735,7 @@ impl ClusterState {
                 };
                 if let Some(e) = self.executors.get_mut(executor_id) {
                     e.completed_tasks += 1;
+                    e.breaker.success();
                 }
                 job.touch();
                 Self::check_job_done(job);
@@ -671,6 +747,10 @@ impl ClusterState {
             } => {
                 if let Some(e) = self.executors.get_mut(executor_id) {
                     e.failed_tasks += 1;
+                    // User errors say nothing about the executor's health.
+                    if retryable && fetch_failure.is_none() && e.breaker.failure() {
+                        tracing::warn!(executor_id, "circuit breaker opened");
+                    }
                 }
                 task.failures += 1;
                 task.attempt += 1;
@@ -860,5 +940,94 @@ impl ClusterState {
     /// Stage kinds, for records.
     pub fn stage_kind(stage: &StageState) -> StageKind {
         stage.plan.kind
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster() -> ClusterState {
+        let mut state = ClusterState::default();
+        state.register_executor("a".to_string(), "127.0.0.1".to_string(), 1, 2);
+        state.register_executor("b".to_string(), "127.0.0.1".to_string(), 2, 2);
+        state
+    }
+
+    #[test]
+    fn breaker_opens_after_repeated_failures_half_opens_and_closes() {
+        let mut state = cluster();
+        for _ in 0..Breaker::THRESHOLD {
+            state.executors.get_mut("a").unwrap().breaker.failure();
+        }
+        assert_eq!(state.executors["a"].breaker.state(), "open");
+        for _ in 0..4 {
+            let picked = ClusterState::pick_executor(&state.executors, None, None);
+            assert_eq!(
+                picked.as_deref(),
+                Some("b"),
+                "no tasks go to an open breaker"
+            );
+        }
+        // Cool-down over: one probe may go.
+        state.executors.get_mut("a").unwrap().breaker.open_until =
+            Some(Instant::now() - Duration::from_millis(1));
+        state.executors.get_mut("b").unwrap().free_slots = 0;
+        assert_eq!(state.executors["a"].breaker.state(), "half-open");
+        assert_eq!(
+            ClusterState::pick_executor(&state.executors, None, None).as_deref(),
+            Some("a")
+        );
+        state.executors.get_mut("a").unwrap().breaker.placed();
+        assert_eq!(
+            ClusterState::pick_executor(&state.executors, None, None),
+            None,
+            "one probe at a time"
+        );
+        state.executors.get_mut("a").unwrap().breaker.success();
+        assert_eq!(state.executors["a"].breaker.state(), "closed");
+        assert_eq!(
+            ClusterState::pick_executor(&state.executors, None, None).as_deref(),
+            Some("a")
+        );
+        // A failed probe opens it again at once.
+        state.executors.get_mut("a").unwrap().breaker.open_until =
+            Some(Instant::now() - Duration::from_millis(1));
+        assert!(state.executors.get_mut("a").unwrap().breaker.failure());
+        assert_eq!(state.executors["a"].breaker.state(), "open");
+    }
+
+    #[test]
+    fn placement_least_loaded_round_robin_and_avoidance() {
+        let mut state = cluster();
+        state.executors.get_mut("a").unwrap().free_slots = 1;
+        assert_eq!(
+            ClusterState::pick_executor(&state.executors, None, None).as_deref(),
+            Some("b"),
+            "most free slots"
+        );
+        assert_eq!(
+            ClusterState::pick_executor(&state.executors, Some("b"), None).as_deref(),
+            Some("a"),
+            "retry avoids b"
+        );
+        state.executors.get_mut("a").unwrap().free_slots = 0;
+        assert_eq!(
+            ClusterState::pick_executor(&state.executors, Some("b"), None).as_deref(),
+            Some("b"),
+            "b when nothing else"
+        );
+        state.executors.get_mut("a").unwrap().free_slots = 2;
+        let mut cursor = 0;
+        let picks: Vec<String> = (0..4)
+            .filter_map(|_| ClusterState::pick_executor(&state.executors, None, Some(&mut cursor)))
+            .collect();
+        assert_eq!(picks, ["a", "b", "a", "b"]);
+        state.drain_executor("a");
+        assert_eq!(
+            ClusterState::pick_executor(&state.executors, None, None).as_deref(),
+            Some("b"),
+            "draining gets nothing"
+        );
     }
 }

@@ -18,6 +18,9 @@ use tonic::transport::{Channel, Endpoint};
 use super::PartitionLocation;
 use crate::{Result, VolleyError};
 
+/// Deadline for a shuffle fetch to start and for each of its messages.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A process-wide cache of gRPC channels to executors' Flight services.
 pub struct FlightChannels;
 
@@ -87,13 +90,25 @@ async fn fetch_remote(
     let channel = FlightChannels::get(&location.host, location.flight_port)?;
     let mut client = FlightClient::new(channel);
     let ticket = Ticket::new(location.path.clone());
-    let stream = client.do_get(ticket).await.map_err(|e| {
-        FlightChannels::forget(&location.host, location.flight_port);
-        VolleyError::Internal(e.to_string())
-    })?;
-    Ok(stream
-        .map_err(|e| VolleyError::Internal(e.to_string()))
-        .boxed())
+    let stream = tokio::time::timeout(FETCH_TIMEOUT, client.do_get(ticket))
+        .await
+        .map_err(|_| {
+            VolleyError::Internal(format!("no answer within {} s", FETCH_TIMEOUT.as_secs()))
+        })?
+        .map_err(|e| {
+            FlightChannels::forget(&location.host, location.flight_port);
+            VolleyError::Internal(e.to_string())
+        })?;
+    // A stalled peer (stopped process, dead link) must not hold the task forever.
+    let stream = tokio_stream::StreamExt::timeout(stream, FETCH_TIMEOUT).map(|item| match item {
+        Ok(Ok(batch)) => Ok(batch),
+        Ok(Err(e)) => Err(VolleyError::Internal(e.to_string())),
+        Err(_) => Err(VolleyError::Internal(format!(
+            "shuffle stream stalled for {} s",
+            FETCH_TIMEOUT.as_secs()
+        ))),
+    });
+    Ok(stream.boxed())
 }
 
 /// Batches of one shuffle file; local files (same executor) are read without the network.

@@ -31,6 +31,14 @@ async fn expected() -> (Vec<Row>, Vec<bool>) {
 
 async fn cluster(executors: usize, retries: bool) -> (ProcessCluster, VolleyClient) {
     let attempts = if retries { "4" } else { "1" };
+    cluster_with(executors, attempts, attempts).await
+}
+
+async fn cluster_with(
+    executors: usize,
+    task_attempts: &str,
+    stage_attempts: &str,
+) -> (ProcessCluster, VolleyClient) {
     let cluster = ProcessCluster::start(
         executors,
         2,
@@ -38,9 +46,9 @@ async fn cluster(executors: usize, retries: bool) -> (ProcessCluster, VolleyClie
             "--executor-timeout-secs",
             "2",
             "--task-max-attempts",
-            attempts,
+            task_attempts,
             "--stage-max-attempts",
-            attempts,
+            stage_attempts,
         ],
     )
     .await
@@ -272,4 +280,45 @@ async fn killing_all_executors_fails_the_query_clearly_within_30s() {
         "failed after {elapsed:?}"
     );
     assert!(err.contains("no executors alive"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_an_executor_its_tasks_finish_and_it_leaves() {
+    volley_tests::init_tracing();
+    let (expected, floats) = expected().await;
+    // One attempt per task: a task killed by the shutdown would fail the job. Map output the
+    // executor held when it left is recomputed (stage re-runs are allowed).
+    let (cluster, client) = cluster_with(3, "1", "4").await;
+    let stage = first_shuffle_stage(&client).await;
+    client
+        .sql(&format!("SET volley.test_delay_task = '{stage}:1000'"))
+        .await
+        .unwrap();
+    let job_id = client.submit(&tpch::query(QUERY).unwrap()).await.unwrap();
+    let record = wait_for(&client, &job_id, "shuffle stage running", |j| {
+        running_on(j, stage).is_some()
+    })
+    .await;
+    let victim = running_on(&record, stage).unwrap();
+    let index = cluster.executor_index(&victim).await.unwrap();
+    cluster.signal_executor(index, "TERM").unwrap();
+    let actual = result(&client, job_id.clone())
+        .await
+        .expect("query survives the drain");
+    assert_same_rows(&expected, &actual, &floats, "q3 with a draining executor");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while client
+        .cluster_state()
+        .await
+        .unwrap()
+        .executors
+        .iter()
+        .any(|e| e.id == victim)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "drained executor never deregistered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
