@@ -16,7 +16,7 @@ use volley_core::shuffle::{PartitionLocation, read_partition_location};
 use volley_core::{Result, VolleyError};
 
 /// A client session on a Volley scheduler.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct VolleyClient {
     scheduler: SchedulerGrpcClient<Channel>,
     session_id: String,
@@ -80,6 +80,33 @@ impl VolleyClient {
             .execute_sql(pb::ExecuteSqlParams {
                 session_id: self.session_id.clone(),
                 sql: sql.to_string(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .job_id)
+    }
+
+    /// Submit a physical plan (encoded with the Volley codec); returns its job id.
+    pub async fn submit_plan(
+        &self,
+        plan: Vec<u8>,
+        description: &str,
+        settings: &[(String, String)],
+    ) -> Result<String> {
+        let mut scheduler = self.scheduler.clone();
+        Ok(scheduler
+            .execute_plan(pb::ExecutePlanParams {
+                session_id: self.session_id.clone(),
+                plan,
+                description: description.to_string(),
+                settings: settings
+                    .iter()
+                    .map(|(key, value)| pb::KeyValue {
+                        key: key.clone(),
+                        value: value.clone(),
+                    })
+                    .collect(),
             })
             .await
             .map_err(status_error)?

@@ -2,8 +2,10 @@
 //! cluster (scheduler + executors in this process, over the same gRPC paths as a real one).
 
 mod client;
+mod context;
 mod embedded;
 
 pub use client::{VolleyClient, split_statements};
+pub use context::{DistributedExec, context_for, remote, standalone};
 pub use embedded::EmbeddedCluster;
 pub use volley_core::{Result, VolleyError};

@@ -320,6 +320,20 @@ impl SchedulerService {
             return Ok(job_id);
         }
         let physical = df.create_physical_plan().await?;
+        let settings = Arc::new(config_to_pairs(&state.config().clone()));
+        self.submit_physical(job_id, sql, ctx, physical, settings)
+            .await
+    }
+
+    /// Cut an optimized physical plan into stages and run it; returns the job id.
+    pub async fn submit_physical(
+        &self,
+        job_id: String,
+        sql: &str,
+        ctx: &SessionContext,
+        physical: Arc<dyn ExecutionPlan>,
+        settings: Arc<Vec<(String, String)>>,
+    ) -> Result<String> {
         let schema = physical.schema();
         let stages = plan_stages(&job_id, Arc::clone(&physical))?;
         let distributable = stages.iter().all(|s| {
@@ -338,7 +352,6 @@ impl SchedulerService {
                 .add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
             return Ok(job_id);
         }
-        let settings = Arc::new(config_to_pairs(&state.config().clone()));
         tracing::info!(job_id, stages = stages.len(), "job submitted");
         self.state
             .lock()
@@ -507,6 +520,28 @@ impl SchedulerGrpc for SchedulerService {
         let params = request.into_inner();
         let ctx = self.session(&params.session_id)?;
         let job_id = self.submit(&ctx, &params.sql).await?;
+        Ok(Response::new(pb::ExecuteSqlResult { job_id }))
+    }
+
+    async fn execute_plan(
+        &self,
+        request: Request<pb::ExecutePlanParams>,
+    ) -> Result<Response<pb::ExecuteSqlResult>, Status> {
+        let params = request.into_inner();
+        let ctx = self.session(&params.session_id)?;
+        let task_ctx = ctx.task_ctx();
+        let plan = VolleyCodec::decode_plan(&params.plan, &task_ctx)
+            .map_err(|e| Status::invalid_argument(format!("cannot decode plan: {e}")))?;
+        let settings = Arc::new(
+            params
+                .settings
+                .into_iter()
+                .map(|kv| (kv.key, kv.value))
+                .collect(),
+        );
+        let job_id = self
+            .submit_physical(new_id(), &params.description, &ctx, plan, settings)
+            .await?;
         Ok(Response::new(pb::ExecuteSqlResult { job_id }))
     }
 

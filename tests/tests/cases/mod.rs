@@ -1,4 +1,5 @@
 mod cli;
+mod dataframe;
 mod errors;
 mod faults;
 mod lifecycle;
