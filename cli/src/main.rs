@@ -1,5 +1,7 @@
 //! The `volley` binary: `sql`, `scheduler` and `executor` subcommands.
 
+mod output;
+mod repl;
 mod sql;
 
 use std::path::PathBuf;

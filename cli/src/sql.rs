@@ -1,22 +1,17 @@
 //! `volley sql`: run statements on a remote or embedded cluster and print the results.
 
-use std::io::Write;
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::arrow::util::pretty::pretty_format_batches;
 use futures::TryStreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
 use volley::{EmbeddedCluster, VolleyClient, split_statements};
 
-/// Output formats.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    /// Aligned table.
-    Table,
-    /// CSV with a header row.
-    Csv,
-}
+use crate::output::{Format, write_parquet, write_result};
+use crate::repl::{HELP, Input, Repl};
 
 /// Arguments of `volley sql`.
 #[derive(clap::Args, Debug)]
@@ -33,7 +28,7 @@ pub struct SqlArgs {
     /// Register a table: NAME=PATH (a Parquet/CSV/JSON file or a folder of them).
     #[arg(long = "table", value_name = "NAME=PATH")]
     tables: Vec<String>,
-    /// SQL to run (repeatable).
+    /// SQL to run (repeatable; may hold several statements).
     #[arg(short = 'c', long = "command", value_name = "SQL")]
     commands: Vec<String>,
     /// File of SQL statements to run (repeatable).
@@ -42,6 +37,18 @@ pub struct SqlArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
+    /// Write results to FILE instead of stdout (Parquet needs this).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Print each statement's elapsed time to stderr.
+    #[arg(long)]
+    timing: bool,
+    /// No row counts, no progress bar.
+    #[arg(short = 'q', long)]
+    quiet: bool,
+    /// Keep going after a failed statement (the exit code is still 1).
+    #[arg(long)]
+    continue_on_error: bool,
 }
 
 fn format_of(path: &Path) -> Result<&'static str, String> {
@@ -96,69 +103,132 @@ pub fn table_statement(spec: &str) -> Result<String, String> {
     ))
 }
 
-fn print(schema: &SchemaRef, batches: &[RecordBatch], format: Format) -> Result<(), String> {
-    let mut out = std::io::stdout().lock();
-    match format {
-        Format::Table => {
-            if schema.fields().is_empty() {
-                return Ok(());
+/// Where results go.
+struct Sink {
+    format: Format,
+    quiet: bool,
+    file: Option<PathBuf>,
+    writer: Box<dyn Write>,
+}
+
+impl Sink {
+    fn new(args: &SqlArgs) -> Result<Self, String> {
+        let writer: Box<dyn Write> = match (&args.output, args.format) {
+            (None, Format::Parquet) => return Err("--format parquet needs -o FILE".to_string()),
+            (Some(_), Format::Parquet) => Box::new(std::io::sink()),
+            (Some(path), _) => Box::new(
+                std::fs::File::create(path)
+                    .map_err(|e| format!("cannot create {}: {e}", path.display()))?,
+            ),
+            (None, _) => Box::new(std::io::stdout()),
+        };
+        Ok(Self {
+            format: args.format,
+            quiet: args.quiet,
+            file: args.output.clone(),
+            writer,
+        })
+    }
+
+    fn write(&mut self, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<(), String> {
+        match (self.format, &self.file) {
+            (Format::Parquet, Some(path)) if !schema.fields().is_empty() => {
+                write_parquet(path, schema, batches)
             }
-            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-            let text = if batches.is_empty() {
-                pretty_format_batches(&[RecordBatch::new_empty(std::sync::Arc::clone(schema))])
-            } else {
-                pretty_format_batches(batches)
-            }
-            .map_err(|e| e.to_string())?;
-            writeln!(out, "{text}").map_err(|e| e.to_string())?;
-            writeln!(out, "{rows} row(s)").map_err(|e| e.to_string())?;
-        }
-        Format::Csv => {
-            if schema.fields().is_empty() {
-                return Ok(());
-            }
-            let mut writer = datafusion::arrow::csv::WriterBuilder::new()
-                .with_header(true)
-                .build(&mut out);
-            if batches.is_empty() {
-                writer
-                    .write(&RecordBatch::new_empty(std::sync::Arc::clone(schema)))
-                    .map_err(|e| e.to_string())?;
-            }
-            for batch in batches {
-                writer.write(batch).map_err(|e| e.to_string())?;
-            }
+            (Format::Parquet, _) => Ok(()),
+            _ => write_result(&mut self.writer, schema, batches, self.format, self.quiet),
         }
     }
-    out.flush().map_err(|e| e.to_string())
+}
+
+/// A live progress bar on stderr for statements running over a second (terminals only).
+fn progress(
+    client: &VolleyClient,
+    job_id: &str,
+    enabled: bool,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if !enabled {
+        return None;
+    }
+    let client = client.clone();
+    let job_id = job_id.to_string();
+    Some(tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} stages {msg} tasks {pos}/{len} [{bar:30}] {elapsed}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        loop {
+            match client.status(&job_id).await {
+                Ok(status) => {
+                    bar.set_length(u64::from(status.tasks_total));
+                    bar.set_position(u64::from(status.tasks_done));
+                    bar.set_message(format!("{}/{}", status.stages_done, status.stages_total));
+                }
+                Err(_) => break,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        bar.finish_and_clear();
+    }))
 }
 
 /// Run one statement; Ctrl-C cancels its job on the cluster.
 async fn run_statement(
     client: &VolleyClient,
     statement: &str,
+    show_progress: bool,
 ) -> Result<(SchemaRef, Vec<RecordBatch>), String> {
     let job_id = client.submit(statement).await.map_err(|e| e.to_string())?;
+    let bar = progress(client, &job_id, show_progress);
     let run = async {
         let (schema, stream) = client.fetch(job_id.clone()).await?;
         let batches: Vec<RecordBatch> = stream.try_collect().await?;
         Ok::<_, volley::VolleyError>((schema, batches))
     };
-    tokio::select! {
+    let result = tokio::select! {
         result = run => result.map_err(|e| e.to_string()),
         _ = tokio::signal::ctrl_c() => {
             let _ = client.cancel(&job_id).await;
             Err(format!("job {job_id} cancelled by Ctrl-C"))
         }
+    };
+    if let Some(bar) = bar {
+        bar.abort();
+        let _ = bar.await;
+    }
+    result
+}
+
+struct Session<'a> {
+    client: &'a VolleyClient,
+    sink: Sink,
+    timing: bool,
+    progress: bool,
+}
+
+impl Session<'_> {
+    async fn run(&mut self, statement: &str) -> Result<(), String> {
+        let started = Instant::now();
+        let (schema, batches) = run_statement(self.client, statement, self.progress).await?;
+        self.sink.write(&schema, &batches)?;
+        if self.timing {
+            eprintln!("Elapsed {:.3} s", started.elapsed().as_secs_f64());
+        }
+        Ok(())
     }
 }
 
 /// Run `volley sql`.
 pub async fn run(args: SqlArgs) -> Result<(), String> {
-    let mut statements = Vec::new();
+    let mut setup = Vec::new();
     for spec in &args.tables {
-        statements.push(table_statement(spec)?);
+        setup.push(table_statement(spec)?);
     }
+    let mut statements = Vec::new();
     for command in &args.commands {
         statements.extend(split_statements(command).map_err(|e| e.to_string())?);
     }
@@ -166,6 +236,14 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
         let text = std::fs::read_to_string(file)
             .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
         statements.extend(split_statements(&text).map_err(|e| format!("{}: {e}", file.display()))?);
+    }
+    let interactive = statements.is_empty() && std::io::stdin().is_terminal();
+    if statements.is_empty() && !interactive {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| format!("cannot read stdin: {e}"))?;
+        statements.extend(split_statements(&text).map_err(|e| format!("stdin: {e}"))?);
     }
 
     let (cluster, client) = match &args.scheduler {
@@ -182,28 +260,77 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
             let cluster = EmbeddedCluster::start(args.executors, slots)
                 .await
                 .map_err(|e| format!("cannot start embedded cluster: {e}"))?;
+            if interactive && !args.quiet {
+                eprintln!(
+                    "embedded cluster: scheduler {} with {} executors",
+                    cluster.url(),
+                    args.executors
+                );
+            }
             let client = cluster.client().await.map_err(|e| e.to_string())?;
             (Some(cluster), client)
         }
     };
 
+    let mut session = Session {
+        client: &client,
+        sink: Sink::new(&args)?,
+        timing: args.timing,
+        progress: !args.quiet && std::io::stderr().is_terminal(),
+    };
     let mut result = Ok(());
-    for statement in &statements {
-        match run_statement(&client, statement).await {
-            Ok((schema, batches)) => {
-                if let Err(e) = print(&schema, &batches, args.format) {
-                    result = Err(e);
-                    break;
-                }
-            }
-            Err(e) => {
-                result = Err(format!("{e}\n  in statement: {statement}"));
-                break;
-            }
+    for statement in &setup {
+        if let Err(e) = session.run(statement).await {
+            result = Err(e);
         }
+    }
+    if result.is_ok() {
+        result = if interactive {
+            repl(&mut session).await
+        } else {
+            batch(&mut session, &statements, args.continue_on_error).await
+        };
     }
     if let Some(cluster) = cluster {
         cluster.shutdown().await;
     }
     result
+}
+
+async fn batch(
+    session: &mut Session<'_>,
+    statements: &[String],
+    keep_going: bool,
+) -> Result<(), String> {
+    let mut failed = None;
+    for statement in statements {
+        if let Err(e) = session.run(statement).await {
+            let message = format!("{e}\n  in statement: {statement}");
+            if !keep_going {
+                return Err(message);
+            }
+            eprintln!("error: {message}");
+            failed = Some(format!(
+                "{} statement(s) failed",
+                1 + failed.map_or(0, |_: String| 1)
+            ));
+        }
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+async fn repl(session: &mut Session<'_>) -> Result<(), String> {
+    let mut editor = Repl::new()?;
+    while let Some(input) = editor.next() {
+        match input {
+            Input::Quit => break,
+            Input::Help => println!("{HELP}"),
+            Input::Sql(sql) => {
+                if let Err(e) = session.run(&sql).await {
+                    eprintln!("error: {e}");
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -114,6 +114,19 @@ impl VolleyClient {
             .job_id)
     }
 
+    /// A job's current status (progress counters included).
+    pub async fn status(&self, job_id: &str) -> Result<pb::JobStatus> {
+        let mut scheduler = self.scheduler.clone();
+        Ok(scheduler
+            .get_job_status(pb::GetJobStatusParams {
+                job_id: job_id.to_string(),
+                wait_ms: 0,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner())
+    }
+
     /// Wait for a job to end; returns its final status.
     pub async fn wait(&self, job_id: &str) -> Result<pb::CompletedJob> {
         let mut scheduler = self.scheduler.clone();

@@ -92,3 +92,151 @@ fn sql_reports_a_failed_statement_with_exit_code_1() {
     );
     assert!(output.stdout.is_empty());
 }
+
+fn volley(args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(volley_bin().unwrap())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+const BY_DEPT: &str = "SELECT dept_id, count(*) AS n FROM emp WHERE dept_id IS NOT NULL GROUP BY dept_id ORDER BY dept_id";
+
+#[test]
+fn output_formats_files_timing_and_stdin() {
+    let table = format!("emp={}", data("emp.csv"));
+    let base = ["sql", "--executors", "1", "--slots", "2", "--table", &table];
+    let run = |extra: &[&str], stdin: Option<&str>| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend_from_slice(extra);
+        let out = volley(&args, stdin);
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+
+    let (tsv, _) = run(&["--format", "tsv", "-c", BY_DEPT], None);
+    assert_eq!(tsv, "dept_id\tn\n10\t2\n20\t3\n30\t2\n");
+    let (json, _) = run(&["--format", "json", "-c", BY_DEPT], None);
+    assert_eq!(
+        json,
+        "[{\"dept_id\":10,\"n\":2},{\"dept_id\":20,\"n\":3},{\"dept_id\":30,\"n\":2}]\n"
+    );
+    let (ndjson, _) = run(&["--format", "ndjson", "-c", BY_DEPT], None);
+    assert_eq!(
+        ndjson,
+        "{\"dept_id\":10,\"n\":2}\n{\"dept_id\":20,\"n\":3}\n{\"dept_id\":30,\"n\":2}\n"
+    );
+    let (table_out, _) = run(&["-c", BY_DEPT], None);
+    assert!(
+        table_out.contains("| 20      | 3 |") && table_out.ends_with("3 rows\n"),
+        "{table_out}"
+    );
+    let (quiet, _) = run(&["--quiet", "-c", BY_DEPT], None);
+    assert!(!quiet.contains("rows"), "{quiet}");
+
+    // Piped stdin with two statements, timing on stderr.
+    let (piped, timing) = run(
+        &["--format", "csv", "--timing"],
+        Some("SELECT 1 AS a;\nSELECT 2 AS b;\n"),
+    );
+    assert_eq!(piped, "a\n1\nb\n2\n");
+    assert_eq!(
+        timing.matches("Elapsed ").count(),
+        3,
+        "table registration + 2 statements: {timing}"
+    );
+
+    // -o FILE for text formats and Parquet.
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("out.csv");
+    let (stdout, _) = run(
+        &[
+            "--format",
+            "csv",
+            "-o",
+            csv.to_str().unwrap(),
+            "-c",
+            BY_DEPT,
+        ],
+        None,
+    );
+    assert!(stdout.is_empty());
+    assert_eq!(
+        std::fs::read_to_string(&csv).unwrap(),
+        "dept_id,n\n10,2\n20,3\n30,2\n"
+    );
+    let parquet = dir.path().join("out.parquet");
+    run(
+        &[
+            "--format",
+            "parquet",
+            "-o",
+            parquet.to_str().unwrap(),
+            "-c",
+            BY_DEPT,
+        ],
+        None,
+    );
+    let back = run(
+        &[
+            "--format",
+            "csv",
+            "--table",
+            &format!("back={}", parquet.display()),
+            "-c",
+            "SELECT * FROM back ORDER BY dept_id",
+        ],
+        None,
+    )
+    .0;
+    assert_eq!(back, "dept_id,n\n10,2\n20,3\n30,2\n");
+}
+
+#[test]
+fn continue_on_error_runs_every_statement_but_exits_1() {
+    let table = format!("emp={}", data("emp.csv"));
+    let args = [
+        "sql",
+        "--executors",
+        "1",
+        "--table",
+        &table,
+        "--format",
+        "csv",
+        "-c",
+        "SELECT 1 AS a; SELECT * FROM nope; SELECT 3 AS c",
+    ];
+    let stopped = volley(&args, None);
+    assert_eq!(stopped.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8(stopped.stdout).unwrap(),
+        "a\n1\n",
+        "stops at the first error"
+    );
+
+    let mut keep_going = args.to_vec();
+    keep_going.push("--continue-on-error");
+    let out = volley(&keep_going, None);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "a\n1\nc\n3\n");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("in statement: SELECT * FROM nope"),
+        "{stderr}"
+    );
+}

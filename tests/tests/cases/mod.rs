@@ -1,7 +1,9 @@
 mod cli;
 mod dataframe;
 mod errors;
+mod examples;
 mod faults;
 mod lifecycle;
+mod repl;
 mod slt;
 mod tpch;
