@@ -106,7 +106,17 @@ impl TaskRunner {
                 ))));
             }
         }
+        tracing::debug!(
+            stage = task.stage_id,
+            partition = task.partition,
+            "task start"
+        );
         let plan = VolleyCodec::decode_plan(&def.plan, &ctx)?;
+        tracing::debug!(
+            stage = task.stage_id,
+            partition = task.partition,
+            "plan decoded"
+        );
         let writer = plan.downcast_ref::<ShuffleWriterExec>().ok_or_else(|| {
             VolleyError::Internal(format!(
                 "stage plan root is {}, not ShuffleWriterExec",
@@ -114,6 +124,11 @@ impl TaskRunner {
             ))
         })?;
         let written = writer.write_partition(task.partition as usize, ctx).await?;
+        tracing::debug!(
+            stage = task.stage_id,
+            partition = task.partition,
+            "task done"
+        );
         Ok(written
             .into_iter()
             .map(|w| pb::PartitionStats {

@@ -168,6 +168,7 @@ impl SchedulerService {
     }
 
     async fn launch(&self, executor: ExecutorInfo, tasks: Vec<TaskLaunch>) {
+        tracing::debug!(executor_id = %executor.id, tasks = tasks.len(), stage = tasks.first().map(|t| t.stage_id), "launching");
         let request = pb::LaunchTasksParams {
             tasks: tasks
                 .iter()

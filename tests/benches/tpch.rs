@@ -55,6 +55,7 @@ fn parse_args() -> Result<Args, BoxError> {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<(), BoxError> {
+    volley_tests::init_tracing();
     let args = parse_args()?;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let dir = match &args.data {

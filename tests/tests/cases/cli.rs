@@ -240,3 +240,77 @@ fn continue_on_error_runs_every_statement_but_exits_1() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_against_a_running_cluster_and_ctrl_c_cancels_the_job() {
+    let cluster = volley_tests::process::ProcessCluster::start(1, 2, &[])
+        .await
+        .unwrap();
+    let table = format!("emp={}", data("emp.csv"));
+    let out = Command::new(volley_bin().unwrap())
+        .args([
+            "sql",
+            "--scheduler",
+            cluster.url(),
+            "--table",
+            &table,
+            "--format",
+            "csv",
+            "-c",
+            BY_DEPT,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "dept_id,n\n10,2\n20,3\n30,2\n"
+    );
+
+    // A statement held for a minute by the delay hook; Ctrl-C (SIGINT) cancels its job.
+    let child = Command::new(volley_bin().unwrap())
+        .args(["sql", "--scheduler", cluster.url(), "--table", &table, "-c"])
+        .arg(format!("SET volley.test_delay_task = '1:60000'; {BY_DEPT}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client = cluster.client().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let state = client.cluster_state().await.unwrap();
+        if state.jobs.iter().any(|j| {
+            j.sql.contains("GROUP BY dept_id")
+                && j.state == "running"
+                && j.tasks.iter().any(|t| t.state == "running")
+        }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow job never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cancelled by Ctrl-C"), "{stderr}");
+    let state = client.cluster_state().await.unwrap();
+    let job = state
+        .jobs
+        .iter()
+        .rev()
+        .find(|j| j.sql.contains("GROUP BY dept_id"))
+        .unwrap();
+    assert_eq!(job.state, "cancelled");
+}
