@@ -16,6 +16,15 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Absolute path of a file in `tests/slt/data` (small CSV tables shared by tests).
+pub fn data_file(file: &str) -> String {
+    workspace_root()
+        .join("tests/slt/data")
+        .join(file)
+        .display()
+        .to_string()
+}
+
 /// Install a tracing subscriber once (RUST_LOG controls it).
 pub fn init_tracing() {
     use std::sync::Once;

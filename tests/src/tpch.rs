@@ -136,7 +136,7 @@ pub async fn register_local(ctx: &SessionContext, dir: &Path) -> Result<(), BoxE
 /// Text of TPC-H query `n` (1..=22).
 pub fn query(n: usize) -> Result<String, BoxError> {
     let path = crate::workspace_root()
-        .join("tests/tpch/queries")
+        .join("sql-examples/tpch")
         .join(format!("q{n}.sql"));
     Ok(std::fs::read_to_string(path)?)
 }

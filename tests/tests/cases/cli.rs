@@ -4,13 +4,7 @@ use std::process::Command;
 
 use volley_tests::process::volley_bin;
 
-fn data(file: &str) -> String {
-    volley_tests::workspace_root()
-        .join("tests/slt/data")
-        .join(file)
-        .display()
-        .to_string()
-}
+use volley_tests::data_file as data;
 
 #[test]
 fn sql_on_embedded_cluster_prints_csv_and_explain_stages() {

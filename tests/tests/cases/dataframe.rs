@@ -5,13 +5,7 @@ use datafusion::prelude::{CsvReadOptions, SessionContext, col, lit};
 use volley::EmbeddedCluster;
 use volley_tests::compare::rows;
 
-fn data(file: &str) -> String {
-    volley_tests::workspace_root()
-        .join("tests/slt/data")
-        .join(file)
-        .display()
-        .to_string()
-}
+use volley_tests::data_file as data;
 
 async fn revenue_by_dept(ctx: &SessionContext) -> Vec<Vec<String>> {
     let emp = ctx

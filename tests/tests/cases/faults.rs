@@ -125,20 +125,47 @@ async fn first_shuffle_stage(client: &VolleyClient) -> u32 {
         .unwrap()
 }
 
-/// SIGKILL one of 3 executors while a stage (which ends in a hash shuffle) runs on it.
-async fn kill_in_map_stage(retries: bool) -> Result<Vec<Row>, String> {
-    let (mut cluster, client) = cluster(3, retries).await;
-    let stage = first_shuffle_stage(&client).await;
+/// Hold the first shuffle stage for `delay_ms` per task, submit the query, wait until a task
+/// of that stage runs; returns (job id, the executor running it).
+async fn start_held_job(client: &VolleyClient, delay_ms: u64) -> (String, String) {
+    let stage = first_shuffle_stage(client).await;
     client
-        .sql(&format!("SET volley.test_delay_task = '{stage}:1500'"))
+        .sql(&format!(
+            "SET volley.test_delay_task = '{stage}:{delay_ms}'"
+        ))
         .await
         .unwrap();
     let job_id = client.submit(&tpch::query(QUERY).unwrap()).await.unwrap();
-    let record = wait_for(&client, &job_id, "shuffle stage running", |j| {
+    let record = wait_for(client, &job_id, "shuffle stage running", |j| {
         running_on(j, stage).is_some()
     })
     .await;
     let victim = running_on(&record, stage).unwrap();
+    (job_id, victim)
+}
+
+/// A fault scenario gives the exact answer with retries on and fails with them off.
+async fn exact_with_retries_fails_without<F, Fut>(scenario: F, what: &str, failure: &str)
+where
+    F: Fn(bool) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Row>, String>>,
+{
+    volley_tests::init_tracing();
+    let (expected, floats) = expected().await;
+    let actual = scenario(true)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: the query must survive: {e}"));
+    assert_same_rows(&expected, &actual, &floats, what);
+    let err = scenario(false)
+        .await
+        .expect_err("without retries the fault fails the job");
+    assert!(err.contains(failure), "{what}: {err}");
+}
+
+/// SIGKILL one of 3 executors while a stage (which ends in a hash shuffle) runs on it.
+async fn kill_in_map_stage(retries: bool) -> Result<Vec<Row>, String> {
+    let (mut cluster, client) = cluster(3, retries).await;
+    let (job_id, victim) = start_held_job(&client, 1500).await;
     let index = cluster.executor_index(&victim).await.unwrap();
     cluster.kill_executor(index).unwrap();
     result(&client, job_id).await
@@ -146,16 +173,7 @@ async fn kill_in_map_stage(retries: bool) -> Result<Vec<Row>, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_executor_during_shuffle_stage_keeps_exact_answer() {
-    volley_tests::init_tracing();
-    let (expected, floats) = expected().await;
-    let actual = kill_in_map_stage(true)
-        .await
-        .expect("query survives the kill");
-    assert_same_rows(&expected, &actual, &floats, "q3 after SIGKILL");
-    let err = kill_in_map_stage(false)
-        .await
-        .expect_err("without retries the kill fails the job");
-    assert!(err.contains("was lost"), "{err}");
+    exact_with_retries_fails_without(kill_in_map_stage, "q3 after SIGKILL", "was lost").await;
 }
 
 /// SIGKILL the executor holding finished map output while the consumer stage waits to read it.
@@ -210,16 +228,7 @@ async fn sigkill_executor_holding_map_output_reruns_the_map_stage() {
 /// SIGSTOP an executor until the scheduler gives its tasks to others, then SIGCONT it.
 async fn stop_and_continue(retries: bool) -> Result<Vec<Row>, String> {
     let (cluster, client) = cluster(3, retries).await;
-    client
-        .sql("SET volley.test_delay_task = '1:1500'")
-        .await
-        .unwrap();
-    let job_id = client.submit(&tpch::query(QUERY).unwrap()).await.unwrap();
-    let record = wait_for(&client, &job_id, "stage 1 running", |j| {
-        running_on(j, 1).is_some()
-    })
-    .await;
-    let victim = running_on(&record, 1).unwrap();
+    let (job_id, victim) = start_held_job(&client, 1500).await;
     let index = cluster.executor_index(&victim).await.unwrap();
     cluster.signal_executor(index, "STOP").unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -243,16 +252,8 @@ async fn stop_and_continue(retries: bool) -> Result<Vec<Row>, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_executor_tasks_retried_elsewhere_rows_counted_once() {
-    volley_tests::init_tracing();
-    let (expected, floats) = expected().await;
-    let actual = stop_and_continue(true)
-        .await
-        .expect("query survives the stall");
-    assert_same_rows(&expected, &actual, &floats, "q3 after SIGSTOP/SIGCONT");
-    let err = stop_and_continue(false)
-        .await
-        .expect_err("without retries the stall fails the job");
-    assert!(err.contains("was lost"), "{err}");
+    exact_with_retries_fails_without(stop_and_continue, "q3 after SIGSTOP/SIGCONT", "was lost")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,17 +290,7 @@ async fn sigterm_drains_an_executor_its_tasks_finish_and_it_leaves() {
     // One attempt per task: a task killed by the shutdown would fail the job. Map output the
     // executor held when it left is recomputed (stage re-runs are allowed).
     let (cluster, client) = cluster_with(3, "1", "4").await;
-    let stage = first_shuffle_stage(&client).await;
-    client
-        .sql(&format!("SET volley.test_delay_task = '{stage}:1000'"))
-        .await
-        .unwrap();
-    let job_id = client.submit(&tpch::query(QUERY).unwrap()).await.unwrap();
-    let record = wait_for(&client, &job_id, "shuffle stage running", |j| {
-        running_on(j, stage).is_some()
-    })
-    .await;
-    let victim = running_on(&record, stage).unwrap();
+    let (job_id, victim) = start_held_job(&client, 1000).await;
     let index = cluster.executor_index(&victim).await.unwrap();
     cluster.signal_executor(index, "TERM").unwrap();
     let actual = result(&client, job_id.clone())
