@@ -18,6 +18,8 @@ extensions_options! {
         /// Test hook: `STAGE:MILLIS` makes every task of that stage wait that long before it
         /// runs, giving tests a deterministic window (e.g. to kill an executor mid-stage).
         pub test_delay_task: String, default = String::new()
+        /// Compression of shuffle files: `lz4` (default), `zstd` or `none`.
+        pub shuffle_compression: String, default = "lz4".to_string()
     }
 }
 
@@ -52,6 +54,21 @@ impl VolleyOptions {
         Self::pair(&self.test_delay_task)
             .filter(|(stage, _)| *stage == stage_id)
             .map(|(_, ms)| std::time::Duration::from_millis(ms))
+    }
+}
+
+impl VolleyOptions {
+    /// The IPC compression for shuffle files.
+    pub fn compression(&self) -> crate::Result<Option<datafusion::arrow::ipc::CompressionType>> {
+        use datafusion::arrow::ipc::CompressionType;
+        match self.shuffle_compression.to_ascii_lowercase().as_str() {
+            "lz4" | "" => Ok(Some(CompressionType::LZ4_FRAME)),
+            "zstd" => Ok(Some(CompressionType::ZSTD)),
+            "none" => Ok(None),
+            other => Err(crate::VolleyError::InvalidMessage(format!(
+                "volley.shuffle_compression must be lz4, zstd or none, not {other:?}"
+            ))),
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! the same run; prints per-query seconds, totals and the Volley/DataFusion ratio.
 //!
 //! `cargo bench -p volley-tests --bench tpch -- [--sf 1] [--executors 2] [--slots 1]
-//!  [--query N] [--iterations 1] [--data DIR]`
+//!  [--query N] [--iterations 1] [--data DIR] [--compression lz4|zstd|none]`
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -24,6 +24,7 @@ struct Args {
     queries: Vec<usize>,
     iterations: usize,
     data: Option<PathBuf>,
+    compression: Option<String>,
 }
 
 fn parse_args() -> Result<Args, BoxError> {
@@ -35,6 +36,7 @@ fn parse_args() -> Result<Args, BoxError> {
         queries: (1..=22).collect(),
         iterations: 1,
         data: None,
+        compression: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -46,6 +48,7 @@ fn parse_args() -> Result<Args, BoxError> {
             "--query" => args.queries = vec![value()?.parse()?],
             "--iterations" => args.iterations = value()?.parse::<usize>()?.max(1),
             "--data" => args.data = Some(PathBuf::from(value()?)),
+            "--compression" => args.compression = Some(value()?),
             "--bench" => {}
             other => return Err(format!("unknown argument {other}").into()),
         }
@@ -89,6 +92,11 @@ async fn main() -> Result<(), BoxError> {
     let boot = boot.elapsed();
     for statement in tpch::create_table_statements(&dir) {
         client.sql(&statement).await?;
+    }
+    if let Some(compression) = &args.compression {
+        client
+            .sql(&format!("SET volley.shuffle_compression = '{compression}'"))
+            .await?;
     }
 
     println!(

@@ -17,7 +17,7 @@ use datafusion::physical_plan::{
     PlanProperties, ReplaceChildrenOptions, SendableRecordBatchStream,
 };
 
-use crate::config::TaskEnv;
+use crate::config::{TaskEnv, VolleyOptions};
 use crate::shuffle::{ShuffleFileWriter, WrittenPartition};
 use crate::{Result, VolleyError};
 
@@ -113,6 +113,15 @@ impl ShuffleWriterExec {
             .join(self.stage_id.to_string())
             .join(format!("{partition}-{}", env.attempt));
         let batch_size = context.session_config().batch_size();
+        let compression = match context
+            .session_config()
+            .options()
+            .extensions
+            .get::<VolleyOptions>()
+        {
+            Some(options) => options.compression()?,
+            None => VolleyOptions::default().compression()?,
+        };
         let stream = self.input.execute(partition, Arc::clone(&context))?;
         let writer = ShuffleFileWriter::try_new(
             dir,
@@ -121,6 +130,7 @@ impl ShuffleWriterExec {
             partition,
             self.input.output_partitioning().partition_count(),
             batch_size,
+            compression,
         )?;
         writer.write_stream(stream).await
     }

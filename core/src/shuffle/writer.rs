@@ -76,6 +76,7 @@ pub struct ShuffleFileWriter {
     partitioner: Option<BatchPartitioner>,
     buckets: Vec<Option<Bucket>>,
     batch_size: usize,
+    compression: Option<CompressionType>,
 }
 
 impl ShuffleFileWriter {
@@ -87,6 +88,7 @@ impl ShuffleFileWriter {
         input_partition: usize,
         num_input_partitions: usize,
         batch_size: usize,
+        compression: Option<CompressionType>,
     ) -> Result<Self> {
         let (partitioner, count) = match partitioning {
             Some(p) => {
@@ -108,6 +110,7 @@ impl ShuffleFileWriter {
             partitioner,
             buckets: (0..count).map(|_| None).collect(),
             batch_size: batch_size.max(1),
+            compression,
         })
     }
 
@@ -118,8 +121,7 @@ impl ShuffleFileWriter {
             .ok_or_else(|| VolleyError::Internal(format!("bucket {index} out of range")))?;
         if slot.is_none() {
             let path = self.dir.join(format!("part-{index}.arrow"));
-            let options = IpcWriteOptions::default()
-                .try_with_compression(Some(CompressionType::LZ4_FRAME))?;
+            let options = IpcWriteOptions::default().try_with_compression(self.compression)?;
             let file = BufWriter::with_capacity(256 * 1024, File::create(&path)?);
             let writer = StreamWriter::try_new_with_options(file, &self.schema, options)?;
             *slot = Some(Bucket {
