@@ -81,5 +81,27 @@ async fn bad_input_gives_clear_errors_and_cluster_keeps_serving() {
     );
     good_query(&client).await;
 
+    // Shuffle compression is a per-session option that travels to the executors.
+    for codec in ["zstd", "none", "lz4"] {
+        client
+            .sql(&format!("SET volley.shuffle_compression = '{codec}'"))
+            .await
+            .unwrap();
+        good_query(&client).await;
+    }
+    client
+        .sql("SET volley.shuffle_compression = 'snappy'")
+        .await
+        .unwrap();
+    let err = client
+        .sql("SELECT count(*) FROM nums GROUP BY x")
+        .await
+        .expect_err("unknown codec")
+        .to_string();
+    assert!(
+        err.contains("volley.shuffle_compression must be lz4, zstd or none"),
+        "{err}"
+    );
+
     cluster.shutdown().await;
 }
