@@ -313,3 +313,48 @@ async fn sigterm_drains_an_executor_its_tasks_finish_and_it_leaves() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_executor_registers_under_a_new_id_and_gets_work() {
+    volley_tests::init_tracing();
+    let (expected, floats) = expected().await;
+    let (mut cluster, client) = cluster(2, true).await;
+    let before: Vec<String> = client
+        .cluster_state()
+        .await
+        .unwrap()
+        .executors
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    cluster.kill_executor(0).unwrap();
+    cluster.add_executor(2).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let new_id = loop {
+        let ids: Vec<String> = client
+            .cluster_state()
+            .await
+            .unwrap()
+            .executors
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        let fresh: Vec<&String> = ids.iter().filter(|id| !before.contains(id)).collect();
+        if ids.len() == 2 && fresh.len() == 1 {
+            break fresh[0].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restart not visible: {ids:?} (before {before:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let job_id = client.submit(&tpch::query(QUERY).unwrap()).await.unwrap();
+    let actual = result(&client, job_id.clone()).await.unwrap();
+    assert_same_rows(&expected, &actual, &floats, "q3 after a restart");
+    let record = job(&client, &job_id).await;
+    assert!(
+        record.tasks.iter().any(|t| t.executor_id == new_id),
+        "the new executor ran tasks"
+    );
+}

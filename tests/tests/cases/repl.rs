@@ -39,6 +39,23 @@ fn repl_multiline_statement_error_then_query_then_quit() {
     shell.expect("| 6100 |").unwrap();
 
     shell.expect("volley> ").unwrap();
+    shell.send_line("\\d").unwrap();
+    shell.expect("| emp ").unwrap();
+
+    // A statement running over a second shows live progress on the terminal.
+    shell.expect("volley> ").unwrap();
+    shell
+        .send_line("SET volley.test_delay_task = '1:2500';")
+        .unwrap();
+    shell.expect("volley> ").unwrap();
+    shell
+        .send_line("SELECT dept_id, count(*) FROM emp GROUP BY dept_id;")
+        .unwrap();
+    shell.expect("stages 0/").unwrap();
+    shell.expect("tasks 0/").unwrap();
+    shell.expect("4 rows").unwrap();
+
+    shell.expect("volley> ").unwrap();
     shell.send_line("\\q").unwrap();
     shell.expect(Eof).unwrap();
 
