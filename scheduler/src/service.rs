@@ -32,13 +32,17 @@ use crate::state::{
 pub struct SchedulerService {
     config: Arc<SchedulerConfig>,
     state: Arc<Mutex<ClusterState>>,
-    sessions: Arc<Mutex<HashMap<String, SessionContext>>>,
+    sessions: Arc<Mutex<HashMap<String, (SessionContext, Instant)>>>,
     clients: Arc<Mutex<HashMap<String, ExecutorGrpcClient<Channel>>>>,
     background: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 const NO_EXECUTOR_GRACE: Duration = Duration::from_secs(15);
+/// Finished, released jobs kept for inspection; older ones are forgotten.
+const MAX_FINISHED_JOBS: usize = 1000;
+/// Sessions unused this long are dropped.
+const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 fn new_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
@@ -101,6 +105,7 @@ impl SchedulerService {
             let mut state = self.state.lock();
             let lost = state.expire_executors(self.config.executor_timeout);
             let expired = state.expired_results(self.config.result_ttl);
+            state.prune_jobs(MAX_FINISHED_JOBS);
             let mut failed = Vec::new();
             let running = state.jobs.values().any(|j| j.state == JobState::Running);
             if state.total_slots() == 0 && running {
@@ -124,6 +129,9 @@ impl SchedulerService {
             }
             (lost, expired, failed)
         };
+        self.sessions
+            .lock()
+            .retain(|_, (_, used)| used.elapsed() < SESSION_IDLE_TIMEOUT);
         for id in &lost {
             tracing::warn!(executor_id = %id, "executor lost: no heartbeat");
             self.clients.lock().remove(id);
@@ -279,8 +287,11 @@ impl SchedulerService {
     fn session(&self, id: &str) -> Result<SessionContext, Status> {
         self.sessions
             .lock()
-            .get(id)
-            .cloned()
+            .get_mut(id)
+            .map(|(ctx, used)| {
+                *used = Instant::now();
+                ctx.clone()
+            })
             .ok_or_else(|| Status::not_found(format!("unknown session {id}: create one first")))
     }
 
@@ -510,7 +521,9 @@ impl SchedulerGrpc for SchedulerService {
     ) -> Result<Response<pb::CreateSessionResult>, Status> {
         let ctx = self.new_session(&request.into_inner().settings)?;
         let id = new_id();
-        self.sessions.lock().insert(id.clone(), ctx);
+        self.sessions
+            .lock()
+            .insert(id.clone(), (ctx, Instant::now()));
         Ok(Response::new(pb::CreateSessionResult { session_id: id }))
     }
 

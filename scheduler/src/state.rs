@@ -937,6 +937,27 @@ impl ClusterState {
             .collect()
     }
 
+    /// Forget the oldest finished and released jobs beyond `keep`.
+    pub fn prune_jobs(&mut self, keep: usize) {
+        let finished: Vec<String> = self
+            .job_order
+            .iter()
+            .filter(|id| {
+                self.jobs
+                    .get(*id)
+                    .is_some_and(|j| j.state.is_final() && j.released)
+            })
+            .cloned()
+            .collect();
+        if finished.len() <= keep {
+            return;
+        }
+        let drop: std::collections::HashSet<String> =
+            finished[..finished.len() - keep].iter().cloned().collect();
+        self.job_order.retain(|id| !drop.contains(id));
+        self.jobs.retain(|id, _| !drop.contains(id));
+    }
+
     /// Stage kinds, for records.
     pub fn stage_kind(stage: &StageState) -> StageKind {
         stage.plan.kind
@@ -995,6 +1016,28 @@ mod tests {
             Some(Instant::now() - Duration::from_millis(1));
         assert!(state.executors.get_mut("a").unwrap().breaker.failure());
         assert_eq!(state.executors["a"].breaker.state(), "open");
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_released_jobs() {
+        let mut state = cluster();
+        let schema = Arc::new(datafusion::arrow::datatypes::Schema::empty());
+        for i in 0..5 {
+            state.add_inline_job(
+                format!("j{i}"),
+                String::new(),
+                Arc::clone(&schema),
+                Vec::new(),
+            );
+        }
+        state.prune_jobs(2);
+        assert_eq!(state.jobs.len(), 5, "unreleased jobs stay");
+        for job in state.jobs.values_mut() {
+            job.released = true;
+        }
+        state.prune_jobs(2);
+        assert_eq!(state.job_order, ["j3", "j4"]);
+        assert_eq!(state.jobs.len(), 2);
     }
 
     #[test]
