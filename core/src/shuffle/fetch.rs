@@ -87,18 +87,30 @@ pub fn read_local_file(path: PathBuf) -> BoxStream<'static, Result<RecordBatch>>
 async fn fetch_remote(
     location: &PartitionLocation,
 ) -> Result<BoxStream<'static, Result<RecordBatch>>> {
-    let channel = FlightChannels::get(&location.host, location.flight_port)?;
-    let mut client = FlightClient::new(channel);
-    let ticket = Ticket::new(location.path.clone());
-    let stream = tokio::time::timeout(FETCH_TIMEOUT, client.do_get(ticket))
-        .await
-        .map_err(|_| {
-            VolleyError::Internal(format!("no answer within {} s", FETCH_TIMEOUT.as_secs()))
-        })?
-        .map_err(|e| {
-            FlightChannels::forget(&location.host, location.flight_port);
-            VolleyError::Internal(e.to_string())
-        })?;
+    // A cached channel may point at a previous process on the same port (an executor that
+    // restarted): on failure dial once more on a fresh channel before giving up.
+    let mut attempt = 0;
+    let stream = loop {
+        let channel = FlightChannels::get(&location.host, location.flight_port)?;
+        let mut client = FlightClient::new(channel);
+        let ticket = Ticket::new(location.path.clone());
+        match tokio::time::timeout(FETCH_TIMEOUT, client.do_get(ticket)).await {
+            Ok(Ok(stream)) => break stream,
+            Ok(Err(e)) => {
+                FlightChannels::forget(&location.host, location.flight_port);
+                if attempt >= 1 {
+                    return Err(VolleyError::Internal(e.to_string()));
+                }
+                attempt += 1;
+            }
+            Err(_) => {
+                return Err(VolleyError::Internal(format!(
+                    "no answer within {} s",
+                    FETCH_TIMEOUT.as_secs()
+                )));
+            }
+        }
+    };
     // A stalled peer (stopped process, dead link) must not hold the task forever.
     let stream = tokio_stream::StreamExt::timeout(stream, FETCH_TIMEOUT).map(|item| match item {
         Ok(Ok(batch)) => Ok(batch),
