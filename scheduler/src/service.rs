@@ -253,23 +253,25 @@ impl SchedulerService {
                 .cloned()
                 .collect()
         };
-        for executor in executors {
-            let Ok(mut client) = self.client(&executor) else {
-                continue;
-            };
+        // Every executor at once: cancel the job's tasks, then delete its files.
+        let calls = executors.into_iter().filter_map(|executor| {
+            let mut client = self.client(&executor).ok()?;
             let job = job_id.to_string();
-            let _ = client
-                .cancel_tasks(pb::CancelTasksParams {
-                    job_id: job.clone(),
-                })
-                .await;
-            if let Err(e) = client
-                .remove_job_data(pb::RemoveJobDataParams { job_id: job })
-                .await
-            {
-                tracing::warn!(executor_id = %executor.id, job_id, error = %e, "cannot remove job data");
-            }
-        }
+            Some(async move {
+                let _ = client
+                    .cancel_tasks(pb::CancelTasksParams {
+                        job_id: job.clone(),
+                    })
+                    .await;
+                if let Err(e) = client
+                    .remove_job_data(pb::RemoveJobDataParams { job_id: job.clone() })
+                    .await
+                {
+                    tracing::warn!(executor_id = %executor.id, job_id = %job, error = %e, "cannot remove job data");
+                }
+            })
+        });
+        futures::future::join_all(calls).await;
     }
 
     fn new_session(&self, settings: &[pb::KeyValue]) -> Result<SessionContext> {
