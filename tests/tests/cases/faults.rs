@@ -144,6 +144,22 @@ async fn start_held_job(client: &VolleyClient, delay_ms: u64) -> (String, String
     (job_id, victim)
 }
 
+/// Wait until `executor_id` is no longer a live executor of the cluster.
+async fn wait_until_gone(client: &VolleyClient, executor_id: &str, seconds: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while client
+        .cluster_state()
+        .await
+        .unwrap()
+        .executors
+        .iter()
+        .any(|e| e.id == executor_id)
+    {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A fault scenario gives the exact answer with retries on and fails with them off.
 async fn exact_with_retries_fails_without<F, Fut>(scenario: F, what: &str, failure: &str)
 where
@@ -231,21 +247,7 @@ async fn stop_and_continue(retries: bool) -> Result<Vec<Row>, String> {
     let (job_id, victim) = start_held_job(&client, 1500).await;
     let index = cluster.executor_index(&victim).await.unwrap();
     cluster.signal_executor(index, "STOP").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client
-        .cluster_state()
-        .await
-        .unwrap()
-        .executors
-        .iter()
-        .any(|e| e.id == victim)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "stopped executor never declared lost"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_gone(&client, &victim, 20, "stopped executor never declared lost").await;
     cluster.signal_executor(index, "CONT").unwrap();
     result(&client, job_id).await
 }
@@ -297,21 +299,7 @@ async fn sigterm_drains_an_executor_its_tasks_finish_and_it_leaves() {
         .await
         .expect("query survives the drain");
     assert_same_rows(&expected, &actual, &floats, "q3 with a draining executor");
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while client
-        .cluster_state()
-        .await
-        .unwrap()
-        .executors
-        .iter()
-        .any(|e| e.id == victim)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "drained executor never deregistered"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_gone(&client, &victim, 40, "drained executor never deregistered").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
