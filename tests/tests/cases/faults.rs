@@ -144,16 +144,25 @@ async fn start_held_job(client: &VolleyClient, delay_ms: u64) -> (String, String
     (job_id, victim)
 }
 
-/// Wait until `executor_id` is no longer a live executor of the cluster.
-async fn wait_until_gone(client: &VolleyClient, executor_id: &str, seconds: u64, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    while client
+/// Ids of the executors the scheduler considers alive.
+async fn live_executor_ids(client: &VolleyClient) -> Vec<String> {
+    client
         .cluster_state()
         .await
         .unwrap()
         .executors
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
+}
+
+/// Wait until `executor_id` is no longer a live executor of the cluster.
+async fn wait_until_gone(client: &VolleyClient, executor_id: &str, seconds: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while live_executor_ids(client)
+        .await
         .iter()
-        .any(|e| e.id == executor_id)
+        .any(|id| id == executor_id)
     {
         assert!(Instant::now() < deadline, "{what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -307,26 +316,12 @@ async fn a_restarted_executor_registers_under_a_new_id_and_gets_work() {
     volley_tests::init_tracing();
     let (expected, floats) = expected().await;
     let (mut cluster, client) = cluster(2, true).await;
-    let before: Vec<String> = client
-        .cluster_state()
-        .await
-        .unwrap()
-        .executors
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let before = live_executor_ids(&client).await;
     cluster.kill_executor(0).unwrap();
     cluster.add_executor(2).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let new_id = loop {
-        let ids: Vec<String> = client
-            .cluster_state()
-            .await
-            .unwrap()
-            .executors
-            .into_iter()
-            .map(|e| e.id)
-            .collect();
+        let ids = live_executor_ids(&client).await;
         let fresh: Vec<&String> = ids.iter().filter(|id| !before.contains(id)).collect();
         if ids.len() == 2 && fresh.len() == 1 {
             break fresh[0].clone();
