@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::{AbortHandle, JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use volley_core::protobuf::executor_grpc_server::{ExecutorGrpc, ExecutorGrpcServer};
@@ -350,9 +350,12 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
         let result = tonic::transport::Server::builder()
             .add_service(grpc)
             .add_service(flight)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = rx.await;
-            })
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = rx.await;
+                },
+            )
             .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "executor server stopped");

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use volley_core::protobuf::scheduler_grpc_server::SchedulerGrpcServer;
 use volley_core::{Result, VolleyError};
 
@@ -127,9 +127,12 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
     let join = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(grpc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = rx.await;
-            })
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = rx.await;
+                },
+            )
             .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "scheduler server stopped");
