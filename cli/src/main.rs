@@ -2,6 +2,7 @@
 
 mod output;
 mod repl;
+mod security;
 mod sql;
 
 use std::path::PathBuf;
@@ -54,6 +55,16 @@ struct SchedulerArgs {
     /// Task placement: least-loaded executor first, or round-robin.
     #[arg(long, env = "VOLLEY_LOAD_BALANCING", value_enum, default_value_t = LoadBalancing::LeastLoaded)]
     load_balancing: LoadBalancing,
+    /// Jobs running at once; later ones wait in a queue (0 = no limit).
+    #[arg(long, env = "VOLLEY_MAX_CONCURRENT_JOBS", default_value_t = 0)]
+    max_concurrent_jobs: usize,
+    /// Listen beyond loopback without an auth token.
+    #[arg(long)]
+    insecure: bool,
+    #[command(flatten)]
+    sandbox: security::SandboxArgs,
+    #[command(flatten)]
+    security: security::SecurityArgs,
 }
 
 /// Task placement policies.
@@ -89,6 +100,8 @@ struct ExecutorArgs {
     /// Heartbeat interval in milliseconds.
     #[arg(long, env = "VOLLEY_HEARTBEAT_MS", default_value_t = 2000)]
     heartbeat_ms: u64,
+    #[command(flatten)]
+    security: security::SecurityArgs,
 }
 
 fn init_tracing() {
@@ -130,6 +143,12 @@ async fn run_scheduler(args: SchedulerArgs) -> Result<(), String> {
         executor_timeout: Duration::from_secs(args.executor_timeout_secs.max(1)),
         target_partitions: args.target_partitions,
         round_robin: args.load_balancing == LoadBalancing::RoundRobin,
+        max_concurrent_jobs: args.max_concurrent_jobs,
+        insecure: args.insecure,
+        security: args.security.security()?,
+        max_message_size: args.security.max_message_size,
+        allowed_paths: Some(args.sandbox.allowed_paths.clone()),
+        allow_ddl: !args.sandbox.disable_ddl,
         ..SchedulerConfig::default()
     };
     let handle = start_scheduler(config).await.map_err(|e| e.to_string())?;
@@ -153,6 +172,8 @@ async fn run_executor(args: ExecutorArgs) -> Result<(), String> {
             std::env::temp_dir().join(format!("volley-executor-{}", std::process::id()));
     }
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms.max(50));
+    config.security = args.security.security()?;
+    config.max_message_size = args.security.max_message_size;
     let handle = start_executor(config).await.map_err(|e| e.to_string())?;
     eprintln!(
         "volley executor {} listening on {}",

@@ -8,7 +8,8 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use futures::TryStreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use volley::{EmbeddedCluster, VolleyClient, split_statements};
+use volley::{ClientOptions, EmbeddedCluster, VolleyClient, split_statements};
+use volley_scheduler::SchedulerConfig;
 
 use crate::output::{Format, write_parquet, write_result};
 use crate::repl::{HELP, Input, Repl};
@@ -49,6 +50,10 @@ pub struct SqlArgs {
     /// Keep going after a failed statement (the exit code is still 1).
     #[arg(long)]
     continue_on_error: bool,
+    #[command(flatten)]
+    sandbox: crate::security::SandboxArgs,
+    #[command(flatten)]
+    security: crate::security::SecurityArgs,
 }
 
 fn format_of(path: &Path) -> Result<&'static str, String> {
@@ -101,6 +106,31 @@ pub fn table_statement(spec: &str) -> Result<String, String> {
         "CREATE EXTERNAL TABLE \"{name}\" STORED AS {format} LOCATION '{}'{options}",
         location.replace('\'', "''")
     ))
+}
+
+/// Sandbox roots of an embedded cluster: `--allowed-path` (or the working directory) and
+/// the folders of the `--table` paths.
+fn embedded_roots(args: &SqlArgs) -> Result<Vec<PathBuf>, String> {
+    let mut roots = args.sandbox.allowed_paths.clone();
+    if roots.is_empty() {
+        roots.push(std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?);
+    }
+    for spec in &args.tables {
+        if let Some((_, path)) = spec.split_once('=') {
+            let path = Path::new(path);
+            let folder = if path.is_dir() {
+                Some(path)
+            } else {
+                path.parent().filter(|p| !p.as_os_str().is_empty())
+            };
+            if let Some(folder) = folder
+                && folder.exists()
+            {
+                roots.push(folder.to_path_buf());
+            }
+        }
+    }
+    Ok(roots)
 }
 
 /// Where results go.
@@ -246,10 +276,14 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
         statements.extend(split_statements(&text).map_err(|e| format!("stdin: {e}"))?);
     }
 
+    let options = ClientOptions {
+        security: args.security.security()?,
+        max_message_size: args.security.max_message_size,
+    };
     let (cluster, client) = match &args.scheduler {
         Some(url) => (
             None,
-            VolleyClient::connect(url)
+            VolleyClient::connect_with(url, options)
                 .await
                 .map_err(|e| e.to_string())?,
         ),
@@ -257,7 +291,14 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
             let slots = args
                 .slots
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-            let cluster = EmbeddedCluster::start(args.executors, slots)
+            let config = SchedulerConfig {
+                security: options.security.clone(),
+                max_message_size: options.max_message_size,
+                allowed_paths: Some(embedded_roots(&args)?),
+                allow_ddl: !args.sandbox.disable_ddl,
+                ..SchedulerConfig::default().with_address("127.0.0.1", 0)
+            };
+            let cluster = EmbeddedCluster::start_with(config, args.executors, slots)
                 .await
                 .map_err(|e| format!("cannot start embedded cluster: {e}"))?;
             if interactive && !args.quiet {

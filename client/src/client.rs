@@ -1,7 +1,6 @@
 //! A connection to a scheduler with its own session.
 
 use std::io::Cursor;
-use std::time::Duration;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
@@ -9,17 +8,47 @@ use datafusion::arrow::ipc::reader::StreamReader;
 use datafusion::sql::parser::DFParser;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
-use tonic::transport::{Channel, Endpoint};
 use volley_core::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
 use volley_core::protobuf::{self as pb, job_status};
+use volley_core::security::{AuthChannel, Security};
 use volley_core::shuffle::{PartitionLocation, read_partition_location};
 use volley_core::{Result, VolleyError};
 
 /// A client session on a Volley scheduler.
 #[derive(Clone, Debug)]
 pub struct VolleyClient {
-    scheduler: SchedulerGrpcClient<Channel>,
+    scheduler: SchedulerGrpcClient<AuthChannel>,
     session_id: String,
+    security: Security,
+    max_message_size: usize,
+}
+
+/// How a client connects: token, TLS and message size limit.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Token and TLS.
+    pub security: Security,
+    /// Largest gRPC message sent or accepted.
+    pub max_message_size: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            security: Security::none(),
+            max_message_size: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl ClientOptions {
+    /// Default options with this auth token.
+    pub fn with_token(token: impl Into<String>) -> Self {
+        Self {
+            security: Security::none().with_token(Some(token.into())),
+            ..Self::default()
+        }
+    }
 }
 
 /// Split a SQL text into single statements.
@@ -29,6 +58,12 @@ pub fn split_statements(sql: &str) -> Result<Vec<String>> {
 }
 
 fn status_error(status: tonic::Status) -> VolleyError {
+    let message = status.message();
+    if message.contains("message length too large") {
+        return VolleyError::NotAllowed(format!(
+            "{message}: the request or response is over the gRPC message size limit; raise --max-message-size (default 64 MiB) on the scheduler and the client"
+        ));
+    }
     match status.code() {
         tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::Internal => {
             VolleyError::JobFailed(status.message().to_string())
@@ -40,22 +75,24 @@ fn status_error(status: tonic::Status) -> VolleyError {
 impl VolleyClient {
     /// Connect to the scheduler at `url` (`http://host:port`) and open a session.
     pub async fn connect(url: &str) -> Result<Self> {
-        let channel = Endpoint::from_shared(url.to_string())
-            .map_err(|e| VolleyError::Connect {
-                address: url.to_string(),
-                message: e.to_string(),
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| VolleyError::Connect {
-                address: url.to_string(),
-                message: format!("scheduler unreachable: {e}"),
-            })?;
-        let mut scheduler = SchedulerGrpcClient::new(channel)
-            .max_decoding_message_size(64 * 1024 * 1024)
-            .max_encoding_message_size(64 * 1024 * 1024);
+        Self::connect_with(url, ClientOptions::default()).await
+    }
+
+    /// Connect with a token, TLS and message limits.
+    pub async fn connect_with(url: &str, options: ClientOptions) -> Result<Self> {
+        let security = options.security;
+        let channel =
+            security
+                .endpoint(url)?
+                .connect()
+                .await
+                .map_err(|e| VolleyError::Connect {
+                    address: url.to_string(),
+                    message: format!("scheduler unreachable: {}", error_chain(&e)),
+                })?;
+        let mut scheduler = SchedulerGrpcClient::new(security.authed(channel)?)
+            .max_decoding_message_size(options.max_message_size)
+            .max_encoding_message_size(options.max_message_size);
         let session_id = scheduler
             .create_session(pb::CreateSessionParams { settings: vec![] })
             .await
@@ -65,16 +102,34 @@ impl VolleyClient {
         Ok(Self {
             scheduler,
             session_id,
+            security,
+            max_message_size: options.max_message_size,
         })
     }
 
+    /// The largest message this client sends or accepts.
+    pub fn max_message_size(&self) -> usize {
+        self.max_message_size
+    }
+
     /// The raw gRPC client, for cluster inspection.
-    pub fn scheduler(&self) -> SchedulerGrpcClient<Channel> {
+    pub fn scheduler(&self) -> SchedulerGrpcClient<AuthChannel> {
         self.scheduler.clone()
+    }
+
+    fn check_size(&self, what: &str, bytes: usize) -> Result<()> {
+        if bytes + 1024 > self.max_message_size {
+            return Err(VolleyError::NotAllowed(format!(
+                "{what} is {bytes} bytes, over the gRPC message size limit of {} bytes: raise --max-message-size (scheduler and client)",
+                self.max_message_size
+            )));
+        }
+        Ok(())
     }
 
     /// Submit one statement; returns its job id.
     pub async fn submit(&self, sql: &str) -> Result<String> {
+        self.check_size("the SQL text", sql.len())?;
         let mut scheduler = self.scheduler.clone();
         Ok(scheduler
             .execute_sql(pb::ExecuteSqlParams {
@@ -94,6 +149,7 @@ impl VolleyClient {
         description: &str,
         settings: &[(String, String)],
     ) -> Result<String> {
+        self.check_size("the plan", plan.len())?;
         let mut scheduler = self.scheduler.clone();
         Ok(scheduler
             .execute_plan(pb::ExecutePlanParams {
@@ -161,7 +217,8 @@ impl VolleyClient {
             .cancel_job(pb::CancelJobParams {
                 job_id: job_id.to_string(),
             })
-            .await?
+            .await
+            .map_err(status_error)?
             .into_inner()
             .cancelled)
     }
@@ -194,8 +251,9 @@ impl VolleyClient {
             .iter()
             .map(PartitionLocation::try_from)
             .collect::<Result<Vec<_>>>()?;
+        let security = self.security.clone();
         let data = futures::stream::iter(locations)
-            .map(|location| read_partition_location(location, None, 0))
+            .map(move |location| read_partition_location(location, None, 0, security.clone()))
             .flatten()
             .map_err(VolleyError::from);
         let this = self.clone();
@@ -237,7 +295,20 @@ impl VolleyClient {
         let mut scheduler = self.scheduler.clone();
         Ok(scheduler
             .get_cluster_state(pb::GetClusterStateParams {})
-            .await?
+            .await
+            .map_err(status_error)?
             .into_inner())
     }
+}
+
+/// An error and its sources on one line (TLS failures hide the reason in the chain).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use volley_executor::{ExecutorConfig, ExecutorHandle, start_executor};
 use volley_scheduler::{SchedulerConfig, SchedulerHandle, start_scheduler};
 
-use crate::VolleyClient;
+use crate::{ClientOptions, VolleyClient};
 use volley_core::{Result, VolleyError};
 
 /// A scheduler and executors running in this process, talking gRPC over 127.0.0.1.
@@ -13,6 +13,7 @@ pub struct EmbeddedCluster {
     scheduler: SchedulerHandle,
     executors: Vec<ExecutorHandle>,
     work_dir: tempfile::TempDir,
+    options: ClientOptions,
 }
 
 impl EmbeddedCluster {
@@ -36,6 +37,10 @@ impl EmbeddedCluster {
             .prefix("volley-embedded-")
             .tempdir()
             .map_err(VolleyError::Io)?;
+        let options = ClientOptions {
+            security: config.security.clone(),
+            max_message_size: config.max_message_size,
+        };
         let scheduler = start_scheduler(config).await?;
         let mut handles = Vec::new();
         for i in 0..executors.max(1) {
@@ -43,12 +48,15 @@ impl EmbeddedCluster {
             config.slots = slots.max(1);
             config.work_dir = work_dir.path().join(format!("executor-{i}"));
             config.heartbeat_interval = Duration::from_secs(2);
+            config.security = options.security.clone();
+            config.max_message_size = options.max_message_size;
             handles.push(start_executor(config).await?);
         }
         Ok(Self {
             scheduler,
             executors: handles,
             work_dir,
+            options,
         })
     }
 
@@ -74,7 +82,7 @@ impl EmbeddedCluster {
 
     /// A client session on this cluster.
     pub async fn client(&self) -> Result<VolleyClient> {
-        VolleyClient::connect(&self.url()).await
+        VolleyClient::connect_with(&self.url(), self.options.clone()).await
     }
 
     /// Stop executors, then the scheduler; removes the work dirs.

@@ -5,7 +5,7 @@ mod client;
 mod context;
 mod embedded;
 
-pub use client::{VolleyClient, split_statements};
+pub use client::{ClientOptions, VolleyClient, split_statements};
 pub use context::{DistributedExec, context_for, remote, standalone};
 pub use embedded::EmbeddedCluster;
 pub use volley_core::{Result, VolleyError};

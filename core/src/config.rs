@@ -86,6 +86,8 @@ pub struct TaskEnv {
     pub work_dir: PathBuf,
     /// Attempt number of the running task; part of shuffle file names so retries never clash.
     pub attempt: u32,
+    /// Token and TLS for shuffle fetches from other executors.
+    pub security: crate::security::Security,
 }
 
 /// The session configuration Volley plans and executes with.

@@ -49,6 +49,12 @@ pub enum VolleyError {
     /// A job failed.
     #[error("{0}")]
     JobFailed(String),
+    /// A setting or command-line option is wrong.
+    #[error("configuration error: {0}")]
+    Config(String),
+    /// The request is not allowed (file sandbox, disabled DDL, oversized message).
+    #[error("not allowed: {0}")]
+    NotAllowed(String),
     /// Anything that breaks an internal invariant.
     #[error("internal error: {0}")]
     Internal(String),
@@ -116,7 +122,10 @@ impl From<VolleyError> for tonic::Status {
                 _ => tonic::Status::internal(e.to_string()),
             },
             VolleyError::Grpc(status) => status.clone(),
-            VolleyError::InvalidMessage(_) => tonic::Status::invalid_argument(e.to_string()),
+            VolleyError::InvalidMessage(_) | VolleyError::Config(_) => {
+                tonic::Status::invalid_argument(e.to_string())
+            }
+            VolleyError::NotAllowed(_) => tonic::Status::permission_denied(e.to_string()),
             VolleyError::Connect { .. } => tonic::Status::unavailable(e.to_string()),
             _ => tonic::Status::internal(e.to_string()),
         }

@@ -5,6 +5,8 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod plan;
+pub mod sandbox;
+pub mod security;
 pub mod shuffle;
 
 pub use error::{Result, VolleyError};

@@ -16,6 +16,7 @@ pub struct TaskRunner {
     pub executor_id: String,
     pub work_dir: std::path::PathBuf,
     pub base_state: SessionState,
+    pub security: volley_core::security::Security,
 }
 
 impl TaskRunner {
@@ -81,6 +82,7 @@ impl TaskRunner {
             executor_id: self.executor_id.clone(),
             work_dir: self.work_dir.clone(),
             attempt: task.attempt,
+            security: self.security.clone(),
         }));
         let ctx = Arc::new(
             TaskContext::from(&self.base_state)

@@ -13,12 +13,13 @@ use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::{AbortHandle, JoinHandle};
+use tonic::service::InterceptorLayer;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use volley_core::protobuf::executor_grpc_server::{ExecutorGrpc, ExecutorGrpcServer};
 use volley_core::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
 use volley_core::protobuf::{self as pb};
+use volley_core::security::{AuthChannel, Security};
 use volley_core::{Result, VolleyError};
 
 use crate::flight::ShuffleFlightService;
@@ -44,6 +45,8 @@ pub struct ExecutorConfig {
     pub heartbeat_interval: Duration,
     /// Largest gRPC message accepted or sent.
     pub max_message_size: usize,
+    /// Auth token and TLS, for serving and for calling the scheduler and other executors.
+    pub security: Security,
 }
 
 impl ExecutorConfig {
@@ -57,6 +60,7 @@ impl ExecutorConfig {
             work_dir: std::env::temp_dir().join("volley-executor"),
             heartbeat_interval: Duration::from_secs(2),
             max_message_size: 64 * 1024 * 1024,
+            security: Security::none(),
         }
     }
 }
@@ -68,7 +72,7 @@ struct ExecutorInner {
     runner: TaskRunner,
     slots: Arc<Semaphore>,
     running: Mutex<HashMap<String, Vec<AbortHandle>>>,
-    scheduler: SchedulerGrpcClient<Channel>,
+    scheduler: SchedulerGrpcClient<AuthChannel>,
     draining: AtomicBool,
 }
 
@@ -309,16 +313,12 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
         })?;
     let addr = listener.local_addr()?;
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let channel = Endpoint::from_shared(config.scheduler_url.clone())
-        .map_err(|e| VolleyError::Connect {
-            address: config.scheduler_url.clone(),
-            message: e.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(5))
+    let channel = config
+        .security
+        .endpoint(&config.scheduler_url)?
         .timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
         .connect_lazy();
-    let scheduler = SchedulerGrpcClient::new(channel)
+    let scheduler = SchedulerGrpcClient::new(config.security.authed(channel)?)
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);
     let base_state = SessionStateBuilder::new().with_default_features().build();
@@ -329,6 +329,7 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
             executor_id: id.clone(),
             work_dir: config.work_dir.clone(),
             base_state,
+            security: config.security.clone(),
         },
         slots: Arc::new(Semaphore::new(config.slots.max(1))),
         running: Mutex::new(HashMap::new()),
@@ -346,8 +347,12 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
     let flight = FlightServiceServer::new(ShuffleFlightService::new(config.work_dir.clone()))
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);
+    let server = config.security.server()?.layer(InterceptorLayer::new(
+        config.security.server_interceptor("executor"),
+    ));
     let join = tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
+        let mut server = server;
+        let result = server
             .add_service(grpc)
             .add_service(flight)
             .serve_with_incoming_shutdown(

@@ -1,14 +1,18 @@
 //! Starting and stopping a scheduler server.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::service::InterceptorLayer;
 use tonic::transport::server::TcpIncoming;
 use volley_core::protobuf::scheduler_grpc_server::SchedulerGrpcServer;
+use volley_core::sandbox::Sandbox;
+use volley_core::security::Security;
 use volley_core::{Result, VolleyError};
 
 use crate::service::SchedulerService;
@@ -35,6 +39,17 @@ pub struct SchedulerConfig {
     pub max_message_size: usize,
     /// Place tasks round-robin instead of on the least-loaded executor.
     pub round_robin: bool,
+    /// Auth token and TLS for the gRPC server and calls to executors.
+    pub security: Security,
+    /// File sandbox: roots queries may read and write under (empty = the working directory);
+    /// None = no restriction (in-process clusters of a library user).
+    pub allowed_paths: Option<Vec<PathBuf>>,
+    /// Allow DDL/DML (CREATE, DROP, INSERT, COPY).
+    pub allow_ddl: bool,
+    /// Jobs running at once; later ones queue (0 = no limit).
+    pub max_concurrent_jobs: usize,
+    /// Allow a non-loopback address without an auth token.
+    pub insecure: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -49,6 +64,11 @@ impl Default for SchedulerConfig {
             result_ttl: Duration::from_secs(600),
             max_message_size: 64 * 1024 * 1024,
             round_robin: false,
+            security: Security::none(),
+            allowed_paths: None,
+            allow_ddl: true,
+            max_concurrent_jobs: 0,
+            insecure: false,
         }
     }
 }
@@ -71,6 +91,7 @@ impl SchedulerConfig {
 /// A running scheduler; dropping it does not stop it, call [`SchedulerHandle::shutdown`].
 pub struct SchedulerHandle {
     addr: SocketAddr,
+    scheme: &'static str,
     service: SchedulerService,
     shutdown: Option<oneshot::Sender<()>>,
     join: Option<JoinHandle<()>>,
@@ -84,7 +105,7 @@ impl SchedulerHandle {
 
     /// `http://host:port` for clients and executors.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// The service, for in-process inspection.
@@ -104,8 +125,33 @@ impl SchedulerHandle {
     }
 }
 
+/// Refuse to expose a scheduler beyond loopback without a token unless `--insecure`.
+fn check_exposure(config: &SchedulerConfig) -> Result<()> {
+    let loopback = config.host == "localhost"
+        || config
+            .host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback || config.security.token().is_some() || config.insecure {
+        return Ok(());
+    }
+    Err(VolleyError::Config(format!(
+        "refusing to listen on {} without an auth token: set --auth-token / {} (or pass --insecure)",
+        config.host,
+        volley_core::security::TOKEN_ENV
+    )))
+}
+
 /// Bind and serve a scheduler.
 pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle> {
+    check_exposure(&config)?;
+    let sandbox = match &config.allowed_paths {
+        Some(roots) => Sandbox::new(roots, config.allow_ddl)?,
+        None => Sandbox::unrestricted(config.allow_ddl),
+    };
+    let server = config.security.server()?.layer(InterceptorLayer::new(
+        config.security.server_interceptor("scheduler"),
+    ));
     let listener = TcpListener::bind((config.host.as_str(), config.port))
         .await
         .map_err(|e| VolleyError::Connect {
@@ -117,15 +163,17 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
         task_max_attempts: config.task_max_attempts.max(1),
         stage_max_attempts: config.stage_max_attempts.max(1),
         round_robin: config.round_robin,
+        max_concurrent_jobs: config.max_concurrent_jobs,
     };
-    let service = SchedulerService::new(Arc::new(config.clone()), policy);
+    let service = SchedulerService::new(Arc::new(config.clone()), policy, sandbox);
     service.start_background();
     let (tx, rx) = oneshot::channel::<()>();
     let grpc = SchedulerGrpcServer::new(service.clone())
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);
     let join = tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
+        let mut server = server;
+        let result = server
             .add_service(grpc)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -141,6 +189,7 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
     tracing::info!(%addr, "scheduler listening");
     Ok(SchedulerHandle {
         addr,
+        scheme: config.security.scheme(),
         service,
         shutdown: Some(tx),
         join: Some(join),

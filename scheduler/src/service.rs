@@ -12,12 +12,13 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use volley_core::codec::VolleyCodec;
 use volley_core::config::{config_to_pairs, volley_session_config};
 use volley_core::protobuf::executor_grpc_client::ExecutorGrpcClient;
 use volley_core::protobuf::{self as pb, job_status, scheduler_grpc_server::SchedulerGrpc};
+use volley_core::sandbox::Sandbox;
+use volley_core::security::AuthChannel;
 use volley_core::{Result, VolleyError};
 
 use crate::planner::{explain_stages, plan_stages};
@@ -33,10 +34,13 @@ pub struct SchedulerService {
     config: Arc<SchedulerConfig>,
     state: Arc<Mutex<ClusterState>>,
     sessions: Arc<Mutex<HashMap<String, (SessionContext, Instant)>>>,
-    clients: Arc<Mutex<HashMap<String, ExecutorGrpcClient<Channel>>>>,
+    clients: Arc<Mutex<HashMap<String, ExecutorGrpcClient<AuthChannel>>>>,
+    sandbox: Sandbox,
     background: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
+/// Room for a task's ids and settings next to its plan in a launch request.
+const MESSAGE_OVERHEAD: usize = 16 * 1024;
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 const NO_EXECUTOR_GRACE: Duration = Duration::from_secs(15);
 /// Finished, released jobs kept for inspection; older ones are forgotten.
@@ -60,7 +64,7 @@ pub fn ipc_bytes(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>>
 
 impl SchedulerService {
     /// A service with no executors and no jobs.
-    pub fn new(config: Arc<SchedulerConfig>, policy: SchedulerPolicy) -> Self {
+    pub fn new(config: Arc<SchedulerConfig>, policy: SchedulerPolicy, sandbox: Sandbox) -> Self {
         let state = ClusterState {
             policy,
             ..Default::default()
@@ -70,6 +74,7 @@ impl SchedulerService {
             state: Arc::new(Mutex::new(state)),
             sessions: Arc::new(Mutex::new(HashMap::new())),
             clients: Arc::new(Mutex::new(HashMap::new())),
+            sandbox,
             background: Arc::new(Mutex::new(None)),
         }
     }
@@ -107,12 +112,12 @@ impl SchedulerService {
             let expired = state.expired_results(self.config.result_ttl);
             state.prune_jobs(MAX_FINISHED_JOBS);
             let mut failed = Vec::new();
-            let running = state.jobs.values().any(|j| j.state == JobState::Running);
+            let running = state.jobs.values().any(|j| !j.state.is_final());
             if state.total_slots() == 0 && running {
                 let since = *no_executors_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > NO_EXECUTOR_GRACE {
                     for job in state.jobs.values_mut() {
-                        if job.state == JobState::Running {
+                        if !job.state.is_final() {
                             job.state = JobState::Failed(format!(
                                 "no executors alive for {} s: cannot run job {}",
                                 NO_EXECUTOR_GRACE.as_secs(),
@@ -144,22 +149,17 @@ impl SchedulerService {
         }
     }
 
-    fn client(&self, executor: &ExecutorInfo) -> Result<ExecutorGrpcClient<Channel>> {
+    fn client(&self, executor: &ExecutorInfo) -> Result<ExecutorGrpcClient<AuthChannel>> {
         let mut clients = self.clients.lock();
         if let Some(c) = clients.get(&executor.id) {
             return Ok(c.clone());
         }
-        let address = format!("http://{}:{}", executor.host, executor.port);
-        let channel = Endpoint::from_shared(address.clone())
-            .map_err(|e| VolleyError::Connect {
-                address: address.clone(),
-                message: e.to_string(),
-            })?
-            .connect_timeout(Duration::from_secs(5))
+        let security = &self.config.security;
+        let channel = security
+            .endpoint(&security.url(&executor.host, executor.port))?
             .timeout(RPC_TIMEOUT)
-            .tcp_nodelay(true)
             .connect_lazy();
-        let client = ExecutorGrpcClient::new(channel)
+        let client = ExecutorGrpcClient::new(security.authed(channel)?)
             .max_decoding_message_size(self.config.max_message_size)
             .max_encoding_message_size(self.config.max_message_size);
         clients.insert(executor.id.clone(), client.clone());
@@ -176,6 +176,51 @@ impl SchedulerService {
     }
 
     async fn launch(&self, executor: ExecutorInfo, tasks: Vec<TaskLaunch>) {
+        let limit = self.config.max_message_size;
+        let (fits, too_big): (Vec<TaskLaunch>, Vec<TaskLaunch>) = tasks
+            .into_iter()
+            .partition(|t| t.plan.len() + MESSAGE_OVERHEAD < limit);
+        if !too_big.is_empty() {
+            let mut failed = Vec::new();
+            {
+                let mut state = self.state.lock();
+                for t in &too_big {
+                    tracing::warn!(job_id = %t.job_id, stage = t.stage_id, bytes = t.plan.len(), limit, "task plan over the message size limit");
+                    state.fail_job(
+                        &t.job_id,
+                        format!(
+                            "the plan of stage {} is {} bytes, over the gRPC message size limit of {limit} bytes: raise --max-message-size (scheduler and executors) or simplify the query",
+                            t.stage_id,
+                            t.plan.len()
+                        ),
+                    );
+                    failed.push(t.job_id.clone());
+                }
+            }
+            self.finish_jobs(failed).await;
+        }
+        if fits.is_empty() {
+            return;
+        }
+        // Several tasks share one request; keep each request under the message limit.
+        let mut batch: Vec<TaskLaunch> = Vec::new();
+        let mut batch_bytes = 0;
+        for task in fits {
+            let bytes = task.plan.len() + MESSAGE_OVERHEAD;
+            if !batch.is_empty() && batch_bytes + bytes >= limit {
+                self.launch_batch(&executor, std::mem::take(&mut batch))
+                    .await;
+                batch_bytes = 0;
+            }
+            batch_bytes += bytes;
+            batch.push(task);
+        }
+        if !batch.is_empty() {
+            self.launch_batch(&executor, batch).await;
+        }
+    }
+
+    async fn launch_batch(&self, executor: &ExecutorInfo, tasks: Vec<TaskLaunch>) {
         tracing::debug!(executor_id = %executor.id, tasks = tasks.len(), stage = tasks.first().map(|t| t.stage_id), "launching");
         let request = pb::LaunchTasksParams {
             tasks: tasks
@@ -199,7 +244,7 @@ impl SchedulerService {
                 })
                 .collect(),
         };
-        let result = match self.client(&executor) {
+        let result = match self.client(executor) {
             Ok(mut client) => client
                 .launch_tasks(request)
                 .await
@@ -302,6 +347,7 @@ impl SchedulerService {
         let job_id = new_id();
         let state = ctx.state();
         let logical = state.create_logical_plan(sql).await?;
+        self.sandbox.check_logical(&logical)?;
         if let LogicalPlan::Explain(explain) = &logical
             && !explain.verbose
         {
@@ -348,6 +394,7 @@ impl SchedulerService {
         physical: Arc<dyn ExecutionPlan>,
         settings: Arc<Vec<(String, String)>>,
     ) -> Result<String> {
+        self.sandbox.check_physical(&physical)?;
         let schema = physical.schema();
         let stages = plan_stages(&job_id, Arc::clone(&physical))?;
         let distributable = stages.iter().all(|s| {
@@ -382,6 +429,7 @@ impl SchedulerService {
             .ok_or_else(|| Status::not_found(format!("unknown job {job_id}")))?;
         let (stages_done, stages_total, tasks_done, tasks_total) = job.progress();
         let status = match &job.state {
+            JobState::Queued => job_status::Status::Running("queued".to_string()),
             JobState::Running => job_status::Status::Running("running".to_string()),
             JobState::Failed(msg) => job_status::Status::Failed(msg.clone()),
             JobState::Cancelled => job_status::Status::Cancelled("cancelled".to_string()),

@@ -178,6 +178,8 @@ impl StageState {
 /// Lifecycle of a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobState {
+    /// Waiting for a free job slot (`max_concurrent_jobs`).
+    Queued,
     /// Stages are running.
     Running,
     /// The result is ready.
@@ -191,12 +193,16 @@ pub enum JobState {
 impl JobState {
     /// True when the job will not change any more.
     pub fn is_final(&self) -> bool {
-        !matches!(self, JobState::Running)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed(_) | JobState::Cancelled
+        )
     }
 
     /// Lower-case name.
     pub fn as_str(&self) -> &'static str {
         match self {
+            JobState::Queued => "queued",
             JobState::Running => "running",
             JobState::Succeeded => "succeeded",
             JobState::Failed(_) => "failed",
@@ -328,6 +334,8 @@ pub struct SchedulerPolicy {
     pub stage_max_attempts: u32,
     /// Round-robin task placement instead of least-loaded.
     pub round_robin: bool,
+    /// Jobs running at once; later ones queue (0 = no limit).
+    pub max_concurrent_jobs: usize,
 }
 
 impl Default for SchedulerPolicy {
@@ -336,6 +344,7 @@ impl Default for SchedulerPolicy {
             task_max_attempts: 4,
             stage_max_attempts: 4,
             round_robin: false,
+            max_concurrent_jobs: 0,
         }
     }
 }
@@ -436,6 +445,8 @@ impl ClusterState {
                 )
             })
             .collect();
+        let limit = self.policy.max_concurrent_jobs;
+        let queued = limit > 0 && self.running_jobs() >= limit;
         let mut job = Job {
             id: id.clone(),
             sql,
@@ -443,7 +454,11 @@ impl ClusterState {
             stages,
             final_stage,
             schema,
-            state: JobState::Running,
+            state: if queued {
+                JobState::Queued
+            } else {
+                JobState::Running
+            },
             inline_result: None,
             submitted: Instant::now(),
             finished: None,
@@ -488,8 +503,36 @@ impl ClusterState {
         }
     }
 
+    /// Jobs in the running state.
+    pub fn running_jobs(&self) -> usize {
+        self.jobs
+            .values()
+            .filter(|j| j.state == JobState::Running)
+            .count()
+    }
+
+    /// Start queued jobs, oldest first, while there is room under `max_concurrent_jobs`.
+    fn promote_queued(&mut self) {
+        let limit = self.policy.max_concurrent_jobs;
+        let mut running = self.running_jobs();
+        for job_id in &self.job_order {
+            if limit > 0 && running >= limit {
+                break;
+            }
+            if let Some(job) = self.jobs.get_mut(job_id)
+                && job.state == JobState::Queued
+            {
+                job.state = JobState::Running;
+                job.touch();
+                running += 1;
+                Self::check_job_done(job);
+            }
+        }
+    }
+
     /// Give pending tasks of ready stages to executors with free slots, least loaded first.
     pub fn assign_tasks(&mut self) -> Vec<(ExecutorInfo, Vec<TaskLaunch>)> {
+        self.promote_queued();
         let mut assigned: BTreeMap<String, Vec<TaskLaunch>> = BTreeMap::new();
         let order = self.job_order.clone();
         for job_id in order {
@@ -909,6 +952,13 @@ impl ClusterState {
                 Self::invalidate_consumers(job, stage_id);
             }
             job.touch();
+        }
+    }
+
+    /// Fail a job that has not ended.
+    pub fn fail_job(&mut self, job_id: &str, message: String) {
+        if let Some(job) = self.jobs.get_mut(job_id) {
+            job.fail(message);
         }
     }
 

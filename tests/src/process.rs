@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use volley::VolleyClient;
+use volley::{ClientOptions, VolleyClient};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -45,6 +45,27 @@ pub struct ProcessCluster {
     executor_ports: Vec<u16>,
     work_dir: tempfile::TempDir,
     scheduler_args: Vec<String>,
+    env: Vec<(String, String)>,
+    options: ClientOptions,
+    log_dir: Option<PathBuf>,
+}
+
+/// Extra settings for a process cluster: environment of every process and how clients connect.
+#[derive(Default, Clone)]
+pub struct ProcessOptions {
+    /// Environment variables of the scheduler and executor processes.
+    pub env: Vec<(String, String)>,
+    /// Client options (token, TLS) for the harness's own connections.
+    pub client: ClientOptions,
+    /// Write each process's stderr to `scheduler.log` / `executor-N.log` here.
+    pub log_dir: Option<PathBuf>,
+}
+
+fn stderr_for(log_dir: Option<&PathBuf>, name: &str) -> Result<Stdio, BoxError> {
+    Ok(match log_dir {
+        Some(dir) => Stdio::from(std::fs::File::create(dir.join(name))?),
+        None => Stdio::inherit(),
+    })
 }
 
 impl ProcessCluster {
@@ -55,9 +76,35 @@ impl ProcessCluster {
         slots: usize,
         scheduler_args: &[&str],
     ) -> Result<Self, BoxError> {
+        Self::start_with(executors, slots, scheduler_args, ProcessOptions::default()).await
+    }
+
+    /// Start with environment variables for every process (tokens, TLS files).
+    pub async fn start_with(
+        executors: usize,
+        slots: usize,
+        scheduler_args: &[&str],
+        options: ProcessOptions,
+    ) -> Result<Self, BoxError> {
         let port = free_port()?;
         let bin = volley_bin()?;
         let scheduler_args: Vec<String> = scheduler_args.iter().map(|s| s.to_string()).collect();
+        // Test data lives under the workspace and the system temp dir.
+        let sandbox = if scheduler_args.iter().any(|a| a == "--allowed-path") {
+            Vec::new()
+        } else {
+            vec![
+                "--allowed-path".to_string(),
+                crate::workspace_root().display().to_string(),
+                "--allowed-path".to_string(),
+                std::env::temp_dir().display().to_string(),
+            ]
+        };
+        let scheme = if options.client.security.tls_enabled() {
+            "https"
+        } else {
+            "http"
+        };
         let scheduler = Command::new(&bin)
             .args([
                 "scheduler",
@@ -66,17 +113,22 @@ impl ProcessCluster {
                 "--port",
                 &port.to_string(),
             ])
+            .args(&sandbox)
             .args(&scheduler_args)
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr_for(options.log_dir.as_ref(), "scheduler.log")?)
             .spawn()?;
         let mut cluster = Self {
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("{scheme}://127.0.0.1:{port}"),
             scheduler,
             executors: Vec::new(),
             executor_ports: Vec::new(),
             work_dir: tempfile::Builder::new().prefix("volley-test-").tempdir()?,
             scheduler_args,
+            env: options.env,
+            options: options.client,
+            log_dir: options.log_dir,
         };
         cluster.wait_for_scheduler().await?;
         for _ in 0..executors {
@@ -107,8 +159,12 @@ impl ProcessCluster {
                 "--work-dir",
             ])
             .arg(&dir)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr_for(
+                self.log_dir.as_ref(),
+                &format!("executor-{n}.log"),
+            )?)
             .spawn()?;
         self.executors.push(child);
         self.executor_ports.push(port);
@@ -118,7 +174,7 @@ impl ProcessCluster {
     async fn wait_for_scheduler(&self) -> Result<(), BoxError> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            match VolleyClient::connect(&self.url).await {
+            match self.client().await {
                 Ok(_) => return Ok(()),
                 Err(e) if Instant::now() > deadline => {
                     return Err(format!("scheduler did not start: {e}").into());
@@ -130,7 +186,7 @@ impl ProcessCluster {
 
     /// Wait until `n` executors are alive.
     pub async fn wait_for_executors(&self, n: usize) -> Result<(), BoxError> {
-        let client = VolleyClient::connect(&self.url).await?;
+        let client = self.client().await?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let alive = client.cluster_state().await?.executors.len();
@@ -154,6 +210,11 @@ impl ProcessCluster {
         &self.scheduler_args
     }
 
+    /// Ports of the executor processes (gRPC and Flight).
+    pub fn executor_ports(&self) -> &[u16] {
+        &self.executor_ports
+    }
+
     /// OS process ids of the executors.
     pub fn executor_pids(&self) -> Vec<u32> {
         self.executors.iter().map(|c| c.id()).collect()
@@ -161,7 +222,7 @@ impl ProcessCluster {
 
     /// Index of the executor process registered under `executor_id`.
     pub async fn executor_index(&self, executor_id: &str) -> Result<usize, BoxError> {
-        let client = VolleyClient::connect(&self.url).await?;
+        let client = self.client().await?;
         let state = client.cluster_state().await?;
         let port = state
             .executors
@@ -196,6 +257,11 @@ impl ProcessCluster {
         }
     }
 
+    /// The scheduler process, to check it still runs.
+    pub fn scheduler_alive(&mut self) -> bool {
+        matches!(self.scheduler.try_wait(), Ok(None))
+    }
+
     /// Root of the executors' work dirs.
     pub fn work_dir(&self) -> &std::path::Path {
         self.work_dir.path()
@@ -203,7 +269,7 @@ impl ProcessCluster {
 
     /// A new client session.
     pub async fn client(&self) -> Result<VolleyClient, BoxError> {
-        Ok(VolleyClient::connect(&self.url).await?)
+        Ok(VolleyClient::connect_with(&self.url, self.options.clone()).await?)
     }
 }
 

@@ -170,13 +170,14 @@ impl ExecutionPlan for ShuffleReaderExec {
                 self.stage_id
             ))
         })?;
-        let local = context
-            .session_config()
-            .get_extension::<TaskEnv>()
-            .map(|env| env.executor_id.clone());
+        let env = context.session_config().get_extension::<TaskEnv>();
+        let local = env.as_ref().map(|env| env.executor_id.clone());
+        let security = env.map(|env| env.security.clone()).unwrap_or_default();
         let stage_id = self.stage_id;
         let stream = futures::stream::iter(locations)
-            .map(move |location| read_partition_location(location, local.clone(), stage_id))
+            .map(move |location| {
+                read_partition_location(location, local.clone(), stage_id, security.clone())
+            })
             .flatten();
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             Arc::clone(&self.schema),

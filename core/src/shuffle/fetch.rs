@@ -13,9 +13,10 @@ use datafusion::arrow::ipc::reader::StreamReader;
 use datafusion::error::DataFusionError;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::PartitionLocation;
+use crate::security::Security;
 use crate::{Result, VolleyError};
 
 /// Deadline for a shuffle fetch to start and for each of its messages.
@@ -27,31 +28,24 @@ pub struct FlightChannels;
 static CHANNELS: LazyLock<Mutex<HashMap<String, Channel>>> = LazyLock::new(Default::default);
 
 impl FlightChannels {
-    /// A (shared, lazily connected) channel to `host:port`.
-    pub fn get(host: &str, port: u16) -> Result<Channel> {
-        let address = format!("http://{host}:{port}");
+    /// A (shared, lazily connected) channel to `host:port`, with TLS when `security` has it.
+    pub fn get(security: &Security, host: &str, port: u16) -> Result<Channel> {
+        let address = security.url(host, port);
         let mut map = CHANNELS
             .lock()
             .map_err(|_| VolleyError::Internal("flight channel cache poisoned".to_string()))?;
         if let Some(channel) = map.get(&address) {
             return Ok(channel.clone());
         }
-        let channel = Endpoint::from_shared(address.clone())
-            .map_err(|e| VolleyError::Connect {
-                address: address.clone(),
-                message: e.to_string(),
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let channel = security.endpoint(&address)?.connect_lazy();
         map.insert(address, channel.clone());
         Ok(channel)
     }
 
     /// Forget a channel after a failure so the next call dials again.
-    pub fn forget(host: &str, port: u16) {
+    pub fn forget(security: &Security, host: &str, port: u16) {
         if let Ok(mut map) = CHANNELS.lock() {
-            map.remove(&format!("http://{host}:{port}"));
+            map.remove(&security.url(host, port));
         }
     }
 }
@@ -86,19 +80,25 @@ pub fn read_local_file(path: PathBuf) -> BoxStream<'static, Result<RecordBatch>>
 
 async fn fetch_remote(
     location: &PartitionLocation,
+    security: &Security,
 ) -> Result<BoxStream<'static, Result<RecordBatch>>> {
     // A cached channel may point at a previous process on the same port (an executor that
     // restarted): on failure dial once more on a fresh channel before giving up.
     let mut attempt = 0;
     let stream = loop {
-        let channel = FlightChannels::get(&location.host, location.flight_port)?;
+        let channel = FlightChannels::get(security, &location.host, location.flight_port)?;
         let mut client = FlightClient::new(channel);
+        if let Some(token) = security.token() {
+            client
+                .add_header("authorization", &format!("Bearer {token}"))
+                .map_err(|e| VolleyError::Config(format!("bad auth token: {e}")))?;
+        }
         let ticket = Ticket::new(location.path.clone());
         match tokio::time::timeout(FETCH_TIMEOUT, client.do_get(ticket)).await {
             Ok(Ok(stream)) => break stream,
             Ok(Err(e)) => {
-                FlightChannels::forget(&location.host, location.flight_port);
-                if attempt >= 1 {
+                FlightChannels::forget(security, &location.host, location.flight_port);
+                if attempt >= 1 || e.to_string().contains("auth token") {
                     return Err(VolleyError::Internal(e.to_string()));
                 }
                 attempt += 1;
@@ -129,6 +129,7 @@ pub fn read_partition_location(
     location: PartitionLocation,
     local_executor_id: Option<String>,
     stage_id: u32,
+    security: Security,
 ) -> BoxStream<'static, datafusion::error::Result<RecordBatch>> {
     let fetch_failed = {
         let location = location.clone();
@@ -146,7 +147,7 @@ pub fn read_partition_location(
         if is_local {
             Ok(read_local_file(PathBuf::from(&location.path)))
         } else {
-            fetch_remote(&location).await
+            fetch_remote(&location, &security).await
         }
     };
     let on_error = fetch_failed.clone();

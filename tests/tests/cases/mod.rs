@@ -5,5 +5,6 @@ mod examples;
 mod faults;
 mod lifecycle;
 mod repl;
+mod security;
 mod slt;
 mod tpch;

@@ -1,0 +1,317 @@
+//! The file sandbox: which paths queries may read and write, and whether DDL/DML may run.
+//!
+//! Locations named in SQL (`CREATE EXTERNAL TABLE ... LOCATION`, `COPY ... TO`, `INSERT INTO`
+//! a listing table) and every file a physical plan scans or writes must resolve — symlinks
+//! followed — inside one of the allowed roots. `..` components and URL schemes other than
+//! `file://` are refused outright.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::catalog::TableProvider;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::datasource::listing::ListingTable;
+use datafusion::datasource::physical_plan::{FileScanConfig, FileSink};
+use datafusion::datasource::sink::DataSinkExec;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::datasource::source_as_provider;
+use datafusion::logical_expr::{DdlStatement, DmlStatement, LogicalPlan};
+use datafusion::physical_plan::ExecutionPlan;
+
+use crate::{Result, VolleyError};
+
+/// Allowed roots and the DDL switch.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    /// None: no path restriction (in-process clusters of a library user).
+    roots: Option<Arc<Vec<PathBuf>>>,
+    allow_ddl: bool,
+}
+
+impl Sandbox {
+    /// No path restriction; only the DDL switch applies.
+    pub fn unrestricted(allow_ddl: bool) -> Self {
+        Self {
+            roots: None,
+            allow_ddl,
+        }
+    }
+
+    /// Allow `roots` (each must exist); an empty list allows the current working directory.
+    pub fn new(roots: &[PathBuf], allow_ddl: bool) -> Result<Self> {
+        let mut canonical = Vec::new();
+        let cwd = std::env::current_dir()?;
+        let roots: Vec<PathBuf> = if roots.is_empty() {
+            vec![cwd.clone()]
+        } else {
+            roots.to_vec()
+        };
+        for root in roots {
+            let absolute = if root.is_absolute() {
+                root.clone()
+            } else {
+                cwd.join(&root)
+            };
+            let resolved = absolute.canonicalize().map_err(|e| {
+                VolleyError::Config(format!("allowed path {}: {e}", root.display()))
+            })?;
+            if !canonical.contains(&resolved) {
+                canonical.push(resolved);
+            }
+        }
+        Ok(Self {
+            roots: Some(Arc::new(canonical)),
+            allow_ddl,
+        })
+    }
+
+    /// The canonical allowed roots; None when paths are not restricted.
+    pub fn roots(&self) -> Option<&[PathBuf]> {
+        self.roots.as_deref().map(Vec::as_slice)
+    }
+
+    fn denied(&self, location: &str, why: &str) -> VolleyError {
+        let roots: Vec<String> = self
+            .roots()
+            .unwrap_or_default()
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect();
+        VolleyError::NotAllowed(format!(
+            "path {location:?} is outside the file sandbox: {why} (allowed roots: {}; see --allowed-path)",
+            roots.join(", ")
+        ))
+    }
+
+    /// Check a location as written by a user: a path or a `file://` URL, maybe with a glob.
+    pub fn check_location(&self, location: &str) -> Result<()> {
+        if self.roots.is_none() {
+            return Ok(());
+        }
+        let path_text = match location.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("file") => rest,
+            Some((scheme, _)) => {
+                return Err(self.denied(
+                    location,
+                    &format!("URL scheme {scheme}:// is not configured on this cluster"),
+                ));
+            }
+            None => location,
+        };
+        let path = Path::new(path_text);
+        if path.components().any(|c| c == Component::ParentDir) {
+            return Err(self.denied(location, "`..` is not allowed in paths"));
+        }
+        // Check the fixed part before any glob.
+        let mut fixed = PathBuf::new();
+        for component in path.components() {
+            let text = component.as_os_str().to_string_lossy();
+            if text.contains(['*', '?', '[', '{']) {
+                break;
+            }
+            fixed.push(component);
+        }
+        self.check_path(location, &fixed)
+    }
+
+    /// Check a resolved filesystem path, following symlinks of its existing part.
+    fn check_path(&self, location: &str, path: &Path) -> Result<()> {
+        let absolute = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir()?.join(path)
+        };
+        // Canonicalize the longest existing prefix; the rest (a file to be written) is appended.
+        let mut existing = absolute.clone();
+        let mut rest = Vec::new();
+        let resolved = loop {
+            match existing.canonicalize() {
+                Ok(resolved) => break resolved,
+                Err(_) => {
+                    let Some(name) = existing.file_name().map(|n| n.to_os_string()) else {
+                        return Err(self.denied(location, "it does not resolve"));
+                    };
+                    rest.push(name);
+                    if !existing.pop() {
+                        return Err(self.denied(location, "it does not resolve"));
+                    }
+                }
+            }
+        };
+        let mut full = resolved;
+        for name in rest.into_iter().rev() {
+            full.push(name);
+        }
+        if self
+            .roots()
+            .unwrap_or_default()
+            .iter()
+            .any(|root| full.starts_with(root))
+        {
+            Ok(())
+        } else {
+            Err(self.denied(location, &format!("it resolves to {}", full.display())))
+        }
+    }
+
+    /// Check a logical plan before it runs: DDL switch and every location it names.
+    pub fn check_logical(&self, plan: &LogicalPlan) -> Result<()> {
+        let mut result = Ok(());
+        plan.apply(|node| {
+            result = self.check_logical_node(node);
+            Ok(if result.is_ok() {
+                TreeNodeRecursion::Continue
+            } else {
+                TreeNodeRecursion::Stop
+            })
+        })?;
+        result
+    }
+
+    fn ddl_denied(&self, what: &str) -> Result<()> {
+        if self.allow_ddl {
+            Ok(())
+        } else {
+            Err(VolleyError::NotAllowed(format!(
+                "{what} is disabled on this cluster (started with --disable-ddl)"
+            )))
+        }
+    }
+
+    fn check_logical_node(&self, node: &LogicalPlan) -> Result<()> {
+        match node {
+            LogicalPlan::Ddl(ddl) => {
+                self.ddl_denied(&format!("DDL ({})", ddl.name()))?;
+                if let DdlStatement::CreateExternalTable(create) = ddl {
+                    for location in &create.locations {
+                        self.check_location(location)?;
+                    }
+                }
+                Ok(())
+            }
+            LogicalPlan::Copy(copy) => {
+                self.ddl_denied("COPY")?;
+                self.check_location(&copy.output_url)
+            }
+            LogicalPlan::Dml(DmlStatement { target, op, .. }) => {
+                self.ddl_denied(&format!("DML ({op})"))?;
+                if let Ok(provider) = source_as_provider(target) {
+                    self.check_provider(provider.as_ref())?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn check_provider(&self, provider: &dyn TableProvider) -> Result<()> {
+        if let Some(listing) = provider.downcast_ref::<ListingTable>() {
+            for url in listing.table_paths() {
+                self.check_location(url.as_str())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Check every file a physical plan reads or writes.
+    pub fn check_physical(&self, plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
+        let mut result = Ok(());
+        plan.apply(|node| {
+            result = self.check_physical_node(node.as_ref());
+            Ok(if result.is_ok() {
+                TreeNodeRecursion::Continue
+            } else {
+                TreeNodeRecursion::Stop
+            })
+        })?;
+        result
+    }
+
+    fn check_physical_node(&self, node: &dyn ExecutionPlan) -> Result<()> {
+        if let Some(source) = node.downcast_ref::<DataSourceExec>()
+            && let Some(scan) = source.data_source().downcast_ref::<FileScanConfig>()
+        {
+            self.check_store(scan.object_store_url.as_str())?;
+            for group in &scan.file_groups {
+                for file in group.files() {
+                    let path = format!("/{}", file.object_meta.location);
+                    self.check_location(&path)?;
+                }
+            }
+        }
+        if let Some(sink) = node.downcast_ref::<DataSinkExec>() {
+            let any = sink.sink();
+            let config = any
+                .downcast_ref::<datafusion::datasource::file_format::parquet::ParquetSink>()
+                .map(|s| s.config())
+                .or_else(|| {
+                    any.downcast_ref::<datafusion::datasource::file_format::csv::CsvSink>()
+                        .map(|s| s.config())
+                })
+                .or_else(|| {
+                    any.downcast_ref::<datafusion::datasource::file_format::json::JsonSink>()
+                        .map(|s| s.config())
+                });
+            self.ddl_denied("writing files")?;
+            if let Some(config) = config {
+                self.check_store(config.object_store_url.as_str())?;
+                self.check_location(&config.original_url)?;
+                for url in &config.table_paths {
+                    self.check_location(url.as_str())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_store(&self, url: &str) -> Result<()> {
+        if self.roots.is_none() || url.starts_with("file://") {
+            Ok(())
+        } else {
+            Err(self.denied(url, "only local files are configured on this cluster"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("data");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("t.csv"), "a\n1\n").unwrap();
+        let sandbox = Sandbox::new(std::slice::from_ref(&root), true).unwrap();
+        let inside = root.join("t.csv").display().to_string();
+        assert!(sandbox.check_location(&inside).is_ok());
+        assert!(sandbox.check_location(&format!("file://{inside}")).is_ok());
+        assert!(
+            sandbox
+                .check_location(&root.join("new/out.parquet").display().to_string())
+                .is_ok()
+        );
+        assert!(
+            sandbox
+                .check_location(&root.join("*.csv").display().to_string())
+                .is_ok()
+        );
+        assert!(sandbox.check_location("/etc/passwd").is_err());
+        assert!(
+            sandbox
+                .check_location(&format!("{}/../x", root.display()))
+                .is_err()
+        );
+        assert!(sandbox.check_location("s3://bucket/x").is_err());
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink("/etc", root.join("escape")).unwrap();
+            let err = sandbox
+                .check_location(&root.join("escape/passwd").display().to_string())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("resolves to /etc/passwd"), "{err}");
+        }
+    }
+}

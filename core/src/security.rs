@@ -1,0 +1,322 @@
+//! Transport security shared by every Volley process: the bearer token carried on each gRPC
+//! call (checked in constant time by [`AuthInterceptor`]) and TLS for servers and channels.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use subtle::ConstantTimeEq;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig,
+};
+use tonic::{Request, Status};
+
+use crate::{Result, VolleyError};
+
+/// Environment variable holding the auth token for every subcommand.
+pub const TOKEN_ENV: &str = "VOLLEY_AUTH_TOKEN";
+
+/// TLS material of one process, PEM encoded.
+#[derive(Clone)]
+pub struct TlsSettings {
+    /// Certificate chain this process presents (as server, and as client for mutual TLS).
+    pub cert_pem: Option<Vec<u8>>,
+    /// Private key of `cert_pem`.
+    pub key_pem: Option<Vec<u8>>,
+    /// CA that signed the peers' certificates (servers we call; clients when mutual TLS).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Servers require a client certificate signed by `ca_pem`.
+    pub require_client_cert: bool,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("cert", &self.cert_pem.is_some())
+            .field("key", &"<redacted>")
+            .field("ca", &self.ca_pem.is_some())
+            .field("require_client_cert", &self.require_client_cert)
+            .finish()
+    }
+}
+
+impl TlsSettings {
+    /// Read PEM files; any of them may be absent.
+    pub fn from_files(
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        ca: Option<&Path>,
+        require_client_cert: bool,
+    ) -> Result<Self> {
+        let read = |p: Option<&Path>, what: &str| -> Result<Option<Vec<u8>>> {
+            p.map(|p| {
+                std::fs::read(p).map_err(|e| {
+                    VolleyError::Config(format!("cannot read TLS {what} {}: {e}", p.display()))
+                })
+            })
+            .transpose()
+        };
+        let settings = Self {
+            cert_pem: read(cert, "certificate")?,
+            key_pem: read(key, "key")?,
+            ca_pem: read(ca, "CA certificate")?,
+            require_client_cert,
+        };
+        if settings.cert_pem.is_some() != settings.key_pem.is_some() {
+            return Err(VolleyError::Config(
+                "--tls-cert and --tls-key must be given together".to_string(),
+            ));
+        }
+        if require_client_cert && settings.ca_pem.is_none() {
+            return Err(VolleyError::Config(
+                "client certificate checks need --tls-ca".to_string(),
+            ));
+        }
+        Ok(settings)
+    }
+
+    fn identity(&self) -> Option<Identity> {
+        match (&self.cert_pem, &self.key_pem) {
+            (Some(cert), Some(key)) => Some(Identity::from_pem(cert, key)),
+            _ => None,
+        }
+    }
+}
+
+/// How a process authenticates itself and its peers.
+#[derive(Clone, Default)]
+pub struct Security {
+    token: Option<Arc<str>>,
+    tls: Option<Arc<TlsSettings>>,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl Security {
+    /// No token, plaintext: for loopback clusters and tests.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Use `token` (empty means none).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token.filter(|t| !t.is_empty()).map(Arc::from);
+        self
+    }
+
+    /// Use TLS.
+    pub fn with_tls(mut self, tls: Option<TlsSettings>) -> Self {
+        self.tls = tls.map(Arc::new);
+        self
+    }
+
+    /// The token, if one is set.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// True when this process speaks TLS.
+    pub fn tls_enabled(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// `https` with TLS, `http` without.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls_enabled() { "https" } else { "http" }
+    }
+
+    /// The URL of `host:port` in this process's scheme.
+    pub fn url(&self, host: &str, port: u16) -> String {
+        format!("{}://{host}:{port}", self.scheme())
+    }
+
+    /// Check a presented token in constant time.
+    pub fn token_matches(&self, presented: Option<&str>) -> bool {
+        match (&self.token, presented) {
+            (None, _) => true,
+            (Some(expected), Some(presented)) => {
+                let presented = presented.strip_prefix("Bearer ").unwrap_or("");
+                bool::from(expected.as_bytes().ct_eq(presented.as_bytes()))
+            }
+            (Some(_), None) => false,
+        }
+    }
+
+    /// A server builder with this process's TLS configuration.
+    pub fn server(&self) -> Result<Server> {
+        let mut builder = Server::builder().tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            let identity = tls.identity().ok_or_else(|| {
+                VolleyError::Config("a TLS server needs --tls-cert and --tls-key".to_string())
+            })?;
+            let mut config = ServerTlsConfig::new().identity(identity);
+            if tls.require_client_cert
+                && let Some(ca) = &tls.ca_pem
+            {
+                config = config.client_ca_root(Certificate::from_pem(ca));
+            }
+            builder = builder
+                .tls_config(config)
+                .map_err(|e| VolleyError::Config(format!("bad TLS configuration: {e}")))?;
+        }
+        Ok(builder)
+    }
+
+    /// A lazily connected endpoint to `url`, with TLS when configured.
+    pub fn endpoint(&self, url: &str) -> Result<Endpoint> {
+        let url = match (&self.tls, url.strip_prefix("http://")) {
+            (Some(_), Some(rest)) => format!("https://{rest}"),
+            _ => url.to_string(),
+        };
+        let bad = |e: tonic::transport::Error| VolleyError::Connect {
+            address: url.clone(),
+            message: e.to_string(),
+        };
+        let mut endpoint = Endpoint::from_shared(url.clone())
+            .map_err(bad)?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            let mut config = ClientTlsConfig::new();
+            if let Some(ca) = &tls.ca_pem {
+                config = config.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some(identity) = tls.identity() {
+                config = config.identity(identity);
+            }
+            endpoint = endpoint.tls_config(config).map_err(bad)?;
+        }
+        Ok(endpoint)
+    }
+
+    /// The interceptor servers check calls with.
+    pub fn server_interceptor(&self, service: &'static str) -> AuthInterceptor {
+        AuthInterceptor {
+            security: self.clone(),
+            service,
+        }
+    }
+
+    /// The interceptor clients stamp calls with.
+    pub fn client_interceptor(&self) -> Result<ClientAuth> {
+        let header = self
+            .token
+            .as_ref()
+            .map(|t| {
+                MetadataValue::try_from(format!("Bearer {t}")).map_err(|_| {
+                    VolleyError::Config(
+                        "the auth token must be printable ASCII without newlines".to_string(),
+                    )
+                })
+            })
+            .transpose()?;
+        Ok(ClientAuth { header })
+    }
+
+    /// `channel` with every call carrying the token.
+    pub fn authed(&self, channel: Channel) -> Result<AuthChannel> {
+        Ok(InterceptedService::new(channel, self.client_interceptor()?))
+    }
+}
+
+/// A channel whose calls carry the auth token.
+pub type AuthChannel = InterceptedService<Channel, ClientAuth>;
+
+/// Adds `authorization: Bearer <token>` to outgoing calls.
+#[derive(Clone)]
+pub struct ClientAuth {
+    header: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Interceptor for ClientAuth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(header) = &self.header {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Rejects calls without the right bearer token with `UNAUTHENTICATED`, before any work.
+#[derive(Clone)]
+pub struct AuthInterceptor {
+    security: Security,
+    service: &'static str,
+}
+
+impl Interceptor for AuthInterceptor {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if self.security.token_matches(presented) {
+            return Ok(request);
+        }
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let reason = if presented.is_some() {
+            "wrong auth token"
+        } else {
+            "missing auth token"
+        };
+        tracing::warn!(service = self.service, %peer, reason, "rejected unauthenticated call");
+        Err(Status::unauthenticated(format!(
+            "{reason}: this Volley {} requires `authorization: Bearer <token>` (--auth-token / {TOKEN_ENV})",
+            self.service
+        )))
+    }
+}
+
+/// Read a token from `--auth-token`, `--auth-token-file` or nothing.
+pub fn load_token(token: Option<String>, file: Option<&Path>) -> Result<Option<String>> {
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            VolleyError::Config(format!("cannot read token file {}: {e}", file.display()))
+        })?;
+        let token = text.trim().to_string();
+        if token.is_empty() {
+            return Err(VolleyError::Config(format!(
+                "token file {} is empty",
+                file.display()
+            )));
+        }
+        return Ok(Some(token));
+    }
+    Ok(token.filter(|t| !t.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_checks() {
+        let open = Security::none();
+        assert!(open.token_matches(None));
+        let secured = Security::none().with_token(Some("s3cret".to_string()));
+        assert!(secured.token_matches(Some("Bearer s3cret")));
+        assert!(!secured.token_matches(Some("Bearer s3cre")));
+        assert!(!secured.token_matches(Some("s3cret")));
+        assert!(!secured.token_matches(None));
+        let mut interceptor = secured.server_interceptor("scheduler");
+        let err = interceptor.call(Request::new(())).err().map(|s| s.code());
+        assert_eq!(err, Some(tonic::Code::Unauthenticated));
+        let mut client = secured.client_interceptor().unwrap();
+        let stamped = client.call(Request::new(())).unwrap();
+        assert!(interceptor.call(stamped).is_ok());
+    }
+}
