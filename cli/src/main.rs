@@ -10,7 +10,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 use volley_executor::{ExecutorConfig, start_executor};
 use volley_scheduler::{SchedulerConfig, start_scheduler};
 
@@ -61,6 +60,15 @@ struct SchedulerArgs {
     /// Listen beyond loopback without an auth token.
     #[arg(long)]
     insecure: bool,
+    /// Port of the web status page, JSON API and /metrics (0 = any free port).
+    #[arg(long, env = "VOLLEY_HTTP_PORT", default_value_t = 50080)]
+    http_port: u16,
+    /// Do not serve the status page.
+    #[arg(long)]
+    no_http: bool,
+    /// Export tracing spans over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317).
+    #[arg(long, env = "VOLLEY_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(flatten)]
     sandbox: security::SandboxArgs,
     #[command(flatten)]
@@ -100,16 +108,11 @@ struct ExecutorArgs {
     /// Heartbeat interval in milliseconds.
     #[arg(long, env = "VOLLEY_HEARTBEAT_MS", default_value_t = 2000)]
     heartbeat_ms: u64,
+    /// Export tracing spans over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317).
+    #[arg(long, env = "VOLLEY_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(flatten)]
     security: security::SecurityArgs,
-}
-
-fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 async fn wait_for_signal() {
@@ -149,16 +152,25 @@ async fn run_scheduler(args: SchedulerArgs) -> Result<(), String> {
         max_message_size: args.security.max_message_size,
         allowed_paths: Some(args.sandbox.allowed_paths.clone()),
         allow_ddl: !args.sandbox.disable_ddl,
+        http_port: (!args.no_http).then_some(args.http_port),
         ..SchedulerConfig::default()
     };
+    let _telemetry =
+        volley_core::telemetry::init("volley-scheduler", args.otlp_endpoint.as_deref())
+            .map_err(|e| e.to_string())?;
     let handle = start_scheduler(config).await.map_err(|e| e.to_string())?;
     eprintln!("volley scheduler listening on {}", handle.url());
+    if let Some(url) = handle.http_url() {
+        eprintln!("status page: {url}");
+    }
     wait_for_signal().await;
     handle.shutdown().await;
     Ok(())
 }
 
 async fn run_executor(args: ExecutorArgs) -> Result<(), String> {
+    let _telemetry = volley_core::telemetry::init("volley-executor", args.otlp_endpoint.as_deref())
+        .map_err(|e| e.to_string())?;
     let mut config = ExecutorConfig::new(args.scheduler);
     config.host = args.host;
     config.port = args.port;
@@ -187,7 +199,6 @@ async fn run_executor(args: ExecutorArgs) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -50,6 +50,9 @@ pub struct SqlArgs {
     /// Keep going after a failed statement (the exit code is still 1).
     #[arg(long)]
     continue_on_error: bool,
+    /// Export tracing spans over OTLP/gRPC to this collector (embedded cluster).
+    #[arg(long, env = "VOLLEY_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(flatten)]
     sandbox: crate::security::SandboxArgs,
     #[command(flatten)]
@@ -254,6 +257,8 @@ impl Session<'_> {
 
 /// Run `volley sql`.
 pub async fn run(args: SqlArgs) -> Result<(), String> {
+    let _telemetry = volley_core::telemetry::init("volley", args.otlp_endpoint.as_deref())
+        .map_err(|e| e.to_string())?;
     let mut setup = Vec::new();
     for spec in &args.tables {
         setup.push(table_statement(spec)?);
@@ -307,6 +312,9 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
                     cluster.url(),
                     args.executors
                 );
+                if let Some(url) = cluster.scheduler().http_url() {
+                    eprintln!("status page: {url}");
+                }
             }
             let client = cluster.client().await.map_err(|e| e.to_string())?;
             (Some(cluster), client)

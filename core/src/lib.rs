@@ -8,6 +8,7 @@ pub mod plan;
 pub mod sandbox;
 pub mod security;
 pub mod shuffle;
+pub mod telemetry;
 
 pub use error::{Result, VolleyError};
 

@@ -1,20 +1,23 @@
 //! Arrow Flight `do_get` serving shuffle files from the work dir.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
-use arrow_flight::encode::FlightDataEncoderBuilder;
-use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
-use datafusion::arrow::ipc::reader::StreamReader;
-use futures::{Stream, StreamExt, TryStreamExt};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+
+/// Bytes of a shuffle file per Flight message.
+const CHUNK_BYTES: usize = 1024 * 1024;
+/// `app_metadata` of messages that carry raw Arrow IPC stream bytes.
+const IPC_CHUNK: &[u8] = volley_core::shuffle::IPC_CHUNK_MARKER;
 
 type BoxedStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -65,38 +68,55 @@ impl FlightService for ShuffleFlightService {
         request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
         let path = self.checked_path(&request.into_inner().ticket)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        // The file already is a compressed Arrow IPC stream: send its bytes as they are, in
+        // chunks, instead of decoding and re-encoding every batch. The reader feeds them to an
+        // IPC stream decoder.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<FlightData, Status>>(4);
         tokio::task::spawn_blocking(move || {
-            let reader = File::open(&path)
-                .map_err(|e| FlightError::ExternalError(Box::new(e)))
-                .and_then(|f| {
-                    StreamReader::try_new(BufReader::with_capacity(256 * 1024, f), None)
-                        .map_err(FlightError::from)
-                });
-            match reader {
+            let mut file = match File::open(&path) {
+                Ok(f) => f,
                 Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
+                    let _ = tx.blocking_send(Err(Status::not_found(format!(
+                        "shuffle file {}: {e}",
+                        path.display()
+                    ))));
+                    return;
                 }
-                Ok(reader) => {
-                    for batch in reader {
-                        let item = batch.map_err(FlightError::from);
-                        let failed = item.is_err();
-                        if tx.blocking_send(item).is_err() || failed {
-                            break;
+            };
+            loop {
+                let mut chunk = vec![0u8; CHUNK_BYTES];
+                let mut filled = 0;
+                while filled < CHUNK_BYTES {
+                    match file.read(&mut chunk[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(Status::internal(format!(
+                                "reading {}: {e}",
+                                path.display()
+                            ))));
+                            return;
                         }
                     }
                 }
+                if filled == 0 {
+                    return;
+                }
+                chunk.truncate(filled);
+                let data = FlightData {
+                    app_metadata: Bytes::from_static(IPC_CHUNK),
+                    data_body: Bytes::from(chunk),
+                    ..FlightData::default()
+                };
+                if tx.blocking_send(Ok(data)).is_err() || filled < CHUNK_BYTES {
+                    return;
+                }
             }
         });
-        let batches = tokio_stream::wrappers::ReceiverStream::new(rx);
-        let options = datafusion::arrow::ipc::writer::IpcWriteOptions::default()
-            .try_with_compression(Some(datafusion::arrow::ipc::CompressionType::LZ4_FRAME))
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let stream = FlightDataEncoderBuilder::new()
-            .with_options(options)
-            .build(batches)
-            .map_err(|e| Status::internal(e.to_string()));
-        Ok(Response::new(stream.boxed()))
+        Ok(Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
+        ))
     }
 
     async fn handshake(

@@ -3,8 +3,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::execution::TaskContext;
 use datafusion::execution::session_state::SessionState;
+use datafusion::physical_plan::ExecutionPlan;
 use volley_core::VolleyError;
 use volley_core::codec::VolleyCodec;
 use volley_core::config::{TaskEnv, VolleyOptions, base_session_config};
@@ -25,9 +27,10 @@ impl TaskRunner {
         let started = Instant::now();
         let task = def.task.clone().unwrap_or_default();
         let status = match self.execute(&def, &task).await {
-            Ok(partitions) => pb::task_status::Status::Succeeded(pb::TaskSucceeded {
+            Ok((partitions, operators)) => pb::task_status::Status::Succeeded(pb::TaskSucceeded {
                 partitions,
                 elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                operators,
             }),
             Err(e) => {
                 let fetch_failure = match &e {
@@ -70,7 +73,7 @@ impl TaskRunner {
         &self,
         def: &pb::TaskDefinition,
         task: &pb::TaskId,
-    ) -> Result<Vec<pb::PartitionStats>, VolleyError> {
+    ) -> Result<(Vec<pb::PartitionStats>, Vec<pb::OperatorMetrics>), VolleyError> {
         let mut config = base_session_config();
         for kv in &def.settings {
             // Settings of a newer scheduler this executor does not know are not fatal.
@@ -131,7 +134,7 @@ impl TaskRunner {
             partition = task.partition,
             "task done"
         );
-        Ok(written
+        let partitions = written
             .into_iter()
             .map(|w| pb::PartitionStats {
                 output_partition: w.output_partition,
@@ -139,8 +142,33 @@ impl TaskRunner {
                 num_rows: w.num_rows,
                 num_bytes: w.num_bytes,
             })
-            .collect())
+            .collect();
+        Ok((partitions, operator_metrics(&plan)))
     }
+}
+
+/// Each operator's DataFusion metrics (summed by name), in pre-order.
+fn operator_metrics(plan: &Arc<dyn ExecutionPlan>) -> Vec<pb::OperatorMetrics> {
+    let mut out = Vec::new();
+    let _ = plan.apply(|node| {
+        let metrics = node
+            .metrics()
+            .map(|set| {
+                set.aggregate_by_name()
+                    .iter()
+                    // Timestamps do not add up across tasks.
+                    .filter(|m| !m.value().name().ends_with("timestamp"))
+                    .map(|m| pb::Metric {
+                        name: m.value().name().to_string(),
+                        value: u64::try_from(m.value().as_usize()).unwrap_or(u64::MAX),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(pb::OperatorMetrics { metrics });
+        Ok(TreeNodeRecursion::Continue)
+    });
+    out
 }
 
 /// IO and resource errors may pass on another attempt; user errors (bad cast, divide by zero,

@@ -16,6 +16,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tonic::service::InterceptorLayer;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use volley_core::protobuf::executor_grpc_server::{ExecutorGrpc, ExecutorGrpcServer};
 use volley_core::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
 use volley_core::protobuf::{self as pb};
@@ -183,22 +184,33 @@ impl ExecutorGrpc for ExecutorService {
                 self.inner.id
             )));
         }
-        for def in request.into_inner().tasks {
-            let job_id = def
-                .task
-                .as_ref()
-                .map(|t| t.job_id.clone())
-                .unwrap_or_default();
+        let (metadata, _, params) = request.into_parts();
+        for def in params.tasks {
+            let task = def.task.clone().unwrap_or_default();
+            let job_id = task.job_id.clone();
+            // The scheduler's stage span is the parent of this task's span.
+            let span = tracing::info_span!(
+                "task",
+                job_id = %task.job_id,
+                stage_id = task.stage_id,
+                partition = task.partition,
+                attempt = task.attempt,
+                executor_id = %self.inner.id,
+            );
+            volley_core::telemetry::set_parent_from(&span, &metadata);
             let inner = Arc::clone(&self.inner);
             let job = job_id.clone();
-            let handle = tokio::spawn(async move {
-                let Ok(_permit) = Arc::clone(&inner.slots).acquire_owned().await else {
-                    return;
-                };
-                let status = inner.runner.run(def).await;
-                inner.report(status).await;
-                inner.remove_finished(&job);
-            });
+            let handle = tokio::spawn(
+                async move {
+                    let Ok(_permit) = Arc::clone(&inner.slots).acquire_owned().await else {
+                        return;
+                    };
+                    let status = inner.runner.run(def).await;
+                    inner.report(status).await;
+                    inner.remove_finished(&job);
+                }
+                .instrument(span),
+            );
             self.inner
                 .running
                 .lock()

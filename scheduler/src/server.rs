@@ -15,6 +15,7 @@ use volley_core::sandbox::Sandbox;
 use volley_core::security::Security;
 use volley_core::{Result, VolleyError};
 
+use crate::metrics::SchedulerMetrics;
 use crate::service::SchedulerService;
 use crate::state::SchedulerPolicy;
 
@@ -50,6 +51,8 @@ pub struct SchedulerConfig {
     pub max_concurrent_jobs: usize,
     /// Allow a non-loopback address without an auth token.
     pub insecure: bool,
+    /// Port of the web status page and JSON API (same host; 0 picks a free one; None = off).
+    pub http_port: Option<u16>,
 }
 
 impl Default for SchedulerConfig {
@@ -69,6 +72,7 @@ impl Default for SchedulerConfig {
             allow_ddl: true,
             max_concurrent_jobs: 0,
             insecure: false,
+            http_port: Some(0),
         }
     }
 }
@@ -91,10 +95,13 @@ impl SchedulerConfig {
 /// A running scheduler; dropping it does not stop it, call [`SchedulerHandle::shutdown`].
 pub struct SchedulerHandle {
     addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     scheme: &'static str,
     service: SchedulerService,
     shutdown: Option<oneshot::Sender<()>>,
     join: Option<JoinHandle<()>>,
+    http_shutdown: Option<oneshot::Sender<()>>,
+    http: Option<JoinHandle<()>>,
 }
 
 impl SchedulerHandle {
@@ -108,6 +115,11 @@ impl SchedulerHandle {
         format!("{}://{}", self.scheme, self.addr)
     }
 
+    /// `http(s)://host:port` of the status page, when it is on.
+    pub fn http_url(&self) -> Option<String> {
+        self.http_addr.map(|a| format!("{}://{a}", self.scheme))
+    }
+
     /// The service, for in-process inspection.
     pub fn service(&self) -> &SchedulerService {
         &self.service
@@ -118,11 +130,51 @@ impl SchedulerHandle {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        if let Some(tx) = self.http_shutdown.take() {
+            let _ = tx.send(());
+        }
         self.service.stop_background();
         if let Some(join) = self.join.take() {
             let _ = join.await;
         }
+        if let Some(join) = self.http.take() {
+            let _ = join.await;
+        }
     }
+}
+
+/// Serve the status page and JSON API on `host:port` (TLS like the gRPC server).
+async fn start_http(
+    config: &SchedulerConfig,
+    port: u16,
+    service: SchedulerService,
+    shutdown: oneshot::Receiver<()>,
+) -> Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind((config.host.as_str(), port))
+        .await
+        .map_err(|e| VolleyError::Connect {
+            address: format!("{}:{port}", config.host),
+            message: format!("cannot bind the status page: {e}"),
+        })?;
+    let addr = listener.local_addr()?;
+    let mut server = config.security.server()?.accept_http1(true);
+    let routes = tonic::service::Routes::from(crate::web::router(service));
+    let join = tokio::spawn(async move {
+        let result = server
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = shutdown.await;
+                },
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "status page stopped");
+        }
+    });
+    tracing::info!(%addr, "status page listening");
+    Ok((addr, join))
 }
 
 /// Refuse to expose a scheduler beyond loopback without a token unless `--insecure`.
@@ -165,9 +217,11 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
         round_robin: config.round_robin,
         max_concurrent_jobs: config.max_concurrent_jobs,
     };
-    let service = SchedulerService::new(Arc::new(config.clone()), policy, sandbox);
+    let metrics = SchedulerMetrics::new()?;
+    let service = SchedulerService::new(Arc::new(config.clone()), policy, sandbox, metrics);
     service.start_background();
     let (tx, rx) = oneshot::channel::<()>();
+    let (http_tx, http_rx) = oneshot::channel::<()>();
     let grpc = SchedulerGrpcServer::new(service.clone())
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);
@@ -187,8 +241,18 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
         }
     });
     tracing::info!(%addr, "scheduler listening");
+    let (http_addr, http) = match config.http_port {
+        Some(port) => {
+            let (addr, join) = start_http(&config, port, service.clone(), http_rx).await?;
+            (Some(addr), Some(join))
+        }
+        None => (None, None),
+    };
     Ok(SchedulerHandle {
         addr,
+        http_addr,
+        http_shutdown: Some(http_tx),
+        http,
         scheme: config.security.scheme(),
         service,
         shutdown: Some(tx),

@@ -18,9 +18,10 @@ use volley_core::config::{config_to_pairs, volley_session_config};
 use volley_core::protobuf::executor_grpc_client::ExecutorGrpcClient;
 use volley_core::protobuf::{self as pb, job_status, scheduler_grpc_server::SchedulerGrpc};
 use volley_core::sandbox::Sandbox;
-use volley_core::security::AuthChannel;
+use volley_core::security::{AuthChannel, Security};
 use volley_core::{Result, VolleyError};
 
+use crate::metrics::SchedulerMetrics;
 use crate::planner::{explain_stages, plan_stages};
 use crate::rules::volley_session_state;
 use crate::server::SchedulerConfig;
@@ -36,6 +37,7 @@ pub struct SchedulerService {
     sessions: Arc<Mutex<HashMap<String, (SessionContext, Instant)>>>,
     clients: Arc<Mutex<HashMap<String, ExecutorGrpcClient<AuthChannel>>>>,
     sandbox: Sandbox,
+    metrics: SchedulerMetrics,
     background: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
@@ -64,7 +66,12 @@ pub fn ipc_bytes(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>>
 
 impl SchedulerService {
     /// A service with no executors and no jobs.
-    pub fn new(config: Arc<SchedulerConfig>, policy: SchedulerPolicy, sandbox: Sandbox) -> Self {
+    pub fn new(
+        config: Arc<SchedulerConfig>,
+        policy: SchedulerPolicy,
+        sandbox: Sandbox,
+        metrics: SchedulerMetrics,
+    ) -> Self {
         let state = ClusterState {
             policy,
             ..Default::default()
@@ -75,8 +82,20 @@ impl SchedulerService {
             sessions: Arc::new(Mutex::new(HashMap::new())),
             clients: Arc::new(Mutex::new(HashMap::new())),
             sandbox,
+            metrics,
             background: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Token and TLS settings of this scheduler.
+    pub fn security(&self) -> &Security {
+        &self.config.security
+    }
+
+    /// Prometheus text for `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let state = self.state.lock();
+        self.metrics.render(&state)
     }
 
     /// Read the state (tests, status pages).
@@ -207,7 +226,10 @@ impl SchedulerService {
         let mut batch_bytes = 0;
         for task in fits {
             let bytes = task.plan.len() + MESSAGE_OVERHEAD;
-            if !batch.is_empty() && batch_bytes + bytes >= limit {
+            let other_stage = batch.first().is_some_and(|t| {
+                (t.job_id.as_str(), t.stage_id) != (task.job_id.as_str(), task.stage_id)
+            });
+            if !batch.is_empty() && (batch_bytes + bytes >= limit || other_stage) {
                 self.launch_batch(&executor, std::mem::take(&mut batch))
                     .await;
                 batch_bytes = 0;
@@ -244,6 +266,11 @@ impl SchedulerService {
                 })
                 .collect(),
         };
+        // One stage per request: its span's trace context rides in the request metadata.
+        let mut request = tonic::Request::new(request);
+        if let Some(first) = tasks.first() {
+            volley_core::telemetry::inject(&first.span, request.metadata_mut());
+        }
         let result = match self.client(executor) {
             Ok(mut client) => client
                 .launch_tasks(request)
@@ -253,6 +280,10 @@ impl SchedulerService {
             Err(e) => Err(e),
         };
         if let Err(e) = result {
+            self.metrics
+                .rpc_errors
+                .with_label_values(&["launch_tasks"])
+                .inc();
             tracing::warn!(executor_id = %executor.id, error = %e, "cannot launch tasks");
             // An executor we cannot reach is treated as lost: its tasks go back to the queue
             // (without counting as task failures) and a live executor registers again on its
@@ -413,10 +444,17 @@ impl SchedulerService {
                 .add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
             return Ok(job_id);
         }
-        tracing::info!(job_id, stages = stages.len(), "job submitted");
-        self.state
-            .lock()
-            .add_job(job_id.clone(), sql.to_string(), settings, stages, schema);
+        let short: String = sql.chars().take(200).collect();
+        let span = tracing::info_span!(parent: None, "job", job_id = %job_id, stages = stages.len(), sql = %short);
+        tracing::info!(parent: &span, job_id, stages = stages.len(), "job submitted");
+        self.state.lock().add_job(
+            job_id.clone(),
+            sql.to_string(),
+            settings,
+            stages,
+            schema,
+            span,
+        );
         self.schedule();
         Ok(job_id)
     }
@@ -531,14 +569,35 @@ impl SchedulerGrpc for SchedulerService {
             for status in request.into_inner().statuses {
                 let Some(task) = status.task else { continue };
                 let outcome = match status.status {
-                    Some(pb::task_status::Status::Succeeded(s)) => TaskOutcome::Succeeded {
-                        outputs: s
-                            .partitions
-                            .into_iter()
-                            .map(|p| (p.output_partition, p.path, p.num_rows, p.num_bytes))
-                            .collect(),
-                        elapsed: Duration::from_millis(s.elapsed_ms),
-                    },
+                    Some(pb::task_status::Status::Succeeded(s)) => {
+                        let written: u64 = s.partitions.iter().map(|p| p.num_bytes).sum();
+                        self.metrics.shuffle_bytes_written.inc_by(written);
+                        self.metrics
+                            .task_seconds
+                            .observe(s.elapsed_ms as f64 / 1000.0);
+                        self.metrics
+                            .tasks_finished
+                            .with_label_values(&["succeeded"])
+                            .inc();
+                        self.metrics.shuffle_bytes_fetched.inc_by(state.input_bytes(
+                            &task.job_id,
+                            task.stage_id,
+                            task.partition,
+                        ));
+                        TaskOutcome::Succeeded {
+                            outputs: s
+                                .partitions
+                                .into_iter()
+                                .map(|p| (p.output_partition, p.path, p.num_rows, p.num_bytes))
+                                .collect(),
+                            elapsed: Duration::from_millis(s.elapsed_ms),
+                            metrics: s
+                                .operators
+                                .into_iter()
+                                .map(|o| o.metrics.into_iter().map(|m| (m.name, m.value)).collect())
+                                .collect(),
+                        }
+                    }
                     Some(pb::task_status::Status::Failed(f)) => TaskOutcome::Failed {
                         message: f.message,
                         retryable: f.retryable,
@@ -548,6 +607,12 @@ impl SchedulerGrpc for SchedulerService {
                     },
                     None => continue,
                 };
+                if matches!(outcome, TaskOutcome::Failed { .. }) {
+                    self.metrics
+                        .tasks_finished
+                        .with_label_values(&["failed"])
+                        .inc();
+                }
                 if let Some(job) = state.update_task(
                     &status.executor_id,
                     &task.job_id,

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::{Transformed, TreeNode};
@@ -144,6 +144,12 @@ pub struct TaskInfo {
     pub last_error: Option<String>,
     /// Executor the last attempt failed on: retries go elsewhere when they can.
     pub avoid: Option<String>,
+    /// Wall-clock start of the current (or last) attempt.
+    pub started_at: Option<SystemTime>,
+    /// Executor of the current (or last) attempt.
+    pub last_executor: Option<String>,
+    /// Spill bytes of the successful attempt.
+    pub spilled_bytes: u64,
 }
 
 /// One stage of a running job.
@@ -157,6 +163,14 @@ pub struct StageState {
     pub resolved: Option<Arc<Vec<u8>>>,
     /// Times the stage was (re)started.
     pub attempts: u32,
+    /// DataFusion metrics per operator (pre-order), summed over successful tasks.
+    pub operator_metrics: Vec<BTreeMap<String, u64>>,
+    /// When its first task was launched.
+    pub started: Option<Instant>,
+    /// When its last task finished.
+    pub finished: Option<Instant>,
+    /// Tracing span while the stage runs (parent of its tasks' spans on the executors).
+    pub span: Option<tracing::Span>,
 }
 
 impl StageState {
@@ -238,6 +252,10 @@ pub struct Job {
     pub released: bool,
     /// Bumped on every change, for waiters.
     pub version: watch::Sender<u64>,
+    /// Wall-clock submission time.
+    pub submitted_at: SystemTime,
+    /// Tracing span of the whole job; closed when it ends.
+    pub span: tracing::Span,
 }
 
 impl Job {
@@ -280,10 +298,25 @@ impl Job {
 
     fn fail(&mut self, message: String) {
         if !self.state.is_final() {
+            tracing::warn!(parent: &self.span, job_id = %self.id, error = %message, "job failed");
             self.state = JobState::Failed(message);
             self.finished = Some(Instant::now());
+            self.end_spans();
             self.touch();
         }
+    }
+
+    /// Close the job's and its stages' spans (they export when closed).
+    fn end_spans(&mut self) {
+        for stage in self.stages.values_mut() {
+            stage.span = None;
+        }
+        self.span = tracing::Span::none();
+    }
+
+    /// Rows of the result.
+    pub fn rows_out(&self) -> u64 {
+        self.result_locations().iter().map(|l| l.num_rows).sum()
     }
 }
 
@@ -302,6 +335,8 @@ pub struct TaskLaunch {
     pub plan: Arc<Vec<u8>>,
     /// Session settings.
     pub settings: Arc<Vec<(String, String)>>,
+    /// Span of its stage: the parent of the task's span on the executor.
+    pub span: tracing::Span,
 }
 
 /// How a task attempt ended, as reported by its executor.
@@ -313,6 +348,8 @@ pub enum TaskOutcome {
         outputs: Vec<(u32, String, u64, u64)>,
         /// Duration.
         elapsed: Duration,
+        /// Operator metrics (pre-order): name, value.
+        metrics: Vec<Vec<(String, u64)>>,
     },
     /// It failed.
     Failed {
@@ -420,6 +457,7 @@ impl ClusterState {
         settings: Arc<Vec<(String, String)>>,
         stages: Vec<StagePlan>,
         schema: SchemaRef,
+        span: tracing::Span,
     ) {
         let final_stage = stages.last().map_or(0, |s| s.stage_id);
         let stages = stages
@@ -432,6 +470,9 @@ impl ClusterState {
                         failures: 0,
                         last_error: None,
                         avoid: None,
+                        started_at: None,
+                        last_executor: None,
+                        spilled_bytes: 0,
                     })
                     .collect();
                 (
@@ -441,6 +482,10 @@ impl ClusterState {
                         tasks,
                         resolved: None,
                         attempts: 1,
+                        operator_metrics: Vec::new(),
+                        started: None,
+                        finished: None,
+                        span: None,
                     },
                 )
             })
@@ -464,6 +509,8 @@ impl ClusterState {
             finished: None,
             released: false,
             version: watch::channel(0).0,
+            submitted_at: SystemTime::now(),
+            span,
         };
         Self::check_job_done(&mut job);
         self.jobs.insert(id.clone(), job);
@@ -485,6 +532,8 @@ impl ClusterState {
             finished: Some(Instant::now()),
             released: false,
             version: watch::channel(0).0,
+            submitted_at: SystemTime::now(),
+            span: tracing::Span::none(),
         };
         self.jobs.insert(id.clone(), job);
         self.job_order.push(id);
@@ -499,8 +548,36 @@ impl ClusterState {
         {
             job.state = JobState::Succeeded;
             job.finished = Some(Instant::now());
+            job.end_spans();
             job.touch();
         }
+    }
+
+    /// Shuffle bytes partition `partition` of a stage reads from its input stages.
+    pub fn input_bytes(&self, job_id: &str, stage_id: u32, partition: u32) -> u64 {
+        let Some(job) = self.jobs.get(job_id) else {
+            return 0;
+        };
+        let Some(stage) = job.stages.get(&stage_id) else {
+            return 0;
+        };
+        stage
+            .plan
+            .inputs
+            .iter()
+            .filter_map(|id| job.stages.get(id))
+            .flat_map(|input| {
+                let per_partition = input.plan.kind == StageKind::Shuffle;
+                input.tasks.iter().flat_map(move |t| match &t.state {
+                    TaskState::Succeeded { outputs, .. } => outputs
+                        .iter()
+                        .filter(|l| !per_partition || l.output_partition == partition)
+                        .map(|l| l.num_bytes)
+                        .collect::<Vec<_>>(),
+                    _ => Vec::new(),
+                })
+            })
+            .sum()
     }
 
     /// Jobs in the running state.
@@ -558,9 +635,22 @@ impl ClusterState {
                         break;
                     }
                 };
+                let job_span = job.span.clone();
                 let Some(stage) = job.stages.get_mut(&stage_id) else {
                     continue;
                 };
+                if stage.span.is_none() {
+                    stage.span = Some(tracing::info_span!(
+                        parent: &job_span,
+                        "stage",
+                        job_id = %job_id,
+                        stage_id,
+                        partitions = stage.tasks.len()
+                    ));
+                }
+                stage.started.get_or_insert_with(Instant::now);
+                stage.finished = None;
+                let stage_span = stage.span.clone().unwrap_or_else(tracing::Span::none);
                 for (partition, task) in stage.tasks.iter_mut().enumerate() {
                     if !matches!(task.state, TaskState::Pending) {
                         continue;
@@ -581,6 +671,8 @@ impl ClusterState {
                         executor_id: executor.id.clone(),
                         started: Instant::now(),
                     };
+                    task.started_at = Some(SystemTime::now());
+                    task.last_executor = Some(executor.id.clone());
                     assigned
                         .entry(executor.id.clone())
                         .or_default()
@@ -591,6 +683,7 @@ impl ClusterState {
                             attempt: task.attempt,
                             plan: Arc::clone(&plan),
                             settings: Arc::clone(&job.settings),
+                            span: stage_span.clone(),
                         });
                 }
             }
@@ -754,7 +847,27 @@ impl ClusterState {
             return None;
         }
         match outcome {
-            TaskOutcome::Succeeded { outputs, elapsed } => {
+            TaskOutcome::Succeeded {
+                outputs,
+                elapsed,
+                metrics,
+            } => {
+                task.spilled_bytes = metrics
+                    .iter()
+                    .flatten()
+                    .filter(|(name, _)| name == "spilled_bytes")
+                    .map(|(_, v)| *v)
+                    .sum();
+                if stage.operator_metrics.len() < metrics.len() {
+                    stage
+                        .operator_metrics
+                        .resize(metrics.len(), BTreeMap::new());
+                }
+                for (slot, operator) in stage.operator_metrics.iter_mut().zip(metrics) {
+                    for (name, value) in operator {
+                        *slot.entry(name).or_default() += value;
+                    }
+                }
                 let (host, port) = executor.map(|e| (e.host, e.port)).unwrap_or_default();
                 let outputs = outputs
                     .into_iter()
@@ -779,6 +892,10 @@ impl ClusterState {
                 if let Some(e) = self.executors.get_mut(executor_id) {
                     e.completed_tasks += 1;
                     e.breaker.success();
+                }
+                if stage.is_complete() {
+                    stage.finished = Some(Instant::now());
+                    stage.span = None;
                 }
                 job.touch();
                 Self::check_job_done(job);
@@ -972,6 +1089,7 @@ impl ClusterState {
         }
         job.state = JobState::Cancelled;
         job.finished = Some(Instant::now());
+        job.end_spans();
         job.touch();
         // Slots held by its running tasks come back when executors report them.
         true

@@ -40,6 +40,7 @@ pub fn free_port() -> Result<u16, BoxError> {
 /// Scheduler and executor processes; all are killed on drop.
 pub struct ProcessCluster {
     url: String,
+    http_url: String,
     scheduler: Child,
     executors: Vec<Child>,
     executor_ports: Vec<u16>,
@@ -87,6 +88,7 @@ impl ProcessCluster {
         options: ProcessOptions,
     ) -> Result<Self, BoxError> {
         let port = free_port()?;
+        let http_port = free_port()?;
         let bin = volley_bin()?;
         let scheduler_args: Vec<String> = scheduler_args.iter().map(|s| s.to_string()).collect();
         // Test data lives under the workspace and the system temp dir.
@@ -112,6 +114,8 @@ impl ProcessCluster {
                 "127.0.0.1",
                 "--port",
                 &port.to_string(),
+                "--http-port",
+                &http_port.to_string(),
             ])
             .args(&sandbox)
             .args(&scheduler_args)
@@ -121,6 +125,7 @@ impl ProcessCluster {
             .spawn()?;
         let mut cluster = Self {
             url: format!("{scheme}://127.0.0.1:{port}"),
+            http_url: format!("{scheme}://127.0.0.1:{http_port}"),
             scheduler,
             executors: Vec::new(),
             executor_ports: Vec::new(),
@@ -203,6 +208,11 @@ impl ProcessCluster {
     /// Scheduler URL.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Base URL of the scheduler's status page and JSON API.
+    pub fn http_url(&self) -> &str {
+        &self.http_url
     }
 
     /// Arguments the scheduler was started with.

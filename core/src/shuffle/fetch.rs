@@ -7,8 +7,11 @@ use std::path::PathBuf;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
-use arrow_flight::{FlightClient, Ticket};
+use arrow_flight::Ticket;
+use arrow_flight::flight_service_client::FlightServiceClient;
 use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::buffer::Buffer;
+use datafusion::arrow::ipc::reader::StreamDecoder;
 use datafusion::arrow::ipc::reader::StreamReader;
 use datafusion::error::DataFusionError;
 use futures::stream::BoxStream;
@@ -87,19 +90,17 @@ async fn fetch_remote(
     let mut attempt = 0;
     let stream = loop {
         let channel = FlightChannels::get(security, &location.host, location.flight_port)?;
-        let mut client = FlightClient::new(channel);
-        if let Some(token) = security.token() {
-            client
-                .add_header("authorization", &format!("Bearer {token}"))
-                .map_err(|e| VolleyError::Config(format!("bad auth token: {e}")))?;
-        }
+        let mut client =
+            FlightServiceClient::with_interceptor(channel, security.client_interceptor()?)
+                .max_decoding_message_size(64 * 1024 * 1024);
         let ticket = Ticket::new(location.path.clone());
         match tokio::time::timeout(FETCH_TIMEOUT, client.do_get(ticket)).await {
-            Ok(Ok(stream)) => break stream,
-            Ok(Err(e)) => {
+            Ok(Ok(response)) => break response.into_inner(),
+            Ok(Err(status)) => {
                 FlightChannels::forget(security, &location.host, location.flight_port);
-                if attempt >= 1 || e.to_string().contains("auth token") {
-                    return Err(VolleyError::Internal(e.to_string()));
+                let unauthenticated = status.code() == tonic::Code::Unauthenticated;
+                if attempt >= 1 || unauthenticated {
+                    return Err(VolleyError::Grpc(status));
                 }
                 attempt += 1;
             }
@@ -111,16 +112,71 @@ async fn fetch_remote(
             }
         }
     };
+    // The messages carry the shuffle file's Arrow IPC stream bytes; decode them as they come.
     // A stalled peer (stopped process, dead link) must not hold the task forever.
-    let stream = tokio_stream::StreamExt::timeout(stream, FETCH_TIMEOUT).map(|item| match item {
-        Ok(Ok(batch)) => Ok(batch),
-        Ok(Err(e)) => Err(VolleyError::Internal(e.to_string())),
-        Err(_) => Err(VolleyError::Internal(format!(
-            "shuffle stream stalled for {} s",
-            FETCH_TIMEOUT.as_secs()
-        ))),
-    });
-    Ok(stream.boxed())
+    let chunks = tokio_stream::StreamExt::timeout(stream, FETCH_TIMEOUT);
+    let batches = futures::stream::unfold(
+        (
+            Box::pin(chunks),
+            StreamDecoder::new(),
+            Vec::<RecordBatch>::new(),
+            false,
+        ),
+        |(mut chunks, mut decoder, mut ready, mut done)| async move {
+            loop {
+                if !ready.is_empty() {
+                    let batch = ready.remove(0);
+                    return Some((Ok(batch), (chunks, decoder, ready, done)));
+                }
+                if done {
+                    return None;
+                }
+                let data = match chunks.next().await {
+                    None => {
+                        done = true;
+                        if let Err(e) = decoder.finish() {
+                            return Some((
+                                Err(VolleyError::from(e)),
+                                (chunks, decoder, ready, done),
+                            ));
+                        }
+                        continue;
+                    }
+                    Some(Err(_)) => {
+                        done = true;
+                        let e = VolleyError::Internal(format!(
+                            "shuffle stream stalled for {} s",
+                            FETCH_TIMEOUT.as_secs()
+                        ));
+                        return Some((Err(e), (chunks, decoder, ready, done)));
+                    }
+                    Some(Ok(Err(status))) => {
+                        done = true;
+                        return Some((
+                            Err(VolleyError::Grpc(status)),
+                            (chunks, decoder, ready, done),
+                        ));
+                    }
+                    Some(Ok(Ok(data))) => data,
+                };
+                let mut buffer = Buffer::from(data.data_body);
+                while !buffer.is_empty() {
+                    match decoder.decode(&mut buffer) {
+                        Ok(Some(batch)) => ready.push(batch),
+                        Ok(None) => {}
+                        Err(e) => {
+                            done = true;
+                            return Some((
+                                Err(VolleyError::from(e)),
+                                (chunks, decoder, ready, done),
+                            ));
+                        }
+                    }
+                }
+            }
+        },
+    );
+    Ok(batches.boxed())
 }
 
 /// Batches of one shuffle file; local files (same executor) are read without the network.

@@ -7,3 +7,7 @@ mod writer;
 pub use fetch::{FlightChannels, read_local_file, read_partition_location};
 pub use location::PartitionLocation;
 pub use writer::{ShuffleFileWriter, WrittenPartition};
+
+/// `app_metadata` of Flight messages that carry raw bytes of a shuffle file (an Arrow IPC
+/// stream), served by executors and decoded incrementally by readers.
+pub const IPC_CHUNK_MARKER: &[u8] = b"volley-ipc-stream-chunk";

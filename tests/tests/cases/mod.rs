@@ -8,3 +8,4 @@ mod repl;
 mod security;
 mod slt;
 mod tpch;
+mod web;

@@ -395,7 +395,15 @@ async fn jobs_over_the_concurrency_limit_queue() {
 async fn exposed_scheduler_needs_a_token_or_insecure() {
     let port = free_port().unwrap().to_string();
     let out = Command::new(volley_bin().unwrap())
-        .args(["scheduler", "--host", "0.0.0.0", "--port", &port])
+        .args([
+            "scheduler",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            &port,
+            "--http-port",
+            "0",
+        ])
         .env_remove("VOLLEY_AUTH_TOKEN")
         .output()
         .unwrap();

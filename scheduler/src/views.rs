@@ -1,0 +1,465 @@
+//! Read-only views of the scheduler's state for the status pages and the JSON API. These types
+//! are the API's contract; they are built from, but independent of, the internal state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::physical_plan::{ExecutionPlan, displayable};
+use serde::Serialize;
+
+use crate::state::{ClusterState, ExecutorInfo, Job, JobState, StageState, TaskState};
+
+/// A job in the jobs list.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobSummary {
+    /// Job id.
+    pub id: String,
+    /// SQL text (or the DataFrame plan's description).
+    pub sql: String,
+    /// queued, running, succeeded, failed or cancelled.
+    pub state: String,
+    /// Error text of a failed job.
+    pub error: Option<String>,
+    /// Submission time, milliseconds since the Unix epoch.
+    pub submitted_at_ms: u64,
+    /// Run time so far (running) or in all (ended).
+    pub duration_ms: u64,
+    /// Stages done.
+    pub stages_done: usize,
+    /// Stages in all.
+    pub stages_total: usize,
+    /// Tasks done.
+    pub tasks_done: usize,
+    /// Tasks in all.
+    pub tasks_total: usize,
+    /// Rows of the result (once done).
+    pub rows_out: u64,
+}
+
+/// One operator of a stage plan with its metrics summed over the stage's tasks.
+#[derive(Debug, Clone, Serialize)]
+pub struct OperatorView {
+    /// Depth in the plan tree (0 = root).
+    pub depth: usize,
+    /// DataFusion's one-line description.
+    pub operator: String,
+    /// Metric name -> value (times in nanoseconds).
+    pub metrics: BTreeMap<String, u64>,
+}
+
+/// A stage of a job.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageSummary {
+    /// Stage id.
+    pub id: u32,
+    /// shuffle, merge, broadcast or result.
+    pub kind: String,
+    /// pending, running, succeeded or failed.
+    pub state: String,
+    /// Input stages.
+    pub inputs: Vec<u32>,
+    /// Tasks (= partitions).
+    pub partitions: usize,
+    /// Tasks done.
+    pub tasks_done: usize,
+    /// Rows read: input stages' output, or rows scanned by a leaf stage.
+    pub rows_in: u64,
+    /// Bytes read from input stages.
+    pub bytes_in: u64,
+    /// Rows written.
+    pub rows_out: u64,
+    /// Bytes written (Arrow IPC, compressed).
+    pub bytes_out: u64,
+    /// Shuffle bytes written for the next stage (0 for the result stage).
+    pub shuffle_bytes: u64,
+    /// Bytes spilled to disk by its operators.
+    pub spilled_bytes: u64,
+    /// Time from first launch to last task done (or now).
+    pub duration_ms: u64,
+    /// Times it ran (more than 1 after lost shuffle output).
+    pub attempts: u32,
+    /// The stage plan with per-operator metrics once tasks finished.
+    pub plan: Vec<OperatorView>,
+}
+
+/// A job with its stages.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobDetail {
+    /// The job.
+    #[serde(flatten)]
+    pub job: JobSummary,
+    /// Its stages in id order.
+    pub stages: Vec<StageSummary>,
+}
+
+/// One task of a stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskView {
+    /// Partition.
+    pub partition: usize,
+    /// Current (or last) attempt.
+    pub attempt: u32,
+    /// Executor of that attempt.
+    pub executor: Option<String>,
+    /// pending, running, succeeded or failed.
+    pub state: String,
+    /// Start of that attempt, milliseconds since the Unix epoch.
+    pub started_at_ms: Option<u64>,
+    /// Duration of the successful attempt, or of the running one so far.
+    pub duration_ms: Option<u64>,
+    /// Rows written.
+    pub rows: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Bytes spilled.
+    pub spilled_bytes: u64,
+    /// Last error, if an attempt failed.
+    pub error: Option<String>,
+}
+
+/// Task duration statistics of a stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct DurationSummary {
+    /// Shortest finished task.
+    pub min_ms: u64,
+    /// Median finished task.
+    pub median_ms: u64,
+    /// Longest finished task.
+    pub max_ms: u64,
+}
+
+/// A stage with its tasks.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageDetail {
+    /// Job id.
+    pub job_id: String,
+    /// The stage.
+    #[serde(flatten)]
+    pub stage: StageSummary,
+    /// Its tasks by partition.
+    pub tasks: Vec<TaskView>,
+    /// Durations of finished tasks.
+    pub durations: Option<DurationSummary>,
+    /// The slowest task took over 3x the median.
+    pub skewed: bool,
+}
+
+/// An executor.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecutorView {
+    /// Id.
+    pub id: String,
+    /// host:port of its gRPC and Flight server.
+    pub address: String,
+    /// Task slots.
+    pub slots: u32,
+    /// Tasks running on it.
+    pub running_tasks: u32,
+    /// Tasks completed.
+    pub completed_tasks: u64,
+    /// Tasks failed.
+    pub failed_tasks: u64,
+    /// Time since its last heartbeat.
+    pub last_heartbeat_age_ms: u64,
+    /// Shuffle bytes it holds for unreleased jobs.
+    pub shuffle_bytes_held: u64,
+    /// alive, draining, circuit open or lost.
+    pub state: String,
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(ms).unwrap_or(0)
+}
+
+/// Summary of one job.
+pub fn job_summary(job: &Job) -> JobSummary {
+    let (stages_done, stages_total, tasks_done, tasks_total) = job.progress();
+    let end = job.finished.unwrap_or_else(Instant::now);
+    JobSummary {
+        id: job.id.clone(),
+        sql: job.sql.clone(),
+        state: job.state.as_str().to_string(),
+        error: match &job.state {
+            JobState::Failed(message) => Some(message.clone()),
+            _ => None,
+        },
+        submitted_at_ms: epoch_ms(job.submitted_at),
+        duration_ms: ms(end.saturating_duration_since(job.submitted)),
+        stages_done,
+        stages_total,
+        tasks_done,
+        tasks_total,
+        rows_out: if job.state == JobState::Succeeded {
+            job.rows_out()
+        } else {
+            0
+        },
+    }
+}
+
+/// All jobs, newest first.
+pub fn jobs(state: &ClusterState) -> Vec<JobSummary> {
+    state
+        .job_order
+        .iter()
+        .rev()
+        .filter_map(|id| state.jobs.get(id))
+        .map(job_summary)
+        .collect()
+}
+
+fn outputs(stage: &StageState) -> (u64, u64) {
+    stage
+        .tasks
+        .iter()
+        .filter_map(|t| match &t.state {
+            TaskState::Succeeded { outputs, .. } => Some(outputs),
+            _ => None,
+        })
+        .flatten()
+        .fold((0, 0), |(r, b), l| (r + l.num_rows, b + l.num_bytes))
+}
+
+fn plan_view(
+    plan: &Arc<dyn ExecutionPlan>,
+    metrics: &[BTreeMap<String, u64>],
+) -> Vec<OperatorView> {
+    fn walk(
+        node: &Arc<dyn ExecutionPlan>,
+        depth: usize,
+        metrics: &[BTreeMap<String, u64>],
+        out: &mut Vec<OperatorView>,
+    ) {
+        let index = out.len();
+        out.push(OperatorView {
+            depth,
+            operator: displayable(node.as_ref())
+                .one_line()
+                .to_string()
+                .trim()
+                .to_string(),
+            metrics: metrics.get(index).cloned().unwrap_or_default(),
+        });
+        for child in node.children() {
+            walk(child, depth + 1, metrics, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(plan, 0, metrics, &mut out);
+    out
+}
+
+/// Rows scanned by the stage's leaf operators (file scans), from their metrics.
+fn leaf_rows(plan: &Arc<dyn ExecutionPlan>, metrics: &[BTreeMap<String, u64>]) -> u64 {
+    let mut index = 0;
+    let mut rows = 0;
+    let _ = plan.apply(|node| {
+        if node.children().is_empty() {
+            rows += metrics
+                .get(index)
+                .and_then(|m| m.get("output_rows"))
+                .copied()
+                .unwrap_or(0);
+        }
+        index += 1;
+        Ok(TreeNodeRecursion::Continue)
+    });
+    rows
+}
+
+/// Summary of one stage of `job`.
+pub fn stage_summary(job: &Job, stage: &StageState) -> StageSummary {
+    let (rows_out, bytes_out) = outputs(stage);
+    let (mut rows_in, bytes_in) = stage
+        .plan
+        .inputs
+        .iter()
+        .filter_map(|id| job.stages.get(id))
+        .map(outputs)
+        .fold((0, 0), |(r, b), (r2, b2)| (r + r2, b + b2));
+    let plan = Arc::clone(&stage.plan.plan) as Arc<dyn ExecutionPlan>;
+    if stage.plan.inputs.is_empty() {
+        rows_in = leaf_rows(&plan, &stage.operator_metrics);
+    }
+    let tasks_done = stage
+        .tasks
+        .iter()
+        .filter(|t| matches!(t.state, TaskState::Succeeded { .. }))
+        .count();
+    let complete = tasks_done == stage.tasks.len();
+    let failed = matches!(job.state, JobState::Failed(_))
+        && stage.tasks.iter().any(|t| t.last_error.is_some())
+        && !complete;
+    let state = if complete {
+        "succeeded"
+    } else if failed {
+        "failed"
+    } else if stage.started.is_some()
+        && stage
+            .tasks
+            .iter()
+            .any(|t| matches!(t.state, TaskState::Running { .. }))
+    {
+        "running"
+    } else {
+        "pending"
+    };
+    let duration = match (stage.started, stage.finished) {
+        (Some(start), Some(end)) => end.saturating_duration_since(start),
+        (Some(start), None) if !job.state.is_final() => start.elapsed(),
+        (Some(start), None) => job
+            .finished
+            .map_or(Duration::ZERO, |end| end.saturating_duration_since(start)),
+        _ => Duration::ZERO,
+    };
+    StageSummary {
+        id: stage.plan.stage_id,
+        kind: stage.plan.kind.as_str().to_string(),
+        state: state.to_string(),
+        inputs: stage.plan.inputs.clone(),
+        partitions: stage.tasks.len(),
+        tasks_done,
+        rows_in,
+        bytes_in,
+        rows_out,
+        bytes_out,
+        shuffle_bytes: if stage.plan.kind == crate::planner::StageKind::Result {
+            0
+        } else {
+            bytes_out
+        },
+        spilled_bytes: stage.tasks.iter().map(|t| t.spilled_bytes).sum(),
+        duration_ms: ms(duration),
+        attempts: stage.attempts,
+        plan: plan_view(&plan, &stage.operator_metrics),
+    }
+}
+
+/// A job and its stages.
+pub fn job_detail(state: &ClusterState, job_id: &str) -> Option<JobDetail> {
+    let job = state.jobs.get(job_id)?;
+    Some(JobDetail {
+        job: job_summary(job),
+        stages: job
+            .stages
+            .values()
+            .map(|stage| stage_summary(job, stage))
+            .collect(),
+    })
+}
+
+/// A stage and its tasks.
+pub fn stage_detail(state: &ClusterState, job_id: &str, stage_id: u32) -> Option<StageDetail> {
+    let job = state.jobs.get(job_id)?;
+    let stage = job.stages.get(&stage_id)?;
+    let tasks: Vec<TaskView> = stage
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|(partition, t)| {
+            let (state, duration, rows, bytes) = match &t.state {
+                TaskState::Pending if t.last_error.is_some() && job.state.is_final() => {
+                    ("failed", None, 0, 0)
+                }
+                TaskState::Pending => ("pending", None, 0, 0),
+                TaskState::Running { started, .. } => {
+                    ("running", Some(ms(started.elapsed())), 0, 0)
+                }
+                TaskState::Succeeded {
+                    outputs, elapsed, ..
+                } => (
+                    "succeeded",
+                    Some(ms(*elapsed)),
+                    outputs.iter().map(|l| l.num_rows).sum(),
+                    outputs.iter().map(|l| l.num_bytes).sum(),
+                ),
+            };
+            TaskView {
+                partition,
+                attempt: t.attempt,
+                executor: t.last_executor.clone(),
+                state: state.to_string(),
+                started_at_ms: t.started_at.map(epoch_ms),
+                duration_ms: duration,
+                rows,
+                bytes,
+                spilled_bytes: t.spilled_bytes,
+                error: t.last_error.clone(),
+            }
+        })
+        .collect();
+    let mut finished: Vec<u64> = tasks
+        .iter()
+        .filter(|t| t.state == "succeeded")
+        .filter_map(|t| t.duration_ms)
+        .collect();
+    finished.sort_unstable();
+    let durations = (!finished.is_empty()).then(|| DurationSummary {
+        min_ms: finished[0],
+        median_ms: finished[finished.len() / 2],
+        max_ms: finished[finished.len() - 1],
+    });
+    let skewed = durations
+        .as_ref()
+        .is_some_and(|d| finished.len() > 1 && d.max_ms > 3 * d.median_ms.max(1));
+    Some(StageDetail {
+        job_id: job_id.to_string(),
+        stage: stage_summary(job, stage),
+        tasks,
+        durations,
+        skewed,
+    })
+}
+
+fn executor_view(state: &ClusterState, e: &ExecutorInfo) -> ExecutorView {
+    let held: u64 = state
+        .jobs
+        .values()
+        .filter(|j| !j.released)
+        .flat_map(|j| j.stages.values())
+        .flat_map(|s| &s.tasks)
+        .filter_map(|t| match &t.state {
+            TaskState::Succeeded {
+                executor_id,
+                outputs,
+                ..
+            } if *executor_id == e.id => Some(outputs.iter().map(|l| l.num_bytes).sum::<u64>()),
+            _ => None,
+        })
+        .sum();
+    let status = if !e.alive {
+        "lost"
+    } else if e.draining {
+        "draining"
+    } else if !e.breaker.allows() {
+        "circuit open"
+    } else {
+        "alive"
+    };
+    ExecutorView {
+        id: e.id.clone(),
+        address: format!("{}:{}", e.host, e.port),
+        slots: e.slots,
+        running_tasks: e.slots.saturating_sub(e.free_slots),
+        completed_tasks: e.completed_tasks,
+        failed_tasks: e.failed_tasks,
+        last_heartbeat_age_ms: ms(e.last_seen.elapsed()),
+        shuffle_bytes_held: held,
+        state: status.to_string(),
+    }
+}
+
+/// All executors the scheduler knows.
+pub fn executors(state: &ClusterState) -> Vec<ExecutorView> {
+    state
+        .executors
+        .values()
+        .map(|e| executor_view(state, e))
+        .collect()
+}
