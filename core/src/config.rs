@@ -18,8 +18,10 @@ extensions_options! {
         /// Test hook: `STAGE:MILLIS` makes every task of that stage wait that long before it
         /// runs, giving tests a deterministic window (e.g. to kill an executor mid-stage).
         pub test_delay_task: String, default = String::new()
-        /// Compression of shuffle files: `lz4` (default), `zstd` or `none`.
-        pub shuffle_compression: String, default = "lz4".to_string()
+        /// Compression of shuffle files: `auto` (default: none when every executor runs on
+        /// this host's loopback, where no byte crosses a network, lz4 otherwise), `lz4`,
+        /// `zstd` or `none`.
+        pub shuffle_compression: String, default = "auto".to_string()
     }
 }
 
@@ -62,11 +64,11 @@ impl VolleyOptions {
     pub fn compression(&self) -> crate::Result<Option<datafusion::arrow::ipc::CompressionType>> {
         use datafusion::arrow::ipc::CompressionType;
         match self.shuffle_compression.to_ascii_lowercase().as_str() {
-            "lz4" | "" => Ok(Some(CompressionType::LZ4_FRAME)),
+            "lz4" | "auto" | "" => Ok(Some(CompressionType::LZ4_FRAME)),
             "zstd" => Ok(Some(CompressionType::ZSTD)),
             "none" => Ok(None),
             other => Err(crate::VolleyError::InvalidMessage(format!(
-                "volley.shuffle_compression must be lz4, zstd or none, not {other:?}"
+                "volley.shuffle_compression must be auto, lz4, zstd or none, not {other:?}"
             ))),
         }
     }

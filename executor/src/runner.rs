@@ -3,7 +3,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
+use datafusion::datasource::physical_plan::{FileScanConfig, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::TaskContext;
 use datafusion::execution::session_state::SessionState;
 use datafusion::physical_plan::ExecutionPlan;
@@ -116,7 +119,7 @@ impl TaskRunner {
             partition = task.partition,
             "task start"
         );
-        let plan = VolleyCodec::decode_plan(&def.plan, &ctx)?;
+        let plan = with_metadata_cache(VolleyCodec::decode_plan(&def.plan, &ctx)?, &ctx)?;
         tracing::debug!(
             stage = task.stage_id,
             partition = task.partition,
@@ -145,6 +148,43 @@ impl TaskRunner {
             .collect();
         Ok((partitions, operator_metrics(&plan)))
     }
+}
+
+/// Parquet scans decoded from a plan have no reader factory and would read every file's
+/// footer again in every task; give them the executor's shared file-metadata cache, as
+/// DataFusion's own table scans have.
+fn with_metadata_cache(
+    plan: Arc<dyn ExecutionPlan>,
+    ctx: &TaskContext,
+) -> Result<Arc<dyn ExecutionPlan>, VolleyError> {
+    let runtime = ctx.runtime_env();
+    let rewritten = plan.transform_up(|node| {
+        let Some(scan) = node
+            .downcast_ref::<DataSourceExec>()
+            .and_then(|exec| exec.data_source().downcast_ref::<FileScanConfig>())
+        else {
+            return Ok(Transformed::no(node));
+        };
+        let Some(source) = scan.file_source().downcast_ref::<ParquetSource>() else {
+            return Ok(Transformed::no(node));
+        };
+        if source.parquet_file_reader_factory().is_some() {
+            return Ok(Transformed::no(node));
+        }
+        let store = runtime.object_store(scan.object_store_url.clone())?;
+        let factory = Arc::new(CachedParquetFileReaderFactory::new(
+            store,
+            runtime.cache_manager.get_file_metadata_cache(),
+        ));
+        let source = source.clone().with_parquet_file_reader_factory(factory);
+        let config = FileScanConfigBuilder::from(scan.clone())
+            .with_source(Arc::new(source))
+            .build();
+        Ok(Transformed::yes(
+            DataSourceExec::from_data_source(config) as Arc<dyn ExecutionPlan>
+        ))
+    })?;
+    Ok(rewritten.data)
 }
 
 /// Each operator's DataFusion metrics (summed by name), in pre-order.

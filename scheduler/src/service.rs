@@ -426,6 +426,7 @@ impl SchedulerService {
         settings: Arc<Vec<(String, String)>>,
     ) -> Result<String> {
         self.sandbox.check_physical(&physical)?;
+        let settings = self.resolve_settings(settings);
         let schema = physical.schema();
         let stages = plan_stages(&job_id, Arc::clone(&physical))?;
         let distributable = stages.iter().all(|s| {
@@ -491,6 +492,37 @@ impl SchedulerService {
             tasks_total: n(tasks_total),
             tasks_done: n(tasks_done),
         })
+    }
+
+    /// Settings a job's tasks run with: `volley.shuffle_compression = auto` becomes `none` when
+    /// every live executor is on a loopback address (shuffle bytes never cross a network and
+    /// compressing them only costs CPU), `lz4` otherwise.
+    fn resolve_settings(&self, settings: Arc<Vec<(String, String)>>) -> Arc<Vec<(String, String)>> {
+        const KEY: &str = "volley.shuffle_compression";
+        let auto = settings
+            .iter()
+            .find(|(k, _)| k == KEY)
+            .is_none_or(|(_, v)| v.eq_ignore_ascii_case("auto"));
+        if !auto {
+            return settings;
+        }
+        let local = self
+            .state
+            .lock()
+            .executors
+            .values()
+            .filter(|e| e.alive)
+            .all(|e| {
+                e.host == "localhost"
+                    || e.host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            });
+        let value = if local { "none" } else { "lz4" };
+        let mut resolved: Vec<(String, String)> =
+            settings.iter().filter(|(k, _)| k != KEY).cloned().collect();
+        resolved.push((KEY.to_string(), value.to_string()));
+        Arc::new(resolved)
     }
 
     /// Cancel a running job.

@@ -3,12 +3,17 @@
 //! the same run; prints per-query seconds, totals and the Volley/DataFusion ratio.
 //!
 //! `cargo bench -p volley-tests --bench tpch -- [--sf 1] [--executors 2] [--slots 1]
-//!  [--query N] [--iterations 1] [--data DIR] [--compression lz4|zstd|none]`
+//!  [--query N] [--iterations 1] [--data DIR] [--compression lz4|zstd|none] [--json FILE]
+//!  [--baseline default|volley]`
+//!
+//! The DataFusion baseline runs with DataFusion's default settings and one partition per core
+//! (`--baseline volley` gives it Volley's session settings instead). `--json FILE` writes one
+//! object per query (seconds, ratio, rows, shuffle and spill bytes) and the totals.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::{SessionConfig, SessionContext};
 use volley::EmbeddedCluster;
 use volley_core::config::volley_session_config;
 use volley_scheduler::SchedulerConfig;
@@ -25,6 +30,8 @@ struct Args {
     iterations: usize,
     data: Option<PathBuf>,
     compression: Option<String>,
+    json: Option<PathBuf>,
+    volley_baseline: bool,
 }
 
 fn parse_args() -> Result<Args, BoxError> {
@@ -37,6 +44,8 @@ fn parse_args() -> Result<Args, BoxError> {
         iterations: 1,
         data: None,
         compression: None,
+        json: None,
+        volley_baseline: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -49,6 +58,8 @@ fn parse_args() -> Result<Args, BoxError> {
             "--iterations" => args.iterations = value()?.parse::<usize>()?.max(1),
             "--data" => args.data = Some(PathBuf::from(value()?)),
             "--compression" => args.compression = Some(value()?),
+            "--json" => args.json = Some(PathBuf::from(value()?)),
+            "--baseline" => args.volley_baseline = value()? == "volley",
             "--bench" => {}
             other => return Err(format!("unknown argument {other}").into()),
         }
@@ -75,7 +86,12 @@ async fn main() -> Result<(), BoxError> {
         dir.display()
     );
 
-    let ctx = SessionContext::new_with_config(volley_session_config(cores));
+    let config = if args.volley_baseline {
+        volley_session_config(cores)
+    } else {
+        SessionConfig::new().with_target_partitions(cores)
+    };
+    let ctx = SessionContext::new_with_config(config);
     tpch::register_local(&ctx, &dir).await?;
 
     let partitions = args.executors * args.slots;
@@ -112,18 +128,22 @@ async fn main() -> Result<(), BoxError> {
         "query", "datafusion_s", "volley_s", "ratio", "rows"
     );
     let (mut total_df, mut total_volley) = (0.0, 0.0);
+    let mut records = Vec::new();
     for &q in &args.queries {
         let sql = tpch::query(q)?;
         let mut best_df = f64::MAX;
         let mut best_volley = f64::MAX;
         let mut checked = 0;
+        let mut last_job = String::new();
         for _ in 0..args.iterations {
             let t = Instant::now();
             let local = ctx.sql(&sql).await?.collect().await?;
             best_df = best_df.min(t.elapsed().as_secs_f64());
             let t = Instant::now();
-            let (_, remote) = client.sql(&sql).await?;
+            let job_id = client.submit(&sql).await?;
+            let remote = client.sql_job_rows(&job_id).await?;
             best_volley = best_volley.min(t.elapsed().as_secs_f64());
+            last_job = job_id;
             let expected = rows(&local)?;
             assert_same_rows(
                 &expected,
@@ -135,6 +155,26 @@ async fn main() -> Result<(), BoxError> {
         }
         total_df += best_df;
         total_volley += best_volley;
+        let (shuffle_bytes, spill_bytes) = cluster
+            .scheduler()
+            .service()
+            .with_state(|state| volley_scheduler::views::job_detail(state, &last_job))
+            .map(|job| {
+                (
+                    job.stages.iter().map(|s| s.shuffle_bytes).sum::<u64>(),
+                    job.stages.iter().map(|s| s.spilled_bytes).sum::<u64>(),
+                )
+            })
+            .unwrap_or_default();
+        records.push(serde_json::json!({
+            "query": format!("q{q}"),
+            "datafusion_s": best_df,
+            "volley_s": best_volley,
+            "ratio": best_volley / best_df,
+            "rows": checked,
+            "shuffle_bytes": shuffle_bytes,
+            "spill_bytes": spill_bytes,
+        }));
         println!(
             "{:>5} {:>12.3} {:>12.3} {:>8.2} {:>10}",
             format!("q{q}"),
@@ -151,6 +191,22 @@ async fn main() -> Result<(), BoxError> {
         total_volley,
         total_volley / total_df
     );
+    if let Some(path) = &args.json {
+        let report = serde_json::json!({
+            "sf": args.sf,
+            "executors": args.executors,
+            "slots": args.slots,
+            "datafusion_partitions": cores,
+            "queries": records,
+            "total": {
+                "datafusion_s": total_df,
+                "volley_s": total_volley,
+                "ratio": total_volley / total_df,
+            },
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("wrote {}", path.display());
+    }
     cluster.shutdown().await;
     Ok(())
 }

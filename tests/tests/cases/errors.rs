@@ -99,7 +99,7 @@ async fn bad_input_gives_clear_errors_and_cluster_keeps_serving() {
         .expect_err("unknown codec")
         .to_string();
     assert!(
-        err.contains("volley.shuffle_compression must be lz4, zstd or none"),
+        err.contains("volley.shuffle_compression must be auto, lz4, zstd or none"),
         "{err}"
     );
 
