@@ -1,7 +1,6 @@
 //! Arrow Flight `do_get` serving shuffle files from the work dir.
 
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
@@ -25,11 +24,15 @@ type BoxedStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'sta
 #[derive(Debug, Clone)]
 pub struct ShuffleFlightService {
     work_dir: PathBuf,
+    chunk_bytes: usize,
 }
 
 impl ShuffleFlightService {
-    pub fn new(work_dir: PathBuf) -> Self {
-        Self { work_dir }
+    pub fn new(work_dir: PathBuf, max_message_size: usize) -> Self {
+        Self {
+            work_dir,
+            chunk_bytes: CHUNK_BYTES.min(max_message_size / 2).max(4096),
+        }
     }
 
     fn checked_path(&self, ticket: &[u8]) -> Result<PathBuf, Status> {
@@ -68,9 +71,10 @@ impl FlightService for ShuffleFlightService {
         request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
         let path = self.checked_path(&request.into_inner().ticket)?;
-        // The file already is a compressed Arrow IPC stream: send its bytes as they are, in
-        // chunks, instead of decoding and re-encoding every batch. The reader feeds them to an
-        // IPC stream decoder.
+        // The file already is an Arrow IPC stream: send its bytes as they are, in chunks,
+        // instead of decoding and re-encoding every batch. The reader feeds them to an IPC
+        // stream decoder.
+        let chunk_bytes = self.chunk_bytes;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<FlightData, Status>>(4);
         tokio::task::spawn_blocking(move || {
             let mut file = match File::open(&path) {
@@ -84,32 +88,26 @@ impl FlightService for ShuffleFlightService {
                 }
             };
             loop {
-                let mut chunk = vec![0u8; CHUNK_BYTES];
-                let mut filled = 0;
-                while filled < CHUNK_BYTES {
-                    match file.read(&mut chunk[filled..]) {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            let _ = tx.blocking_send(Err(Status::internal(format!(
-                                "reading {}: {e}",
-                                path.display()
-                            ))));
-                            return;
-                        }
+                let chunk = match volley_core::shuffle::read_chunk(&mut file, chunk_bytes as u64) {
+                    Ok(chunk) => chunk,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(format!(
+                            "reading {}: {e}",
+                            path.display()
+                        ))));
+                        return;
                     }
-                }
+                };
+                let filled = chunk.len();
                 if filled == 0 {
                     return;
                 }
-                chunk.truncate(filled);
                 let data = FlightData {
                     app_metadata: Bytes::from_static(IPC_CHUNK),
                     data_body: Bytes::from(chunk),
                     ..FlightData::default()
                 };
-                if tx.blocking_send(Ok(data)).is_err() || filled < CHUNK_BYTES {
+                if tx.blocking_send(Ok(data)).is_err() || filled < chunk_bytes {
                     return;
                 }
             }

@@ -356,9 +356,12 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
     })
     .max_decoding_message_size(config.max_message_size)
     .max_encoding_message_size(config.max_message_size);
-    let flight = FlightServiceServer::new(ShuffleFlightService::new(config.work_dir.clone()))
-        .max_decoding_message_size(config.max_message_size)
-        .max_encoding_message_size(config.max_message_size);
+    let flight = FlightServiceServer::new(ShuffleFlightService::new(
+        config.work_dir.clone(),
+        config.max_message_size,
+    ))
+    .max_decoding_message_size(config.max_message_size)
+    .max_encoding_message_size(config.max_message_size);
     let server = config.security.server()?.layer(InterceptorLayer::new(
         config.security.server_interceptor("executor"),
     ));

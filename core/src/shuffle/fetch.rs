@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::Read;
 use std::path::PathBuf;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
@@ -12,7 +12,6 @@ use arrow_flight::flight_service_client::FlightServiceClient;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::buffer::Buffer;
 use datafusion::arrow::ipc::reader::StreamDecoder;
-use datafusion::arrow::ipc::reader::StreamReader;
 use datafusion::error::DataFusionError;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
@@ -53,29 +52,42 @@ impl FlightChannels {
     }
 }
 
-/// Stream the batches of a local shuffle file, decoding on a blocking thread.
+/// Bytes read from a local shuffle file at a time.
+const LOCAL_CHUNK_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Read up to `limit` bytes into a fresh buffer (not zero-filled first).
+pub fn read_chunk(file: &mut File, limit: u64) -> std::io::Result<Vec<u8>> {
+    let mut chunk = Vec::with_capacity(usize::try_from(limit).unwrap_or(usize::MAX));
+    file.take(limit).read_to_end(&mut chunk)?;
+    Ok(chunk)
+}
+
+/// Stream the batches of a local shuffle file, reading large chunks and decoding them with an
+/// IPC stream decoder on a blocking thread (batches share the chunk's memory where aligned).
 pub fn read_local_file(path: PathBuf) -> BoxStream<'static, Result<RecordBatch>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<RecordBatch>>(2);
     tokio::task::spawn_blocking(move || {
-        let reader = File::open(&path).map_err(VolleyError::from).and_then(|f| {
-            Ok(StreamReader::try_new(
-                BufReader::with_capacity(256 * 1024, f),
-                None,
-            )?)
-        });
-        match reader {
-            Err(e) => {
-                let _ = tx.blocking_send(Err(e));
-            }
-            Ok(reader) => {
-                for batch in reader {
-                    let item = batch.map_err(VolleyError::from);
-                    let failed = item.is_err();
-                    if tx.blocking_send(item).is_err() || failed {
-                        break;
+        let result = (|| -> Result<()> {
+            let mut file = File::open(&path)?;
+            let mut decoder = StreamDecoder::new();
+            loop {
+                let chunk = read_chunk(&mut file, LOCAL_CHUNK_BYTES)?;
+                if chunk.is_empty() {
+                    decoder.finish()?;
+                    return Ok(());
+                }
+                let mut buffer = Buffer::from_vec(chunk);
+                while !buffer.is_empty() {
+                    if let Some(batch) = decoder.decode(&mut buffer)?
+                        && tx.blocking_send(Ok(batch)).is_err()
+                    {
+                        return Ok(());
                     }
                 }
             }
+        })();
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(e));
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx).boxed()

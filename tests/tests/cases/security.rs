@@ -413,35 +413,38 @@ async fn exposed_scheduler_needs_a_token_or_insecure() {
         err.contains("without an auth token") && err.contains("--insecure"),
         "{err}"
     );
+    // Port 0: the scheduler picks a free port and prints it (no race with other tests).
     let mut insecure = Command::new(volley_bin().unwrap())
         .args([
             "scheduler",
             "--host",
             "0.0.0.0",
             "--port",
-            &port,
+            "0",
             "--insecure",
         ])
+        .args(["--http-port", "0"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let client = async {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match VolleyClient::connect(&format!("http://127.0.0.1:{port}")).await {
-                Ok(c) => return c,
-                Err(e) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "insecure scheduler never up: {e}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-    .await;
+    let stderr = insecure.stderr.take().unwrap();
+    let port = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|line| {
+                line.strip_prefix("volley scheduler listening on http://0.0.0.0:")
+                    .map(str::to_string)
+            })
+    })
+    .await
+    .unwrap()
+    .expect("insecure scheduler starts and prints its port");
+    let client = VolleyClient::connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("insecure scheduler serves");
     // It serves: a session was created; EXPLAIN runs on the scheduler itself.
     let (_, batches) = client.sql("EXPLAIN SELECT 1").await.unwrap();
     let _ = insecure.kill();
