@@ -114,8 +114,17 @@ pub fn volley_session_config(target_partitions: usize) -> SessionConfig {
     options.optimizer.enable_join_dynamic_filter_pushdown = false;
     options.optimizer.enable_topk_dynamic_filter_pushdown = false;
     options.optimizer.enable_aggregate_dynamic_filter_pushdown = false;
+    // Broadcasting a build side of up to ~1M rows / 32 MiB to every task is far cheaper than
+    // hash-shuffling both sides of the join (the probe side is usually a large fact table).
+    options.optimizer.hash_join_single_partition_threshold = BROADCAST_MAX_BYTES;
+    options.optimizer.hash_join_single_partition_threshold_rows = BROADCAST_MAX_ROWS;
     config
 }
+
+/// Largest estimated build side (bytes) planned as a broadcast join.
+pub const BROADCAST_MAX_BYTES: usize = 32 * 1024 * 1024;
+/// Largest estimated build side (rows) planned as a broadcast join.
+pub const BROADCAST_MAX_ROWS: usize = 1_000_000;
 
 /// The settings of `config` as key/value pairs, to ship with each task.
 pub fn config_to_pairs(config: &SessionConfig) -> Vec<(String, String)> {
