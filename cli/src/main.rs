@@ -111,8 +111,36 @@ struct ExecutorArgs {
     /// Export tracing spans over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317).
     #[arg(long, env = "VOLLEY_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Memory for all running tasks together, e.g. 4G or 512M; sorts, aggregations and joins
+    /// spill to disk beyond it (default: no limit).
+    #[arg(long, env = "VOLLEY_MEMORY_LIMIT", value_parser = parse_bytes)]
+    memory_limit: Option<usize>,
     #[command(flatten)]
     security: security::SecurityArgs,
+}
+
+/// `4G`, `512M`, `64K` or plain bytes.
+pub(crate) fn parse_bytes(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&text[..i], text[i..].to_ascii_uppercase()),
+        None => (text, String::new()),
+    };
+    let shift = match unit.trim_end_matches(['B', 'I']) {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        other => return Err(format!("unknown size unit {other:?} in {text:?}")),
+    };
+    let value: usize = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 4G, 512M or 1048576"))?;
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 async fn wait_for_signal() {
@@ -186,6 +214,7 @@ async fn run_executor(args: ExecutorArgs) -> Result<(), String> {
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms.max(50));
     config.security = args.security.security()?;
     config.max_message_size = args.security.max_message_size;
+    config.memory_limit = args.memory_limit;
     let handle = start_executor(config).await.map_err(|e| e.to_string())?;
     eprintln!(
         "volley executor {} listening on {}",

@@ -50,6 +50,9 @@ pub struct SqlArgs {
     /// Keep going after a failed statement (the exit code is still 1).
     #[arg(long)]
     continue_on_error: bool,
+    /// Memory per embedded executor, e.g. 4G; operators spill beyond it (default: no limit).
+    #[arg(long, value_parser = crate::parse_bytes)]
+    memory_limit: Option<usize>,
     /// Export tracing spans over OTLP/gRPC to this collector (embedded cluster).
     #[arg(long, env = "VOLLEY_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
@@ -303,9 +306,14 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
                 allow_ddl: !args.sandbox.disable_ddl,
                 ..SchedulerConfig::default().with_address("127.0.0.1", 0)
             };
-            let cluster = EmbeddedCluster::start_with(config, args.executors, slots)
-                .await
-                .map_err(|e| format!("cannot start embedded cluster: {e}"))?;
+            let cluster = EmbeddedCluster::start_with_memory(
+                config,
+                args.executors,
+                slots,
+                args.memory_limit,
+            )
+            .await
+            .map_err(|e| format!("cannot start embedded cluster: {e}"))?;
             if interactive && !args.quiet {
                 eprintln!(
                     "embedded cluster: scheduler {} with {} executors",

@@ -33,6 +33,17 @@ impl EmbeddedCluster {
         executors: usize,
         slots: usize,
     ) -> Result<Self> {
+        Self::start_with_memory(config, executors, slots, None).await
+    }
+
+    /// Start with a given scheduler configuration and a memory limit per executor (operators
+    /// spill to disk beyond it).
+    pub async fn start_with_memory(
+        config: SchedulerConfig,
+        executors: usize,
+        slots: usize,
+        memory_limit: Option<usize>,
+    ) -> Result<Self> {
         let work_dir = tempfile::Builder::new()
             .prefix("volley-embedded-")
             .tempdir()
@@ -50,6 +61,7 @@ impl EmbeddedCluster {
             config.heartbeat_interval = Duration::from_secs(2);
             config.security = options.security.clone();
             config.max_message_size = options.max_message_size;
+            config.memory_limit = memory_limit;
             handles.push(start_executor(config).await?);
         }
         Ok(Self {

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arrow_flight::flight_service_server::FlightServiceServer;
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
@@ -48,6 +50,9 @@ pub struct ExecutorConfig {
     pub max_message_size: usize,
     /// Auth token and TLS, for serving and for calling the scheduler and other executors.
     pub security: Security,
+    /// Memory for all running tasks together; sorts, aggregations and joins spill to disk
+    /// beyond it (None = no limit).
+    pub memory_limit: Option<usize>,
 }
 
 impl ExecutorConfig {
@@ -62,6 +67,7 @@ impl ExecutorConfig {
             heartbeat_interval: Duration::from_secs(2),
             max_message_size: 64 * 1024 * 1024,
             security: Security::none(),
+            memory_limit: None,
         }
     }
 }
@@ -333,7 +339,17 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
     let scheduler = SchedulerGrpcClient::new(config.security.authed(channel)?)
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);
-    let base_state = SessionStateBuilder::new().with_default_features().build();
+    let mut runtime = RuntimeEnvBuilder::new();
+    if let Some(limit) = config.memory_limit {
+        runtime = runtime.with_memory_pool(Arc::new(FairSpillPool::new(limit)));
+    }
+    let runtime = runtime
+        .build_arc()
+        .map_err(|e| VolleyError::Config(format!("executor runtime: {e}")))?;
+    let base_state = SessionStateBuilder::new()
+        .with_default_features()
+        .with_runtime_env(runtime)
+        .build();
     let inner = Arc::new(ExecutorInner {
         id: id.clone(),
         port: addr.port(),

@@ -4,7 +4,7 @@
 //!
 //! `cargo bench -p volley-tests --bench tpch -- [--sf 1] [--executors 2] [--slots 1]
 //!  [--query N] [--iterations 1] [--data DIR] [--compression lz4|zstd|none] [--json FILE]
-//!  [--baseline default|volley]`
+//!  [--baseline default|volley] [--memory-limit BYTES-per-executor]`
 //!
 //! The DataFusion baseline runs with DataFusion's default settings and one partition per core
 //! (`--baseline volley` gives it Volley's session settings instead). `--json FILE` writes one
@@ -32,6 +32,7 @@ struct Args {
     compression: Option<String>,
     json: Option<PathBuf>,
     volley_baseline: bool,
+    memory_limit: Option<usize>,
 }
 
 fn parse_args() -> Result<Args, BoxError> {
@@ -46,6 +47,7 @@ fn parse_args() -> Result<Args, BoxError> {
         compression: None,
         json: None,
         volley_baseline: false,
+        memory_limit: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -59,6 +61,7 @@ fn parse_args() -> Result<Args, BoxError> {
             "--data" => args.data = Some(PathBuf::from(value()?)),
             "--compression" => args.compression = Some(value()?),
             "--json" => args.json = Some(PathBuf::from(value()?)),
+            "--memory-limit" => args.memory_limit = Some(value()?.parse()?),
             "--baseline" => args.volley_baseline = value()? == "volley",
             "--bench" => {}
             other => return Err(format!("unknown argument {other}").into()),
@@ -96,12 +99,13 @@ async fn main() -> Result<(), BoxError> {
 
     let partitions = args.executors * args.slots;
     let boot = Instant::now();
-    let cluster = EmbeddedCluster::start_with(
+    let cluster = EmbeddedCluster::start_with_memory(
         SchedulerConfig::default()
             .with_address("127.0.0.1", 0)
             .with_target_partitions(partitions),
         args.executors,
         args.slots,
+        args.memory_limit,
     )
     .await?;
     let client = cluster.client().await?;

@@ -4,6 +4,7 @@ mod errors;
 mod examples;
 mod faults;
 mod lifecycle;
+mod perf;
 mod repl;
 mod security;
 mod slt;

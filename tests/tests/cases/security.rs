@@ -429,19 +429,24 @@ async fn exposed_scheduler_needs_a_token_or_insecure() {
         .spawn()
         .unwrap();
     let stderr = insecure.stderr.take().unwrap();
-    let port = tokio::task::spawn_blocking(move || {
+    let (port_tx, port_rx) = std::sync::mpsc::channel::<String>();
+    // Keep draining stderr after the port line: a closed pipe would make the scheduler's next
+    // log line fail.
+    std::thread::spawn(move || {
         use std::io::BufRead;
-        std::io::BufReader::new(stderr)
+        for line in std::io::BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
-            .find_map(|line| {
-                line.strip_prefix("volley scheduler listening on http://0.0.0.0:")
-                    .map(str::to_string)
-            })
-    })
-    .await
-    .unwrap()
-    .expect("insecure scheduler starts and prints its port");
+        {
+            if let Some(port) = line.strip_prefix("volley scheduler listening on http://0.0.0.0:") {
+                let _ = port_tx.send(port.to_string());
+            }
+        }
+    });
+    let port = tokio::task::spawn_blocking(move || port_rx.recv_timeout(Duration::from_secs(20)))
+        .await
+        .unwrap()
+        .expect("insecure scheduler starts and prints its port");
     let client = VolleyClient::connect(&format!("http://127.0.0.1:{port}"))
         .await
         .expect("insecure scheduler serves");
