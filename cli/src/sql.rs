@@ -320,9 +320,11 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
                     cluster.url(),
                     args.executors
                 );
-                if let Some(url) = cluster.scheduler().http_url() {
-                    eprintln!("status page: {url}");
-                }
+            }
+            if !args.quiet
+                && let Some(url) = cluster.scheduler().http_url()
+            {
+                eprintln!("status page: {url}");
             }
             let client = cluster.client().await.map_err(|e| e.to_string())?;
             (Some(cluster), client)

@@ -123,8 +123,13 @@ fn output_formats_files_timing_and_stdin() {
         )
     };
 
-    let (tsv, _) = run(&["--format", "tsv", "-c", BY_DEPT], None);
+    let (tsv, stderr) = run(&["--format", "tsv", "-c", BY_DEPT], None);
     assert_eq!(tsv, "dept_id\tn\n10\t2\n20\t3\n30\t2\n");
+    // The embedded cluster prints its status page's URL (stderr; stdout stays data only).
+    assert!(
+        stderr.contains("status page: http://127.0.0.1:"),
+        "{stderr}"
+    );
     let (json, _) = run(&["--format", "json", "-c", BY_DEPT], None);
     assert_eq!(
         json,
@@ -140,8 +145,9 @@ fn output_formats_files_timing_and_stdin() {
         table_out.contains("| 20      | 3 |") && table_out.ends_with("3 rows\n"),
         "{table_out}"
     );
-    let (quiet, _) = run(&["--quiet", "-c", BY_DEPT], None);
+    let (quiet, quiet_err) = run(&["--quiet", "-c", BY_DEPT], None);
     assert!(!quiet.contains("rows"), "{quiet}");
+    assert!(!quiet_err.contains("status page"), "{quiet_err}");
 
     // Piped stdin with two statements, timing on stderr.
     let (piped, timing) = run(

@@ -94,9 +94,9 @@ async fn status_page_in_headless_browser() {
     register_emp(&client).await;
     let stages = explained_stages(&client, BY_DEPT).await;
     assert!(stages >= 2);
-    // A job that takes a few seconds: every task of stage 1 sleeps 3 s.
+    // A job that takes a few seconds: every task of stage 1 sleeps 8 s (time for a slow browser start on a loaded machine).
     client
-        .sql("SET volley.test_delay_task = '1:3000'")
+        .sql("SET volley.test_delay_task = '1:8000'")
         .await
         .unwrap();
     let job_id = client.submit(BY_DEPT).await.unwrap();
