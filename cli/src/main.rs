@@ -1,5 +1,14 @@
 //! The `volley` binary: `sql`, `scheduler` and `executor` subcommands.
 
+/// Like `eprintln!`, but a closed stderr is not fatal: a server keeps serving when whoever
+/// started it stops reading its log.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod output;
 mod repl;
 mod security;
@@ -187,9 +196,9 @@ async fn run_scheduler(args: SchedulerArgs) -> Result<(), String> {
         volley_core::telemetry::init("volley-scheduler", args.otlp_endpoint.as_deref())
             .map_err(|e| e.to_string())?;
     let handle = start_scheduler(config).await.map_err(|e| e.to_string())?;
-    eprintln!("volley scheduler listening on {}", handle.url());
+    note!("volley scheduler listening on {}", handle.url());
     if let Some(url) = handle.http_url() {
-        eprintln!("status page: {url}");
+        note!("status page: {url}");
     }
     wait_for_signal().await;
     handle.shutdown().await;
@@ -216,7 +225,7 @@ async fn run_executor(args: ExecutorArgs) -> Result<(), String> {
     config.max_message_size = args.security.max_message_size;
     config.memory_limit = args.memory_limit;
     let handle = start_executor(config).await.map_err(|e| e.to_string())?;
-    eprintln!(
+    note!(
         "volley executor {} listening on {}",
         handle.id(),
         handle.addr()
@@ -234,7 +243,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start runtime: {e}");
+            note!("error: cannot start runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -248,7 +257,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("error: {message}");
+            note!("error: {message}");
             ExitCode::FAILURE
         }
     }

@@ -252,7 +252,7 @@ impl Session<'_> {
         let (schema, batches) = run_statement(self.client, statement, self.progress).await?;
         self.sink.write(&schema, &batches)?;
         if self.timing {
-            eprintln!("Elapsed {:.3} s", started.elapsed().as_secs_f64());
+            note!("Elapsed {:.3} s", started.elapsed().as_secs_f64());
         }
         Ok(())
     }
@@ -315,7 +315,7 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
             .await
             .map_err(|e| format!("cannot start embedded cluster: {e}"))?;
             if interactive && !args.quiet {
-                eprintln!(
+                note!(
                     "embedded cluster: scheduler {} with {} executors",
                     cluster.url(),
                     args.executors
@@ -324,7 +324,7 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
             if !args.quiet
                 && let Some(url) = cluster.scheduler().http_url()
             {
-                eprintln!("status page: {url}");
+                note!("status page: {url}");
             }
             let client = cluster.client().await.map_err(|e| e.to_string())?;
             (Some(cluster), client)
@@ -368,7 +368,7 @@ async fn batch(
             if !keep_going {
                 return Err(message);
             }
-            eprintln!("error: {message}");
+            note!("error: {message}");
             failed = Some(format!(
                 "{} statement(s) failed",
                 1 + failed.map_or(0, |_: String| 1)
@@ -386,7 +386,7 @@ async fn repl(session: &mut Session<'_>) -> Result<(), String> {
             Input::Help => println!("{HELP}"),
             Input::Sql(sql) => {
                 if let Err(e) = session.run(&sql).await {
-                    eprintln!("error: {e}");
+                    note!("error: {e}");
                 }
             }
         }
