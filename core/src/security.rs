@@ -281,6 +281,14 @@ impl Interceptor for AuthInterceptor {
     }
 }
 
+/// True for `localhost` and loopback addresses (127.0.0.0/8, ::1).
+pub fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Read a token from `--auth-token`, `--auth-token-file` or nothing.
 pub fn load_token(token: Option<String>, file: Option<&Path>) -> Result<Option<String>> {
     if let Some(file) = file {

@@ -179,11 +179,7 @@ async fn start_http(
 
 /// Refuse to expose a scheduler beyond loopback without a token unless `--insecure`.
 fn check_exposure(config: &SchedulerConfig) -> Result<()> {
-    let loopback = config.host == "localhost"
-        || config
-            .host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
+    let loopback = volley_core::security::is_loopback_host(&config.host);
     if loopback || config.security.token().is_some() || config.insecure {
         return Ok(());
     }

@@ -512,12 +512,7 @@ impl SchedulerService {
             .executors
             .values()
             .filter(|e| e.alive)
-            .all(|e| {
-                e.host == "localhost"
-                    || e.host
-                        .parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback())
-            });
+            .all(|e| volley_core::security::is_loopback_host(&e.host));
         let value = if local { "none" } else { "lz4" };
         let mut resolved: Vec<(String, String)> =
             settings.iter().filter(|(k, _)| k != KEY).cloned().collect();

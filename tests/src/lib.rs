@@ -25,6 +25,19 @@ pub fn data_file(file: &str) -> String {
         .to_string()
 }
 
+/// `CREATE EXTERNAL TABLE emp ...` for the shared `tests/slt/data/emp.csv` table.
+pub fn emp_table_sql() -> String {
+    format!(
+        "CREATE EXTERNAL TABLE emp STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true')",
+        data_file("emp.csv")
+    )
+}
+
+/// Register the shared `emp` table in a cluster session.
+pub async fn register_emp(client: &volley::VolleyClient) -> volley::Result<()> {
+    client.sql(&emp_table_sql()).await.map(|_| ())
+}
+
 /// Install a tracing subscriber once (RUST_LOG controls it).
 pub fn init_tracing() {
     use std::sync::Once;

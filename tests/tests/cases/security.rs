@@ -20,27 +20,14 @@ const TOKEN: &str = "volley-test-token-7f3a";
 /// A query with a shuffle (GROUP BY over two partitions) on the shared emp table.
 const BY_DEPT: &str = "SELECT dept_id, count(*) AS n FROM emp GROUP BY dept_id ORDER BY dept_id";
 
-async fn register_emp(client: &VolleyClient) {
-    client
-        .sql(&format!(
-            "CREATE EXTERNAL TABLE emp STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true')",
-            volley_tests::data_file("emp.csv")
-        ))
-        .await
-        .expect("register emp");
-}
-
 async fn expected_by_dept() -> Vec<Vec<String>> {
     let ctx = datafusion::prelude::SessionContext::new();
-    ctx.sql(&format!(
-        "CREATE EXTERNAL TABLE emp STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true')",
-        volley_tests::data_file("emp.csv")
-    ))
-    .await
-    .unwrap()
-    .collect()
-    .await
-    .unwrap();
+    ctx.sql(&volley_tests::emp_table_sql())
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
     let batches = ctx.sql(BY_DEPT).await.unwrap().collect().await.unwrap();
     rows(&batches).unwrap()
 }
@@ -81,7 +68,9 @@ async fn token_auth_rejects_strangers_and_keeps_serving() {
         .await
         .expect("cluster");
     let client = cluster.client().await.expect("authorized client");
-    register_emp(&client).await;
+    volley_tests::register_emp(&client)
+        .await
+        .expect("register emp");
     authorized_query_works(&client).await;
     let scheduler_log = logs.path().join("scheduler.log");
 
@@ -150,7 +139,9 @@ async fn token_auth_rejects_strangers_and_keeps_serving() {
     assert!(cluster.scheduler_alive());
     authorized_query_works(&client).await;
     let fresh = cluster.client().await.expect("new authorized client");
-    register_emp(&fresh).await;
+    volley_tests::register_emp(&fresh)
+        .await
+        .expect("register emp");
     authorized_query_works(&fresh).await;
 }
 
@@ -239,7 +230,9 @@ async fn mutual_tls_cluster_serves_tls_clients_only() {
     assert!(cluster.url().starts_with("https://"));
     // TLS client with certificate and token: the query shuffles between executors over TLS.
     let client = cluster.client().await.expect("TLS client");
-    register_emp(&client).await;
+    volley_tests::register_emp(&client)
+        .await
+        .expect("register emp");
     authorized_query_works(&client).await;
 
     // Plaintext against the TLS server.
@@ -338,7 +331,9 @@ async fn oversized_plan_names_the_limit() {
     };
     let cluster = EmbeddedCluster::start_with(config, 2, 1).await.unwrap();
     let client = cluster.client().await.unwrap();
-    register_emp(&client).await;
+    volley_tests::register_emp(&client)
+        .await
+        .expect("register emp");
     // ~40 KiB of SQL (under the limit) that plans into a much larger IN list.
     let list: Vec<String> = (0..8000).map(|i| (10000 + i).to_string()).collect();
     let sql = format!(
@@ -368,12 +363,16 @@ async fn jobs_over_the_concurrency_limit_queue() {
     };
     let cluster = EmbeddedCluster::start_with(config, 2, 2).await.unwrap();
     let slow = cluster.client().await.unwrap();
-    register_emp(&slow).await;
+    volley_tests::register_emp(&slow)
+        .await
+        .expect("register emp");
     slow.sql("SET volley.test_delay_task = '1:1500'")
         .await
         .unwrap();
     let fast = cluster.client().await.unwrap();
-    register_emp(&fast).await;
+    volley_tests::register_emp(&fast)
+        .await
+        .expect("register emp");
 
     let first = slow.submit(BY_DEPT).await.unwrap();
     let second = fast.submit(BY_DEPT).await.unwrap();

@@ -22,16 +22,6 @@ use volley_tests::process::{ProcessCluster, ProcessOptions, free_port};
 
 const BY_DEPT: &str = "SELECT dept_id, count(*) AS n, sum(salary) AS total FROM emp GROUP BY dept_id ORDER BY dept_id";
 
-async fn register_emp(client: &VolleyClient) {
-    client
-        .sql(&format!(
-            "CREATE EXTERNAL TABLE emp STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true')",
-            volley_tests::data_file("emp.csv")
-        ))
-        .await
-        .expect("register emp");
-}
-
 /// HTTP request on a blocking thread: (status, body).
 async fn http(method: &'static str, url: String, token: Option<&str>) -> (u16, String) {
     let auth = token.map(|t| format!("Bearer {t}"));
@@ -91,7 +81,9 @@ async fn status_page_in_headless_browser() {
         .await
         .expect("cluster");
     let client = cluster.client().await.unwrap();
-    register_emp(&client).await;
+    volley_tests::register_emp(&client)
+        .await
+        .expect("register emp");
     let stages = explained_stages(&client, BY_DEPT).await;
     assert!(stages >= 2);
     // A job that takes a few seconds: every task of stage 1 sleeps 8 s (time for a slow browser start on a loaded machine).
@@ -150,7 +142,9 @@ async fn json_api_numbers_metrics_and_http_auth() {
     let cluster = EmbeddedCluster::start_with(config, 2, 2).await.unwrap();
     let base = cluster.scheduler().http_url().expect("status page on");
     let client = cluster.client().await.unwrap();
-    register_emp(&client).await;
+    volley_tests::register_emp(&client)
+        .await
+        .expect("register emp");
     let job_id = client.submit(BY_DEPT).await.unwrap();
     let result = client.sql_job_rows(&job_id).await.unwrap();
     let result_rows = rows(&result).unwrap().len() as u64;
@@ -356,7 +350,9 @@ async fn task_spans_are_children_of_stage_spans_across_processes() {
         .await
         .expect("cluster");
     let client = cluster.client().await.unwrap();
-    register_emp(&client).await;
+    volley_tests::register_emp(&client)
+        .await
+        .expect("register emp");
     let job_id = client.submit(BY_DEPT).await.unwrap();
     let result = client.sql_job_rows(&job_id).await.unwrap();
     assert_eq!(rows(&result).unwrap().len(), 4);
