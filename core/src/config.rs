@@ -22,6 +22,22 @@ extensions_options! {
         /// this host's loopback, where no byte crosses a network, lz4 otherwise), `lz4`,
         /// `zstd` or `none`.
         pub shuffle_compression: String, default = "auto".to_string()
+        /// Adaptive execution: re-plan stages from the real sizes of finished stages
+        /// (coalesce small shuffle partitions, switch joins to broadcast, split skewed
+        /// partitions).
+        pub adaptive: bool, default = true
+        /// Adaptive execution: target bytes read per task when coalescing small shuffle
+        /// partitions and when splitting skewed ones.
+        pub adaptive_partition_bytes: u64, default = 64 * 1024 * 1024
+        /// Adaptive execution: a partitioned hash join whose build side turns out to be at most
+        /// this many bytes (and `BROADCAST_MAX_ROWS` rows) is switched to a broadcast join and its
+        /// probe side is no longer shuffled; 0 turns the switch off.
+        pub adaptive_broadcast_bytes: u64, default = 64 * 1024 * 1024
+        /// Adaptive execution: a join partition whose probe side is this many times the median
+        /// partition and at least `adaptive_skew_min_bytes` is split into several tasks.
+        pub adaptive_skew_factor: u64, default = 4
+        /// Adaptive execution: smallest probe-side partition (bytes) ever split as skewed.
+        pub adaptive_skew_min_bytes: u64, default = 64 * 1024 * 1024
     }
 }
 
@@ -30,6 +46,19 @@ impl ConfigExtension for VolleyOptions {
 }
 
 impl VolleyOptions {
+    /// The Volley options among shipped session settings (see [`config_to_pairs`]); unknown or
+    /// malformed entries keep their defaults.
+    pub fn from_pairs(pairs: &[(String, String)]) -> Self {
+        use datafusion::config::ExtensionOptions;
+        let mut options = Self::default();
+        for (key, value) in pairs {
+            if let Some(key) = key.strip_prefix("volley.") {
+                let _ = options.set(key, value);
+            }
+        }
+        options
+    }
+
     fn pair(spec: &str) -> Option<(u32, u64)> {
         let (a, b) = spec.split_once(':')?;
         Some((a.trim().parse().ok()?, b.trim().parse().ok()?))

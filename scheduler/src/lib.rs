@@ -1,6 +1,7 @@
 //! Volley scheduler: plans SQL with DataFusion, cuts the physical plan into stages, tracks
 //! jobs, stages, tasks and executors, and launches tasks on executors over gRPC.
 
+pub mod adaptive;
 pub mod metrics;
 pub mod planner;
 pub mod rules;

@@ -23,6 +23,7 @@ use datafusion::physical_plan::{
 };
 use volley_core::plan::{ShuffleReaderExec, ShuffleWriterExec};
 
+use crate::adaptive::{ShuffledJoin, shuffled_join};
 use crate::rules::emits_build_rows_at_end;
 
 /// What a stage's output is for.
@@ -63,6 +64,36 @@ pub struct StagePlan {
     pub partitions: usize,
     /// What the output is for.
     pub kind: StageKind,
+    /// Adaptive execution may turn this stage's partitioned join into a broadcast join once
+    /// the build side's real size is known (see [`crate::adaptive`]).
+    pub broadcast_switch: Option<ShuffledJoin>,
+}
+
+/// Mark the stages whose partitioned join may become a broadcast join at run time: both sides
+/// are shuffle stages and the probe side feeds nothing else.
+pub fn mark_broadcast_candidates(stages: &mut [StagePlan]) {
+    let candidates: Vec<(usize, ShuffledJoin)> = stages
+        .iter()
+        .enumerate()
+        .filter_map(|(index, stage)| {
+            let plan = Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>;
+            let join = shuffled_join(&plan)?;
+            let shuffle = |id: u32| {
+                stages
+                    .iter()
+                    .any(|s| s.stage_id == id && s.kind == StageKind::Shuffle)
+            };
+            let probe_consumers = stages
+                .iter()
+                .filter(|s| s.inputs.contains(&join.probe))
+                .count();
+            (shuffle(join.build) && shuffle(join.probe) && probe_consumers == 1)
+                .then_some((index, join))
+        })
+        .collect();
+    for (index, join) in candidates {
+        stages[index].broadcast_switch = Some(join);
+    }
 }
 
 /// Split `plan` into stages; the last one is the result stage.
@@ -108,6 +139,7 @@ impl Cutter {
             inputs,
             partitions,
             kind,
+            broadcast_switch: None,
         });
         stage_id
     }
@@ -269,8 +301,12 @@ pub fn explain_stages(stages: &[StagePlan]) -> Vec<String> {
             let mut ops = String::new();
             let writer: Arc<dyn ExecutionPlan> = Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>;
             operators(&writer, &mut ops);
+            let adaptive = match stage.broadcast_switch {
+                Some(join) => format!(" adaptive=[{}]", crate::adaptive::candidate(join)),
+                None => String::new(),
+            };
             format!(
-                "Stage {}: kind={} partitions={} inputs=[{}] operators: {}",
+                "Stage {}: kind={} partitions={} inputs=[{}]{adaptive} operators: {}",
                 stage.stage_id,
                 stage.kind.as_str(),
                 stage.partitions,

@@ -22,7 +22,7 @@ use volley_core::security::{AuthChannel, Security};
 use volley_core::{Result, VolleyError};
 
 use crate::metrics::SchedulerMetrics;
-use crate::planner::{explain_stages, plan_stages};
+use crate::planner::{StagePlan, explain_stages, mark_broadcast_candidates, plan_stages};
 use crate::rules::volley_session_state;
 use crate::server::SchedulerConfig;
 use crate::state::{
@@ -383,9 +383,11 @@ impl SchedulerService {
             && !explain.verbose
         {
             let physical = state.create_physical_plan(&explain.plan).await?;
-            let stages = plan_stages(&job_id, physical)?;
+            let mut stages = plan_stages(&job_id, physical)?;
+            let pairs = config_to_pairs(state.config());
+            adaptive_candidates(&mut stages, &pairs);
             let lines = explain_stages(&stages);
-            let schema = Arc::new(Schema::new(vec![Field::new("plan", DataType::Utf8, false)]));
+            let schema = plan_schema();
             let batch = RecordBatch::try_new(
                 Arc::clone(&schema),
                 vec![Arc::new(StringArray::from(lines))],
@@ -394,6 +396,21 @@ impl SchedulerService {
             self.state
                 .lock()
                 .add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
+            return Ok(job_id);
+        }
+        if let LogicalPlan::Analyze(analyze) = &logical {
+            let physical = state.create_physical_plan(&analyze.input).await?;
+            let settings = Arc::new(config_to_pairs(state.config()));
+            let inner = self
+                .submit_physical(new_id(), sql, ctx, physical, settings)
+                .await?;
+            let schema = plan_schema();
+            self.state
+                .lock()
+                .add_waiting_job(job_id.clone(), sql.to_string(), Arc::clone(&schema));
+            let service = self.clone();
+            let outer = job_id.clone();
+            tokio::spawn(async move { service.finish_analyze(&outer, &inner, schema).await });
             return Ok(job_id);
         }
         let scheduler_side = matches!(
@@ -428,7 +445,8 @@ impl SchedulerService {
         self.sandbox.check_physical(&physical)?;
         let settings = self.resolve_settings(settings);
         let schema = physical.schema();
-        let stages = plan_stages(&job_id, Arc::clone(&physical))?;
+        let mut stages = plan_stages(&job_id, Arc::clone(&physical))?;
+        adaptive_candidates(&mut stages, &settings);
         let distributable = stages.iter().all(|s| {
             VolleyCodec::encode_plan(Arc::clone(&s.plan) as Arc<dyn ExecutionPlan>).is_ok()
         });
@@ -518,6 +536,57 @@ impl SchedulerService {
             settings.iter().filter(|(k, _)| k != KEY).cloned().collect();
         resolved.push((KEY.to_string(), value.to_string()));
         Arc::new(resolved)
+    }
+
+    /// EXPLAIN ANALYZE: wait for the job running the query, then answer with its stages as
+    /// they ran (tasks, rows, adaptive decisions) and drop its result.
+    async fn finish_analyze(&self, outer: &str, inner: &str, schema: SchemaRef) {
+        let Some(mut rx) = self
+            .state
+            .lock()
+            .jobs
+            .get(inner)
+            .map(|j| j.version.subscribe())
+        else {
+            return;
+        };
+        loop {
+            let (inner_final, outer_final) = {
+                let state = self.state.lock();
+                let done = |id: &str| state.jobs.get(id).is_none_or(|j| j.state.is_final());
+                (done(inner), done(outer))
+            };
+            if outer_final && !inner_final {
+                self.cancel(inner).await;
+                return;
+            }
+            if inner_final {
+                break;
+            }
+            // Also wakes up now and then to notice a cancelled EXPLAIN ANALYZE.
+            let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+        }
+        let result = {
+            let state = self.state.lock();
+            match state.jobs.get(inner) {
+                Some(job) if job.state == JobState::Succeeded => {
+                    let lines = analyze_lines(job);
+                    RecordBatch::try_new(
+                        Arc::clone(&schema),
+                        vec![Arc::new(StringArray::from(lines))],
+                    )
+                    .map_err(|e| e.to_string())
+                    .and_then(|batch| ipc_bytes(&schema, &[batch]).map_err(|e| e.to_string()))
+                }
+                Some(job) => Err(match &job.state {
+                    JobState::Failed(message) => message.clone(),
+                    other => format!("the analyzed query was {}", other.as_str()),
+                }),
+                None => Err("the analyzed query's job is gone".to_string()),
+            }
+        };
+        self.release(inner).await;
+        self.state.lock().finish_waiting_job(outer, result);
     }
 
     /// Cancel a running job.
@@ -826,4 +895,50 @@ impl SchedulerGrpc for SchedulerService {
             .collect();
         Ok(Response::new(pb::GetClusterStateResult { executors, jobs }))
     }
+}
+
+/// Mark broadcast-switch candidates when the job's settings enable adaptive execution.
+fn adaptive_candidates(stages: &mut [StagePlan], settings: &[(String, String)]) {
+    let options = volley_core::config::VolleyOptions::from_pairs(settings);
+    if options.adaptive && options.adaptive_broadcast_bytes > 0 {
+        mark_broadcast_candidates(stages);
+    }
+}
+
+/// Schema of EXPLAIN answers: one `plan` line per row.
+fn plan_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new("plan", DataType::Utf8, false)]))
+}
+
+/// One line per stage of a finished job: kind, tasks, rows written, adaptive decisions.
+fn analyze_lines(job: &crate::state::Job) -> Vec<String> {
+    job.stages
+        .values()
+        .map(|stage| {
+            let rows: u64 = stage
+                .tasks
+                .iter()
+                .flat_map(|t| match &t.state {
+                    crate::state::TaskState::Succeeded { outputs, .. } => outputs.as_slice(),
+                    _ => &[],
+                })
+                .map(|l| l.num_rows)
+                .sum();
+            let inputs: Vec<String> = stage.plan.inputs.iter().map(u32::to_string).collect();
+            let state = if stage.skipped { "skipped" } else { "done" };
+            let adaptive = if stage.adaptive.is_empty() {
+                String::new()
+            } else {
+                let what: Vec<&str> = stage.adaptive.iter().map(|d| d.what.as_str()).collect();
+                format!(" adaptive=[{}]", what.join("; "))
+            };
+            format!(
+                "Stage {}: kind={} {state} tasks={} inputs=[{}] rows={rows}{adaptive}",
+                stage.plan.stage_id,
+                stage.plan.kind.as_str(),
+                stage.tasks.len(),
+                inputs.join(" "),
+            )
+        })
+        .collect()
 }

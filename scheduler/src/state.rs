@@ -10,12 +10,13 @@ use std::time::{Duration, Instant, SystemTime};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::Result as DFResult;
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::{ExecutionPlan, Partitioning};
 use tokio::sync::watch;
 use volley_core::codec::VolleyCodec;
 use volley_core::plan::ShuffleReaderExec;
 use volley_core::shuffle::PartitionLocation;
 
+use crate::adaptive::{self, Decision, ShuffledJoin, TaskRead};
 use crate::planner::{StageKind, StagePlan};
 
 /// A registered executor as the scheduler sees it.
@@ -152,6 +153,22 @@ pub struct TaskInfo {
     pub spilled_bytes: u64,
 }
 
+impl TaskInfo {
+    /// A task not launched yet.
+    pub fn pending() -> Self {
+        TaskInfo {
+            state: TaskState::Pending,
+            attempt: 0,
+            failures: 0,
+            last_error: None,
+            avoid: None,
+            started_at: None,
+            last_executor: None,
+            spilled_bytes: 0,
+        }
+    }
+}
+
 /// One stage of a running job.
 #[derive(Debug)]
 pub struct StageState {
@@ -171,6 +188,19 @@ pub struct StageState {
     pub finished: Option<Instant>,
     /// Tracing span while the stage runs (parent of its tasks' spans on the executors).
     pub span: Option<tracing::Span>,
+    /// Pending broadcast switch of its join, decided when the build stage is done.
+    pub join_switch: Option<ShuffledJoin>,
+    /// Stages it waits for besides its inputs (a probe side waiting for its build side).
+    pub wait_for: Vec<u32>,
+    /// What each task reads from hash-partitioned inputs, once adaptive execution regrouped
+    /// them (None: task `i` reads bucket `i`).
+    pub reads: Option<Vec<TaskRead>>,
+    /// True once adaptive execution looked at it before its first launch.
+    pub adaptive_planned: bool,
+    /// Adaptive execution decisions, in order.
+    pub adaptive: Vec<Decision>,
+    /// Never runs: a consumer reads its input directly.
+    pub skipped: bool,
 }
 
 impl StageState {
@@ -256,6 +286,9 @@ pub struct Job {
     pub submitted_at: SystemTime,
     /// Tracing span of the whole job; closed when it ends.
     pub span: tracing::Span,
+    /// Its result comes from another job (EXPLAIN ANALYZE): it has no stages of its own and
+    /// does not count against `max_concurrent_jobs`.
+    pub waiting: bool,
 }
 
 impl Job {
@@ -293,6 +326,7 @@ impl Job {
             .plan
             .inputs
             .iter()
+            .chain(&stage.wait_for)
             .all(|input| self.stages.get(input).is_some_and(StageState::is_complete))
     }
 
@@ -460,21 +494,16 @@ impl ClusterState {
         span: tracing::Span,
     ) {
         let final_stage = stages.last().map_or(0, |s| s.stage_id);
-        let stages = stages
+        let waits: Vec<(u32, u32)> = stages
+            .iter()
+            .filter_map(|s| s.broadcast_switch.map(|j| (j.probe, j.build)))
+            .collect();
+        let mut stages: BTreeMap<u32, StageState> = stages
             .into_iter()
             .map(|plan| {
-                let tasks = (0..plan.partitions)
-                    .map(|_| TaskInfo {
-                        state: TaskState::Pending,
-                        attempt: 0,
-                        failures: 0,
-                        last_error: None,
-                        avoid: None,
-                        started_at: None,
-                        last_executor: None,
-                        spilled_bytes: 0,
-                    })
-                    .collect();
+                let tasks = vec![TaskInfo::pending(); plan.partitions];
+                let join_switch = plan.broadcast_switch;
+                let adaptive = join_switch.map(adaptive::candidate).into_iter().collect();
                 (
                     plan.stage_id,
                     StageState {
@@ -486,10 +515,21 @@ impl ClusterState {
                         started: None,
                         finished: None,
                         span: None,
+                        join_switch,
+                        wait_for: Vec::new(),
+                        reads: None,
+                        adaptive_planned: false,
+                        adaptive,
+                        skipped: false,
                     },
                 )
             })
             .collect();
+        for (probe, build) in waits {
+            if let Some(stage) = stages.get_mut(&probe) {
+                stage.wait_for.push(build);
+            }
+        }
         let limit = self.policy.max_concurrent_jobs;
         let queued = limit > 0 && self.running_jobs() >= limit;
         let mut job = Job {
@@ -511,6 +551,7 @@ impl ClusterState {
             version: watch::channel(0).0,
             submitted_at: SystemTime::now(),
             span,
+            waiting: false,
         };
         Self::check_job_done(&mut job);
         self.jobs.insert(id.clone(), job);
@@ -534,9 +575,54 @@ impl ClusterState {
             version: watch::channel(0).0,
             submitted_at: SystemTime::now(),
             span: tracing::Span::none(),
+            waiting: false,
         };
         self.jobs.insert(id.clone(), job);
         self.job_order.push(id);
+    }
+
+    /// Add a running job whose result another job produces (EXPLAIN ANALYZE); finish it with
+    /// [`ClusterState::finish_waiting_job`].
+    pub fn add_waiting_job(&mut self, id: String, sql: String, schema: SchemaRef) {
+        let job = Job {
+            id: id.clone(),
+            sql,
+            settings: Arc::new(Vec::new()),
+            stages: BTreeMap::new(),
+            final_stage: 0,
+            schema,
+            state: JobState::Running,
+            inline_result: None,
+            submitted: Instant::now(),
+            finished: None,
+            released: false,
+            version: watch::channel(0).0,
+            submitted_at: SystemTime::now(),
+            span: tracing::Span::none(),
+            waiting: true,
+        };
+        self.jobs.insert(id.clone(), job);
+        self.job_order.push(id);
+    }
+
+    /// Give a waiting job its result (Arrow IPC stream) or its error, unless it already ended
+    /// (cancelled).
+    pub fn finish_waiting_job(&mut self, id: &str, result: Result<Vec<u8>, String>) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        if job.state.is_final() {
+            return;
+        }
+        match result {
+            Ok(bytes) => {
+                job.inline_result = Some(bytes);
+                job.state = JobState::Succeeded;
+                job.finished = Some(Instant::now());
+                job.touch();
+            }
+            Err(message) => job.fail(message),
+        }
     }
 
     fn check_job_done(job: &mut Job) {
@@ -568,14 +654,24 @@ impl ClusterState {
             .filter_map(|id| job.stages.get(id))
             .flat_map(|input| {
                 let per_partition = input.plan.kind == StageKind::Shuffle;
-                input.tasks.iter().flat_map(move |t| match &t.state {
-                    TaskState::Succeeded { outputs, .. } => outputs
-                        .iter()
-                        .filter(|l| !per_partition || l.output_partition == partition)
-                        .map(|l| l.num_bytes)
-                        .collect::<Vec<_>>(),
-                    _ => Vec::new(),
-                })
+                let read = stage.reads.as_ref().and_then(|r| r.get(partition as usize));
+                let input_id = input.plan.stage_id;
+                input
+                    .tasks
+                    .iter()
+                    .enumerate()
+                    .flat_map(move |(map, t)| match &t.state {
+                        TaskState::Succeeded { outputs, .. } => outputs
+                            .iter()
+                            .filter(|l| match read {
+                                _ if !per_partition => true,
+                                Some(read) => reads_output(read, input_id, map, l),
+                                None => l.output_partition == partition,
+                            })
+                            .map(|l| l.num_bytes)
+                            .collect::<Vec<_>>(),
+                        _ => Vec::new(),
+                    })
             })
             .sum()
     }
@@ -584,7 +680,7 @@ impl ClusterState {
     pub fn running_jobs(&self) -> usize {
         self.jobs
             .values()
-            .filter(|j| j.state == JobState::Running)
+            .filter(|j| j.state == JobState::Running && !j.waiting)
             .count()
     }
 
@@ -610,6 +706,7 @@ impl ClusterState {
     /// Give pending tasks of ready stages to executors with free slots, least loaded first.
     pub fn assign_tasks(&mut self) -> Vec<(ExecutorInfo, Vec<TaskLaunch>)> {
         self.promote_queued();
+        let slots = self.total_slots();
         let mut assigned: BTreeMap<String, Vec<TaskLaunch>> = BTreeMap::new();
         let order = self.job_order.clone();
         for job_id in order {
@@ -627,6 +724,14 @@ impl ClusterState {
                     .is_some_and(|s| !s.is_complete() && job.stage_ready(s));
                 if !ready {
                     continue;
+                }
+                if let Some(stage) = job.stages.get_mut(&stage_id)
+                    && !stage.adaptive_planned
+                {
+                    stage.adaptive_planned = true;
+                    if stage.started.is_none() {
+                        adaptive::before_launch(job, stage_id, slots);
+                    }
                 }
                 let plan = match Self::resolved_plan(job, stage_id) {
                     Ok(plan) => plan,
@@ -765,40 +870,76 @@ impl ClusterState {
             )));
         };
         let plan: Arc<dyn ExecutionPlan> = Arc::clone(&stage.plan.plan) as Arc<dyn ExecutionPlan>;
+        let reads = stage.reads.clone();
         let stages = &job.stages;
         let resolved = plan
             .transform_up(|node| {
                 let Some(reader) = node.downcast_ref::<ShuffleReaderExec>() else {
                     return Ok(Transformed::no(node));
                 };
-                let producer = stages.get(&reader.stage_id());
-                let count = reader.partitioning().partition_count();
-                let mut locations = vec![Vec::new(); count];
-                for (map_partition, task) in producer
+                let producer_tasks = stages
+                    .get(&reader.stage_id())
                     .map(|p| p.tasks.as_slice())
-                    .unwrap_or(&[])
+                    .unwrap_or(&[]);
+                let outputs = producer_tasks
                     .iter()
                     .enumerate()
-                {
-                    let TaskState::Succeeded { outputs, .. } = &task.state else {
-                        continue;
-                    };
-                    for output in outputs {
-                        let target = if reader.hash_partitioned() {
-                            output.output_partition as usize
-                        } else {
-                            map_partition
-                        };
-                        if let Some(slot) = locations.get_mut(target) {
-                            slot.push(output.clone());
+                    .flat_map(|(map, task)| match &task.state {
+                        TaskState::Succeeded { outputs, .. } => {
+                            outputs.iter().map(|o| (map, o)).collect::<Vec<_>>()
                         }
+                        _ => Vec::new(),
+                    });
+                let (partitioning, locations) = match (&reads, reader.hash_partitioned()) {
+                    (Some(reads), true) => {
+                        let mut locations = vec![Vec::new(); reads.len()];
+                        for (map, output) in outputs {
+                            for (slot, read) in locations.iter_mut().zip(reads) {
+                                if reads_output(read, reader.stage_id(), map, output) {
+                                    slot.push(output.clone());
+                                }
+                            }
+                        }
+                        let partitioning = match reader.partitioning() {
+                            Partitioning::Hash(exprs, _) => {
+                                Partitioning::Hash(exprs.clone(), reads.len())
+                            }
+                            _ => Partitioning::UnknownPartitioning(reads.len()),
+                        };
+                        (partitioning, locations)
                     }
-                }
+                    (_, hash) => {
+                        // Passthrough readers read one file per map task, however many
+                        // tasks the producer ended up with.
+                        let count = if hash {
+                            reader.partitioning().partition_count()
+                        } else {
+                            producer_tasks.len()
+                        };
+                        let mut locations = vec![Vec::new(); count];
+                        for (map, output) in outputs {
+                            let target = if hash {
+                                output.output_partition as usize
+                            } else {
+                                map
+                            };
+                            if let Some(slot) = locations.get_mut(target) {
+                                slot.push(output.clone());
+                            }
+                        }
+                        let partitioning = if hash {
+                            reader.partitioning().clone()
+                        } else {
+                            Partitioning::UnknownPartitioning(count)
+                        };
+                        (partitioning, locations)
+                    }
+                };
                 Ok(Transformed::yes(
                     Arc::new(ShuffleReaderExec::with_locations(
                         reader.stage_id(),
                         reader.schema(),
-                        reader.partitioning().clone(),
+                        partitioning,
                         reader.hash_partitioned(),
                         locations,
                     )) as Arc<dyn ExecutionPlan>,
@@ -896,6 +1037,9 @@ impl ClusterState {
                 if stage.is_complete() {
                     stage.finished = Some(Instant::now());
                     stage.span = None;
+                    if let Err(e) = adaptive::on_stage_complete(job, stage_id) {
+                        job.fail(format!("adaptive re-planning after stage {stage_id}: {e}"));
+                    }
                 }
                 job.touch();
                 Self::check_job_done(job);
@@ -1130,6 +1274,16 @@ impl ClusterState {
     pub fn stage_kind(stage: &StageState) -> StageKind {
         stage.plan.kind
     }
+}
+
+/// True when task read `read` takes `output`, written by map task `map` of stage `stage`.
+fn reads_output(read: &TaskRead, stage: u32, map: usize, output: &PartitionLocation) -> bool {
+    read.partitions
+        .contains(&(output.output_partition as usize))
+        && match &read.maps {
+            Some((probe, maps)) if *probe == stage => maps.contains(&map),
+            _ => true,
+        }
 }
 
 #[cfg(test)]

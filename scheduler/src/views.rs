@@ -82,6 +82,8 @@ pub struct StageSummary {
     pub attempts: u32,
     /// The stage plan with per-operator metrics once tasks finished.
     pub plan: Vec<OperatorView>,
+    /// Adaptive execution decisions (broadcast switch, coalescing, skew split), in order.
+    pub adaptive: Vec<String>,
 }
 
 /// A job with its stages.
@@ -296,7 +298,9 @@ pub fn stage_summary(job: &Job, stage: &StageState) -> StageSummary {
     let failed = matches!(job.state, JobState::Failed(_))
         && stage.tasks.iter().any(|t| t.last_error.is_some())
         && !complete;
-    let state = if complete {
+    let state = if stage.skipped {
+        "skipped"
+    } else if complete {
         "succeeded"
     } else if failed {
         "failed"
@@ -338,6 +342,7 @@ pub fn stage_summary(job: &Job, stage: &StageState) -> StageSummary {
         duration_ms: ms(duration),
         attempts: stage.attempts,
         plan: plan_view(&plan, &stage.operator_metrics),
+        adaptive: stage.adaptive.iter().map(|d| d.to_string()).collect(),
     }
 }
 

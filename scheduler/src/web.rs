@@ -382,14 +382,14 @@ fn plan_html(stage: &StageSummary) -> String {
 fn stage_table(job_id: &str, stages: &[StageSummary]) -> String {
     let mut html = String::from(
         "<table id=\"stages\"><tr><th>Stage</th><th>Kind</th><th>State</th><th>Tasks</th><th>Inputs</th>\
-<th>Rows in</th><th>Bytes in</th><th>Rows out</th><th>Bytes out</th><th>Shuffle</th><th>Spill</th><th>Duration</th></tr>",
+<th>Rows in</th><th>Bytes in</th><th>Rows out</th><th>Bytes out</th><th>Shuffle</th><th>Spill</th><th>Duration</th><th>Adaptive</th></tr>",
     );
     for s in stages {
         let inputs: Vec<String> = s.inputs.iter().map(u32::to_string).collect();
         let _ = write!(
             html,
             "<tr><td><a href=\"/jobs/{job}/stages/{id}\">Stage {id}</a></td><td>{kind}</td>{state}<td>{done}/{total}</td>\
-<td>{inputs}</td><td>{ri}</td><td>{bi}</td><td>{ro}</td><td>{bo}</td><td>{sh}</td><td>{sp}</td><td>{dur}</td></tr>",
+<td>{inputs}</td><td>{ri}</td><td>{bi}</td><td>{ro}</td><td>{bo}</td><td>{sh}</td><td>{sp}</td><td>{dur}</td><td class=\"adaptive\">{adaptive}</td></tr>",
             job = esc(job_id),
             id = s.id,
             kind = esc(&s.kind),
@@ -404,6 +404,7 @@ fn stage_table(job_id: &str, stages: &[StageSummary]) -> String {
             sh = bytes(s.shuffle_bytes),
             sp = bytes(s.spilled_bytes),
             dur = duration(s.duration_ms),
+            adaptive = esc(&s.adaptive.join("; ")),
         );
     }
     html.push_str("</table>");
@@ -481,6 +482,9 @@ tasks {done}/{total} · duration {dur}</p>",
         total = stage.partitions,
         dur = duration(stage.duration_ms),
     );
+    for note in &stage.adaptive {
+        let _ = write!(body, "<p class=\"adaptive\">Adaptive: {}</p>", esc(note));
+    }
     if let Some(d) = &durations {
         let _ = write!(
             body,

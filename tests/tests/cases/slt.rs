@@ -20,6 +20,28 @@ fn slt_files() -> Vec<PathBuf> {
     files
 }
 
+/// `VOLLEY_SLT_COMPLETE=1`: write the actual results into the .slt file (run the local test
+/// first, then the cluster one for its `onlyif volley` records; a normal run then checks both).
+async fn complete<D: sqllogictest::AsyncDB, M: sqllogictest::MakeConnection<Conn = D>>(
+    runner: &mut Runner<D, M>,
+    path: &std::path::Path,
+    file: &std::path::Path,
+) {
+    runner
+        .update_test_file(
+            path,
+            " ",
+            sqllogictest::default_validator,
+            sqllogictest::default_normalizer,
+            sqllogictest::default_column_validator,
+        )
+        .await
+        .expect("complete");
+    let text = std::fs::read_to_string(path).expect("read completed");
+    let data = volley_tests::workspace_root().join("tests/slt/data");
+    std::fs::write(file, text.replace(&data.display().to_string(), "${DATA}")).expect("write back");
+}
+
 /// A copy of `file` with `${DATA}` replaced by the data folder.
 fn prepared(file: &PathBuf, out: &tempfile::TempDir) -> PathBuf {
     let data = volley_tests::workspace_root().join("tests/slt/data");
@@ -40,21 +62,7 @@ async fn slt_local_datafusion() {
             })
         });
         if std::env::var("VOLLEY_SLT_COMPLETE").is_ok() {
-            let col_sep = " ";
-            runner
-                .update_test_file(
-                    &path,
-                    col_sep,
-                    sqllogictest::default_validator,
-                    sqllogictest::default_normalizer,
-                    sqllogictest::default_column_validator,
-                )
-                .await
-                .expect("complete");
-            let text = std::fs::read_to_string(&path).expect("read completed");
-            let data = volley_tests::workspace_root().join("tests/slt/data");
-            std::fs::write(&file, text.replace(&data.display().to_string(), "${DATA}"))
-                .expect("write back");
+            complete(&mut runner, &path, &file).await;
             continue;
         }
         runner
@@ -82,6 +90,12 @@ async fn slt_volley_cluster() {
                 Ok(ClusterDb { client })
             }
         });
+        // `onlyif volley` records (Volley options, EXPLAIN ANALYZE) run on the cluster only.
+        runner.add_label("volley");
+        if std::env::var("VOLLEY_SLT_COMPLETE").is_ok() {
+            complete(&mut runner, &path, &file).await;
+            continue;
+        }
         runner
             .run_file_async(&path)
             .await
@@ -103,5 +117,33 @@ async fn slt_volley_cluster() {
         used
     });
     assert_eq!(executors_used.len(), 2, "slt queries ran on both executors");
+    // adaptive.slt's decisions are in the job state the JSON API serves, with their sizes.
+    let decisions: Vec<(String, String)> = cluster.scheduler().service().with_state(|s| {
+        s.jobs
+            .keys()
+            .filter_map(|id| volley_scheduler::views::job_detail(s, id))
+            .flat_map(|job| job.stages)
+            .flat_map(|stage| {
+                let state = stage.state.clone();
+                stage.adaptive.into_iter().map(move |d| (state.clone(), d))
+            })
+            .collect()
+    });
+    // Decisions taken from sizes carry them in parentheses, e.g. "(9 rows, 1.1 KiB)".
+    let has = |state: &str, prefix: &str| {
+        decisions.iter().any(|(s, d)| {
+            s == state && d.starts_with(prefix) && (state == "skipped" || d.contains(" ("))
+        })
+    };
+    assert!(
+        has("succeeded", "switched to broadcast join"),
+        "{decisions:?}"
+    );
+    assert!(has("skipped", "skipped: stage"), "{decisions:?}");
+    assert!(
+        has("succeeded", "coalesced 4 shuffle partitions into 1 tasks"),
+        "{decisions:?}"
+    );
+    assert!(has("succeeded", "split skewed partition"), "{decisions:?}");
     cluster.shutdown().await;
 }

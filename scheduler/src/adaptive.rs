@@ -1,0 +1,565 @@
+//! Adaptive execution: stages are re-planned from the real row and byte counts of the stages
+//! they read, once those are done and before their own first task starts.
+//!
+//! * **Broadcast switch.** A stage whose partitioned hash join reads both sides straight from
+//!   shuffle stages is a candidate: its probe-side stage waits for the build-side stage. When the
+//!   build side turns out small (`volley.adaptive_broadcast_bytes`), the join becomes a
+//!   `CollectLeft` (broadcast) join that reads the whole build side in every task, the probe-side
+//!   stage's plan moves into the join stage and that stage never runs: the probe side (usually
+//!   the fact table) is not shuffled at all.
+//! * **Coalescing.** A stage that reads only hash-partitioned shuffle output runs one task per
+//!   run of adjacent small partitions instead of one per partition.
+//! * **Skew split.** In such a join stage, a partition whose probe side is far above the median
+//!   is split into several tasks, each reading a range of the probe side's map outputs joined
+//!   with the whole build-side partition.
+//!
+//! Every decision is written on the stage (`adaptive` notes): job state, JSON API, status page
+//! and `EXPLAIN ANALYZE` show them.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::JoinType;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::sorts::sort::SortExec;
+use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
+use datafusion::physical_plan::{
+    ExecutionPlan, ExecutionPlanProperties, replace_children_if_necessary,
+};
+use volley_core::config::VolleyOptions;
+use volley_core::plan::{ShuffleReaderExec, ShuffleWriterExec};
+
+use crate::state::{Job, StageState, TaskState};
+
+/// Coalesced partitions never target less than this many bytes per task.
+pub const MIN_PARTITION_BYTES: u64 = 1024 * 1024;
+
+/// A partitioned hash join whose two sides are read straight from shuffle stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShuffledJoin {
+    /// Stage producing the build (left) side.
+    pub build: u32,
+    /// Stage producing the probe (right) side.
+    pub probe: u32,
+}
+
+/// One adaptive decision about a stage: what was decided, and the sizes it was decided on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The decision (deterministic for given data; shown by EXPLAIN ANALYZE).
+    pub what: String,
+    /// Sizes behind it (rows, bytes), empty when none.
+    pub sizes: String,
+}
+
+impl Decision {
+    fn new(what: impl Into<String>, sizes: impl Into<String>) -> Self {
+        Decision {
+            what: what.into(),
+            sizes: sizes.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.sizes.is_empty() {
+            write!(f, "{}", self.what)
+        } else {
+            write!(f, "{} ({})", self.what, self.sizes)
+        }
+    }
+}
+
+/// The note a broadcast-switch candidate starts with.
+pub fn candidate(join: ShuffledJoin) -> Decision {
+    Decision::new(
+        format!(
+            "broadcast join if stage {} is small; stage {} waits for it",
+            join.build, join.probe
+        ),
+        "",
+    )
+}
+
+/// What one task of an adaptively planned stage reads from its hash-partitioned inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRead {
+    /// Shuffle partitions (buckets) read from every hash-partitioned input.
+    pub partitions: Range<usize>,
+    /// Skew split: from this input stage, only the outputs of these map tasks.
+    pub maps: Option<(u32, Range<usize>)>,
+}
+
+/// Join types whose output for a probe row depends only on that row and the build side, so the
+/// probe side may be read in pieces (and the build side by every task).
+fn probe_rows_independent(join_type: JoinType) -> bool {
+    matches!(
+        join_type,
+        JoinType::Inner | JoinType::Right | JoinType::RightSemi | JoinType::RightAnti
+    )
+}
+
+/// The only child of an operator that keeps rows in their partition, one by one.
+fn row_local_child(plan: &Arc<dyn ExecutionPlan>) -> Option<&Arc<dyn ExecutionPlan>> {
+    if plan.is::<ProjectionExec>() || plan.is::<FilterExec>() {
+        return plan.children().first().copied();
+    }
+    None
+}
+
+/// The only child of an operator that works on any partitioning of its input: row-local
+/// operators, partial aggregation and per-partition sorts (merged by a later stage).
+fn partition_agnostic_child(plan: &Arc<dyn ExecutionPlan>) -> Option<&Arc<dyn ExecutionPlan>> {
+    if let Some(child) = row_local_child(plan) {
+        return Some(child);
+    }
+    if let Some(aggregate) = plan.downcast_ref::<AggregateExec>()
+        && *aggregate.mode() == AggregateMode::Partial
+    {
+        return plan.children().first().copied();
+    }
+    if let Some(sort) = plan.downcast_ref::<SortExec>()
+        && sort.preserve_partitioning()
+    {
+        return plan.children().first().copied();
+    }
+    None
+}
+
+fn hash_reader_below(plan: &Arc<dyn ExecutionPlan>) -> Option<u32> {
+    if let Some(reader) = plan.downcast_ref::<ShuffleReaderExec>() {
+        return reader.hash_partitioned().then_some(reader.stage_id());
+    }
+    hash_reader_below(row_local_child(plan)?)
+}
+
+/// The stage's partitioned hash join, when both its sides come straight from shuffle stages,
+/// its probe rows can be processed in any grouping (inner, right, right semi/anti) and nothing
+/// between it and the stage's output needs the join's hash partitioning.
+pub fn shuffled_join(stage_plan: &Arc<dyn ExecutionPlan>) -> Option<ShuffledJoin> {
+    let mut node = match stage_plan.downcast_ref::<ShuffleWriterExec>() {
+        Some(writer) => writer.input(),
+        None => stage_plan,
+    };
+    loop {
+        if let Some(join) = node.downcast_ref::<HashJoinExec>() {
+            match join.partition_mode() {
+                PartitionMode::Partitioned => {
+                    if join.null_aware || !probe_rows_independent(*join.join_type()) {
+                        return None;
+                    }
+                    let build = hash_reader_below(join.left())?;
+                    let probe = hash_reader_below(join.right())?;
+                    return (build != probe).then_some(ShuffledJoin { build, probe });
+                }
+                PartitionMode::CollectLeft => {
+                    node = join.right();
+                    continue;
+                }
+                PartitionMode::Auto => return None,
+            }
+        }
+        node = partition_agnostic_child(node)?;
+    }
+}
+
+/// The join of `plan` (a stage's writer input) rewritten as a broadcast join: the build side is
+/// read whole by every task, the probe side's shuffle reader is replaced by `probe_input`.
+pub fn broadcast_rewrite(
+    plan: &Arc<dyn ExecutionPlan>,
+    probe_stage: u32,
+    probe_input: &Arc<dyn ExecutionPlan>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
+        return match join.partition_mode() {
+            PartitionMode::Partitioned => {
+                let left: Arc<dyn ExecutionPlan> =
+                    Arc::new(CoalescePartitionsExec::new(Arc::clone(join.left())));
+                let right = replace_reader(join.right(), probe_stage, probe_input)?;
+                join.builder()
+                    .with_partition_mode(PartitionMode::CollectLeft)
+                    .with_new_children(vec![left, right])?
+                    .recompute_properties()
+                    .build_exec()
+            }
+            _ => {
+                let right = broadcast_rewrite(join.right(), probe_stage, probe_input)?;
+                replace_children_if_necessary(
+                    Arc::clone(plan),
+                    vec![Arc::clone(join.left()), right],
+                )
+            }
+        };
+    }
+    let child = partition_agnostic_child(plan)
+        .ok_or_else(|| DataFusionError::Internal(format!("cannot rewrite {}", plan.name())))?;
+    let child = broadcast_rewrite(child, probe_stage, probe_input)?;
+    replace_children_if_necessary(Arc::clone(plan), vec![child])
+}
+
+fn replace_reader(
+    plan: &Arc<dyn ExecutionPlan>,
+    stage: u32,
+    replacement: &Arc<dyn ExecutionPlan>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    if let Some(reader) = plan.downcast_ref::<ShuffleReaderExec>()
+        && reader.stage_id() == stage
+    {
+        return Ok(Arc::clone(replacement));
+    }
+    let child = row_local_child(plan)
+        .ok_or_else(|| DataFusionError::Internal(format!("no reader of stage {stage}")))?;
+    let child = replace_reader(child, stage, replacement)?;
+    replace_children_if_necessary(Arc::clone(plan), vec![child])
+}
+
+/// True when every partitioned leaf of the stage is a hash-mode shuffle reader and every
+/// operator on the way keeps the stage's partition count (so tasks may read any run of
+/// adjacent buckets). Subtrees under a partition merge are read whole by every task.
+fn coalescible(plan: &Arc<dyn ExecutionPlan>, partitions: usize, readers: &mut usize) -> bool {
+    if plan.is::<CoalescePartitionsExec>() || plan.is::<SortPreservingMergeExec>() {
+        return true;
+    }
+    if plan.output_partitioning().partition_count() != partitions || plan.is::<RepartitionExec>() {
+        return false;
+    }
+    if let Some(reader) = plan.downcast_ref::<ShuffleReaderExec>() {
+        *readers += 1;
+        return reader.hash_partitioned();
+    }
+    let children = plan.children();
+    !children.is_empty()
+        && children
+            .into_iter()
+            .all(|child| coalescible(child, partitions, readers))
+}
+
+/// Runs of adjacent partitions of at most `target` bytes each (a partition above it alone).
+pub fn coalesce(sizes: &[u64], target: u64) -> Vec<Range<usize>> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0u64;
+    for (index, size) in sizes.iter().enumerate() {
+        if index > start && bytes.saturating_add(*size) > target {
+            groups.push(start..index);
+            start = index;
+            bytes = 0;
+        }
+        bytes = bytes.saturating_add(*size);
+    }
+    if start < sizes.len() {
+        groups.push(start..sizes.len());
+    }
+    groups
+}
+
+/// Split map tasks `0..sizes.len()` into at most `pieces` adjacent ranges of similar bytes.
+pub fn split_maps(sizes: &[u64], pieces: usize) -> Vec<Range<usize>> {
+    let total: u64 = sizes.iter().sum();
+    let pieces = pieces.clamp(1, sizes.len().max(1));
+    let per_piece = total.div_ceil(pieces as u64).max(1);
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0u64;
+    for (index, size) in sizes.iter().enumerate() {
+        bytes += size;
+        if bytes >= per_piece && ranges.len() + 1 < pieces {
+            ranges.push(start..index + 1);
+            start = index + 1;
+            bytes = 0;
+        }
+    }
+    if start < sizes.len() {
+        ranges.push(start..sizes.len());
+    }
+    ranges
+}
+
+/// Human-readable byte count for decision notes.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Rows and bytes written by a finished stage.
+fn output_size(stage: &StageState) -> (u64, u64) {
+    stage
+        .tasks
+        .iter()
+        .flat_map(|t| match &t.state {
+            TaskState::Succeeded { outputs, .. } => outputs.as_slice(),
+            _ => &[],
+        })
+        .fold((0, 0), |(r, b), l| (r + l.num_rows, b + l.num_bytes))
+}
+
+/// Bytes per output bucket (`buckets` of them) of a finished stage, per map task.
+fn bucket_bytes(stage: &StageState, buckets: usize) -> Vec<Vec<u64>> {
+    let mut out = vec![vec![0u64; stage.tasks.len()]; buckets];
+    for (map, task) in stage.tasks.iter().enumerate() {
+        if let TaskState::Succeeded { outputs, .. } = &task.state {
+            for location in outputs {
+                if let Some(slot) = out
+                    .get_mut(location.output_partition as usize)
+                    .and_then(|per_map| per_map.get_mut(map))
+                {
+                    *slot += location.num_bytes;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Called when stage `done` has just completed: decide the broadcast switch of the join stages
+/// whose build side it is.
+pub fn on_stage_complete(job: &mut Job, done: u32) -> Result<()> {
+    let options = VolleyOptions::from_pairs(&job.settings);
+    let candidates: Vec<(u32, ShuffledJoin)> = job
+        .stages
+        .values()
+        .filter_map(|s| s.join_switch.map(|j| (s.plan.stage_id, j)))
+        .filter(|(_, j)| j.build == done)
+        .collect();
+    for (join_stage, join) in candidates {
+        let Some(build) = job.stages.get(&join.build) else {
+            continue;
+        };
+        let (rows, size) = output_size(build);
+        let probe_started = job
+            .stages
+            .get(&join.probe)
+            .is_none_or(|p| p.started.is_some());
+        let small = size <= options.adaptive_broadcast_bytes;
+        if let Some(stage) = job.stages.get_mut(&join_stage) {
+            stage.join_switch = None;
+        }
+        if !small || probe_started {
+            if let Some(probe) = job.stages.get_mut(&join.probe) {
+                probe.wait_for.retain(|s| *s != join.build);
+            }
+            if let Some(stage) = job.stages.get_mut(&join_stage) {
+                let what = if small {
+                    "kept partitioned join: probe side already started".to_string()
+                } else {
+                    format!(
+                        "kept partitioned join: build side (stage {}) too big",
+                        join.build
+                    )
+                };
+                stage
+                    .adaptive
+                    .push(Decision::new(what, format!("{rows} rows, {}", bytes(size))));
+            }
+            continue;
+        }
+        let Some(probe) = job.stages.get(&join.probe) else {
+            continue;
+        };
+        let probe_input = Arc::clone(probe.plan.plan.input());
+        let probe_inputs = probe.plan.inputs.clone();
+        let Some(stage) = job.stages.get_mut(&join_stage) else {
+            continue;
+        };
+        let input = broadcast_rewrite(stage.plan.plan.input(), join.probe, &probe_input)?;
+        let partitions = input.output_partitioning().partition_count();
+        let writer = &stage.plan.plan;
+        stage.plan.plan = Arc::new(ShuffleWriterExec::new(
+            writer.job_id().to_string(),
+            writer.stage_id(),
+            input,
+            writer.shuffle_partitioning().cloned(),
+        ));
+        stage.plan.inputs.retain(|s| *s != join.probe);
+        for input in probe_inputs {
+            if !stage.plan.inputs.contains(&input) {
+                stage.plan.inputs.push(input);
+            }
+        }
+        stage.plan.partitions = partitions;
+        stage.tasks = vec![crate::state::TaskInfo::pending(); partitions];
+        stage.resolved = None;
+        stage.adaptive.push(Decision::new(
+            format!(
+                "switched to broadcast join: build side (stage {}) is small; stage {} skipped, its \
+                 input read directly",
+                join.build, join.probe
+            ),
+            format!("{rows} rows, {}", bytes(size)),
+        ));
+        // The probe stage's own pending switch now concerns the join stage, which runs its
+        // plan (the walk to a partitioned join passes through broadcast joins' probe sides).
+        let inherited = job
+            .stages
+            .get_mut(&join.probe)
+            .and_then(|p| p.join_switch.take());
+        if let Some(inherited) = inherited
+            && let Some(stage) = job.stages.get_mut(&join_stage)
+        {
+            stage.join_switch = Some(inherited);
+        }
+        if let Some(probe) = job.stages.get_mut(&join.probe) {
+            probe.tasks.clear();
+            probe.skipped = true;
+            probe.wait_for.clear();
+            probe.adaptive.push(Decision::new(
+                format!("skipped: stage {join_stage} reads this input directly (broadcast join)"),
+                "",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Called once before the first task of a ready stage launches: coalesce small partitions and
+/// split skewed ones from its inputs' real sizes.
+pub fn before_launch(job: &mut Job, stage_id: u32, slots: usize) {
+    let options = VolleyOptions::from_pairs(&job.settings);
+    let Some(stage) = job.stages.get(&stage_id) else {
+        return;
+    };
+    let plan = Arc::clone(&stage.plan.plan) as Arc<dyn ExecutionPlan>;
+    let partitions = stage.tasks.len();
+    let mut readers = 0;
+    let eligible = options.adaptive
+        && partitions > 1
+        && coalescible(stage.plan.plan.input(), partitions, &mut readers)
+        && readers > 0;
+    if !eligible {
+        return;
+    }
+    // Bytes per bucket over all inputs, and per map task of the probe side of a join.
+    let mut sizes = vec![0u64; partitions];
+    for input in &stage.plan.inputs {
+        if let Some(input) = job.stages.get(input) {
+            for (bucket, per_map) in bucket_bytes(input, partitions).iter().enumerate() {
+                sizes[bucket] += per_map.iter().sum::<u64>();
+            }
+        }
+    }
+    let join = shuffled_join(&plan);
+    let probe_maps: Option<(u32, Vec<Vec<u64>>)> = join.and_then(|j| {
+        job.stages
+            .get(&j.probe)
+            .map(|p| (j.probe, bucket_bytes(p, partitions)))
+    });
+    let total: u64 = sizes.iter().sum();
+    let advisory = options.adaptive_partition_bytes.max(1);
+    let target = advisory
+        .min(total.div_ceil(slots.max(1) as u64))
+        .max(MIN_PARTITION_BYTES);
+
+    // Skewed probe partitions: (bucket, map ranges, probe bytes, median probe bytes).
+    let mut skewed: Vec<(usize, Vec<Range<usize>>, u64, u64)> = Vec::new();
+    let mut probe_stage = 0;
+    if let Some((probe, per_bucket)) = &probe_maps {
+        probe_stage = *probe;
+        let probe_sizes: Vec<u64> = per_bucket.iter().map(|m| m.iter().sum()).collect();
+        let mut sorted = probe_sizes.clone();
+        sorted.sort_unstable();
+        let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0);
+        for (bucket, (size, maps)) in probe_sizes.iter().zip(per_bucket).enumerate() {
+            if *size >= options.adaptive_skew_min_bytes
+                && *size > median.max(1).saturating_mul(options.adaptive_skew_factor)
+                && maps.len() > 1
+            {
+                let pieces = usize::try_from(size.div_ceil(advisory)).unwrap_or(usize::MAX);
+                let ranges = split_maps(maps, pieces.max(2));
+                if ranges.len() > 1 {
+                    skewed.push((bucket, ranges, *size, median));
+                }
+            }
+        }
+    }
+
+    let mut reads = Vec::new();
+    let mut notes = Vec::new();
+    let mut start = 0;
+    let mut plain_groups = 0;
+    let mut flush = |from: usize, to: usize, reads: &mut Vec<TaskRead>| {
+        for group in coalesce(&sizes[from..to], target) {
+            plain_groups += 1;
+            reads.push(TaskRead {
+                partitions: group.start + from..group.end + from,
+                maps: None,
+            });
+        }
+    };
+    for (bucket, ranges, size, median) in &skewed {
+        flush(start, *bucket, &mut reads);
+        notes.push(Decision::new(
+            format!(
+                "split skewed partition {bucket} into {} tasks by probe-side map output",
+                ranges.len()
+            ),
+            format!("{} of probe side, median {}", bytes(*size), bytes(*median)),
+        ));
+        for range in ranges {
+            reads.push(TaskRead {
+                partitions: *bucket..*bucket + 1,
+                maps: Some((probe_stage, range.clone())),
+            });
+        }
+        start = bucket + 1;
+    }
+    flush(start, partitions, &mut reads);
+    let coalesced = plain_groups < partitions - skewed.len();
+    if coalesced {
+        notes.insert(
+            0,
+            Decision::new(
+                format!(
+                    "coalesced {} shuffle partitions into {plain_groups} tasks",
+                    partitions - skewed.len()
+                ),
+                format!("{} in all, target {} per task", bytes(total), bytes(target)),
+            ),
+        );
+    }
+    if notes.is_empty() {
+        return;
+    }
+    if let Some(stage) = job.stages.get_mut(&stage_id) {
+        stage.tasks = vec![crate::state::TaskInfo::pending(); reads.len()];
+        stage.reads = Some(reads);
+        stage.resolved = None;
+        stage.adaptive.extend(notes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalesce_groups_adjacent_small_partitions() {
+        assert_eq!(coalesce(&[1, 1, 1, 1], 2), vec![0..2, 2..4]);
+        assert_eq!(coalesce(&[5, 1, 1, 5], 3), vec![0..1, 1..3, 3..4]);
+        assert_eq!(coalesce(&[0, 0, 0], 10), vec![0..3]);
+        assert_eq!(coalesce(&[], 10), Vec::<Range<usize>>::new());
+    }
+
+    #[test]
+    fn split_maps_balances_bytes() {
+        assert_eq!(split_maps(&[10, 10, 10, 10], 2), vec![0..2, 2..4]);
+        assert_eq!(split_maps(&[30, 1, 1, 1], 2), vec![0..1, 1..4]);
+        assert_eq!(split_maps(&[5], 4), vec![0..1]);
+    }
+}
