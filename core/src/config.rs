@@ -30,9 +30,9 @@ extensions_options! {
         /// partitions and when splitting skewed ones.
         pub adaptive_partition_bytes: u64, default = 64 * 1024 * 1024
         /// Adaptive execution: a partitioned hash join whose build side turns out to be at most
-        /// this many bytes (and `BROADCAST_MAX_ROWS` rows) is switched to a broadcast join and its
-        /// probe side is no longer shuffled; 0 turns the switch off.
-        pub adaptive_broadcast_bytes: u64, default = 64 * 1024 * 1024
+        /// this many bytes of shuffle output is switched to a broadcast join and its probe side
+        /// is no longer shuffled; 0 turns the switch off.
+        pub adaptive_broadcast_bytes: u64, default = 128 * 1024 * 1024
         /// Adaptive execution: a join partition whose probe side is this many times the median
         /// partition and at least `adaptive_skew_min_bytes` is split into several tasks.
         pub adaptive_skew_factor: u64, default = 4
