@@ -113,6 +113,9 @@ pub fn base_session_config() -> SessionConfig {
 pub struct TaskEnv {
     /// Id of the executor running the task: shuffle reads of its own files skip the network.
     pub executor_id: String,
+    /// Host the executor advertises: files of other executors advertising the same host are
+    /// read from disk when they are there (host-local reads).
+    pub host: String,
     /// Root of the executor's shuffle files.
     pub work_dir: PathBuf,
     /// Attempt number of the running task; part of shuffle file names so retries never clash.

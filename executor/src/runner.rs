@@ -19,6 +19,9 @@ use volley_core::protobuf as pb;
 /// What an executor needs to run tasks.
 pub struct TaskRunner {
     pub executor_id: String,
+    /// Host the executor advertises (shuffle files of executors on the same host are read
+    /// from disk).
+    pub host: String,
     pub work_dir: std::path::PathBuf,
     pub base_state: SessionState,
     pub security: volley_core::security::Security,
@@ -86,6 +89,7 @@ impl TaskRunner {
         }
         let config = config.with_extension(Arc::new(TaskEnv {
             executor_id: self.executor_id.clone(),
+            host: self.host.clone(),
             work_dir: self.work_dir.clone(),
             attempt: task.attempt,
             security: self.security.clone(),

@@ -355,6 +355,7 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
         port: addr.port(),
         runner: TaskRunner {
             executor_id: id.clone(),
+            host: config.host.clone(),
             work_dir: config.work_dir.clone(),
             base_state,
             security: config.security.clone(),

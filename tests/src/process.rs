@@ -254,6 +254,19 @@ impl ProcessCluster {
         Ok(())
     }
 
+    /// SIGKILL executor `index` and delete its work dir: the machine and its disk are gone, so
+    /// executors on the same host cannot read its shuffle files from disk either.
+    pub fn kill_executor_and_disk(&mut self, index: usize) -> Result<(), BoxError> {
+        self.kill_executor(index)?;
+        let port = self.executor_ports.get(index).ok_or("no such executor")?;
+        let dir = self
+            .work_dir
+            .path()
+            .join(format!("executor-{index}-{port}"));
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
     /// Send a signal (`STOP`, `CONT`, ...) to executor `index`.
     pub fn signal_executor(&self, index: usize, signal: &str) -> Result<(), BoxError> {
         let pid = self.executors.get(index).ok_or("no such executor")?.id();

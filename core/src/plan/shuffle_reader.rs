@@ -17,7 +17,7 @@ use datafusion::physical_plan::{
 use futures::StreamExt;
 
 use crate::config::TaskEnv;
-use crate::shuffle::{PartitionLocation, read_partition_location};
+use crate::shuffle::{LocalReads, PartitionLocation, read_partition_location};
 
 /// Reads the shuffle output of stage `stage_id`.
 ///
@@ -171,7 +171,10 @@ impl ExecutionPlan for ShuffleReaderExec {
             ))
         })?;
         let env = context.session_config().get_extension::<TaskEnv>();
-        let local = env.as_ref().map(|env| env.executor_id.clone());
+        let local = env.as_ref().map(|env| LocalReads {
+            executor_id: env.executor_id.clone(),
+            host: env.host.clone(),
+        });
         let security = env.map(|env| env.security.clone()).unwrap_or_default();
         let stage_id = self.stage_id;
         let stream = futures::stream::iter(locations)

@@ -191,11 +191,28 @@ async fn fetch_remote(
     Ok(batches.boxed())
 }
 
-/// Batches of one shuffle file; local files (same executor) are read without the network.
+/// Who is reading: decides which shuffle files are read from disk instead of over Flight.
+#[derive(Debug, Clone)]
+pub struct LocalReads {
+    /// The reading executor: its own files are always read from disk.
+    pub executor_id: String,
+    /// Its advertised host: files of executors advertising the same host are read from disk
+    /// when the file is there (same machine and file system), over Flight otherwise.
+    pub host: String,
+}
+
+impl LocalReads {
+    fn reads_from_disk(&self, location: &PartitionLocation) -> bool {
+        self.executor_id == location.executor_id
+            || (self.host == location.host && std::path::Path::new(&location.path).is_file())
+    }
+}
+
+/// Batches of one shuffle file; files on this host are read without the network.
 /// Any failure becomes a typed [`VolleyError::FetchFailed`] naming the producer.
 pub fn read_partition_location(
     location: PartitionLocation,
-    local_executor_id: Option<String>,
+    local: Option<LocalReads>,
     stage_id: u32,
     security: Security,
 ) -> BoxStream<'static, datafusion::error::Result<RecordBatch>> {
@@ -210,7 +227,7 @@ pub fn read_partition_location(
             }))
         }
     };
-    let is_local = local_executor_id.as_deref() == Some(location.executor_id.as_str());
+    let is_local = local.is_some_and(|local| local.reads_from_disk(&location));
     let stream = async move {
         if is_local {
             Ok(read_local_file(PathBuf::from(&location.path)))

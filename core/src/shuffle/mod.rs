@@ -4,7 +4,7 @@ mod fetch;
 mod location;
 mod writer;
 
-pub use fetch::{FlightChannels, read_chunk, read_local_file, read_partition_location};
+pub use fetch::{FlightChannels, LocalReads, read_chunk, read_local_file, read_partition_location};
 pub use location::PartitionLocation;
 pub use writer::{ShuffleFileWriter, WrittenPartition};
 

@@ -223,7 +223,8 @@ async fn kill_after_map_output(retries: bool) -> Result<(Vec<Row>, u32), String>
         .map(|t| t.executor_id.clone())
         .unwrap();
     let index = cluster.executor_index(&holder).await.unwrap();
-    cluster.kill_executor(index).unwrap();
+    // Killing the process alone leaves its files readable by executors on this host.
+    cluster.kill_executor_and_disk(index).unwrap();
     let rows = result(&client, job_id.clone()).await?;
     let attempts = job(&client, &job_id)
         .await
