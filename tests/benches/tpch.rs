@@ -33,6 +33,7 @@ struct Args {
     json: Option<PathBuf>,
     volley_baseline: bool,
     memory_limit: Option<usize>,
+    stages: bool,
 }
 
 fn parse_args() -> Result<Args, BoxError> {
@@ -48,6 +49,7 @@ fn parse_args() -> Result<Args, BoxError> {
         json: None,
         volley_baseline: false,
         memory_limit: None,
+        stages: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -63,6 +65,7 @@ fn parse_args() -> Result<Args, BoxError> {
             "--json" => args.json = Some(PathBuf::from(value()?)),
             "--memory-limit" => args.memory_limit = Some(value()?.parse()?),
             "--baseline" => args.volley_baseline = value()? == "volley",
+            "--stages" => args.stages = true,
             "--bench" => {}
             other => return Err(format!("unknown argument {other}").into()),
         }
@@ -159,6 +162,9 @@ async fn main() -> Result<(), BoxError> {
         }
         total_df += best_df;
         total_volley += best_volley;
+        if args.stages {
+            print_stages(&cluster, &last_job);
+        }
         let (shuffle_bytes, spill_bytes) = cluster
             .scheduler()
             .service()
@@ -213,4 +219,45 @@ async fn main() -> Result<(), BoxError> {
     }
     cluster.shutdown().await;
     Ok(())
+}
+
+/// `--stages`: when each stage of the job started and ended (ms after submission), its tasks,
+/// rows and adaptive decisions.
+fn print_stages(cluster: &EmbeddedCluster, job_id: &str) {
+    cluster.scheduler().service().with_state(|state| {
+        let Some(job) = state.jobs.get(job_id) else {
+            return;
+        };
+        let ms = |t: Option<Instant>| {
+            t.map_or(-1.0, |t| {
+                t.saturating_duration_since(job.submitted).as_secs_f64() * 1000.0
+            })
+        };
+        for stage in job.stages.values() {
+            let rows: u64 = stage
+                .tasks
+                .iter()
+                .filter_map(|t| match &t.state {
+                    volley_scheduler::state::TaskState::Succeeded { outputs, .. } => {
+                        Some(outputs.iter().map(|o| o.num_rows).sum::<u64>())
+                    }
+                    _ => None,
+                })
+                .sum();
+            let decisions: Vec<String> = stage.adaptive.iter().map(|d| d.to_string()).collect();
+            println!(
+                "      stage {:>2} {:<9} tasks={:<2} start={:>7.1}ms end={:>7.1}ms rows={rows} {}",
+                stage.plan.stage_id,
+                stage.plan.kind.as_str(),
+                stage.tasks.len(),
+                ms(stage.started),
+                ms(stage.finished),
+                decisions.join("; ")
+            );
+        }
+        println!(
+            "      job done at {:.1}ms",
+            ms(job.finished)
+        );
+    });
 }
