@@ -60,11 +60,17 @@ impl TaskRunner {
                     _ => None,
                 };
                 let retryable = fetch_failure.is_some() || is_retryable(&e);
+                let out_of_memory = matches!(
+                    &e,
+                    VolleyError::DataFusion(df)
+                        if matches!(df.find_root(), datafusion::error::DataFusionError::ResourcesExhausted(_))
+                );
                 tracing::warn!(job_id = %task.job_id, stage_id = task.stage_id, partition = task.partition, attempt = task.attempt, error = %e, "task failed");
                 pb::task_status::Status::Failed(pb::TaskFailed {
                     message: e.to_string(),
                     retryable,
                     fetch_failure,
+                    out_of_memory,
                 })
             }
         };

@@ -428,13 +428,15 @@ pub fn on_stage_complete(job: &mut Job, done: u32) -> Result<()> {
     Ok(())
 }
 
-/// Called once before the first task of a ready stage launches: coalesce small partitions and
-/// split skewed ones from its inputs' real sizes.
-pub fn before_launch(job: &mut Job, stage_id: u32, slots: usize) {
-    let options = VolleyOptions::from_pairs(&job.settings);
-    let Some(stage) = job.stages.get(&stage_id) else {
-        return;
-    };
+/// Tasks of a stage regrouped from its inputs' real sizes: small partitions coalesced, skewed
+/// ones split. None when nothing changes.
+fn regroup(
+    job: &Job,
+    stage_id: u32,
+    slots: usize,
+    options: &VolleyOptions,
+) -> Option<(Vec<TaskRead>, Vec<Decision>)> {
+    let stage = job.stages.get(&stage_id)?;
     let plan = Arc::clone(&stage.plan.plan) as Arc<dyn ExecutionPlan>;
     let partitions = stage.tasks.len();
     let mut readers = 0;
@@ -443,7 +445,7 @@ pub fn before_launch(job: &mut Job, stage_id: u32, slots: usize) {
         && coalescible(stage.plan.plan.input(), partitions, &mut readers)
         && readers > 0;
     if !eligible {
-        return;
+        return None;
     }
     // Bytes per bucket over all inputs, and per map task of the probe side of a join.
     let mut sizes = vec![0u64; partitions];
@@ -533,9 +535,19 @@ pub fn before_launch(job: &mut Job, stage_id: u32, slots: usize) {
             ),
         );
     }
-    if notes.is_empty() {
+    (!notes.is_empty()).then_some((reads, notes))
+}
+
+/// Called once before the first task of a ready stage launches: coalesce small partitions and
+/// split skewed ones from its inputs' real sizes.
+pub fn before_launch(job: &mut Job, stage_id: u32, slots: usize) {
+    let options = VolleyOptions::from_pairs(&job.settings);
+    if !options.adaptive {
         return;
     }
+    let Some((reads, notes)) = regroup(job, stage_id, slots, &options) else {
+        return;
+    };
     if let Some(stage) = job.stages.get_mut(&stage_id) {
         stage.tasks = vec![crate::state::TaskInfo::pending(); reads.len()];
         stage.reads = Some(reads);

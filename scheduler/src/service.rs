@@ -125,9 +125,11 @@ impl SchedulerService {
     }
 
     async fn housekeeping(&self, no_executors_since: &mut Option<Instant>) {
-        let (lost, expired, failed) = {
+        let (lost, expired, failed, pending) = {
             let mut state = self.state.lock();
             let lost = state.expire_executors(self.config.executor_timeout);
+            // Tasks held back by an open circuit breaker get placed once it half-opens.
+            let pending = state.jobs.values().any(|j| j.state == JobState::Running);
             let expired = state.expired_results(self.config.result_ttl);
             state.prune_jobs(MAX_FINISHED_JOBS);
             let mut failed = Vec::new();
@@ -151,7 +153,7 @@ impl SchedulerService {
             } else {
                 *no_executors_since = None;
             }
-            (lost, expired, failed)
+            (lost, expired, failed, pending)
         };
         self.sessions
             .lock()
@@ -163,7 +165,7 @@ impl SchedulerService {
         for job_id in expired.into_iter().chain(failed) {
             self.release(&job_id).await;
         }
-        if !lost.is_empty() {
+        if !lost.is_empty() || pending {
             self.schedule();
         }
     }
@@ -697,6 +699,7 @@ impl SchedulerGrpc for SchedulerService {
                     Some(pb::task_status::Status::Failed(f)) => TaskOutcome::Failed {
                         message: f.message,
                         retryable: f.retryable,
+                        out_of_memory: f.out_of_memory,
                         fetch_failure: f
                             .fetch_failure
                             .map(|ff| (ff.executor_id, ff.stage_id, ff.map_partition)),

@@ -391,6 +391,8 @@ pub enum TaskOutcome {
         message: String,
         /// Whether a retry may help.
         retryable: bool,
+        /// It ran out of memory (no sign of an unhealthy executor).
+        out_of_memory: bool,
         /// The shuffle input it could not read: (executor, stage, map partition).
         fetch_failure: Option<(String, u32, u32)>,
     },
@@ -1047,12 +1049,14 @@ impl ClusterState {
             TaskOutcome::Failed {
                 message,
                 retryable,
+                out_of_memory,
                 fetch_failure,
             } => {
                 if let Some(e) = self.executors.get_mut(executor_id) {
                     e.failed_tasks += 1;
-                    // User errors say nothing about the executor's health.
-                    if retryable && fetch_failure.is_none() && e.breaker.failure() {
+                    // User errors and memory limits say nothing about the executor's health.
+                    if retryable && !out_of_memory && fetch_failure.is_none() && e.breaker.failure()
+                    {
                         tracing::warn!(executor_id, "circuit breaker opened");
                     }
                 }

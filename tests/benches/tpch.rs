@@ -255,9 +255,6 @@ fn print_stages(cluster: &EmbeddedCluster, job_id: &str) {
                 decisions.join("; ")
             );
         }
-        println!(
-            "      job done at {:.1}ms",
-            ms(job.finished)
-        );
+        println!("      job done at {:.1}ms", ms(job.finished));
     });
 }

@@ -52,8 +52,8 @@ impl FlightChannels {
     }
 }
 
-/// Bytes read from a local shuffle file at a time.
-const LOCAL_CHUNK_BYTES: u64 = 8 * 1024 * 1024;
+/// Read buffer of local shuffle files (messages larger than it are read directly).
+const LOCAL_READ_BUFFER: usize = 256 * 1024;
 
 /// Read up to `limit` bytes into a fresh buffer (not zero-filled first).
 pub fn read_chunk(file: &mut File, limit: u64) -> std::io::Result<Vec<u8>> {
@@ -62,21 +62,60 @@ pub fn read_chunk(file: &mut File, limit: u64) -> std::io::Result<Vec<u8>> {
     Ok(chunk)
 }
 
-/// Stream the batches of a local shuffle file, reading large chunks and decoding them with an
-/// IPC stream decoder on a blocking thread (batches share the chunk's memory where aligned).
+/// Next IPC message of a stream (continuation marker, metadata, body) in a buffer of its own,
+/// or None at the end of the file. One buffer per message keeps each decoded batch's memory
+/// its own: batches sliced from one big chunk would each be charged for the whole chunk by
+/// memory pools (sorts, joins under `--memory-limit`).
+fn read_message(file: &mut impl Read) -> Result<Option<Vec<u8>>> {
+    let mut prefix = [0u8; 8];
+    match file.read_exact(&mut prefix[..4]) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let (prefix_len, metadata_len) = if prefix[..4] == [0xff; 4] {
+        file.read_exact(&mut prefix[4..])?;
+        (
+            8,
+            i32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]),
+        )
+    } else {
+        (
+            4,
+            i32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]),
+        )
+    };
+    let metadata_len = usize::try_from(metadata_len)
+        .map_err(|_| VolleyError::Internal("negative IPC metadata length".to_string()))?;
+    if metadata_len == 0 {
+        return Ok(Some(prefix[..prefix_len].to_vec()));
+    }
+    let mut message = Vec::with_capacity(prefix_len + metadata_len);
+    message.extend_from_slice(&prefix[..prefix_len]);
+    message.resize(prefix_len + metadata_len, 0);
+    file.read_exact(&mut message[prefix_len..])?;
+    let body_len = datafusion::arrow::ipc::root_as_message(&message[prefix_len..])
+        .map_err(|e| VolleyError::Internal(format!("bad IPC message in shuffle file: {e}")))?
+        .bodyLength();
+    let body_len = usize::try_from(body_len)
+        .map_err(|_| VolleyError::Internal("negative IPC body length".to_string()))?;
+    let start = message.len();
+    message.reserve_exact(body_len);
+    message.resize(start + body_len, 0);
+    file.read_exact(&mut message[start..])?;
+    Ok(Some(message))
+}
+
+/// Stream the batches of a local shuffle file, decoding it message by message with an IPC
+/// stream decoder on a blocking thread (batches share their message's memory).
 pub fn read_local_file(path: PathBuf) -> BoxStream<'static, Result<RecordBatch>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<RecordBatch>>(2);
     tokio::task::spawn_blocking(move || {
         let result = (|| -> Result<()> {
-            let mut file = File::open(&path)?;
+            let mut file = std::io::BufReader::with_capacity(LOCAL_READ_BUFFER, File::open(&path)?);
             let mut decoder = StreamDecoder::new();
-            loop {
-                let chunk = read_chunk(&mut file, LOCAL_CHUNK_BYTES)?;
-                if chunk.is_empty() {
-                    decoder.finish()?;
-                    return Ok(());
-                }
-                let mut buffer = Buffer::from_vec(chunk);
+            while let Some(message) = read_message(&mut file)? {
+                let mut buffer = Buffer::from_vec(message);
                 while !buffer.is_empty() {
                     if let Some(batch) = decoder.decode(&mut buffer)?
                         && tx.blocking_send(Ok(batch)).is_err()
@@ -85,6 +124,8 @@ pub fn read_local_file(path: PathBuf) -> BoxStream<'static, Result<RecordBatch>>
                     }
                 }
             }
+            decoder.finish()?;
+            Ok(())
         })();
         if let Err(e) = result {
             let _ = tx.blocking_send(Err(e));

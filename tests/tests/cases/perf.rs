@@ -55,6 +55,32 @@ async fn memory_capped_executors_spill_and_stay_exact() {
         .map(|s| s.spilled_bytes)
         .sum();
     assert!(spilled > 0, "the capped sort must spill");
+
+    // A hash join whose build side cannot fit (all of lineitem's columns, ~45 MB per task)
+    // fails with DataFusion's resources message after its retries, within seconds (tasks
+    // held back while executors' breakers were open used to wait forever), and the cluster
+    // keeps serving.
+    for statement in [
+        "SET datafusion.optimizer.hash_join_single_partition_threshold = 0",
+        "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0",
+        "SET volley.adaptive_broadcast_bytes = 0",
+    ] {
+        client.sql(statement).await.unwrap();
+    }
+    let started = std::time::Instant::now();
+    let err = client
+        .sql("SELECT count(*), max(a.l_comment || a.l_shipinstruct || a.l_shipmode), max(b.l_comment || b.l_shipinstruct || b.l_shipmode) FROM lineitem a JOIN lineitem b ON a.l_orderkey = b.l_orderkey")
+        .await
+        .expect_err("the build side does not fit 24 MiB");
+    assert!(err.to_string().contains("Resources exhausted"), "{err}");
+    assert!(
+        started.elapsed().as_secs() < 60,
+        "failed in {:?}",
+        started.elapsed()
+    );
+    let job_id = client.submit(SMALL_BUILD_JOIN).await.unwrap();
+    let result = rows(&client.sql_job_rows(&job_id).await.unwrap()).unwrap();
+    assert_eq!(result, local(SMALL_BUILD_JOIN).await);
     cluster.shutdown().await;
 }
 
