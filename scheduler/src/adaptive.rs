@@ -36,6 +36,7 @@ use volley_core::config::VolleyOptions;
 use volley_core::plan::{ShuffleReaderExec, ShuffleWriterExec};
 
 use crate::state::{Job, StageState, TaskState};
+use crate::web::bytes;
 
 /// Coalesced partitions never target less than this many bytes per task.
 pub const MIN_PARTITION_BYTES: u64 = 1024 * 1024;
@@ -280,22 +281,6 @@ pub fn split_maps(sizes: &[u64], pieces: usize) -> Vec<Range<usize>> {
         ranges.push(start..sizes.len());
     }
     ranges
-}
-
-/// Human-readable byte count for decision notes.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 /// Rows and bytes written by a finished stage.

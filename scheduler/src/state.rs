@@ -560,34 +560,10 @@ impl ClusterState {
         self.job_order.push(id);
     }
 
-    /// Add a job whose result the scheduler computed itself.
-    pub fn add_inline_job(&mut self, id: String, sql: String, schema: SchemaRef, result: Vec<u8>) {
-        let job = Job {
-            id: id.clone(),
-            sql,
-            settings: Arc::new(Vec::new()),
-            stages: BTreeMap::new(),
-            final_stage: 0,
-            schema,
-            state: JobState::Succeeded,
-            inline_result: Some(result),
-            submitted: Instant::now(),
-            finished: Some(Instant::now()),
-            released: false,
-            version: watch::channel(0).0,
-            submitted_at: SystemTime::now(),
-            span: tracing::Span::none(),
-            waiting: false,
-        };
-        self.jobs.insert(id.clone(), job);
-        self.job_order.push(id);
-    }
-
-    /// Add a running job whose result another job produces (EXPLAIN ANALYZE); finish it with
-    /// [`ClusterState::finish_waiting_job`].
-    pub fn add_waiting_job(&mut self, id: String, sql: String, schema: SchemaRef) {
-        let job = Job {
-            id: id.clone(),
+    /// A job without stages, running, submitted now.
+    fn stageless_job(id: String, sql: String, schema: SchemaRef) -> Job {
+        Job {
+            id,
             sql,
             settings: Arc::new(Vec::new()),
             stages: BTreeMap::new(),
@@ -601,8 +577,25 @@ impl ClusterState {
             version: watch::channel(0).0,
             submitted_at: SystemTime::now(),
             span: tracing::Span::none(),
-            waiting: true,
-        };
+            waiting: false,
+        }
+    }
+
+    /// Add a job whose result the scheduler computed itself.
+    pub fn add_inline_job(&mut self, id: String, sql: String, schema: SchemaRef, result: Vec<u8>) {
+        let mut job = Self::stageless_job(id.clone(), sql, schema);
+        job.state = JobState::Succeeded;
+        job.inline_result = Some(result);
+        job.finished = Some(Instant::now());
+        self.jobs.insert(id.clone(), job);
+        self.job_order.push(id);
+    }
+
+    /// Add a running job whose result another job produces (EXPLAIN ANALYZE); finish it with
+    /// [`ClusterState::finish_waiting_job`].
+    pub fn add_waiting_job(&mut self, id: String, sql: String, schema: SchemaRef) {
+        let mut job = Self::stageless_job(id.clone(), sql, schema);
+        job.waiting = true;
         self.jobs.insert(id.clone(), job);
         self.job_order.push(id);
     }

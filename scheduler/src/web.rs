@@ -167,7 +167,8 @@ fn esc(text: &str) -> String {
     out
 }
 
-fn bytes(n: u64) -> String {
+/// Human-readable byte count (B, KiB, MiB, ...).
+pub(crate) fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = n as f64;
     let mut unit = 0;
