@@ -11,7 +11,7 @@ use futures::{StreamExt, TryStreamExt};
 use volley_core::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
 use volley_core::protobuf::{self as pb, job_status};
 use volley_core::security::{AuthChannel, Security};
-use volley_core::shuffle::{PartitionLocation, read_partition_location};
+use volley_core::shuffle::{LocalReads, PartitionLocation, read_partition_location};
 use volley_core::{Result, VolleyError};
 
 /// A client session on a Volley scheduler.
@@ -253,7 +253,16 @@ impl VolleyClient {
             .collect::<Result<Vec<_>>>()?;
         let security = self.security.clone();
         let data = futures::stream::iter(locations)
-            .map(move |location| read_partition_location(location, None, 0, security.clone()))
+            .map(move |location| {
+                // An executor on a loopback address runs on this machine: read its result
+                // files from disk when they are there.
+                let local =
+                    volley_core::security::is_loopback_host(&location.host).then(|| LocalReads {
+                        executor_id: String::new(),
+                        host: location.host.clone(),
+                    });
+                read_partition_location(location, local, 0, security.clone())
+            })
             .flatten()
             .map_err(VolleyError::from);
         let this = self.clone();
