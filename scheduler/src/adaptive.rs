@@ -283,18 +283,6 @@ pub fn split_maps(sizes: &[u64], pieces: usize) -> Vec<Range<usize>> {
     ranges
 }
 
-/// Rows and bytes written by a finished stage.
-fn output_size(stage: &StageState) -> (u64, u64) {
-    stage
-        .tasks
-        .iter()
-        .flat_map(|t| match &t.state {
-            TaskState::Succeeded { outputs, .. } => outputs.as_slice(),
-            _ => &[],
-        })
-        .fold((0, 0), |(r, b), l| (r + l.num_rows, b + l.num_bytes))
-}
-
 /// Bytes per output bucket (`buckets` of them) of a finished stage, per map task.
 fn bucket_bytes(stage: &StageState, buckets: usize) -> Vec<Vec<u64>> {
     let mut out = vec![vec![0u64; stage.tasks.len()]; buckets];
@@ -327,7 +315,7 @@ pub fn on_stage_complete(job: &mut Job, done: u32) -> Result<()> {
         let Some(build) = job.stages.get(&join.build) else {
             continue;
         };
-        let (rows, size) = output_size(build);
+        let (rows, size) = build.output_size();
         let probe_started = job
             .stages
             .get(&join.probe)

@@ -918,15 +918,7 @@ fn analyze_lines(job: &crate::state::Job) -> Vec<String> {
     job.stages
         .values()
         .map(|stage| {
-            let rows: u64 = stage
-                .tasks
-                .iter()
-                .flat_map(|t| match &t.state {
-                    crate::state::TaskState::Succeeded { outputs, .. } => outputs.as_slice(),
-                    _ => &[],
-                })
-                .map(|l| l.num_rows)
-                .sum();
+            let (rows, _) = stage.output_size();
             let inputs: Vec<String> = stage.plan.inputs.iter().map(u32::to_string).collect();
             let state = if stage.skipped { "skipped" } else { "done" };
             let adaptive = if stage.adaptive.is_empty() {

@@ -211,6 +211,17 @@ impl StageState {
             .all(|t| matches!(t.state, TaskState::Succeeded { .. }))
     }
 
+    /// Rows and bytes its finished tasks wrote.
+    pub fn output_size(&self) -> (u64, u64) {
+        self.tasks
+            .iter()
+            .flat_map(|t| match &t.state {
+                TaskState::Succeeded { outputs, .. } => outputs.as_slice(),
+                _ => &[],
+            })
+            .fold((0, 0), |(r, b), l| (r + l.num_rows, b + l.num_bytes))
+    }
+
     fn done_count(&self) -> usize {
         self.tasks
             .iter()

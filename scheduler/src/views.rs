@@ -216,18 +216,6 @@ pub fn jobs(state: &ClusterState) -> Vec<JobSummary> {
         .collect()
 }
 
-fn outputs(stage: &StageState) -> (u64, u64) {
-    stage
-        .tasks
-        .iter()
-        .filter_map(|t| match &t.state {
-            TaskState::Succeeded { outputs, .. } => Some(outputs),
-            _ => None,
-        })
-        .flatten()
-        .fold((0, 0), |(r, b), l| (r + l.num_rows, b + l.num_bytes))
-}
-
 fn plan_view(
     plan: &Arc<dyn ExecutionPlan>,
     metrics: &[BTreeMap<String, u64>],
@@ -277,13 +265,13 @@ fn leaf_rows(plan: &Arc<dyn ExecutionPlan>, metrics: &[BTreeMap<String, u64>]) -
 
 /// Summary of one stage of `job`.
 pub fn stage_summary(job: &Job, stage: &StageState) -> StageSummary {
-    let (rows_out, bytes_out) = outputs(stage);
+    let (rows_out, bytes_out) = stage.output_size();
     let (mut rows_in, bytes_in) = stage
         .plan
         .inputs
         .iter()
         .filter_map(|id| job.stages.get(id))
-        .map(outputs)
+        .map(StageState::output_size)
         .fold((0, 0), |(r, b), (r2, b2)| (r + r2, b + b2));
     let plan = Arc::clone(&stage.plan.plan) as Arc<dyn ExecutionPlan>;
     if stage.plan.inputs.is_empty() {
