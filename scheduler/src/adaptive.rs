@@ -35,6 +35,7 @@ use datafusion::physical_plan::{
 use volley_core::config::VolleyOptions;
 use volley_core::plan::{ShuffleReaderExec, ShuffleWriterExec};
 
+use crate::planner::StageKind;
 use crate::state::{Job, StageState, TaskState};
 use crate::web::bytes;
 
@@ -420,10 +421,15 @@ fn regroup(
     if !eligible {
         return None;
     }
-    // Bytes per bucket over all inputs, and per map task of the probe side of a join.
+    // Bytes per bucket over the hash-shuffled inputs (a broadcast or merge input is one file per
+    // map task, read whole by every task, not a bucket), and per map task of a join's probe side.
     let mut sizes = vec![0u64; partitions];
     for input in &stage.plan.inputs {
-        if let Some(input) = job.stages.get(input) {
+        if let Some(input) = job
+            .stages
+            .get(input)
+            .filter(|s| s.plan.kind == StageKind::Shuffle)
+        {
             for (bucket, per_map) in bucket_bytes(input, partitions).iter().enumerate() {
                 sizes[bucket] += per_map.iter().sum::<u64>();
             }
