@@ -5,6 +5,7 @@ pub mod adaptive;
 pub mod metrics;
 pub mod planner;
 pub mod rules;
+pub mod scan_balance;
 pub mod server;
 pub mod service;
 pub mod state;

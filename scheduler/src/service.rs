@@ -24,6 +24,7 @@ use volley_core::{Result, VolleyError};
 use crate::metrics::SchedulerMetrics;
 use crate::planner::{StagePlan, explain_stages, mark_broadcast_candidates, plan_stages};
 use crate::rules::volley_session_state;
+use crate::scan_balance::balance_parquet_scans;
 use crate::server::SchedulerConfig;
 use crate::state::{
     ClusterState, ExecutorInfo, JobState, SchedulerPolicy, TaskLaunch, TaskOutcome, TaskState,
@@ -385,6 +386,7 @@ impl SchedulerService {
             && !explain.verbose
         {
             let physical = state.create_physical_plan(&explain.plan).await?;
+            let physical = balance_parquet_scans(physical, &state).await?;
             let mut stages = plan_stages(&job_id, physical)?;
             let pairs = config_to_pairs(state.config());
             adaptive_candidates(&mut stages, &pairs);
@@ -445,6 +447,7 @@ impl SchedulerService {
         settings: Arc<Vec<(String, String)>>,
     ) -> Result<String> {
         self.sandbox.check_physical(&physical)?;
+        let physical = balance_parquet_scans(physical, &ctx.state()).await?;
         let settings = self.resolve_settings(settings);
         let schema = physical.schema();
         let mut stages = plan_stages(&job_id, Arc::clone(&physical))?;

@@ -34,6 +34,17 @@ struct Args {
     volley_baseline: bool,
     memory_limit: Option<usize>,
     stages: bool,
+    /// DataFusion settings for the single-node baseline (`--baseline-set key=value`).
+    baseline_settings: Vec<(String, String)>,
+    /// Settings for Volley's session (`--set key=value`, sent as `SET` statements).
+    volley_settings: Vec<(String, String)>,
+}
+
+fn key_value(pair: &str) -> Result<(String, String), BoxError> {
+    let (key, value) = pair
+        .split_once('=')
+        .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+    Ok((key.trim().to_string(), value.trim().to_string()))
 }
 
 fn parse_args() -> Result<Args, BoxError> {
@@ -50,6 +61,8 @@ fn parse_args() -> Result<Args, BoxError> {
         volley_baseline: false,
         memory_limit: None,
         stages: false,
+        baseline_settings: Vec::new(),
+        volley_settings: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -58,7 +71,12 @@ fn parse_args() -> Result<Args, BoxError> {
             "--sf" => args.sf = value()?.parse()?,
             "--executors" => args.executors = value()?.parse()?,
             "--slots" => args.slots = value()?.parse()?,
-            "--query" => args.queries = vec![value()?.parse()?],
+            "--query" => {
+                args.queries = value()?
+                    .split(',')
+                    .map(|q| q.trim().parse())
+                    .collect::<Result<_, _>>()?
+            }
             "--iterations" => args.iterations = value()?.parse::<usize>()?.max(1),
             "--data" => args.data = Some(PathBuf::from(value()?)),
             "--compression" => args.compression = Some(value()?),
@@ -66,6 +84,8 @@ fn parse_args() -> Result<Args, BoxError> {
             "--memory-limit" => args.memory_limit = Some(value()?.parse()?),
             "--baseline" => args.volley_baseline = value()? == "volley",
             "--stages" => args.stages = true,
+            "--baseline-set" => args.baseline_settings.push(key_value(&value()?)?),
+            "--set" => args.volley_settings.push(key_value(&value()?)?),
             "--bench" => {}
             other => return Err(format!("unknown argument {other}").into()),
         }
@@ -97,6 +117,10 @@ async fn main() -> Result<(), BoxError> {
     } else {
         SessionConfig::new().with_target_partitions(cores)
     };
+    let mut config = config;
+    for (key, value) in &args.baseline_settings {
+        config.options_mut().set(key, value)?;
+    }
     let ctx = SessionContext::new_with_config(config);
     tpch::register_local(&ctx, &dir).await?;
 
@@ -115,6 +139,9 @@ async fn main() -> Result<(), BoxError> {
     let boot = boot.elapsed();
     for statement in tpch::create_table_statements(&dir) {
         client.sql(&statement).await?;
+    }
+    for (key, value) in &args.volley_settings {
+        client.sql(&format!("SET {key} = '{value}'")).await?;
     }
     if let Some(compression) = &args.compression {
         client
@@ -245,13 +272,24 @@ fn print_stages(cluster: &EmbeddedCluster, job_id: &str) {
                 })
                 .sum();
             let decisions: Vec<String> = stage.adaptive.iter().map(|d| d.to_string()).collect();
+            let durations: Vec<String> = stage
+                .tasks
+                .iter()
+                .filter_map(|t| match &t.state {
+                    volley_scheduler::state::TaskState::Succeeded { elapsed, .. } => {
+                        Some(format!("{:.1}", elapsed.as_secs_f64() * 1000.0))
+                    }
+                    _ => None,
+                })
+                .collect();
             println!(
-                "      stage {:>2} {:<9} tasks={:<2} start={:>7.1}ms end={:>7.1}ms rows={rows} {}",
+                "      stage {:>2} {:<9} tasks={:<2} start={:>7.1}ms end={:>7.1}ms task_ms=[{}] rows={rows} {}",
                 stage.plan.stage_id,
                 stage.plan.kind.as_str(),
                 stage.tasks.len(),
                 ms(stage.started),
                 ms(stage.finished),
+                durations.join(" "),
                 decisions.join("; ")
             );
         }
