@@ -27,9 +27,14 @@ use datafusion::datasource::physical_plan::{
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::Result;
 use datafusion::execution::SessionState;
+use datafusion::execution::cache::cache_manager::FileMetadataCache;
+use datafusion::object_store::{ObjectMeta, ObjectStore};
 use datafusion::parquet::file::metadata::ParquetMetaData;
 use datafusion::physical_plan::ExecutionPlan;
-use futures::future::join_all;
+use futures::{FutureExt, StreamExt, stream};
+
+/// Footer reads in flight at once.
+const FOOTER_READS: usize = 32;
 
 /// One row group of one file: the byte range that selects it and its compressed size.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,18 +75,18 @@ pub async fn balance_parquet_scans(
         }
     }
     let wanted: Vec<_> = wanted.into_values().collect();
-    let fetched = join_all(wanted.iter().map(|(store, meta)| {
-        let cache = Arc::clone(&cache);
-        async move {
-            DFParquetMetadata::new(store.as_ref(), meta)
-                .with_file_metadata_cache(Some(cache))
-                .fetch_metadata()
-                .await
-        }
-    }))
-    .await;
+    // Planning read these footers already (statistics), so they are normally cache hits; a
+    // bounded number of reads at a time when they are not (thousands of files on S3).
+    let reads: Vec<_> = wanted
+        .into_iter()
+        .map(|(store, meta)| fetch_footer(store, meta, Arc::clone(&cache)).boxed())
+        .collect();
+    let fetched: Vec<_> = stream::iter(reads)
+        .buffer_unordered(FOOTER_READS)
+        .collect()
+        .await;
     let mut footers = HashMap::new();
-    for ((_, meta), result) in wanted.iter().zip(fetched) {
+    for (meta, result) in fetched {
         match result {
             Ok(footer) => {
                 footers.insert(meta.location.to_string(), footer);
@@ -106,6 +111,19 @@ pub async fn balance_parquet_scans(
         ))
     })?;
     Ok(rewritten.data)
+}
+
+/// One file's footer, through the metadata cache.
+async fn fetch_footer(
+    store: Arc<dyn ObjectStore>,
+    meta: ObjectMeta,
+    cache: Arc<FileMetadataCache>,
+) -> (ObjectMeta, Result<Arc<ParquetMetaData>>) {
+    let footer = DFParquetMetadata::new(store.as_ref(), &meta)
+        .with_file_metadata_cache(Some(cache))
+        .fetch_metadata()
+        .await;
+    (meta, footer)
 }
 
 /// The scan of `node` if it is a Parquet scan whose file groups may be redrawn.
