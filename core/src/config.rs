@@ -151,8 +151,12 @@ pub fn volley_session_config(target_partitions: usize) -> SessionConfig {
     // gives up only when the first 500K rows were (almost) all distinct: at TPC-H SF10, q17's
     // `GROUP BY l_partkey` (2M keys) saw 97% distinct keys in 100K rows, gave up, and shuffled
     // 60M rows instead of 4M (10.6 s -> 5.3 s).
-    options.execution.skip_partial_aggregation_probe_ratio_threshold = 0.99;
-    options.execution.skip_partial_aggregation_probe_rows_threshold = 500_000;
+    options
+        .execution
+        .skip_partial_aggregation_probe_ratio_threshold = 0.99;
+    options
+        .execution
+        .skip_partial_aggregation_probe_rows_threshold = 500_000;
     // Broadcasting a build side of up to ~1M rows / 32 MiB to every task is far cheaper than
     // hash-shuffling both sides of the join (the probe side is usually a large fact table).
     options.optimizer.hash_join_single_partition_threshold = BROADCAST_MAX_BYTES;

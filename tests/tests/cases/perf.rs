@@ -1,5 +1,5 @@
 //! Execution-strategy tests (not timings): a memory-capped cluster spills and stays exact, and a
-//! join with a small build side is really broadcast.
+//! join with a small build side is really broadcast, and Parquet scan tasks get equal shares.
 
 use datafusion::prelude::SessionContext;
 use volley::EmbeddedCluster;
@@ -131,5 +131,70 @@ async fn small_build_side_is_broadcast() {
         consumer.bytes_in >= broadcast.bytes_out && broadcast.bytes_out > 0,
         "consumer reads the broadcast output"
     );
+    cluster.shutdown().await;
+}
+
+/// Three Parquet files of a 1000-row and a 500-row group: DataFusion's file groups would give
+/// one scan task 3000 rows and the other 1500; Volley redraws them as runs of whole row groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_scan_tasks_get_balanced_row_groups() {
+    use arrow::array::{Int64Array, RecordBatch};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use parquet::arrow::ArrowWriter;
+    use parquet::file::properties::WriterProperties;
+    use std::sync::Arc;
+
+    volley_tests::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+    for file in 0..3i64 {
+        let props = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(1000))
+            .build();
+        let out = std::fs::File::create(dir.path().join(format!("part-{file}.parquet"))).unwrap();
+        let mut writer = ArrowWriter::try_new(out, Arc::clone(&schema), Some(props)).unwrap();
+        let values: Vec<i64> = (0..1500)
+            .map(|i| (file * 1500 + i) * 7919 % 100_003)
+            .collect();
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(Int64Array::from(values))],
+        )
+        .unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+    }
+    let location = dir.path().to_str().unwrap();
+    let sql = "SELECT x FROM t ORDER BY x";
+
+    let ctx = SessionContext::new();
+    ctx.sql(&format!(
+        "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{location}'"
+    ))
+    .await
+    .unwrap();
+    let expected = rows(&ctx.sql(sql).await.unwrap().collect().await.unwrap()).unwrap();
+
+    let cluster = EmbeddedCluster::start(2, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client
+        .sql(&format!(
+            "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{location}'"
+        ))
+        .await
+        .unwrap();
+    let job_id = client.submit(sql).await.unwrap();
+    let result = rows(&client.sql_job_rows(&job_id).await.unwrap()).unwrap();
+    assert_eq!(result.len(), 4500);
+    assert_eq!(result, expected);
+    // The scan stage (sorting each task's rows) ran two tasks of 2000 and 2500 rows.
+    let tasks = cluster.scheduler().service().with_state(|s| {
+        let job = views::job_detail(s, &job_id).unwrap();
+        let scan = job.stages.iter().find(|st| st.inputs.is_empty()).unwrap();
+        views::stage_detail(s, &job_id, scan.id).unwrap().tasks
+    });
+    let mut task_rows: Vec<u64> = tasks.iter().map(|t| t.rows).collect();
+    task_rows.sort_unstable();
+    assert_eq!(task_rows, vec![2000, 2500]);
     cluster.shutdown().await;
 }
