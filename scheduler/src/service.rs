@@ -48,6 +48,9 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 const NO_EXECUTOR_GRACE: Duration = Duration::from_secs(15);
 /// Finished, released jobs kept for inspection; older ones are forgotten.
 const MAX_FINISHED_JOBS: usize = 1000;
+/// Lost or deregistered executors stay listed (state `lost`) this long, at most this many.
+const LOST_EXECUTOR_RETENTION: Duration = Duration::from_secs(3600);
+const MAX_LOST_EXECUTORS: usize = 100;
 /// Sessions unused this long are dropped.
 const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
@@ -133,6 +136,7 @@ impl SchedulerService {
             let pending = state.jobs.values().any(|j| j.state == JobState::Running);
             let expired = state.expired_results(self.config.result_ttl);
             state.prune_jobs(MAX_FINISHED_JOBS);
+            state.prune_executors(LOST_EXECUTOR_RETENTION, MAX_LOST_EXECUTORS);
             let mut failed = Vec::new();
             let running = state.jobs.values().any(|j| !j.state.is_final());
             if state.total_slots() == 0 && running {

@@ -1278,6 +1278,30 @@ impl ClusterState {
         self.jobs.retain(|id, _| !drop.contains(id));
     }
 
+    /// Forget executors that were lost (or deregistered) longer than `retention` ago; the newest
+    /// `keep` of them stay listed whatever their age. Returns how many were forgotten.
+    pub fn prune_executors(&mut self, retention: Duration, keep: usize) -> usize {
+        let now = Instant::now();
+        let mut lost: Vec<(Instant, String)> = self
+            .executors
+            .values()
+            .filter(|e| !e.alive)
+            .map(|e| (e.last_seen, e.id.clone()))
+            .collect();
+        // Newest first: the first `keep` stay.
+        lost.sort_unstable_by_key(|(seen, _)| std::cmp::Reverse(*seen));
+        let forget: Vec<String> = lost
+            .into_iter()
+            .enumerate()
+            .filter(|(i, (seen, _))| *i >= keep || now.duration_since(*seen) > retention)
+            .map(|(_, (_, id))| id)
+            .collect();
+        for id in &forget {
+            self.executors.remove(id);
+        }
+        forget.len()
+    }
+
     /// Stage kinds, for records.
     pub fn stage_kind(stage: &StageState) -> StageKind {
         stage.plan.kind
@@ -1303,6 +1327,34 @@ mod tests {
         state.register_executor("a".to_string(), "127.0.0.1".to_string(), 1, 2);
         state.register_executor("b".to_string(), "127.0.0.1".to_string(), 2, 2);
         state
+    }
+
+    #[test]
+    fn lost_executors_are_forgotten_after_retention() {
+        let mut state = cluster();
+        state.register_executor("c".to_string(), "127.0.0.1".to_string(), 3, 2);
+        let hour = Duration::from_secs(3600);
+        state.executor_lost("a");
+        state.executor_lost("c");
+        state.executors.get_mut("a").unwrap().last_seen = Instant::now() - 2 * hour;
+        // "c" was lost just now: kept; "a" is past the retention; "b" is alive.
+        assert_eq!(state.prune_executors(hour, 10), 1);
+        let mut ids: Vec<&str> = state.executors.keys().map(String::as_str).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, vec!["b", "c"]);
+        // Beyond the cap, the oldest lost ones go even when recent.
+        state.executor_lost("b");
+        state.executors.get_mut("b").unwrap().last_seen = Instant::now() - Duration::from_secs(5);
+        assert_eq!(state.prune_executors(hour, 1), 1);
+        assert_eq!(
+            state.executors.keys().cloned().collect::<Vec<_>>(),
+            vec!["c".to_string()]
+        );
+        // An alive executor is never pruned.
+        state.register_executor("d".to_string(), "127.0.0.1".to_string(), 4, 2);
+        state.executors.get_mut("d").unwrap().last_seen = Instant::now() - 2 * hour;
+        assert_eq!(state.prune_executors(hour, 0), 1);
+        assert!(state.executors.contains_key("d"));
     }
 
     #[test]
