@@ -35,6 +35,8 @@ use futures::{FutureExt, StreamExt, stream};
 
 /// Footer reads in flight at once.
 const FOOTER_READS: usize = 32;
+/// Scans with more files than this per group keep DataFusion's groups.
+const MAX_FILES_PER_GROUP: usize = 32;
 
 /// One row group of one file: the byte range that selects it and its compressed size.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,8 +135,14 @@ fn balanceable(node: &Arc<dyn ExecutionPlan>) -> Option<&FileScanConfig> {
         .data_source()
         .downcast_ref::<FileScanConfig>()?;
     let parquet = scan.file_source().downcast_ref::<ParquetSource>().is_some();
+    // With many files per group, a row group more or less moves a group's share by a few
+    // percent at most; those scans are left be rather than read thousands of footers (pieces
+    // of split files count too: DataFusion splits at most one file per group boundary).
+    let groups = scan.file_groups.len();
+    let pieces: usize = scan.file_groups.iter().map(FileGroup::len).sum();
     (parquet
-        && scan.file_groups.len() > 1
+        && groups > 1
+        && pieces <= (MAX_FILES_PER_GROUP + 1) * groups
         && !scan.preserve_order
         && scan.output_ordering.is_empty()
         && scan.output_partitioning.is_none())
@@ -149,15 +157,16 @@ fn balanced_groups(
 ) -> Option<Vec<FileGroup>> {
     // Files in order of first appearance, each with the ranges the groups hold of it.
     let mut files: Vec<(PartitionedFile, Vec<(i64, i64)>)> = Vec::new();
+    let mut index_of: HashMap<&str, usize> = HashMap::new();
     for file in scan.file_groups.iter().flat_map(FileGroup::iter) {
         let size = i64::try_from(file.object_meta.size).ok()?;
         let range = file.range.as_ref().map_or((0, size), |r| (r.start, r.end));
-        match files
-            .iter_mut()
-            .find(|(f, _)| f.object_meta.location == file.object_meta.location)
-        {
-            Some((_, ranges)) => ranges.push(range),
-            None => files.push((file.clone(), vec![range])),
+        match index_of.get(file.object_meta.location.as_ref()) {
+            Some(&i) => files[i].1.push(range),
+            None => {
+                index_of.insert(file.object_meta.location.as_ref(), files.len());
+                files.push((file.clone(), vec![range]));
+            }
         }
     }
     let mut units = Vec::new();
