@@ -31,7 +31,9 @@ extensions_options! {
         pub adaptive_partition_bytes: u64, default = 64 * 1024 * 1024
         /// Adaptive execution: a partitioned hash join whose build side turns out to be at most
         /// this many bytes of shuffle output is switched to a broadcast join and its probe side
-        /// is no longer shuffled; 0 turns the switch off.
+        /// is no longer shuffled (for left outer/semi/anti joins, which cannot be broadcast, the
+        /// probe stage instead drops rows whose keys are not on the build side); 0 turns both
+        /// off.
         pub adaptive_broadcast_bytes: u64, default = 128 * 1024 * 1024
         /// Adaptive execution: a join partition whose probe side is this many times the median
         /// partition and at least `adaptive_skew_min_bytes` is split into several tasks.

@@ -23,7 +23,7 @@ use datafusion::physical_plan::{
 };
 use volley_core::plan::{ShuffleReaderExec, ShuffleWriterExec};
 
-use crate::adaptive::{ShuffledJoin, shuffled_join};
+use crate::adaptive::{ShuffledJoin, filterable_join, shuffled_join};
 use crate::rules::emits_build_rows_at_end;
 
 /// What a stage's output is for.
@@ -64,20 +64,22 @@ pub struct StagePlan {
     pub partitions: usize,
     /// What the output is for.
     pub kind: StageKind,
-    /// Adaptive execution may turn this stage's partitioned join into a broadcast join once
-    /// the build side's real size is known (see [`crate::adaptive`]).
+    /// Adaptive execution may turn this stage's partitioned join into a broadcast join, or
+    /// filter its probe stage by the build side's keys, once the build side's real size is
+    /// known (see [`crate::adaptive`]).
     pub broadcast_switch: Option<ShuffledJoin>,
 }
 
-/// Mark the stages whose partitioned join may become a broadcast join at run time: both sides
-/// are shuffle stages and the probe side feeds nothing else.
+/// Mark the stages whose partitioned join may become a broadcast join (or, for left
+/// outer/semi/anti/mark joins, have its probe stage filtered by the build side's keys) at run
+/// time: both sides are shuffle stages and the probe side feeds nothing else.
 pub fn mark_broadcast_candidates(stages: &mut [StagePlan]) {
     let candidates: Vec<(usize, ShuffledJoin)> = stages
         .iter()
         .enumerate()
         .filter_map(|(index, stage)| {
             let plan = Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>;
-            let join = shuffled_join(&plan)?;
+            let join = shuffled_join(&plan).or_else(|| filterable_join(&plan))?;
             let shuffle = |id: u32| {
                 stages
                     .iter()
@@ -87,7 +89,13 @@ pub fn mark_broadcast_candidates(stages: &mut [StagePlan]) {
                 .iter()
                 .filter(|s| s.inputs.contains(&join.probe))
                 .count();
-            (shuffle(join.build) && shuffle(join.probe) && probe_consumers == 1)
+            // A filtered probe stage must be a plain scan stage: its tasks then read nothing
+            // that adaptive regrouping could narrow, and the build side is read whole.
+            let plain_probe = !join.probe_filter
+                || stages
+                    .iter()
+                    .any(|s| s.stage_id == join.probe && s.inputs.is_empty());
+            (shuffle(join.build) && shuffle(join.probe) && probe_consumers == 1 && plain_probe)
                 .then_some((index, join))
         })
         .collect();

@@ -145,5 +145,16 @@ async fn slt_volley_cluster() {
         "{decisions:?}"
     );
     assert!(has("succeeded", "split skewed partition"), "{decisions:?}");
+    assert!(
+        has("succeeded", "filtered stage 2 by the join keys of stage 1"),
+        "{decisions:?}"
+    );
+    assert!(
+        has(
+            "succeeded",
+            "keeps only rows whose join keys are in stage 1"
+        ),
+        "{decisions:?}"
+    );
     cluster.shutdown().await;
 }
