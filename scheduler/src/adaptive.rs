@@ -185,26 +185,42 @@ fn probe_rows_droppable(join_type: JoinType) -> bool {
     )
 }
 
-/// The stage's partitioned left (outer/semi/anti/mark) hash join whose build side comes from a
-/// shuffle stage through row-local operators and whose probe side *is* a shuffle reader (so the
-/// join keys apply to the probe stage's output as it is).
+/// A partitioned left (outer/semi/anti/mark) hash join anywhere in the stage whose build side
+/// comes from a shuffle stage through row-local operators and whose probe side *is* a shuffle
+/// reader (so the join keys apply to the probe stage's output as it is). Where the join sits
+/// does not matter: dropping probe rows without a match leaves its output unchanged.
 pub fn filterable_join(stage_plan: &Arc<dyn ExecutionPlan>) -> Option<ShuffledJoin> {
-    let join = find_join(stage_plan, &|join| {
-        *join.partition_mode() == PartitionMode::Partitioned
-            && !join.null_aware
-            && probe_rows_droppable(*join.join_type())
-    })?;
-    let build = hash_reader_below(join.left())?;
-    let probe = join
-        .right()
-        .downcast_ref::<ShuffleReaderExec>()
-        .filter(|reader| reader.hash_partitioned())?
-        .stage_id();
-    (build != probe).then_some(ShuffledJoin {
-        build,
-        probe,
-        probe_filter: true,
-    })
+    find_filterable(stage_plan, None).map(|(_, join)| join)
+}
+
+/// The first filterable join of `plan` (pre-order), or the one between `want`'s stages.
+fn find_filterable(
+    plan: &Arc<dyn ExecutionPlan>,
+    want: Option<ShuffledJoin>,
+) -> Option<(&HashJoinExec, ShuffledJoin)> {
+    if let Some(join) = plan.downcast_ref::<HashJoinExec>()
+        && *join.partition_mode() == PartitionMode::Partitioned
+        && !join.null_aware
+        && probe_rows_droppable(*join.join_type())
+        && let Some(build) = hash_reader_below(join.left())
+        && let Some(probe) = join
+            .right()
+            .downcast_ref::<ShuffleReaderExec>()
+            .filter(|reader| reader.hash_partitioned())
+            .map(ShuffleReaderExec::stage_id)
+    {
+        let found = ShuffledJoin {
+            build,
+            probe,
+            probe_filter: true,
+        };
+        if build != probe && want.is_none_or(|w| w == found) {
+            return Some((join, found));
+        }
+    }
+    plan.children()
+        .into_iter()
+        .find_map(|child| find_filterable(child, want))
 }
 
 /// The first hash join `wanted` accepts on the stage's spine: below its writer, through
@@ -240,14 +256,7 @@ pub fn probe_filter_rewrite(
     join: ShuffledJoin,
     probe_input: &Arc<dyn ExecutionPlan>,
 ) -> Result<Arc<dyn ExecutionPlan>> {
-    let found = find_join(join_stage_plan, &|j| {
-        *j.partition_mode() == PartitionMode::Partitioned
-            && hash_reader_below(j.left()) == Some(join.build)
-            && j.right()
-                .downcast_ref::<ShuffleReaderExec>()
-                .is_some_and(|r| r.stage_id() == join.probe)
-    })
-    .ok_or_else(|| {
+    let (found, _) = find_filterable(join_stage_plan, Some(join)).ok_or_else(|| {
         DataFusionError::Internal(format!(
             "no join of stage {} with stage {}",
             join.build, join.probe
