@@ -25,8 +25,11 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use datafusion::common::NullEquality;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::JoinType;
+use datafusion::physical_expr::PhysicalExprRef;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::filter::FilterExec;
@@ -175,52 +178,90 @@ pub fn shuffled_join(stage_plan: &Arc<dyn ExecutionPlan>) -> Option<ShuffledJoin
     })
 }
 
-/// Join types whose probe rows without a key match on the build side add nothing to the output
-/// (under any join filter), but which cannot become broadcast joins: they emit build rows after
-/// the last probe row.
-fn probe_rows_droppable(join_type: JoinType) -> bool {
-    matches!(
-        join_type,
-        JoinType::Left | JoinType::LeftSemi | JoinType::LeftAnti | JoinType::LeftMark
-    )
+/// The partitioned outer/semi/anti/mark hash joins anywhere in the stage one of whose sides
+/// only matters through its key matches (the probe side of left joins, the build side of right
+/// ones), when that side *is* a shuffle reader (so the join keys apply to its stage's output as
+/// it is) and the other side's keys come from a shuffle stage through row-local operators (and
+/// semi/anti joins). Where a join sits does not matter: dropping rows of the first side whose
+/// keys have no match on the other leaves the join's output unchanged.
+pub fn filterable_joins(stage_plan: &Arc<dyn ExecutionPlan>) -> Vec<ShuffledJoin> {
+    let mut found = Vec::new();
+    let _ = stage_plan.apply(|node| {
+        if let Some(filter) = filterable(node) {
+            found.push(filter.stages);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
 }
 
-/// A partitioned left (outer/semi/anti/mark) hash join anywhere in the stage whose build side
-/// comes from a shuffle stage through row-local operators and whose probe side *is* a shuffle
-/// reader (so the join keys apply to the probe stage's output as it is). Where the join sits
-/// does not matter: dropping probe rows without a match leaves its output unchanged.
-pub fn filterable_join(stage_plan: &Arc<dyn ExecutionPlan>) -> Option<ShuffledJoin> {
-    find_filterable(stage_plan, None).map(|(_, join)| join)
+/// A join whose rows from one stage may be filtered by the keys of another.
+struct Filterable {
+    stages: ShuffledJoin,
+    /// Subtree producing the keys to keep (over the keys stage's reader).
+    keys_source: Arc<dyn ExecutionPlan>,
+    /// Join keys as (keys side, filtered side).
+    on: Vec<(PhysicalExprRef, PhysicalExprRef)>,
+    null_equality: NullEquality,
 }
 
-/// The first filterable join of `plan` (pre-order), or the one between `want`'s stages.
-fn find_filterable(
-    plan: &Arc<dyn ExecutionPlan>,
-    want: Option<ShuffledJoin>,
-) -> Option<(&HashJoinExec, ShuffledJoin)> {
-    if let Some(join) = plan.downcast_ref::<HashJoinExec>()
-        && *join.partition_mode() == PartitionMode::Partitioned
-        && !join.null_aware
-        && probe_rows_droppable(*join.join_type())
-        && let Some(build) = hash_reader_below(join.left())
-        && let Some(probe) = join
-            .right()
-            .downcast_ref::<ShuffleReaderExec>()
-            .filter(|reader| reader.hash_partitioned())
-            .map(ShuffleReaderExec::stage_id)
-    {
-        let found = ShuffledJoin {
+fn filterable(node: &Arc<dyn ExecutionPlan>) -> Option<Filterable> {
+    let join = node.downcast_ref::<HashJoinExec>()?;
+    if *join.partition_mode() != PartitionMode::Partitioned || join.null_aware {
+        return None;
+    }
+    let (keys_side, filtered_side, swapped) = match join.join_type() {
+        JoinType::Left | JoinType::LeftSemi | JoinType::LeftAnti | JoinType::LeftMark => {
+            (join.left(), join.right(), false)
+        }
+        JoinType::Right | JoinType::RightSemi | JoinType::RightAnti | JoinType::RightMark => {
+            (join.right(), join.left(), true)
+        }
+        _ => return None,
+    };
+    let keys_source = build_keys_source(keys_side);
+    let build = hash_reader_below(keys_source)?;
+    let probe = filtered_side
+        .downcast_ref::<ShuffleReaderExec>()
+        .filter(|reader| reader.hash_partitioned())?
+        .stage_id();
+    let on = join
+        .on()
+        .iter()
+        .map(|(l, r)| {
+            if swapped {
+                (Arc::clone(r), Arc::clone(l))
+            } else {
+                (Arc::clone(l), Arc::clone(r))
+            }
+        })
+        .collect();
+    (build != probe).then(|| Filterable {
+        stages: ShuffledJoin {
             build,
             probe,
             probe_filter: true,
-        };
-        if build != probe && want.is_none_or(|w| w == found) {
-            return Some((join, found));
+        },
+        keys_source: Arc::clone(keys_source),
+        on,
+        null_equality: join.null_equality(),
+    })
+}
+
+/// Below semi/anti joins without projection (their output is a subset of one input's rows,
+/// same columns): the keys of a join above them are among the keys of that input, so rows on
+/// the join's other side may be filtered by it.
+fn build_keys_source(plan: &Arc<dyn ExecutionPlan>) -> &Arc<dyn ExecutionPlan> {
+    if let Some(join) = plan.downcast_ref::<HashJoinExec>()
+        && join.projection.is_none()
+    {
+        match join.join_type() {
+            JoinType::LeftSemi | JoinType::LeftAnti => return build_keys_source(join.left()),
+            JoinType::RightSemi | JoinType::RightAnti => return build_keys_source(join.right()),
+            _ => {}
         }
     }
-    plan.children()
-        .into_iter()
-        .find_map(|child| find_filterable(child, want))
+    plan
 }
 
 /// The first hash join `wanted` accepts on the stage's spine: below its writer, through
@@ -256,23 +297,37 @@ pub fn probe_filter_rewrite(
     join: ShuffledJoin,
     probe_input: &Arc<dyn ExecutionPlan>,
 ) -> Result<Arc<dyn ExecutionPlan>> {
-    let (found, _) = find_filterable(join_stage_plan, Some(join)).ok_or_else(|| {
+    let mut found = None;
+    join_stage_plan.apply(|node| {
+        if let Some(filter) = filterable(node)
+            && filter.stages == join
+        {
+            found = Some(filter);
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    let Filterable {
+        keys_source,
+        on,
+        null_equality,
+        ..
+    } = found.ok_or_else(|| {
         DataFusionError::Internal(format!(
             "no join of stage {} with stage {}",
             join.build, join.probe
         ))
     })?;
-    let build: Arc<dyn ExecutionPlan> =
-        Arc::new(CoalescePartitionsExec::new(Arc::clone(found.left())));
+    let build: Arc<dyn ExecutionPlan> = Arc::new(CoalescePartitionsExec::new(keys_source));
     let filter = HashJoinExec::try_new(
         build,
         Arc::clone(probe_input),
-        found.on().to_vec(),
+        on,
         None,
         &JoinType::RightSemi,
         None,
         PartitionMode::CollectLeft,
-        found.null_equality(),
+        null_equality,
         false,
     )?;
     Ok(Arc::new(filter))
@@ -415,7 +470,7 @@ pub fn on_stage_complete(job: &mut Job, done: u32) -> Result<()> {
     let candidates: Vec<(u32, ShuffledJoin)> = job
         .stages
         .values()
-        .filter_map(|s| s.join_switch.map(|j| (s.plan.stage_id, j)))
+        .flat_map(|s| s.join_switch.iter().map(|j| (s.plan.stage_id, *j)))
         .filter(|(_, j)| j.build == done)
         .collect();
     for (join_stage, join) in candidates {
@@ -429,7 +484,7 @@ pub fn on_stage_complete(job: &mut Job, done: u32) -> Result<()> {
             .is_none_or(|p| p.started.is_some());
         let small = size <= options.adaptive_broadcast_bytes;
         if let Some(stage) = job.stages.get_mut(&join_stage) {
-            stage.join_switch = None;
+            stage.join_switch.retain(|j| *j != join);
         }
         if join.probe_filter {
             filter_probe_stage(job, join_stage, join, small && !probe_started)?;
@@ -493,11 +548,10 @@ pub fn on_stage_complete(job: &mut Job, done: u32) -> Result<()> {
         let inherited = job
             .stages
             .get_mut(&join.probe)
-            .and_then(|p| p.join_switch.take());
-        if let Some(inherited) = inherited
-            && let Some(stage) = job.stages.get_mut(&join_stage)
-        {
-            stage.join_switch = Some(inherited);
+            .map(|p| std::mem::take(&mut p.join_switch))
+            .unwrap_or_default();
+        if let Some(stage) = job.stages.get_mut(&join_stage) {
+            stage.join_switch.extend(inherited);
         }
         if let Some(probe) = job.stages.get_mut(&join.probe) {
             probe.tasks.clear();

@@ -23,7 +23,7 @@ use datafusion::physical_plan::{
 };
 use volley_core::plan::{ShuffleReaderExec, ShuffleWriterExec};
 
-use crate::adaptive::{ShuffledJoin, filterable_join, shuffled_join};
+use crate::adaptive::{ShuffledJoin, filterable_joins, shuffled_join};
 use crate::rules::emits_build_rows_at_end;
 
 /// What a stage's output is for.
@@ -67,7 +67,7 @@ pub struct StagePlan {
     /// Adaptive execution may turn this stage's partitioned join into a broadcast join, or
     /// filter its probe stage by the build side's keys, once the build side's real size is
     /// known (see [`crate::adaptive`]).
-    pub broadcast_switch: Option<ShuffledJoin>,
+    pub adaptive_joins: Vec<ShuffledJoin>,
 }
 
 /// Mark the stages whose partitioned join may become a broadcast join (or, for left
@@ -77,9 +77,17 @@ pub fn mark_broadcast_candidates(stages: &mut [StagePlan]) {
     let candidates: Vec<(usize, ShuffledJoin)> = stages
         .iter()
         .enumerate()
-        .filter_map(|(index, stage)| {
+        .flat_map(|(index, stage)| {
             let plan = Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>;
-            let join = shuffled_join(&plan).or_else(|| filterable_join(&plan))?;
+            // A broadcast switch moves the probe stage into this one; the filters only
+            // change probe stages, so several may apply to one stage.
+            let joins = match shuffled_join(&plan) {
+                Some(join) => vec![join],
+                None => filterable_joins(&plan),
+            };
+            joins.into_iter().map(move |join| (index, join))
+        })
+        .filter(|(_, join)| {
             let shuffle = |id: u32| {
                 stages
                     .iter()
@@ -95,12 +103,11 @@ pub fn mark_broadcast_candidates(stages: &mut [StagePlan]) {
                 || stages
                     .iter()
                     .any(|s| s.stage_id == join.probe && s.inputs.is_empty());
-            (shuffle(join.build) && shuffle(join.probe) && probe_consumers == 1 && plain_probe)
-                .then_some((index, join))
+            shuffle(join.build) && shuffle(join.probe) && probe_consumers == 1 && plain_probe
         })
         .collect();
     for (index, join) in candidates {
-        stages[index].broadcast_switch = Some(join);
+        stages[index].adaptive_joins.push(join);
     }
 }
 
@@ -147,7 +154,7 @@ impl Cutter {
             inputs,
             partitions,
             kind,
-            broadcast_switch: None,
+            adaptive_joins: Vec::new(),
         });
         stage_id
     }
@@ -309,9 +316,15 @@ pub fn explain_stages(stages: &[StagePlan]) -> Vec<String> {
             let mut ops = String::new();
             let writer: Arc<dyn ExecutionPlan> = Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>;
             operators(&writer, &mut ops);
-            let adaptive = match stage.broadcast_switch {
-                Some(join) => format!(" adaptive=[{}]", crate::adaptive::candidate(join)),
-                None => String::new(),
+            let notes: Vec<String> = stage
+                .adaptive_joins
+                .iter()
+                .map(|join| crate::adaptive::candidate(*join).to_string())
+                .collect();
+            let adaptive = if notes.is_empty() {
+                String::new()
+            } else {
+                format!(" adaptive=[{}]", notes.join("; "))
             };
             format!(
                 "Stage {}: kind={} partitions={} inputs=[{}]{adaptive} operators: {}",

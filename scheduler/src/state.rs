@@ -189,7 +189,7 @@ pub struct StageState {
     /// Tracing span while the stage runs (parent of its tasks' spans on the executors).
     pub span: Option<tracing::Span>,
     /// Pending broadcast switch of its join, decided when the build stage is done.
-    pub join_switch: Option<ShuffledJoin>,
+    pub join_switch: Vec<ShuffledJoin>,
     /// Stages it waits for besides its inputs (a probe side waiting for its build side).
     pub wait_for: Vec<u32>,
     /// What each task reads from hash-partitioned inputs, once adaptive execution regrouped
@@ -509,14 +509,18 @@ impl ClusterState {
         let final_stage = stages.last().map_or(0, |s| s.stage_id);
         let waits: Vec<(u32, u32)> = stages
             .iter()
-            .filter_map(|s| s.broadcast_switch.map(|j| (j.probe, j.build)))
+            .flat_map(|s| s.adaptive_joins.iter().map(|j| (j.probe, j.build)))
             .collect();
         let mut stages: BTreeMap<u32, StageState> = stages
             .into_iter()
             .map(|plan| {
                 let tasks = vec![TaskInfo::pending(); plan.partitions];
-                let join_switch = plan.broadcast_switch;
-                let adaptive = join_switch.map(adaptive::candidate).into_iter().collect();
+                let join_switch = plan.adaptive_joins.clone();
+                let adaptive = join_switch
+                    .iter()
+                    .copied()
+                    .map(adaptive::candidate)
+                    .collect();
                 (
                     plan.stage_id,
                     StageState {
