@@ -11,6 +11,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::physical_expr::LexOrdering;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
@@ -106,9 +107,39 @@ pub fn mark_broadcast_candidates(stages: &mut [StagePlan]) {
             shuffle(join.build) && shuffle(join.probe) && probe_consumers == 1 && plain_probe
         })
         .collect();
+    // The probe stage's output changes (moved, or filtered), so the join stage must read it in
+    // this one join only, and a probe stage is filtered for one join at most.
+    let candidates: Vec<(usize, ShuffledJoin)> = candidates
+        .iter()
+        .filter(|(index, join)| {
+            let plan = Arc::clone(&stages[*index].plan) as Arc<dyn ExecutionPlan>;
+            readers_of(&plan, join.probe) == 1
+                && candidates
+                    .iter()
+                    .filter(|(_, j)| j.probe == join.probe)
+                    .count()
+                    == 1
+        })
+        .copied()
+        .collect();
     for (index, join) in candidates {
         stages[index].adaptive_joins.push(join);
     }
+}
+
+/// Shuffle readers of `stage` in `plan`.
+fn readers_of(plan: &Arc<dyn ExecutionPlan>, stage: u32) -> usize {
+    let mut count = 0;
+    let _ = plan.apply(|node| {
+        if node
+            .downcast_ref::<ShuffleReaderExec>()
+            .is_some_and(|r| r.stage_id() == stage)
+        {
+            count += 1;
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    count
 }
 
 /// Split `plan` into stages; the last one is the result stage.
