@@ -33,6 +33,7 @@ use datafusion::logical_expr::JoinType;
 use datafusion::physical_expr::PhysicalExprRef;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::expressions::Column;
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
 use datafusion::physical_plan::projection::ProjectionExec;
@@ -212,42 +213,92 @@ fn filterable(node: &Arc<dyn ExecutionPlan>) -> Option<Filterable> {
     if *join.partition_mode() != PartitionMode::Partitioned || join.null_aware {
         return None;
     }
-    let (keys_side, filtered_side, swapped) = match join.join_type() {
-        JoinType::Left | JoinType::LeftSemi | JoinType::LeftAnti | JoinType::LeftMark => {
-            (join.left(), join.right(), false)
-        }
+    // (keys side is the left one) for each side that only matters through its key matches.
+    let orientations: &[bool] = match join.join_type() {
+        JoinType::Left | JoinType::LeftSemi | JoinType::LeftAnti | JoinType::LeftMark => &[true],
         JoinType::Right | JoinType::RightSemi | JoinType::RightAnti | JoinType::RightMark => {
-            (join.right(), join.left(), true)
+            &[false]
         }
+        JoinType::Inner => &[true, false],
         _ => return None,
     };
-    let keys_source = build_keys_source(keys_side);
-    let build = hash_reader_below(keys_source)?;
-    let probe = filtered_side
-        .downcast_ref::<ShuffleReaderExec>()
-        .filter(|reader| reader.hash_partitioned())?
-        .stage_id();
-    let on = join
-        .on()
-        .iter()
-        .map(|(l, r)| {
-            if swapped {
-                (Arc::clone(r), Arc::clone(l))
-            } else {
-                (Arc::clone(l), Arc::clone(r))
-            }
+    orientations.iter().find_map(|&keys_left| {
+        let (keys_side, filtered_side) = if keys_left {
+            (join.left(), join.right())
+        } else {
+            (join.right(), join.left())
+        };
+        let keys_source = build_keys_source(keys_side);
+        let build = hash_reader_below(keys_source)?;
+        let (keys, filtered): (Vec<_>, Vec<_>) = join
+            .on()
+            .iter()
+            .map(|(l, r)| {
+                if keys_left {
+                    (Arc::clone(l), Arc::clone(r))
+                } else {
+                    (Arc::clone(r), Arc::clone(l))
+                }
+            })
+            .unzip();
+        let (probe, mapped) = filtered_source(filtered_side, &filtered)?;
+        let on = keys.into_iter().zip(mapped.unwrap_or(filtered)).collect();
+        (build != probe).then(|| Filterable {
+            stages: ShuffledJoin {
+                build,
+                probe,
+                probe_filter: true,
+            },
+            keys_source: Arc::clone(keys_source),
+            on,
+            null_equality: join.null_equality(),
         })
-        .collect();
-    (build != probe).then(|| Filterable {
-        stages: ShuffledJoin {
-            build,
-            probe,
-            probe_filter: true,
-        },
-        keys_source: Arc::clone(keys_source),
-        on,
-        null_equality: join.null_equality(),
     })
+}
+
+/// The hash-shuffle stage a join side reads: straight (`None`: the join keys apply to the
+/// stage's output as they are), or through a partitioned final aggregate whose group columns
+/// the keys are (below projections of plain columns): then the keys as columns of the stage's
+/// output, which is the partial aggregate's (a row whose group has no match is one whose
+/// group disappears in the join).
+fn filtered_source(
+    side: &Arc<dyn ExecutionPlan>,
+    keys: &[PhysicalExprRef],
+) -> Option<(u32, Option<Vec<PhysicalExprRef>>)> {
+    if let Some(reader) = side.downcast_ref::<ShuffleReaderExec>() {
+        return reader
+            .hash_partitioned()
+            .then_some((reader.stage_id(), None));
+    }
+    let column = |expr: &PhysicalExprRef| expr.downcast_ref::<Column>().map(Column::index);
+    let mut columns: Vec<usize> = keys.iter().map(column).collect::<Option<_>>()?;
+    let mut node = side;
+    while let Some(projection) = node.downcast_ref::<ProjectionExec>() {
+        columns = columns
+            .iter()
+            .map(|&c| column(&projection.expr().get(c)?.expr))
+            .collect::<Option<_>>()?;
+        node = projection.input();
+    }
+    let aggregate = node.downcast_ref::<AggregateExec>()?;
+    if *aggregate.mode() != AggregateMode::FinalPartitioned || !aggregate.group_expr().is_single() {
+        return None;
+    }
+    let groups = aggregate.group_expr().expr();
+    let reader = aggregate
+        .input()
+        .downcast_ref::<ShuffleReaderExec>()
+        .filter(|reader| reader.hash_partitioned())?;
+    let schema = reader.schema();
+    let exprs = columns
+        .iter()
+        .map(|&c| {
+            let index = column(&groups.get(c)?.0)?;
+            let field = schema.fields().get(index)?;
+            Some(Arc::new(Column::new(field.name(), index)) as PhysicalExprRef)
+        })
+        .collect::<Option<_>>()?;
+    Some((reader.stage_id(), Some(exprs)))
 }
 
 /// Below semi/anti joins without projection (their output is a subset of one input's rows,
@@ -321,18 +372,39 @@ pub fn probe_filter_rewrite(
         ))
     })?;
     let build: Arc<dyn ExecutionPlan> = Arc::new(CoalescePartitionsExec::new(keys_source));
-    let filter = HashJoinExec::try_new(
-        build,
-        Arc::clone(probe_input),
-        on,
-        None,
-        &JoinType::RightSemi,
-        None,
-        PartitionMode::CollectLeft,
-        null_equality,
-        false,
-    )?;
-    Ok(Arc::new(filter))
+    let semi = |input: &Arc<dyn ExecutionPlan>, on| -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(HashJoinExec::try_new(
+            Arc::clone(&build),
+            Arc::clone(input),
+            on,
+            None,
+            &JoinType::RightSemi,
+            None,
+            PartitionMode::CollectLeft,
+            null_equality,
+            false,
+        )?))
+    };
+    // Keys that are group columns of a partial aggregate filter its input instead: the rows
+    // of groups without a match are not even aggregated.
+    if let Some(partial) = probe_input.downcast_ref::<AggregateExec>()
+        && *partial.mode() == AggregateMode::Partial
+        && partial.group_expr().is_single()
+    {
+        let groups = partial.group_expr().expr();
+        let below: Option<Vec<_>> = on
+            .iter()
+            .map(|(key, filtered)| {
+                let index = filtered.downcast_ref::<Column>()?.index();
+                Some((Arc::clone(key), Arc::clone(&groups.get(index)?.0)))
+            })
+            .collect();
+        if let Some(below) = below {
+            let filtered = semi(partial.input(), below)?;
+            return replace_children_if_necessary(Arc::clone(probe_input), vec![filtered]);
+        }
+    }
+    semi(probe_input, on)
 }
 
 /// The join of `plan` (a stage's writer input) rewritten as a broadcast join: the build side is
