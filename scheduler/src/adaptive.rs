@@ -593,13 +593,7 @@ pub fn on_stage_complete(job: &mut Job, done: u32) -> Result<()> {
         };
         let input = broadcast_rewrite(stage.plan.plan.input(), join.probe, &probe_input)?;
         let partitions = input.output_partitioning().partition_count();
-        let writer = &stage.plan.plan;
-        stage.plan.plan = Arc::new(ShuffleWriterExec::new(
-            writer.job_id().to_string(),
-            writer.stage_id(),
-            input,
-            writer.shuffle_partitioning().cloned(),
-        ));
+        stage.plan.plan = Arc::new(stage.plan.plan.with_input(input));
         stage.plan.inputs.retain(|s| *s != join.probe);
         for input in probe_inputs {
             if !stage.plan.inputs.contains(&input) {
@@ -690,13 +684,7 @@ fn filter_probe_stage(
     };
     probe.wait_for.retain(|s| *s != join.build);
     if let Some(input) = rewritten {
-        let writer = &probe.plan.plan;
-        probe.plan.plan = Arc::new(ShuffleWriterExec::new(
-            writer.job_id().to_string(),
-            writer.stage_id(),
-            input,
-            writer.shuffle_partitioning().cloned(),
-        ));
+        probe.plan.plan = Arc::new(probe.plan.plan.with_input(input));
         if !probe.plan.inputs.contains(&join.build) {
             probe.plan.inputs.push(join.build);
         }

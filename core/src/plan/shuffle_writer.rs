@@ -33,6 +33,16 @@ pub struct ShuffleWriterExec {
 }
 
 impl ShuffleWriterExec {
+    /// The same writer (job, stage, partitioning) over another input.
+    pub fn with_input(&self, input: Arc<dyn ExecutionPlan>) -> Self {
+        Self::new(
+            self.job_id.clone(),
+            self.stage_id,
+            input,
+            self.partitioning.clone(),
+        )
+    }
+
     /// A writer for `stage_id` of `job_id`.
     pub fn new(
         job_id: impl Into<String>,
@@ -210,12 +220,7 @@ impl ExecutionPlan for ShuffleWriterExec {
         let [input]: [Arc<dyn ExecutionPlan>; 1] = children.try_into().map_err(|_| {
             DataFusionError::Internal("ShuffleWriterExec takes exactly one child".to_string())
         })?;
-        Ok(Arc::new(Self::new(
-            self.job_id.clone(),
-            self.stage_id,
-            input,
-            self.partitioning.clone(),
-        )))
+        Ok(Arc::new(self.with_input(input)))
     }
 
     fn with_new_children(
