@@ -561,7 +561,7 @@ pub fn on_stage_complete(job: &mut Job, done: u32) -> Result<()> {
             stage.join_switch.retain(|j| *j != join);
         }
         if join.probe_filter {
-            filter_probe_stage(job, join_stage, join, small)?;
+            filter_probe_stage(job, join_stage, join, small, probe_started)?;
             continue;
         }
         if !small || probe_started {
@@ -635,23 +635,20 @@ pub fn on_stage_complete(job: &mut Job, done: u32) -> Result<()> {
 }
 
 /// The keys stage of a semi-join reduction in `join_stage` is done: if it is `small` and the
-/// filtered stage has not started, that stage keeps only rows whose keys are there (it now
+/// filtered stage has not `started`, that stage keeps only rows whose keys are there (it now
 /// reads the keys stage whole); it no longer waits either way.
 fn filter_probe_stage(
     job: &mut Job,
     join_stage: u32,
     join: ShuffledJoin,
     small: bool,
+    started: bool,
 ) -> Result<()> {
     let (rows, size) = job
         .stages
         .get(&join.build)
         .map_or((0, 0), StageState::output_size);
     let sizes = format!("{rows} rows, {}", bytes(size));
-    let started = job
-        .stages
-        .get(&join.probe)
-        .is_none_or(|p| p.started.is_some());
     let rewritten = match (
         small && !started,
         job.stages.get(&join_stage),

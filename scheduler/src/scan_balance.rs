@@ -53,29 +53,25 @@ pub async fn balance_parquet_scans(
     plan: Arc<dyn ExecutionPlan>,
     state: &SessionState,
 ) -> Result<Arc<dyn ExecutionPlan>> {
-    let mut scans = Vec::new();
+    let runtime = state.runtime_env();
+    // Every file of a balanceable scan, once, with the store it is read from.
+    let mut wanted = HashMap::new();
     plan.apply(|node| {
-        if let Some(scan) = balanceable(node) {
-            scans.push(scan.clone());
+        if let Some(scan) = balanceable(node)
+            && let Ok(store) = runtime.object_store(&scan.object_store_url)
+        {
+            for file in scan.file_groups.iter().flat_map(FileGroup::iter) {
+                wanted
+                    .entry(file.object_meta.location.to_string())
+                    .or_insert_with(|| (Arc::clone(&store), file.object_meta.clone()));
+            }
         }
         Ok(TreeNodeRecursion::Continue)
     })?;
-    if scans.is_empty() {
+    if wanted.is_empty() {
         return Ok(plan);
     }
-    let runtime = state.runtime_env();
     let cache = runtime.cache_manager.get_file_metadata_cache();
-    let mut wanted = HashMap::new();
-    for scan in &scans {
-        let Ok(store) = runtime.object_store(&scan.object_store_url) else {
-            continue;
-        };
-        for file in scan.file_groups.iter().flat_map(FileGroup::iter) {
-            wanted
-                .entry(file.object_meta.location.to_string())
-                .or_insert_with(|| (Arc::clone(&store), file.object_meta.clone()));
-        }
-    }
     let wanted: Vec<_> = wanted.into_values().collect();
     // Planning read these footers already (statistics), so they are normally cache hits; a
     // bounded number of reads at a time when they are not (thousands of files on S3).
