@@ -69,6 +69,14 @@ struct SchedulerArgs {
     /// Listen beyond loopback without an auth token.
     #[arg(long)]
     insecure: bool,
+    /// A running job in which no task finished for this many seconds fails, naming the tasks
+    /// it waits for (0 = never).
+    #[arg(long, env = "VOLLEY_STALL_TIMEOUT", default_value_t = 3600)]
+    stall_timeout_secs: u64,
+    /// Memory for what runs on the scheduler itself (DDL, CREATE TABLE AS, plans that cannot
+    /// be sent to executors), e.g. 2G.
+    #[arg(long, env = "VOLLEY_SCHEDULER_MEMORY", value_parser = parse_bytes, default_value = "2G")]
+    memory_limit: usize,
     /// Port of the web status page, JSON API and /metrics (0 = any free port).
     #[arg(long, env = "VOLLEY_HTTP_PORT", default_value_t = 50080)]
     http_port: u16,
@@ -78,6 +86,10 @@ struct SchedulerArgs {
     /// Export tracing spans over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317).
     #[arg(long, env = "VOLLEY_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Honour the `volley.test_*` fault-injection hooks (Volley's own tests; never in
+    /// production).
+    #[arg(long, env = "VOLLEY_ENABLE_TEST_HOOKS")]
+    enable_test_hooks: bool,
     #[command(flatten)]
     sandbox: security::SandboxArgs,
     #[command(flatten)]
@@ -111,7 +123,8 @@ struct ExecutorArgs {
     /// Concurrent tasks (default: number of cores).
     #[arg(long, env = "VOLLEY_EXECUTOR_SLOTS")]
     slots: Option<usize>,
-    /// Directory for shuffle files.
+    /// Root for shuffle files: the executor works in a private `volley-<random>` folder (0700)
+    /// below it and removes, at start, the folders executors killed on this root left behind.
     #[arg(long, env = "VOLLEY_WORK_DIR")]
     work_dir: Option<PathBuf>,
     /// Heartbeat interval in milliseconds.
@@ -124,6 +137,22 @@ struct ExecutorArgs {
     /// spill to disk beyond it (default: no limit).
     #[arg(long, env = "VOLLEY_MEMORY_LIMIT", value_parser = parse_bytes)]
     memory_limit: Option<usize>,
+    /// Folder tasks may read and write table files under (repeatable; default: the working
+    /// directory). Give executors the scheduler's --allowed-path roots.
+    #[arg(
+        long = "allowed-path",
+        value_name = "DIR",
+        env = "VOLLEY_ALLOWED_PATHS",
+        value_delimiter = ','
+    )]
+    allowed_paths: Vec<PathBuf>,
+    /// Listen beyond loopback without a cluster token.
+    #[arg(long)]
+    insecure: bool,
+    /// Honour the `volley.test_*` fault-injection hooks (Volley's own tests; never in
+    /// production).
+    #[arg(long, env = "VOLLEY_ENABLE_TEST_HOOKS")]
+    enable_test_hooks: bool,
     #[command(flatten)]
     security: security::SecurityArgs,
 }
@@ -185,11 +214,15 @@ async fn run_scheduler(args: SchedulerArgs) -> Result<(), String> {
         round_robin: args.load_balancing == LoadBalancing::RoundRobin,
         max_concurrent_jobs: args.max_concurrent_jobs,
         insecure: args.insecure,
-        security: args.security.security()?,
+        security: args.security.server_security()?,
         max_message_size: args.security.max_message_size,
         allowed_paths: Some(args.sandbox.allowed_paths.clone()),
         allow_ddl: !args.sandbox.disable_ddl,
         http_port: (!args.no_http).then_some(args.http_port),
+        enable_test_hooks: args.enable_test_hooks,
+        memory_limit: args.memory_limit,
+        stall_timeout: (args.stall_timeout_secs > 0)
+            .then(|| Duration::from_secs(args.stall_timeout_secs)),
         ..SchedulerConfig::default()
     };
     let _telemetry =
@@ -217,13 +250,16 @@ async fn run_executor(args: ExecutorArgs) -> Result<(), String> {
     if let Some(dir) = args.work_dir {
         config.work_dir = dir;
     } else {
-        config.work_dir =
-            std::env::temp_dir().join(format!("volley-executor-{}", std::process::id()));
+        // Each executor works in a private, locked folder below (see --work-dir).
+        config.work_dir = std::env::temp_dir().join("volley-executor");
     }
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms.max(50));
-    config.security = args.security.security()?;
+    config.security = args.security.server_security()?;
+    config.insecure = args.insecure;
     config.max_message_size = args.security.max_message_size;
     config.memory_limit = args.memory_limit;
+    config.enable_test_hooks = args.enable_test_hooks;
+    config.allowed_paths = Some(args.allowed_paths);
     let handle = start_executor(config).await.map_err(|e| e.to_string())?;
     note!(
         "volley executor {} listening on {}",
@@ -237,7 +273,10 @@ async fn run_executor(args: ExecutorArgs) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Deep stacks: plans with deeply nested expressions are encoded, decoded and evaluated
+    // recursively on these threads (statements are planned on a deeper one of their own).
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .thread_stack_size(volley_core::stack::WORKER_STACK_BYTES)
         .enable_all()
         .build()
     {

@@ -5,7 +5,7 @@ use rustyline::error::ReadlineError;
 
 /// What the user typed.
 pub enum Input {
-    /// A complete SQL statement (without the trailing `;`).
+    /// SQL text ending with a top-level `;`: one or more statements, as typed.
     Sql(String),
     /// Leave the shell.
     Quit,
@@ -70,10 +70,10 @@ impl Repl {
                         buffer.push('\n');
                     }
                     buffer.push_str(&line);
-                    if trimmed.ends_with(';') {
+                    // A `;` inside a string or comment does not end the input.
+                    if volley::ends_statement(&buffer) {
                         let _ = self.editor.add_history_entry(buffer.as_str());
-                        let statement = buffer.trim().trim_end_matches(';').trim().to_string();
-                        return Some(Input::Sql(statement));
+                        return Some(Input::Sql(buffer));
                     }
                 }
                 Err(ReadlineError::Interrupted) => {

@@ -13,6 +13,17 @@ pub struct SecurityArgs {
     /// Read the auth token from this file instead.
     #[arg(long, env = "VOLLEY_AUTH_TOKEN_FILE", conflicts_with = "auth_token")]
     pub auth_token_file: Option<PathBuf>,
+    /// Secret of the cluster's own processes (scheduler and executors; never clients): it
+    /// alone may register executors, launch tasks, report status and read shuffle files.
+    #[arg(long, env = "VOLLEY_CLUSTER_TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<String>,
+    /// Read the cluster token from this file instead.
+    #[arg(
+        long,
+        env = "VOLLEY_CLUSTER_TOKEN_FILE",
+        conflicts_with = "cluster_token"
+    )]
+    pub cluster_token_file: Option<PathBuf>,
     /// PEM certificate this process presents (servers; clients with mutual TLS). Enables TLS.
     #[arg(long, env = "VOLLEY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -49,7 +60,28 @@ impl SecurityArgs {
         } else {
             None
         };
-        Ok(Security::none().with_token(token).with_tls(tls))
+        let cluster = load_token(
+            self.cluster_token.clone(),
+            self.cluster_token_file.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Security::none()
+            .with_token(token)
+            .with_cluster_token(cluster)
+            .with_tls(tls))
+    }
+
+    /// The settings of a scheduler or executor: with a client token, the cluster token is
+    /// required too, or every client could act as an executor.
+    pub fn server_security(&self) -> Result<Security, String> {
+        let security = self.security()?;
+        if security.token().is_some() && security.cluster_token().is_none() {
+            return Err(
+                "--auth-token needs --cluster-token (VOLLEY_CLUSTER_TOKEN) on the scheduler and executors: it is the credential of the cluster's own processes, which clients must not hold"
+                    .to_string(),
+            );
+        }
+        Ok(security)
     }
 }
 

@@ -4,14 +4,13 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use volley::{ClientOptions, EmbeddedCluster, VolleyClient, split_statements};
 use volley_scheduler::SchedulerConfig;
 
-use crate::output::{Format, write_parquet, write_result};
+use crate::output::{Batches, Format, write_result};
 use crate::repl::{HELP, Input, Repl};
 
 /// Arguments of `volley sql`.
@@ -56,6 +55,10 @@ pub struct SqlArgs {
     /// Export tracing spans over OTLP/gRPC to this collector (embedded cluster).
     #[arg(long, env = "VOLLEY_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Honour the `volley.test_*` fault-injection hooks on the embedded cluster (Volley's own
+    /// tests; never in production).
+    #[arg(long, env = "VOLLEY_ENABLE_TEST_HOOKS")]
+    enable_test_hooks: bool,
     #[command(flatten)]
     sandbox: crate::security::SandboxArgs,
     #[command(flatten)]
@@ -166,14 +169,16 @@ impl Sink {
         })
     }
 
-    fn write(&mut self, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<(), String> {
-        match (self.format, &self.file) {
-            (Format::Parquet, Some(path)) if !schema.fields().is_empty() => {
-                write_parquet(path, schema, batches)
-            }
-            (Format::Parquet, _) => Ok(()),
-            _ => write_result(&mut self.writer, schema, batches, self.format, self.quiet),
-        }
+    async fn write(&mut self, schema: &SchemaRef, batches: Batches) -> Result<(), String> {
+        write_result(
+            &mut self.writer,
+            self.file.as_deref(),
+            schema,
+            batches,
+            self.format,
+            self.quiet,
+        )
+        .await
     }
 }
 
@@ -212,21 +217,26 @@ fn progress(
     }))
 }
 
-/// Run one statement; Ctrl-C cancels its job on the cluster.
+/// Run one statement, writing its result to `sink` as it streams in; Ctrl-C cancels its job
+/// on the cluster.
 async fn run_statement(
     client: &VolleyClient,
     statement: &str,
     show_progress: bool,
-) -> Result<(SchemaRef, Vec<RecordBatch>), String> {
+    sink: &mut Sink,
+) -> Result<(), String> {
     let job_id = client.submit(statement).await.map_err(|e| e.to_string())?;
     let bar = progress(client, &job_id, show_progress);
     let run = async {
-        let (schema, stream) = client.fetch(job_id.clone()).await?;
-        let batches: Vec<RecordBatch> = stream.try_collect().await?;
-        Ok::<_, volley::VolleyError>((schema, batches))
+        let (schema, stream) = client
+            .fetch(job_id.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let batches: Batches = stream.map_err(|e| e.to_string()).boxed();
+        sink.write(&schema, batches).await
     };
     let result = tokio::select! {
-        result = run => result.map_err(|e| e.to_string()),
+        result = run => result,
         _ = tokio::signal::ctrl_c() => {
             let _ = client.cancel(&job_id).await;
             Err(format!("job {job_id} cancelled by Ctrl-C"))
@@ -249,8 +259,7 @@ struct Session<'a> {
 impl Session<'_> {
     async fn run(&mut self, statement: &str) -> Result<(), String> {
         let started = Instant::now();
-        let (schema, batches) = run_statement(self.client, statement, self.progress).await?;
-        self.sink.write(&schema, &batches)?;
+        run_statement(self.client, statement, self.progress, &mut self.sink).await?;
         if self.timing {
             note!("Elapsed {:.3} s", started.elapsed().as_secs_f64());
         }
@@ -304,6 +313,7 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
                 max_message_size: options.max_message_size,
                 allowed_paths: Some(embedded_roots(&args)?),
                 allow_ddl: !args.sandbox.disable_ddl,
+                enable_test_hooks: args.enable_test_hooks,
                 ..SchedulerConfig::default().with_address("127.0.0.1", 0)
             };
             let cluster = EmbeddedCluster::start_with_memory(
@@ -384,11 +394,17 @@ async fn repl(session: &mut Session<'_>) -> Result<(), String> {
         match input {
             Input::Quit => break,
             Input::Help => println!("{HELP}"),
-            Input::Sql(sql) => {
-                if let Err(e) = session.run(&sql).await {
-                    note!("error: {e}");
+            Input::Sql(sql) => match split_statements(&sql) {
+                Ok(statements) => {
+                    for statement in statements {
+                        if let Err(e) = session.run(&statement).await {
+                            note!("error: {e}");
+                            break;
+                        }
+                    }
                 }
-            }
+                Err(e) => note!("error: {e}"),
+            },
         }
     }
     Ok(())

@@ -5,7 +5,6 @@ use std::io::Cursor;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::reader::StreamReader;
-use datafusion::sql::parser::DFParser;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use volley_core::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
@@ -51,10 +50,21 @@ impl ClientOptions {
     }
 }
 
-/// Split a SQL text into single statements.
-pub fn split_statements(sql: &str) -> Result<Vec<String>> {
-    let statements = DFParser::parse_sql(sql)?;
-    Ok(statements.into_iter().map(|s| s.to_string()).collect())
+/// Releases a job's result files when dropped before its stream ended.
+struct ReleaseOnDrop {
+    client: Option<VolleyClient>,
+    job_id: String,
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let job_id = std::mem::take(&mut self.job_id);
+            runtime.spawn(async move { client.release(&job_id).await });
+        }
+    }
 }
 
 fn status_error(status: tonic::Status) -> VolleyError {
@@ -265,9 +275,16 @@ impl VolleyClient {
             })
             .flatten()
             .map_err(VolleyError::from);
-        let this = self.clone();
+        // Released at the end of the stream, or when it is dropped before (a reader that
+        // stopped midway), instead of the files waiting for the result TTL.
+        let mut guard = ReleaseOnDrop {
+            client: Some(self.clone()),
+            job_id,
+        };
         let release = futures::stream::once(async move {
-            this.release(&job_id).await;
+            if let Some(client) = guard.client.take() {
+                client.release(&guard.job_id).await;
+            }
             None
         })
         .filter_map(|x: Option<Result<RecordBatch>>| async move { x });

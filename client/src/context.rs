@@ -182,7 +182,17 @@ fn first_line(plan: &Arc<dyn ExecutionPlan>) -> String {
 
 /// A [`SessionContext`] planning locally and executing on the scheduler at `url`.
 pub async fn remote(url: &str) -> crate::Result<SessionContext> {
-    let client = VolleyClient::connect(url).await?;
+    remote_with(url, crate::ClientOptions::default()).await
+}
+
+/// [`remote`] with credentials: the client token and TLS settings (CA, client certificate)
+/// the CLI takes as `--auth-token`, `--tls-ca`, `--tls-cert` / `--tls-key`, e.g.
+/// `volley::remote_with(url, ClientOptions::with_token(token))`.
+pub async fn remote_with(
+    url: &str,
+    options: crate::ClientOptions,
+) -> crate::Result<SessionContext> {
+    let client = VolleyClient::connect_with(url, options).await?;
     Ok(context_for(client))
 }
 

@@ -48,10 +48,24 @@ impl EmbeddedCluster {
             .prefix("volley-embedded-")
             .tempdir()
             .map_err(VolleyError::Io)?;
+        // The cluster's own processes authenticate with a cluster token that clients never
+        // hold; in one process it is simply made up.
+        let mut config = config;
+        if config.security.token().is_some() && config.security.cluster_token().is_none() {
+            let made_up = format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            );
+            config.security = config.security.clone().with_cluster_token(Some(made_up));
+        }
+        let cluster_security = config.security.clone();
         let options = ClientOptions {
-            security: config.security.clone(),
+            security: config.security.for_clients(),
             max_message_size: config.max_message_size,
         };
+        let test_hooks = config.enable_test_hooks;
+        let allowed_paths = config.allowed_paths.clone();
         let scheduler = start_scheduler(config).await?;
         let mut handles = Vec::new();
         for i in 0..executors.max(1) {
@@ -59,9 +73,11 @@ impl EmbeddedCluster {
             config.slots = slots.max(1);
             config.work_dir = work_dir.path().join(format!("executor-{i}"));
             config.heartbeat_interval = Duration::from_secs(2);
-            config.security = options.security.clone();
+            config.security = cluster_security.clone();
             config.max_message_size = options.max_message_size;
             config.memory_limit = memory_limit;
+            config.enable_test_hooks = test_hooks;
+            config.allowed_paths = allowed_paths.clone();
             handles.push(start_executor(config).await?);
         }
         Ok(Self {

@@ -4,8 +4,10 @@
 mod client;
 mod context;
 mod embedded;
+mod statements;
 
-pub use client::{ClientOptions, VolleyClient, split_statements};
-pub use context::{DistributedExec, context_for, remote, standalone};
+pub use client::{ClientOptions, VolleyClient};
+pub use context::{DistributedExec, context_for, remote, remote_with, standalone};
 pub use embedded::EmbeddedCluster;
+pub use statements::{ends_statement, split_statements};
 pub use volley_core::{Result, VolleyError};

@@ -14,6 +14,7 @@ use datafusion_proto::physical_plan::{
 use datafusion_proto::protobuf as dfproto;
 use prost::Message;
 
+use crate::ids::{check_id, check_partitions, check_shuffle_path};
 use crate::plan::{ShuffleReaderExec, ShuffleWriterExec};
 use crate::protobuf::{self, volley_plan_node::Node};
 use crate::shuffle::PartitionLocation;
@@ -39,12 +40,21 @@ impl VolleyCodec {
     }
 
     /// Deserialize a physical plan from bytes, resolving functions and object stores in `ctx`.
+    /// Bytes from the network may be anything: a panic while decoding them is an error.
     pub fn decode_plan(bytes: &[u8], ctx: &TaskContext) -> DFResult<Arc<dyn ExecutionPlan>> {
-        datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
-            bytes,
-            ctx,
-            &VolleyCodec,
-        )
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
+                bytes,
+                ctx,
+                &VolleyCodec,
+            )
+        }))
+        .unwrap_or_else(|panic| {
+            Err(DataFusionError::Internal(format!(
+                "cannot decode plan: the decoder panicked: {}",
+                crate::stack::panic_message(panic.as_ref())
+            )))
+        })
     }
 
     fn encode_partitioning(
@@ -85,12 +95,17 @@ impl PhysicalExtensionCodec for VolleyCodec {
                 let [input] = inputs else {
                     return Err(decode_err("ShuffleWriterExec needs exactly one input"));
                 };
+                // The job id names the folder the task writes into.
+                check_id("shuffle writer job id", &w.job_id).map_err(decode_err)?;
                 let partitioning = self.decode_partitioning(
                     &w.partitioning,
                     ctx,
                     &input.schema(),
                     proto_converter,
                 )?;
+                if let Some(p) = &partitioning {
+                    check_partitions("shuffle writer", p.partition_count()).map_err(decode_err)?;
+                }
                 Ok(Arc::new(ShuffleWriterExec::new(
                     w.job_id,
                     w.stage_id,
@@ -102,10 +117,26 @@ impl PhysicalExtensionCodec for VolleyCodec {
                 let schema_proto =
                     dfproto::Schema::decode(r.schema.as_slice()).map_err(decode_err)?;
                 let schema = Arc::new(Schema::try_from(&schema_proto).map_err(decode_err)?);
-                let count = r.partition_count as usize;
+                // Bounded before anything is allocated for it.
+                let count = check_partitions("shuffle reader", r.partition_count as usize)
+                    .map_err(decode_err)?;
+                if r.partitions.len() > count {
+                    return Err(decode_err(format!(
+                        "shuffle reader lists {} partitions but has {count}",
+                        r.partitions.len()
+                    )));
+                }
                 let partitioning = self
                     .decode_partitioning(&r.partitioning, ctx, &schema, proto_converter)?
                     .unwrap_or(Partitioning::UnknownPartitioning(count));
+                if partitioning.partition_count() != count {
+                    return Err(decode_err(
+                        "shuffle reader partitioning disagrees with its count",
+                    ));
+                }
+                for location in r.partitions.iter().flat_map(|p| &p.locations) {
+                    check_shuffle_path(&location.path, None, r.stage_id).map_err(decode_err)?;
+                }
                 let mut locations = vec![Vec::new(); count];
                 for (slot, partition) in locations.iter_mut().zip(r.partitions.iter()) {
                     *slot = partition
@@ -245,6 +276,7 @@ mod tests {
             output_partition: out,
             num_rows: 10 + u64::from(map),
             num_bytes: 1000,
+            grant: String::new(),
         };
         let hash = Partitioning::Hash(vec![Arc::new(Column::new("a", 0))], 2);
         let reader = Arc::new(ShuffleReaderExec::with_locations(

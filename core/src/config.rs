@@ -15,9 +15,18 @@ extensions_options! {
         /// retryable injected fault, `STAGE:PARTITION:K` only its first K attempts
         /// (deterministic fault injection for tests).
         pub test_fail_task: String, default = String::new()
-        /// Test hook: `STAGE:MILLIS` makes every task of that stage wait that long before it
-        /// runs, giving tests a deterministic window (e.g. to kill an executor mid-stage).
-        pub test_delay_task: String, default = String::new()
+        /// Test hook: `STAGE:PATH` holds every task of that stage before it runs until the
+        /// file PATH exists, so a test observes (or kills, or cancels) the stage while it is
+        /// surely running and releases it by creating the file. Works only on processes started
+        /// with `--enable-test-hooks`.
+        pub test_hold_task: String, default = String::new()
+        /// Test hook: `STAGE:PARTITION` makes that task panic (as a bug in an operator would)
+        /// to show a panic is reported as a task failure, not a lost executor.
+        pub test_panic_task: String, default = String::new()
+        /// Test hook: `STAGE:PARTITION` makes that task abort its executor process (as a
+        /// runaway allocation would), to show such a task fails its job instead of killing
+        /// every executor in turn.
+        pub test_abort_task: String, default = String::new()
         /// Compression of shuffle files: `auto` (default: none when every executor runs on
         /// this host's loopback, where no byte crosses a network, lz4 otherwise), `lz4`,
         /// `zstd` or `none`.
@@ -61,11 +70,6 @@ impl VolleyOptions {
         options
     }
 
-    fn pair(spec: &str) -> Option<(u32, u64)> {
-        let (a, b) = spec.split_once(':')?;
-        Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
-    }
-
     /// True when the fault hook targets this task attempt: `STAGE:PARTITION` fails every
     /// attempt, `STAGE:PARTITION:K` the first K attempts.
     pub fn fails(&self, stage_id: u32, partition: u32, attempt: u32) -> bool {
@@ -82,11 +86,45 @@ impl VolleyOptions {
         }
     }
 
-    /// How long the delay hook holds tasks of this stage.
-    pub fn delay(&self, stage_id: u32) -> Option<std::time::Duration> {
-        Self::pair(&self.test_delay_task)
-            .filter(|(stage, _)| *stage == stage_id)
-            .map(|(_, ms)| std::time::Duration::from_millis(ms))
+    /// True when the panic hook targets this task.
+    pub fn panics(&self, stage_id: u32, partition: u32) -> bool {
+        Self::targets(&self.test_panic_task, stage_id, partition)
+    }
+
+    /// True when the abort hook targets this task.
+    pub fn aborts(&self, stage_id: u32, partition: u32) -> bool {
+        Self::targets(&self.test_abort_task, stage_id, partition)
+    }
+
+    fn targets(spec: &str, stage_id: u32, partition: u32) -> bool {
+        spec.split_once(':')
+            .and_then(|(s, p)| Some((s.trim().parse::<u32>().ok()?, p.trim().parse::<u32>().ok()?)))
+            == Some((stage_id, partition))
+    }
+
+    /// The release file the hold hook waits for before tasks of this stage run.
+    pub fn hold(&self, stage_id: u32) -> Option<PathBuf> {
+        let (stage, path) = self.test_hold_task.split_once(':')?;
+        (stage.trim().parse::<u32>().ok()? == stage_id && !path.trim().is_empty())
+            .then(|| PathBuf::from(path.trim()))
+    }
+
+    /// The test hooks this session sets (non-empty `volley.test_*` options), by name.
+    pub fn test_hooks_set(&self) -> Vec<&'static str> {
+        let mut set = Vec::new();
+        if !self.test_fail_task.is_empty() {
+            set.push("volley.test_fail_task");
+        }
+        if !self.test_hold_task.is_empty() {
+            set.push("volley.test_hold_task");
+        }
+        if !self.test_panic_task.is_empty() {
+            set.push("volley.test_panic_task");
+        }
+        if !self.test_abort_task.is_empty() {
+            set.push("volley.test_abort_task");
+        }
+        set
     }
 }
 

@@ -4,10 +4,14 @@
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod grant;
+pub mod ids;
 pub mod plan;
 pub mod sandbox;
+pub mod sandbox_store;
 pub mod security;
 pub mod shuffle;
+pub mod stack;
 pub mod telemetry;
 
 pub use error::{Result, VolleyError};

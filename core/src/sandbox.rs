@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use datafusion::catalog::TableProvider;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::datasource::listing::ListingTable;
+use datafusion::datasource::listing::{ListingTable, ListingTableUrl};
 use datafusion::datasource::physical_plan::{FileScanConfig, FileSink};
 use datafusion::datasource::sink::DataSinkExec;
 use datafusion::datasource::source::DataSourceExec;
@@ -18,6 +18,7 @@ use datafusion::datasource::source_as_provider;
 use datafusion::logical_expr::{DdlStatement, DmlStatement, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
 
+use crate::plan::{ShuffleReaderExec, ShuffleWriterExec};
 use crate::{Result, VolleyError};
 
 /// Allowed roots and the DDL switch.
@@ -83,35 +84,46 @@ impl Sandbox {
         ))
     }
 
-    /// Check a location as written by a user: a path or a `file://` URL, maybe with a glob.
+    /// Check a location as written by a user: a path or a URL, maybe with a glob. It is
+    /// normalised by the parser DataFusion itself uses for table locations
+    /// ([`ListingTableUrl::parse`]), so `file:/x`, `file:///x`, relative paths and globs are
+    /// judged as what DataFusion will open.
     pub fn check_location(&self, location: &str) -> Result<()> {
         if self.roots.is_none() {
             return Ok(());
         }
-        let path_text = match location.split_once("://") {
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("file") => rest,
-            Some((scheme, _)) => {
-                return Err(self.denied(
-                    location,
-                    &format!("URL scheme {scheme}:// is not configured on this cluster"),
-                ));
-            }
-            None => location,
-        };
-        let path = Path::new(path_text);
-        if path.components().any(|c| c == Component::ParentDir) {
+        if Path::new(location)
+            .components()
+            .any(|c| c == Component::ParentDir)
+            || location.split(['/', '\\']).any(|part| part == "..")
+        {
             return Err(self.denied(location, "`..` is not allowed in paths"));
         }
-        // Check the fixed part before any glob.
-        let mut fixed = PathBuf::new();
-        for component in path.components() {
-            let text = component.as_os_str().to_string_lossy();
-            if text.contains(['*', '?', '[', '{']) {
-                break;
-            }
-            fixed.push(component);
+        let url = ListingTableUrl::parse(location)
+            .map_err(|e| self.denied(location, &format!("it is not a valid location ({e})")))?;
+        if url.scheme() != "file" {
+            return Err(self.denied(
+                location,
+                &format!(
+                    "URL scheme {}:// is not configured on this cluster",
+                    url.scheme()
+                ),
+            ));
         }
-        self.check_path(location, &fixed)
+        // The fixed part before any glob (DataFusion lists below it).
+        let path = url
+            .get_url()
+            .to_file_path()
+            .map_err(|()| self.denied(location, "it is not a local file path"))?;
+        self.check_path(location, &path)
+    }
+
+    /// Check a filesystem path about to be opened, listed or written (symlinks followed).
+    pub fn check_fs_path(&self, path: &Path) -> Result<()> {
+        if self.roots.is_none() {
+            return Ok(());
+        }
+        self.check_path(&path.display().to_string(), path)
     }
 
     /// Check a resolved filesystem path, following symlinks of its existing part.
@@ -157,7 +169,7 @@ impl Sandbox {
     /// Check a logical plan before it runs: DDL switch and every location it names.
     pub fn check_logical(&self, plan: &LogicalPlan) -> Result<()> {
         let mut result = Ok(());
-        plan.apply(|node| {
+        plan.apply_with_subqueries(|node| {
             result = self.check_logical_node(node);
             Ok(if result.is_ok() {
                 TreeNodeRecursion::Continue
@@ -192,6 +204,13 @@ impl Sandbox {
             LogicalPlan::Copy(copy) => {
                 self.ddl_denied("COPY")?;
                 self.check_location(&copy.output_url)
+            }
+            // Tables read anywhere, `CREATE TABLE AS` and views included.
+            LogicalPlan::TableScan(scan) => {
+                if let Ok(provider) = source_as_provider(&scan.source) {
+                    self.check_provider(provider.as_ref())?;
+                }
+                Ok(())
             }
             LogicalPlan::Dml(DmlStatement { target, op, .. }) => {
                 self.ddl_denied(&format!("DML ({op})"))?;
@@ -228,6 +247,16 @@ impl Sandbox {
     }
 
     fn check_physical_node(&self, node: &dyn ExecutionPlan) -> Result<()> {
+        // Shuffle nodes name files and stages of the cluster itself; only the scheduler's
+        // stage cutting places them, never a submitted plan.
+        if node.downcast_ref::<ShuffleReaderExec>().is_some()
+            || node.downcast_ref::<ShuffleWriterExec>().is_some()
+        {
+            return Err(VolleyError::NotAllowed(format!(
+                "a submitted plan may not contain {} (the scheduler places shuffle nodes itself)",
+                node.name()
+            )));
+        }
         if let Some(source) = node.downcast_ref::<DataSourceExec>()
             && let Some(scan) = source.data_source().downcast_ref::<FileScanConfig>()
         {
@@ -304,6 +333,24 @@ mod tests {
                 .is_err()
         );
         assert!(sandbox.check_location("s3://bucket/x").is_err());
+        // `file:` without `//` is a URL too (DataFusion opens /etc/passwd), not a relative path.
+        let err = sandbox
+            .check_location("file:/etc/passwd")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("resolves to /etc/passwd"), "{err}");
+        assert!(sandbox.check_location("file:///etc/passwd").is_err());
+        assert!(
+            sandbox
+                .check_location("file://otherhost/etc/passwd")
+                .is_err()
+        );
+        assert!(sandbox.check_location("/etc/*.conf").is_err());
+        assert!(
+            sandbox
+                .check_location(&format!("file:{}", root.join("t.csv").display()))
+                .is_ok()
+        );
         #[cfg(unix)]
         {
             std::os::unix::fs::symlink("/etc", root.join("escape")).unwrap();

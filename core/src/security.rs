@@ -90,6 +90,7 @@ impl TlsSettings {
 #[derive(Clone, Default)]
 pub struct Security {
     token: Option<Arc<str>>,
+    cluster_token: Option<Arc<str>>,
     tls: Option<Arc<TlsSettings>>,
 }
 
@@ -97,6 +98,10 @@ impl std::fmt::Debug for Security {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Security")
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "cluster_token",
+                &self.cluster_token.as_ref().map(|_| "<redacted>"),
+            )
             .field("tls", &self.tls)
             .finish()
     }
@@ -138,6 +143,49 @@ impl Security {
     /// The URL of `host:port` in this process's scheme.
     pub fn url(&self, host: &str, port: u16) -> String {
         format!("{}://{host}:{port}", self.scheme())
+    }
+
+    /// Set the cluster token: the credential of the cluster's own processes (executors
+    /// registering and reporting, the scheduler launching tasks, shuffle fetches). Clients never
+    /// hold it.
+    pub fn with_cluster_token(mut self, token: Option<String>) -> Self {
+        self.cluster_token = token.filter(|t| !t.is_empty()).map(Arc::from);
+        self
+    }
+
+    /// The cluster token, if any.
+    pub fn cluster_token(&self) -> Option<&str> {
+        self.cluster_token.as_deref()
+    }
+
+    /// These settings as a client of this cluster gets them: without the cluster token.
+    pub fn for_clients(&self) -> Self {
+        Self {
+            cluster_token: None,
+            ..self.clone()
+        }
+    }
+
+    /// The role a call presenting `presented` (an `authorization` header) gets, or None when
+    /// it must be refused. With no token at all every caller is trusted (a loopback cluster);
+    /// with a client token only, its holders are trusted with everything (one-token mode of
+    /// library users: the `volley` binary refuses it); with a cluster token, only its holders
+    /// are [`Role::Cluster`].
+    pub fn role_of(&self, presented: Option<&str>) -> Option<Role> {
+        let bearer = presented.and_then(|p| p.strip_prefix("Bearer "));
+        let is = |token: &Option<Arc<str>>| {
+            token
+                .as_deref()
+                .zip(bearer)
+                .is_some_and(|(t, b)| bool::from(t.as_bytes().ct_eq(b.as_bytes())))
+        };
+        match (&self.token, &self.cluster_token) {
+            (None, None) => Some(Role::Cluster),
+            (_, Some(_)) if is(&self.cluster_token) => Some(Role::Cluster),
+            (Some(_), None) => is(&self.token).then_some(Role::Cluster),
+            (Some(_), Some(_)) => is(&self.token).then_some(Role::Client),
+            (None, Some(_)) => Some(Role::Client),
+        }
     }
 
     /// Check a presented token in constant time.
@@ -209,9 +257,11 @@ impl Security {
 
     /// The interceptor clients stamp calls with.
     pub fn client_interceptor(&self) -> Result<ClientAuth> {
+        // The cluster's own processes call each other with the cluster token.
         let header = self
-            .token
+            .cluster_token
             .as_ref()
+            .or(self.token.as_ref())
             .map(|t| {
                 MetadataValue::try_from(format!("Bearer {t}")).map_err(|_| {
                     VolleyError::Config(
@@ -262,7 +312,9 @@ impl Interceptor for AuthInterceptor {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        if self.security.token_matches(presented) {
+        if let Some(role) = self.security.role_of(presented) {
+            let mut request = request;
+            request.extensions_mut().insert(role);
             return Ok(request);
         }
         let peer = request
@@ -277,6 +329,32 @@ impl Interceptor for AuthInterceptor {
         Err(Status::unauthenticated(format!(
             "{reason}: this Volley {} requires `authorization: Bearer <token>` (--auth-token / {TOKEN_ENV})",
             self.service
+        )))
+    }
+}
+
+/// What a caller may do, from the credential it presented (set by [`AuthInterceptor`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Submit, cancel and fetch results (the client token).
+    Client,
+    /// Everything, including registering executors, launching tasks, reporting status and
+    /// reading shuffle files (the cluster token).
+    Cluster,
+}
+
+/// The role of an authenticated call.
+pub fn role<T>(request: &Request<T>) -> Option<Role> {
+    request.extensions().get::<Role>().copied()
+}
+
+/// Refuse `what` unless the call came with the cluster token.
+pub fn require_cluster<T>(request: &Request<T>, what: &str) -> Result<(), Status> {
+    if role(request) == Some(Role::Cluster) {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "{what} needs the cluster token (--cluster-token): client credentials may submit, cancel and fetch results only"
         )))
     }
 }
@@ -326,5 +404,36 @@ mod tests {
         let mut client = secured.client_interceptor().unwrap();
         let stamped = client.call(Request::new(())).unwrap();
         assert!(interceptor.call(stamped).is_ok());
+    }
+
+    #[test]
+    fn roles() {
+        let bearer = |t: &str| format!("Bearer {t}");
+        assert_eq!(Security::none().role_of(None), Some(Role::Cluster));
+        let one = Security::none().with_token(Some("c".to_string()));
+        assert_eq!(one.role_of(Some(&bearer("c"))), Some(Role::Cluster));
+        assert_eq!(one.role_of(None), None);
+        let two = one.clone().with_cluster_token(Some("k".to_string()));
+        assert_eq!(two.role_of(Some(&bearer("c"))), Some(Role::Client));
+        assert_eq!(two.role_of(Some(&bearer("k"))), Some(Role::Cluster));
+        assert_eq!(two.role_of(Some(&bearer("x"))), None);
+        assert_eq!(two.role_of(None), None);
+        let open_clients = Security::none().with_cluster_token(Some("k".to_string()));
+        assert_eq!(open_clients.role_of(None), Some(Role::Client));
+        assert_eq!(
+            open_clients.role_of(Some(&bearer("k"))),
+            Some(Role::Cluster)
+        );
+        // A client of the cluster presents the client token, its processes the cluster token.
+        let mut stamp = two.for_clients().client_interceptor().unwrap();
+        let stamped = stamp.call(Request::new(())).unwrap();
+        let mut interceptor = two.server_interceptor("scheduler");
+        let seen = interceptor.call(stamped).unwrap();
+        assert_eq!(role(&seen), Some(Role::Client));
+        let mut stamp = two.client_interceptor().unwrap();
+        let seen = interceptor
+            .call(stamp.call(Request::new(())).unwrap())
+            .unwrap();
+        assert_eq!(role(&seen), Some(Role::Cluster));
     }
 }

@@ -12,6 +12,8 @@ use arrow_flight::{
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use volley_core::grant::{grant_matches, parse_ticket};
+use volley_core::security::{Role, role};
 
 /// Bytes of a shuffle file per Flight message.
 const CHUNK_BYTES: usize = 1024 * 1024;
@@ -20,37 +22,49 @@ const IPC_CHUNK: &[u8] = volley_core::shuffle::IPC_CHUNK_MARKER;
 
 type BoxedStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Serves the shuffle files under `work_dir`; a ticket is a file path.
+/// Serves the shuffle files under `work_dir`; a ticket is a file path, followed for clients
+/// (who hold only the client token) by the scheduler's grant for it (see
+/// [`volley_core::grant`]).
 #[derive(Debug, Clone)]
 pub struct ShuffleFlightService {
     work_dir: PathBuf,
     chunk_bytes: usize,
+    cluster_token: Option<String>,
 }
 
 impl ShuffleFlightService {
-    pub fn new(work_dir: PathBuf, max_message_size: usize) -> Self {
+    pub fn new(work_dir: PathBuf, max_message_size: usize, cluster_token: Option<String>) -> Self {
         Self {
             work_dir,
             chunk_bytes: CHUNK_BYTES.min(max_message_size / 2).max(4096),
+            cluster_token,
         }
     }
 
-    fn checked_path(&self, ticket: &[u8]) -> Result<PathBuf, Status> {
-        let path = std::str::from_utf8(ticket)
-            .map_err(|_| Status::invalid_argument("ticket is not a UTF-8 path"))?;
+    /// The file a ticket may read. Every refusal reads the same, whether the file is missing,
+    /// outside the work dir or not granted, so a caller learns nothing about other paths.
+    fn checked_path(&self, ticket: &[u8], role: Option<Role>) -> Result<PathBuf, Status> {
+        let refused = || Status::not_found("no such shuffle file for this ticket");
+        let (path, grant) = parse_ticket(ticket).ok_or_else(refused)?;
+        let allowed = match role {
+            Some(Role::Cluster) => true,
+            Some(Role::Client) => {
+                let key = self.cluster_token.as_deref().unwrap_or_default();
+                grant.is_some_and(|g| !key.is_empty() && grant_matches(key, path, g))
+            }
+            None => false,
+        };
+        if !allowed {
+            return Err(refused());
+        }
         let path = Path::new(path);
-        let canonical = path
-            .canonicalize()
-            .map_err(|e| Status::not_found(format!("shuffle file {}: {e}", path.display())))?;
+        let canonical = path.canonicalize().map_err(|_| refused())?;
         let root = self
             .work_dir
             .canonicalize()
             .map_err(|e| Status::internal(format!("work dir {}: {e}", self.work_dir.display())))?;
-        if !canonical.starts_with(&root) {
-            return Err(Status::permission_denied(format!(
-                "{} is outside this executor's work dir",
-                path.display()
-            )));
+        if !canonical.starts_with(&root) || !canonical.is_file() {
+            return Err(refused());
         }
         Ok(canonical)
     }
@@ -70,7 +84,8 @@ impl FlightService for ShuffleFlightService {
         &self,
         request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
-        let path = self.checked_path(&request.into_inner().ticket)?;
+        let role = role(&request);
+        let path = self.checked_path(&request.into_inner().ticket, role)?;
         // The file already is an Arrow IPC stream: send its bytes as they are, in chunks,
         // instead of decoding and re-encoding every batch. The reader feeds them to an IPC
         // stream decoder.

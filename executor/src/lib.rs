@@ -4,5 +4,6 @@
 mod flight;
 mod runner;
 pub mod server;
+mod work_dir;
 
 pub use server::{ExecutorConfig, ExecutorHandle, start_executor};

@@ -1,7 +1,10 @@
 //! Runs one task: decode the stage plan, execute one partition, report the files written.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
+
+use futures::FutureExt;
 
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
@@ -25,6 +28,29 @@ pub struct TaskRunner {
     pub work_dir: std::path::PathBuf,
     pub base_state: SessionState,
     pub security: volley_core::security::Security,
+    /// Honour the `volley.test_*` hooks (`--enable-test-hooks`).
+    pub test_hooks: bool,
+}
+
+/// Longest a task waits for a test hold to be released: only a guard against a test that
+/// died before releasing it.
+const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Wait until the hold hook's release file exists (polled; the wait ends when the task is
+/// aborted, e.g. by a cancel).
+async fn wait_for_release(path: &std::path::Path) -> Result<(), VolleyError> {
+    let started = Instant::now();
+    while !path.exists() {
+        if started.elapsed() > HOLD_LIMIT {
+            return Err(VolleyError::Internal(format!(
+                "volley.test_hold_task: {} was not created within {} s",
+                path.display(),
+                HOLD_LIMIT.as_secs()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 impl TaskRunner {
@@ -32,7 +58,20 @@ impl TaskRunner {
     pub async fn run(&self, def: pb::TaskDefinition) -> pb::TaskStatus {
         let started = Instant::now();
         let task = def.task.clone().unwrap_or_default();
-        let status = match self.execute(&def, &task).await {
+        // A panic inside DataFusion or Volley is a failed task, reported like any other; it
+        // must not end the executor's task silently (the job would wait for it forever).
+        let outcome = AssertUnwindSafe(self.execute(&def, &task))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                Err(VolleyError::Internal(format!(
+                    "task {} of stage {} panicked: {}",
+                    task.partition,
+                    task.stage_id,
+                    volley_core::stack::panic_message(panic.as_ref())
+                )))
+            });
+        let status = match outcome {
             Ok((partitions, operators)) => pb::task_status::Status::Succeeded(pb::TaskSucceeded {
                 partitions,
                 elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -65,9 +104,10 @@ impl TaskRunner {
                     VolleyError::DataFusion(df)
                         if matches!(df.find_root(), datafusion::error::DataFusionError::ResourcesExhausted(_))
                 );
-                tracing::warn!(job_id = %task.job_id, stage_id = task.stage_id, partition = task.partition, attempt = task.attempt, error = %e, "task failed");
+                let message = truncate_message(e.to_string());
+                tracing::warn!(job_id = %task.job_id, stage_id = task.stage_id, partition = task.partition, attempt = task.attempt, error = %message, "task failed");
                 pb::task_status::Status::Failed(pb::TaskFailed {
-                    message: e.to_string(),
+                    message,
                     retryable,
                     fetch_failure,
                     out_of_memory,
@@ -108,14 +148,25 @@ impl TaskRunner {
                     task.job_id, task.stage_id, task.partition, task.attempt
                 )),
         );
-        if let Some(options) = ctx
+        let hooks = ctx
             .session_config()
             .options()
             .extensions
             .get::<VolleyOptions>()
-        {
-            if let Some(delay) = options.delay(task.stage_id) {
-                tokio::time::sleep(delay).await;
+            .filter(|_| self.test_hooks);
+        if let Some(options) = hooks {
+            if let Some(release) = options.hold(task.stage_id) {
+                wait_for_release(&release).await?;
+            }
+            if options.aborts(task.stage_id, task.partition) {
+                tracing::error!("injected abort (volley.test_abort_task)");
+                std::process::abort();
+            }
+            if options.panics(task.stage_id, task.partition) {
+                #[allow(clippy::panic)]
+                {
+                    panic!("injected panic (volley.test_panic_task)");
+                }
             }
             if options.fails(task.stage_id, task.partition, task.attempt) {
                 return Err(VolleyError::Io(std::io::Error::other(format!(
@@ -223,6 +274,26 @@ fn operator_metrics(plan: &Arc<dyn ExecutionPlan>) -> Vec<pb::OperatorMetrics> {
 
 /// IO and resource errors may pass on another attempt; user errors (bad cast, divide by zero,
 /// missing file, bad plan) will not.
+/// Longest error message a status report carries: a message quoting a huge value (say a cast
+/// of a 70 MB string) would exceed the gRPC message limit, and the report would never arrive.
+const MAX_ERROR_BYTES: usize = 16 * 1024;
+
+/// `message` cut to [`MAX_ERROR_BYTES`] at a character boundary, saying how much was cut.
+fn truncate_message(message: String) -> String {
+    if message.len() <= MAX_ERROR_BYTES {
+        return message;
+    }
+    let mut end = MAX_ERROR_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}... ({} more bytes of this error were cut)",
+        &message[..end],
+        message.len() - end
+    )
+}
+
 fn is_retryable(e: &VolleyError) -> bool {
     use datafusion::error::DataFusionError as D;
     match e {
@@ -233,5 +304,22 @@ fn is_retryable(e: &VolleyError) -> bool {
             _ => false,
         },
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_errors_are_cut_at_a_char_boundary() {
+        assert_eq!(truncate_message("short".to_string()), "short");
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        let cut = truncate_message(long.clone());
+        assert!(cut.len() < MAX_ERROR_BYTES + 100);
+        assert!(cut.ends_with(&format!(
+            "... ({} more bytes of this error were cut)",
+            long.len() - MAX_ERROR_BYTES
+        )));
     }
 }

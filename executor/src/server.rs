@@ -1,6 +1,6 @@
 //! The executor process: gRPC + Flight server, registration, heartbeats, task slots.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,11 +22,14 @@ use tracing::Instrument;
 use volley_core::protobuf::executor_grpc_server::{ExecutorGrpc, ExecutorGrpcServer};
 use volley_core::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
 use volley_core::protobuf::{self as pb};
-use volley_core::security::{AuthChannel, Security};
+use volley_core::sandbox::Sandbox;
+use volley_core::sandbox_store::SandboxedStore;
+use volley_core::security::{AuthChannel, Security, require_cluster};
 use volley_core::{Result, VolleyError};
 
 use crate::flight::ShuffleFlightService;
 use crate::runner::TaskRunner;
+use crate::work_dir::WorkDir;
 
 /// How long a graceful shutdown waits for running tasks.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -53,6 +56,13 @@ pub struct ExecutorConfig {
     /// Memory for all running tasks together; sorts, aggregations and joins spill to disk
     /// beyond it (None = no limit).
     pub memory_limit: Option<usize>,
+    /// Honour the `volley.test_*` fault-injection hooks (tests only; off in production).
+    pub enable_test_hooks: bool,
+    /// File sandbox: the roots tasks may read and write table files under (empty = the working
+    /// directory); None = no restriction (in-process clusters of a library user).
+    pub allowed_paths: Option<Vec<PathBuf>>,
+    /// Allow a non-loopback address without a token.
+    pub insecure: bool,
 }
 
 impl ExecutorConfig {
@@ -68,17 +78,25 @@ impl ExecutorConfig {
             max_message_size: 64 * 1024 * 1024,
             security: Security::none(),
             memory_limit: None,
+            enable_test_hooks: false,
+            allowed_paths: None,
+            insecure: false,
         }
     }
 }
 
 struct ExecutorInner {
     id: String,
+    work_dir: WorkDir,
     config: ExecutorConfig,
     port: u16,
     runner: TaskRunner,
     slots: Arc<Semaphore>,
     running: Mutex<HashMap<String, Vec<AbortHandle>>>,
+    /// Secret of the current registration, carried by heartbeats, reports and deregistration.
+    secret: Mutex<String>,
+    /// Attempts held (waiting for a slot, running or reporting), listed in heartbeats.
+    attempts: Arc<Mutex<HashSet<AttemptKey>>>,
     scheduler: SchedulerGrpcClient<AuthChannel>,
     draining: AtomicBool,
 }
@@ -90,6 +108,36 @@ fn backoff(attempt: u32) -> Duration {
         .min(Duration::from_secs(5));
     let jitter_percent = (uuid::Uuid::new_v4().as_u128() % 50) as u32;
     base + base * jitter_percent / 100
+}
+
+/// (job, stage, partition, attempt) of a task attempt.
+type AttemptKey = (String, u32, u32, u32);
+
+/// Holds an attempt in the executor's list until its status was delivered or it was aborted
+/// (dropped with its task).
+struct AttemptGuard {
+    attempts: Arc<Mutex<HashSet<AttemptKey>>>,
+    key: AttemptKey,
+}
+
+impl Drop for AttemptGuard {
+    fn drop(&mut self) {
+        self.attempts.lock().remove(&self.key);
+    }
+}
+
+/// Longest an executor keeps trying to deliver one task status.
+const REPORT_LIMIT: Duration = Duration::from_secs(600);
+
+/// An answer that retrying the same report cannot change.
+fn permanent(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::InvalidArgument
+            | tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Unimplemented
+    )
 }
 
 /// The executor's gRPC service.
@@ -109,13 +157,26 @@ impl ExecutorInner {
         }
     }
 
+    /// Register; then drop the folders of jobs the scheduler no longer runs (left from before
+    /// a scheduler restart or while this executor was cut off and declared lost).
     async fn register(&self) -> Result<()> {
         let mut client = self.scheduler.clone();
-        client
+        let asked = std::time::SystemTime::now();
+        let answer = client
             .register_executor(pb::RegisterExecutorParams {
                 metadata: Some(self.metadata()),
             })
-            .await?;
+            .await?
+            .into_inner();
+        *self.secret.lock() = answer.secret;
+        let active: std::collections::HashSet<String> = answer.active_jobs.into_iter().collect();
+        let swept = self.work_dir.sweep_jobs(&active, asked);
+        if swept > 0 {
+            tracing::info!(
+                swept,
+                "removed folders of jobs the scheduler no longer runs"
+            );
+        }
         Ok(())
     }
 
@@ -138,10 +199,12 @@ impl ExecutorInner {
 
     async fn deregister(&self, draining: bool) {
         let mut client = self.scheduler.clone();
+        let secret = self.secret.lock().clone();
         if let Err(e) = client
             .deregister_executor(pb::DeregisterExecutorParams {
                 executor_id: self.id.clone(),
                 draining,
+                secret,
             })
             .await
         {
@@ -149,19 +212,33 @@ impl ExecutorInner {
         }
     }
 
+    /// Deliver a task's status. A lost report would leave its job waiting for the task, so
+    /// it is retried (with backoff) until the scheduler has it; only an answer saying the
+    /// report itself is wrong, or [`REPORT_LIMIT`] of trying (by then the scheduler declared
+    /// this executor lost and re-ran its tasks), ends the attempts.
     async fn report(&self, status: pb::TaskStatus) {
-        for attempt in 0..8 {
+        let started = std::time::Instant::now();
+        let mut attempt = 0;
+        loop {
             let mut client = self.scheduler.clone();
+            let secret = self.secret.lock().clone();
             let result = client
                 .update_task_status(pb::UpdateTaskStatusParams {
                     statuses: vec![status.clone()],
+                    executor_id: self.id.clone(),
+                    secret,
                 })
                 .await;
             match result {
                 Ok(_) => return,
+                Err(e) if permanent(&e) || started.elapsed() > REPORT_LIMIT => {
+                    tracing::error!(attempt, error = %e, "task status not delivered; giving up");
+                    return;
+                }
                 Err(e) => {
-                    tracing::warn!(attempt, error = %e, "cannot report task status");
+                    tracing::warn!(attempt, error = %e, "cannot report task status; retrying");
                     tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
                 }
             }
         }
@@ -184,6 +261,7 @@ impl ExecutorGrpc for ExecutorService {
         &self,
         request: Request<pb::LaunchTasksParams>,
     ) -> Result<Response<pb::LaunchTasksResult>, Status> {
+        require_cluster(&request, "launching tasks")?;
         if self.inner.draining.load(Ordering::SeqCst) {
             return Err(Status::unavailable(format!(
                 "executor {} is shutting down",
@@ -206,8 +284,20 @@ impl ExecutorGrpc for ExecutorService {
             volley_core::telemetry::set_parent_from(&span, &metadata);
             let inner = Arc::clone(&self.inner);
             let job = job_id.clone();
+            let key = (
+                task.job_id.clone(),
+                task.stage_id,
+                task.partition,
+                task.attempt,
+            );
+            self.inner.attempts.lock().insert(key.clone());
+            let guard = AttemptGuard {
+                attempts: Arc::clone(&self.inner.attempts),
+                key,
+            };
             let handle = tokio::spawn(
                 async move {
+                    let _guard = guard;
                     let Ok(_permit) = Arc::clone(&inner.slots).acquire_owned().await else {
                         return;
                     };
@@ -231,6 +321,7 @@ impl ExecutorGrpc for ExecutorService {
         &self,
         request: Request<pb::CancelTasksParams>,
     ) -> Result<Response<pb::CancelTasksResult>, Status> {
+        require_cluster(&request, "cancelling tasks")?;
         let job_id = request.into_inner().job_id;
         let handles = self
             .inner
@@ -255,11 +346,12 @@ impl ExecutorGrpc for ExecutorService {
         &self,
         request: Request<pb::RemoveJobDataParams>,
     ) -> Result<Response<pb::RemoveJobDataResult>, Status> {
+        require_cluster(&request, "removing job data")?;
         let job_id = request.into_inner().job_id;
         if job_id.is_empty() || job_id.contains(['/', '\\', '.']) {
             return Err(Status::invalid_argument(format!("bad job id {job_id:?}")));
         }
-        let dir = self.inner.config.work_dir.join(&job_id);
+        let dir = self.inner.work_dir.path().join(&job_id);
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -322,7 +414,16 @@ impl ExecutorHandle {
 
 /// Start an executor: bind, serve, register with the scheduler, heartbeat.
 pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
-    std::fs::create_dir_all(&config.work_dir)?;
+    let exposed = !volley_core::security::is_loopback_host(&config.host);
+    let secured = config.security.token().is_some() || config.security.cluster_token().is_some();
+    if exposed && !secured && !config.insecure {
+        return Err(VolleyError::Config(format!(
+            "refusing to listen on {} without a token: anyone reaching it could launch tasks; set --cluster-token (and --auth-token) or pass --insecure",
+            config.host
+        )));
+    }
+    let work_dir = WorkDir::create(&config.work_dir)?;
+    let work_path = work_dir.path().to_path_buf();
     let listener = TcpListener::bind((config.host.as_str(), config.port))
         .await
         .map_err(|e| VolleyError::Connect {
@@ -346,22 +447,33 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
     let runtime = runtime
         .build_arc()
         .map_err(|e| VolleyError::Config(format!("executor runtime: {e}")))?;
+    // Every table file a task opens, lists or writes must be under the allowed roots, however
+    // the task names it (the scheduler checked the plan too; this holds for any task).
+    let sandbox = match &config.allowed_paths {
+        Some(roots) => Sandbox::new(roots, true)?,
+        None => Sandbox::unrestricted(true),
+    };
+    SandboxedStore::install(&runtime, &sandbox)?;
     let base_state = SessionStateBuilder::new()
         .with_default_features()
         .with_runtime_env(runtime)
         .build();
     let inner = Arc::new(ExecutorInner {
         id: id.clone(),
+        work_dir,
         port: addr.port(),
         runner: TaskRunner {
             executor_id: id.clone(),
             host: config.host.clone(),
-            work_dir: config.work_dir.clone(),
+            work_dir: work_path.clone(),
             base_state,
             security: config.security.clone(),
+            test_hooks: config.enable_test_hooks,
         },
         slots: Arc::new(Semaphore::new(config.slots.max(1))),
         running: Mutex::new(HashMap::new()),
+        attempts: Arc::new(Mutex::new(HashSet::new())),
+        secret: Mutex::new(String::new()),
         scheduler,
         config: config.clone(),
         draining: AtomicBool::new(false),
@@ -374,8 +486,9 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
     .max_decoding_message_size(config.max_message_size)
     .max_encoding_message_size(config.max_message_size);
     let flight = FlightServiceServer::new(ShuffleFlightService::new(
-        config.work_dir.clone(),
+        work_path,
         config.max_message_size,
+        config.security.cluster_token().map(str::to_string),
     ))
     .max_decoding_message_size(config.max_message_size)
     .max_encoding_message_size(config.max_message_size);
@@ -415,11 +528,25 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
             let free = u32::try_from(hb_inner.slots.available_permits()).unwrap_or(0);
             let slots = u32::try_from(hb_inner.config.slots).unwrap_or(0);
             let mut client = hb_inner.scheduler.clone();
+            let secret = hb_inner.secret.lock().clone();
+            let attempts: Vec<pb::TaskId> = hb_inner
+                .attempts
+                .lock()
+                .iter()
+                .map(|(job_id, stage_id, partition, attempt)| pb::TaskId {
+                    job_id: job_id.clone(),
+                    stage_id: *stage_id,
+                    partition: *partition,
+                    attempt: *attempt,
+                })
+                .collect();
             match client
                 .heartbeat(pb::HeartbeatParams {
                     executor_id: hb_inner.id.clone(),
+                    secret,
                     free_slots: free,
                     running_tasks: slots.saturating_sub(free),
+                    attempts,
                 })
                 .await
             {

@@ -67,15 +67,26 @@ impl PhysicalOptimizerRule for DistributedJoinSelection {
 
 /// DataFusion's session state with Volley's rules, for planning distributed queries.
 pub fn volley_session_state(config: SessionConfig) -> SessionState {
+    volley_session_state_with(config, None)
+}
+
+/// [`volley_session_state`] on a given runtime (memory pool, object stores).
+pub fn volley_session_state_with(
+    config: SessionConfig,
+    runtime: Option<std::sync::Arc<datafusion::execution::runtime_env::RuntimeEnv>>,
+) -> SessionState {
     let mut rules = PhysicalOptimizer::new().rules;
     let position = rules
         .iter()
         .position(|r| r.name() == "join_selection")
         .map_or(0, |i| i + 1);
     rules.insert(position, Arc::new(DistributedJoinSelection));
-    SessionStateBuilder::new()
+    let builder = SessionStateBuilder::new()
         .with_default_features()
         .with_config(config)
-        .with_physical_optimizer_rules(rules)
-        .build()
+        .with_physical_optimizer_rules(rules);
+    match runtime {
+        Some(runtime) => builder.with_runtime_env(runtime).build(),
+        None => builder.build(),
+    }
 }

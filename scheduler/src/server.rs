@@ -53,6 +53,14 @@ pub struct SchedulerConfig {
     pub insecure: bool,
     /// Port of the web status page and JSON API (same host; 0 picks a free one; None = off).
     pub http_port: Option<u16>,
+    /// Accept jobs that set the `volley.test_*` fault-injection hooks (tests only).
+    pub enable_test_hooks: bool,
+    /// A running job in which no task finished for this long fails, naming the tasks it waits
+    /// for (None: never).
+    pub stall_timeout: Option<Duration>,
+    /// Memory for everything that runs on the scheduler itself (DDL, `CREATE TABLE AS`, plans
+    /// that cannot be sent to executors); beyond it, operators spill or fail.
+    pub memory_limit: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -73,6 +81,9 @@ impl Default for SchedulerConfig {
             max_concurrent_jobs: 0,
             insecure: false,
             http_port: Some(0),
+            enable_test_hooks: false,
+            stall_timeout: Some(Duration::from_secs(3600)),
+            memory_limit: 2 << 30,
         }
     }
 }
@@ -214,7 +225,7 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
         max_concurrent_jobs: config.max_concurrent_jobs,
     };
     let metrics = SchedulerMetrics::new()?;
-    let service = SchedulerService::new(Arc::new(config.clone()), policy, sandbox, metrics);
+    let service = SchedulerService::new(Arc::new(config.clone()), policy, sandbox, metrics)?;
     service.start_background();
     let (tx, rx) = oneshot::channel::<()>();
     let (http_tx, http_rx) = oneshot::channel::<()>();

@@ -15,15 +15,18 @@ use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 use volley_core::codec::VolleyCodec;
 use volley_core::config::{config_to_pairs, volley_session_config};
+use volley_core::ids::check_shuffle_path;
 use volley_core::protobuf::executor_grpc_client::ExecutorGrpcClient;
 use volley_core::protobuf::{self as pb, job_status, scheduler_grpc_server::SchedulerGrpc};
 use volley_core::sandbox::Sandbox;
-use volley_core::security::{AuthChannel, Security};
+use volley_core::sandbox_store::SandboxedStore;
+use volley_core::security::{AuthChannel, Security, require_cluster};
+use volley_core::stack::on_deep_stack;
 use volley_core::{Result, VolleyError};
 
 use crate::metrics::SchedulerMetrics;
 use crate::planner::{StagePlan, explain_stages, mark_broadcast_candidates, plan_stages};
-use crate::rules::volley_session_state;
+use crate::rules::volley_session_state_with;
 use crate::scan_balance::balance_parquet_scans;
 use crate::server::SchedulerConfig;
 use crate::state::{
@@ -40,7 +43,21 @@ pub struct SchedulerService {
     sandbox: Sandbox,
     metrics: SchedulerMetrics,
     background: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// Runtime of every session: one memory pool for what runs on the scheduler (DDL,
+    /// `CREATE TABLE AS`, plans that cannot travel) and the sandboxed file store.
+    runtime: Arc<datafusion::execution::runtime_env::RuntimeEnv>,
 }
+
+/// The refusal of a call naming an executor without its registration secret.
+fn speaks_for(executor_id: &str) -> Status {
+    Status::permission_denied(format!(
+        "this call does not carry the registration secret of executor {executor_id}"
+    ))
+}
+
+/// How long a launched attempt may be missing from its executor's heartbeats (its launch
+/// request may still be on the way) before it is failed as lost.
+const RECONCILE_GRACE: Duration = Duration::from_secs(5);
 
 /// Room for a task's ids and settings next to its plan in a launch request.
 const MESSAGE_OVERHEAD: usize = 16 * 1024;
@@ -52,7 +69,10 @@ const MAX_FINISHED_JOBS: usize = 1000;
 const LOST_EXECUTOR_RETENTION: Duration = Duration::from_secs(3600);
 const MAX_LOST_EXECUTORS: usize = 100;
 /// Sessions unused this long are dropped.
-const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Most sessions open at once; a client opening more is refused until idle ones expire.
+const MAX_SESSIONS: usize = 10_000;
 
 fn new_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
@@ -75,12 +95,20 @@ impl SchedulerService {
         policy: SchedulerPolicy,
         sandbox: Sandbox,
         metrics: SchedulerMetrics,
-    ) -> Self {
+    ) -> Result<Self> {
         let state = ClusterState {
             policy,
             ..Default::default()
         };
-        Self {
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(
+                datafusion::execution::memory_pool::FairSpillPool::new(config.memory_limit),
+            ))
+            .build_arc()?;
+        // Files DDL, `CREATE TABLE AS` and scheduler-side plans touch stay in the sandbox too.
+        SandboxedStore::install(&runtime, &sandbox)?;
+        Ok(Self {
+            runtime,
             config,
             state: Arc::new(Mutex::new(state)),
             sessions: Arc::new(Mutex::new(HashMap::new())),
@@ -88,7 +116,12 @@ impl SchedulerService {
             sandbox,
             metrics,
             background: Arc::new(Mutex::new(None)),
-        }
+        })
+    }
+
+    /// The address the scheduler binds.
+    pub fn bind_host(&self) -> &str {
+        &self.config.host
     }
 
     /// Token and TLS settings of this scheduler.
@@ -138,6 +171,17 @@ impl SchedulerService {
             state.prune_jobs(MAX_FINISHED_JOBS);
             state.prune_executors(LOST_EXECUTOR_RETENTION, MAX_LOST_EXECUTORS);
             let mut failed = Vec::new();
+            if let Some(timeout) = self.config.stall_timeout {
+                let stalled: Vec<(String, String)> = state
+                    .jobs
+                    .values_mut()
+                    .filter_map(|job| job.stalled(timeout).map(|m| (job.id.clone(), m)))
+                    .collect();
+                for (job_id, message) in stalled {
+                    state.fail_job(&job_id, message);
+                    failed.push(job_id);
+                }
+            }
             let running = state.jobs.values().any(|j| !j.state.is_final());
             if state.total_slots() == 0 && running {
                 let since = *no_executors_since.get_or_insert_with(Instant::now);
@@ -296,7 +340,19 @@ impl SchedulerService {
             // (without counting as task failures) and a live executor registers again on its
             // next heartbeat.
             self.clients.lock().remove(&executor.id);
-            self.state.lock().executor_lost(&executor.id);
+            // Only a connection that never opened proves the tasks did not start: a transport
+            // error after the request went out may come from an executor that started a task
+            // and died of it at once.
+            let never_sent = matches!(&e, VolleyError::Connect { .. })
+                || matches!(&e, VolleyError::Grpc(s) if s.code() == tonic::Code::Unavailable
+                    && s.message().contains("connect"));
+            {
+                let mut state = self.state.lock();
+                if never_sent {
+                    state.unlaunched(&executor.id, &tasks);
+                }
+                state.executor_lost(&executor.id);
+            }
             self.finish_jobs(tasks.iter().map(|t| t.job_id.clone()).collect())
                 .await;
             self.schedule();
@@ -314,8 +370,17 @@ impl SchedulerService {
         }
     }
 
-    /// Cancel a job's tasks and delete its shuffle files on every executor.
+    /// Cancel a job's tasks and delete its shuffle files on every executor. The work runs
+    /// detached: a caller cancelled midway (an RPC handler whose client went away, e.g. the
+    /// executor whose status report failed the job, its reporting task aborted by this very
+    /// cancel) must not stop it between "released" and "files deleted".
     pub async fn release(&self, job_id: &str) {
+        let this = self.clone();
+        let job_id = job_id.to_string();
+        let _ = tokio::spawn(async move { this.release_now(&job_id).await }).await;
+    }
+
+    async fn release_now(&self, job_id: &str) {
         let executors: Vec<ExecutorInfo> = {
             let mut state = self.state.lock();
             state.abort_job_tasks(job_id);
@@ -366,7 +431,10 @@ impl SchedulerService {
         for kv in settings {
             config.options_mut().set(&kv.key, &kv.value)?;
         }
-        Ok(SessionContext::new_with_state(volley_session_state(config)))
+        Ok(SessionContext::new_with_state(volley_session_state_with(
+            config,
+            Some(Arc::clone(&self.runtime)),
+        )))
     }
 
     fn session(&self, id: &str) -> Result<SessionContext, Status> {
@@ -380,65 +448,54 @@ impl SchedulerService {
             .ok_or_else(|| Status::not_found(format!("unknown session {id}: create one first")))
     }
 
-    /// Plan `sql` in session `ctx` and submit it; returns the job id.
+    /// Plan `sql` in session `ctx` and submit it; returns the job id. Planning runs on a
+    /// deep-stack thread: a deeply nested statement cannot overflow a worker's stack.
     pub async fn submit(&self, ctx: &SessionContext, sql: &str) -> Result<String> {
         let job_id = new_id();
-        let state = ctx.state();
-        let logical = state.create_logical_plan(sql).await?;
-        self.sandbox.check_logical(&logical)?;
-        if let LogicalPlan::Explain(explain) = &logical
-            && !explain.verbose
-        {
-            let physical = state.create_physical_plan(&explain.plan).await?;
-            let physical = balance_parquet_scans(physical, &state).await?;
-            let mut stages = plan_stages(&job_id, physical)?;
-            let pairs = config_to_pairs(state.config());
-            adaptive_candidates(&mut stages, &pairs);
-            let lines = explain_stages(&stages);
-            let schema = plan_schema();
-            let batch = RecordBatch::try_new(
-                Arc::clone(&schema),
-                vec![Arc::new(StringArray::from(lines))],
-            )?;
-            let bytes = ipc_bytes(&schema, &[batch])?;
-            self.state
-                .lock()
-                .add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
-            return Ok(job_id);
+        let planned = {
+            let (ctx, sql, sandbox) = (ctx.clone(), sql.to_string(), self.sandbox.clone());
+            let id = job_id.clone();
+            on_deep_stack("planner", move || async move {
+                plan_statement(&ctx, &sql, &sandbox, &id).await
+            })
+            .await?
+        };
+        match planned {
+            Planned::Inline(schema, bytes) => {
+                self.state
+                    .lock()
+                    .add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
+                Ok(job_id)
+            }
+            Planned::Collect(df) => {
+                let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+                let batches = df.collect().await?;
+                let bytes = ipc_bytes(&schema, &batches)?;
+                self.state
+                    .lock()
+                    .add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
+                Ok(job_id)
+            }
+            Planned::Analyze(physical, settings) => {
+                let inner = self
+                    .submit_physical(new_id(), sql, ctx, physical, settings)
+                    .await?;
+                let schema = plan_schema();
+                self.state.lock().add_waiting_job(
+                    job_id.clone(),
+                    sql.to_string(),
+                    Arc::clone(&schema),
+                );
+                let service = self.clone();
+                let outer = job_id.clone();
+                tokio::spawn(async move { service.finish_analyze(&outer, &inner, schema).await });
+                Ok(job_id)
+            }
+            Planned::Physical(physical, settings) => {
+                self.submit_physical(job_id, sql, ctx, physical, settings)
+                    .await
+            }
         }
-        if let LogicalPlan::Analyze(analyze) = &logical {
-            let physical = state.create_physical_plan(&analyze.input).await?;
-            let settings = Arc::new(config_to_pairs(state.config()));
-            let inner = self
-                .submit_physical(new_id(), sql, ctx, physical, settings)
-                .await?;
-            let schema = plan_schema();
-            self.state
-                .lock()
-                .add_waiting_job(job_id.clone(), sql.to_string(), Arc::clone(&schema));
-            let service = self.clone();
-            let outer = job_id.clone();
-            tokio::spawn(async move { service.finish_analyze(&outer, &inner, schema).await });
-            return Ok(job_id);
-        }
-        let scheduler_side = matches!(
-            logical,
-            LogicalPlan::Ddl(_) | LogicalPlan::Statement(_) | LogicalPlan::DescribeTable(_)
-        );
-        let df = ctx.execute_logical_plan(logical).await?;
-        if scheduler_side {
-            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-            let batches = df.collect().await?;
-            let bytes = ipc_bytes(&schema, &batches)?;
-            self.state
-                .lock()
-                .add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
-            return Ok(job_id);
-        }
-        let physical = df.create_physical_plan().await?;
-        let settings = Arc::new(config_to_pairs(&state.config().clone()));
-        self.submit_physical(job_id, sql, ctx, physical, settings)
-            .await
     }
 
     /// Cut an optimized physical plan into stages and run it; returns the job id.
@@ -451,6 +508,7 @@ impl SchedulerService {
         settings: Arc<Vec<(String, String)>>,
     ) -> Result<String> {
         self.sandbox.check_physical(&physical)?;
+        self.check_test_hooks(&settings)?;
         let physical = balance_parquet_scans(physical, &ctx.state()).await?;
         let settings = self.resolve_settings(settings);
         let schema = physical.schema();
@@ -502,9 +560,21 @@ impl SchedulerService {
             JobState::Succeeded => {
                 let locations = job.result_locations();
                 let num_rows = locations.iter().map(|l| l.num_rows).sum();
+                // Clients read result files from executors with a grant for each path.
+                let cluster_token = self.config.security.cluster_token();
+                let locations = locations
+                    .iter()
+                    .map(|l| {
+                        let mut location = pb::PartitionLocation::from(l);
+                        if let Some(key) = cluster_token {
+                            location.grant = volley_core::grant::grant(key, &l.path);
+                        }
+                        location
+                    })
+                    .collect();
                 job_status::Status::Completed(pb::CompletedJob {
                     schema: ipc_bytes(&job.schema, &[]).map_err(Status::from)?,
-                    locations: locations.iter().map(pb::PartitionLocation::from).collect(),
+                    locations,
                     inline_result: job.inline_result.clone().unwrap_or_default(),
                     num_rows,
                 })
@@ -519,6 +589,20 @@ impl SchedulerService {
             tasks_total: n(tasks_total),
             tasks_done: n(tasks_done),
         })
+    }
+
+    /// Refuse a job that sets test hooks unless this cluster was started to honour them.
+    fn check_test_hooks(&self, settings: &[(String, String)]) -> Result<()> {
+        if self.config.enable_test_hooks {
+            return Ok(());
+        }
+        let options = volley_core::config::VolleyOptions::from_pairs(settings);
+        match options.test_hooks_set().first() {
+            Some(hook) => Err(VolleyError::NotAllowed(format!(
+                "{hook} is a test hook: it works only on a cluster started with --enable-test-hooks"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Settings a job's tasks run with: `volley.shuffle_compression = auto` becomes `none` when
@@ -615,6 +699,7 @@ impl SchedulerGrpc for SchedulerService {
         &self,
         request: Request<pb::RegisterExecutorParams>,
     ) -> Result<Response<pb::RegisterExecutorResult>, Status> {
+        require_cluster(&request, "registering an executor")?;
         let meta = request
             .into_inner()
             .metadata
@@ -628,22 +713,85 @@ impl SchedulerGrpc for SchedulerService {
         }
         tracing::info!(executor_id = %meta.id, host = %meta.host, port, slots = meta.slots, "executor registered");
         self.clients.lock().remove(&meta.id);
-        self.state
-            .lock()
-            .register_executor(meta.id, meta.host, port, meta.slots);
+        let secret = format!("{}{}", new_id(), new_id());
+        let active_jobs = {
+            let mut state = self.state.lock();
+            state.register_executor(meta.id, meta.host, port, meta.slots, secret.clone());
+            // Jobs whose files executors must keep; an executor removes the others' folders.
+            state
+                .jobs
+                .values()
+                .filter(|j| !j.released)
+                .map(|j| j.id.clone())
+                .collect()
+        };
         self.schedule();
-        Ok(Response::new(pb::RegisterExecutorResult { success: true }))
+        Ok(Response::new(pb::RegisterExecutorResult {
+            success: true,
+            active_jobs,
+            secret,
+        }))
     }
 
     async fn heartbeat(
         &self,
         request: Request<pb::HeartbeatParams>,
     ) -> Result<Response<pb::HeartbeatResult>, Status> {
+        require_cluster(&request, "an executor heartbeat")?;
         let hb = request.into_inner();
-        let known = self
-            .state
-            .lock()
-            .heartbeat(&hb.executor_id, hb.running_tasks);
+        let listed: std::collections::HashSet<(String, u32, u32, u32)> = hb
+            .attempts
+            .iter()
+            .map(|t| (t.job_id.clone(), t.stage_id, t.partition, t.attempt))
+            .collect();
+        // An attempt launched here a while ago that the executor does not hold any more lost
+        // its launch or its status report: fail it (retryable) instead of waiting forever.
+        let launched_before = Instant::now()
+            .checked_sub(RECONCILE_GRACE)
+            .unwrap_or_else(Instant::now);
+        let (known, finished, retried) = {
+            let mut state = self.state.lock();
+            if state.executors.contains_key(&hb.executor_id)
+                && !state.secret_matches(&hb.executor_id, &hb.secret)
+            {
+                return Err(speaks_for(&hb.executor_id));
+            }
+            let known = state.heartbeat(&hb.executor_id, hb.running_tasks);
+            let unknown = if known {
+                state.unknown_attempts(&hb.executor_id, &listed, launched_before)
+            } else {
+                Vec::new()
+            };
+            let retried = !unknown.is_empty();
+            let mut finished = Vec::new();
+            for (job_id, stage_id, partition, attempt) in unknown {
+                tracing::warn!(executor_id = %hb.executor_id, job_id, stage_id, partition, attempt, "executor does not hold a running attempt; retrying it");
+                let outcome = TaskOutcome::Failed {
+                    message: format!(
+                        "executor {} no longer holds attempt {attempt} of task {partition} of stage {stage_id} (its launch or status report was lost)",
+                        hb.executor_id
+                    ),
+                    retryable: true,
+                    out_of_memory: false,
+                    fetch_failure: None,
+                };
+                if let Some(job) = state.update_task(
+                    &hb.executor_id,
+                    &job_id,
+                    stage_id,
+                    partition,
+                    attempt,
+                    outcome,
+                ) {
+                    finished.push(job);
+                }
+            }
+            (known, finished, retried)
+        };
+        if retried {
+            self.finish_jobs(finished).await;
+            self.schedule();
+        }
         Ok(Response::new(pb::HeartbeatResult { reregister: !known }))
     }
 
@@ -651,7 +799,15 @@ impl SchedulerGrpc for SchedulerService {
         &self,
         request: Request<pb::DeregisterExecutorParams>,
     ) -> Result<Response<pb::DeregisterExecutorResult>, Status> {
+        require_cluster(&request, "deregistering an executor")?;
         let params = request.into_inner();
+        if !self
+            .state
+            .lock()
+            .secret_matches(&params.executor_id, &params.secret)
+        {
+            return Err(speaks_for(&params.executor_id));
+        }
         if params.draining {
             tracing::info!(executor_id = %params.executor_id, "executor draining");
             self.state.lock().drain_executor(&params.executor_id);
@@ -668,10 +824,43 @@ impl SchedulerGrpc for SchedulerService {
         &self,
         request: Request<pb::UpdateTaskStatusParams>,
     ) -> Result<Response<pb::UpdateTaskStatusResult>, Status> {
+        require_cluster(&request, "a task status report")?;
+        let params = request.into_inner();
+        // Only the executor itself reports its tasks.
+        if !self
+            .state
+            .lock()
+            .secret_matches(&params.executor_id, &params.secret)
+        {
+            return Err(speaks_for(&params.executor_id));
+        }
+        if let Some(other) = params
+            .statuses
+            .iter()
+            .find(|s| s.executor_id != params.executor_id)
+        {
+            return Err(Status::permission_denied(format!(
+                "executor {} cannot report the tasks of executor {}",
+                params.executor_id, other.executor_id
+            )));
+        }
+        let statuses = params.statuses;
+        // Output a task reports must be shuffle files of that very task's job and stage: a
+        // report naming any other file (say /etc/shadow) is refused whole.
+        for status in &statuses {
+            if let (Some(task), Some(pb::task_status::Status::Succeeded(s))) =
+                (&status.task, &status.status)
+            {
+                for p in &s.partitions {
+                    check_shuffle_path(&p.path, Some(&task.job_id), task.stage_id)
+                        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                }
+            }
+        }
         let mut finished = Vec::new();
         {
             let mut state = self.state.lock();
-            for status in request.into_inner().statuses {
+            for status in statuses {
                 let Some(task) = status.task else { continue };
                 let outcome = match status.status {
                     Some(pb::task_status::Status::Succeeded(s)) => {
@@ -740,6 +929,12 @@ impl SchedulerGrpc for SchedulerService {
         &self,
         request: Request<pb::CreateSessionParams>,
     ) -> Result<Response<pb::CreateSessionResult>, Status> {
+        if self.sessions.lock().len() >= MAX_SESSIONS {
+            return Err(Status::resource_exhausted(format!(
+                "too many open sessions ({MAX_SESSIONS}); sessions idle for {} s are closed",
+                SESSION_IDLE_TIMEOUT.as_secs()
+            )));
+        }
         let ctx = self.new_session(&request.into_inner().settings)?;
         let id = new_id();
         self.sessions
@@ -913,6 +1108,63 @@ fn adaptive_candidates(stages: &mut [StagePlan], settings: &[(String, String)]) 
     if options.adaptive && options.adaptive_broadcast_bytes > 0 {
         mark_broadcast_candidates(stages);
     }
+}
+
+/// What planning a statement produced.
+enum Planned {
+    /// Answered while planning (EXPLAIN): the result as IPC bytes.
+    Inline(SchemaRef, Vec<u8>),
+    /// Runs on the scheduler (DDL, SET, DESCRIBE).
+    Collect(datafusion::dataframe::DataFrame),
+    /// EXPLAIN ANALYZE of this plan.
+    Analyze(Arc<dyn ExecutionPlan>, Arc<Vec<(String, String)>>),
+    /// A plan for the executors, with the session settings its tasks run with.
+    Physical(Arc<dyn ExecutionPlan>, Arc<Vec<(String, String)>>),
+}
+
+/// Parse, check and plan one statement (on a deep-stack thread; see [`on_deep_stack`]).
+async fn plan_statement(
+    ctx: &SessionContext,
+    sql: &str,
+    sandbox: &Sandbox,
+    job_id: &str,
+) -> Result<Planned> {
+    let state = ctx.state();
+    let logical = state.create_logical_plan(sql).await?;
+    sandbox.check_logical(&logical)?;
+    if let LogicalPlan::Explain(explain) = &logical
+        && !explain.verbose
+    {
+        let physical = state.create_physical_plan(&explain.plan).await?;
+        let physical = balance_parquet_scans(physical, &state).await?;
+        let mut stages = plan_stages(job_id, physical)?;
+        let pairs = config_to_pairs(state.config());
+        adaptive_candidates(&mut stages, &pairs);
+        let lines = explain_stages(&stages);
+        let schema = plan_schema();
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(StringArray::from(lines))],
+        )?;
+        let bytes = ipc_bytes(&schema, &[batch])?;
+        return Ok(Planned::Inline(schema, bytes));
+    }
+    if let LogicalPlan::Analyze(analyze) = &logical {
+        let physical = state.create_physical_plan(&analyze.input).await?;
+        let settings = Arc::new(config_to_pairs(state.config()));
+        return Ok(Planned::Analyze(physical, settings));
+    }
+    let scheduler_side = matches!(
+        logical,
+        LogicalPlan::Ddl(_) | LogicalPlan::Statement(_) | LogicalPlan::DescribeTable(_)
+    );
+    let df = ctx.execute_logical_plan(logical).await?;
+    if scheduler_side {
+        return Ok(Planned::Collect(df));
+    }
+    let physical = df.create_physical_plan().await?;
+    let settings = Arc::new(config_to_pairs(&state.config().clone()));
+    Ok(Planned::Physical(physical, settings))
 }
 
 /// Schema of EXPLAIN answers: one `plan` line per row.

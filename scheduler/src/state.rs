@@ -46,6 +46,8 @@ pub struct ExecutorInfo {
     pub breaker: Breaker,
     /// Shutting down gracefully: running tasks finish, no new ones come.
     pub draining: bool,
+    /// Secret of its registration: only the executor itself knows it.
+    pub secret: String,
 }
 
 /// A per-executor circuit breaker: after [`Breaker::THRESHOLD`] consecutive failures (failed
@@ -151,7 +153,29 @@ pub struct TaskInfo {
     pub last_executor: Option<String>,
     /// Spill bytes of the successful attempt.
     pub spilled_bytes: u64,
+    /// Executors lost while running an attempt of this task.
+    pub crashes: u32,
 }
+
+/// Longest statement text a job record keeps (history of 1,000 jobs of megabyte statements
+/// would otherwise hold gigabytes and make `/api/jobs` answers huge).
+pub const MAX_KEPT_SQL: usize = 4096;
+
+/// `sql` cut to [`MAX_KEPT_SQL`] bytes at a character boundary, marked when cut.
+fn kept_sql(sql: String) -> String {
+    if sql.len() <= MAX_KEPT_SQL {
+        return sql;
+    }
+    let mut end = MAX_KEPT_SQL;
+    while !sql.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} more bytes)", &sql[..end], sql.len() - end)
+}
+
+/// Executors a task may take down with it before its job fails instead of retrying it on the
+/// next one (a task that aborts its process, say on a huge allocation, would kill them all).
+pub const MAX_TASK_CRASHES: u32 = 2;
 
 impl TaskInfo {
     /// A task not launched yet.
@@ -165,6 +189,7 @@ impl TaskInfo {
             started_at: None,
             last_executor: None,
             spilled_bytes: 0,
+            crashes: 0,
         }
     }
 }
@@ -300,9 +325,52 @@ pub struct Job {
     /// Its result comes from another job (EXPLAIN ANALYZE): it has no stages of its own and
     /// does not count against `max_concurrent_jobs`.
     pub waiting: bool,
+    /// Tasks done when progress was last seen, and when.
+    pub progress_mark: (usize, Instant),
 }
 
 impl Job {
+    /// Why this running job counts as stuck: no task finished for `timeout` (None: it moved,
+    /// or is not running). Names the tasks it waits for.
+    pub fn stalled(&mut self, timeout: Duration) -> Option<String> {
+        if self.state != JobState::Running || self.waiting {
+            return None;
+        }
+        let (_, _, done, _) = self.progress();
+        if done != self.progress_mark.0 {
+            self.progress_mark = (done, Instant::now());
+            return None;
+        }
+        if self.progress_mark.1.elapsed() < timeout {
+            return None;
+        }
+        let mut running = Vec::new();
+        let mut pending = 0;
+        for (stage_id, stage) in &self.stages {
+            for (partition, task) in stage.tasks.iter().enumerate() {
+                match &task.state {
+                    TaskState::Running { executor_id, .. } => running.push(format!(
+                        "task {partition} of stage {stage_id} running on executor {executor_id}"
+                    )),
+                    TaskState::Pending => pending += 1,
+                    TaskState::Succeeded { .. } => {}
+                }
+            }
+        }
+        let more = running.len().saturating_sub(5);
+        running.truncate(5);
+        if more > 0 {
+            running.push(format!("{more} more running"));
+        }
+        running.push(format!("{pending} not started"));
+        Some(format!(
+            "job {} made no progress for {} s (--stall-timeout-secs); stuck: {}",
+            self.id,
+            timeout.as_secs(),
+            running.join(", ")
+        ))
+    }
+
     fn touch(&self) {
         self.version.send_modify(|v| *v += 1);
     }
@@ -450,7 +518,14 @@ pub struct ClusterState {
 
 impl ClusterState {
     /// Register (or re-register) an executor.
-    pub fn register_executor(&mut self, id: String, host: String, port: u16, slots: u32) {
+    pub fn register_executor(
+        &mut self,
+        id: String,
+        host: String,
+        port: u16,
+        slots: u32,
+        secret: String,
+    ) {
         let info = ExecutorInfo {
             id: id.clone(),
             host,
@@ -464,8 +539,17 @@ impl ClusterState {
             reported_running: 0,
             breaker: Breaker::default(),
             draining: false,
+            secret,
         };
         self.executors.insert(id, info);
+    }
+
+    /// True when `secret` is the registration secret of executor `id` (constant time).
+    pub fn secret_matches(&self, id: &str, secret: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        self.executors
+            .get(id)
+            .is_some_and(|e| bool::from(e.secret.as_bytes().ct_eq(secret.as_bytes())))
     }
 
     /// Record a heartbeat; false when the executor is unknown and must register again.
@@ -478,6 +562,40 @@ impl ClusterState {
             }
             _ => false,
         }
+    }
+
+    /// Attempts the scheduler believes run on `executor_id`, launched before `launched_before`,
+    /// that the executor's heartbeat does not list: their launch or status report was lost.
+    pub fn unknown_attempts(
+        &self,
+        executor_id: &str,
+        listed: &std::collections::HashSet<(String, u32, u32, u32)>,
+        launched_before: Instant,
+    ) -> Vec<(String, u32, u32, u32)> {
+        let mut unknown = Vec::new();
+        for job in self.jobs.values().filter(|j| j.state == JobState::Running) {
+            for (stage_id, stage) in &job.stages {
+                for (partition, task) in stage.tasks.iter().enumerate() {
+                    let TaskState::Running {
+                        executor_id: on,
+                        started,
+                    } = &task.state
+                    else {
+                        continue;
+                    };
+                    let key = (
+                        job.id.clone(),
+                        *stage_id,
+                        u32::try_from(partition).unwrap_or(u32::MAX),
+                        task.attempt,
+                    );
+                    if on == executor_id && *started < launched_before && !listed.contains(&key) {
+                        unknown.push(key);
+                    }
+                }
+            }
+        }
+        unknown
     }
 
     /// Stop placing tasks on an executor that is shutting down.
@@ -551,7 +669,7 @@ impl ClusterState {
         let queued = limit > 0 && self.running_jobs() >= limit;
         let mut job = Job {
             id: id.clone(),
-            sql,
+            sql: kept_sql(sql),
             settings,
             stages,
             final_stage,
@@ -569,6 +687,7 @@ impl ClusterState {
             submitted_at: SystemTime::now(),
             span,
             waiting: false,
+            progress_mark: (0, Instant::now()),
         };
         Self::check_job_done(&mut job);
         self.jobs.insert(id.clone(), job);
@@ -579,7 +698,7 @@ impl ClusterState {
     fn stageless_job(id: String, sql: String, schema: SchemaRef) -> Job {
         Job {
             id,
-            sql,
+            sql: kept_sql(sql),
             settings: Arc::new(Vec::new()),
             stages: BTreeMap::new(),
             final_stage: 0,
@@ -593,6 +712,7 @@ impl ClusterState {
             submitted_at: SystemTime::now(),
             span: tracing::Span::none(),
             waiting: false,
+            progress_mark: (0, Instant::now()),
         }
     }
 
@@ -1032,6 +1152,7 @@ impl ClusterState {
                             output_partition,
                             num_rows,
                             num_bytes,
+                            grant: String::new(),
                         },
                     )
                     .collect();
@@ -1152,6 +1273,28 @@ impl ClusterState {
         lost
     }
 
+    /// Tasks whose launch request never reached `executor_id` go back to the queue as they
+    /// were: they did not run, so they count neither as failures nor as crashes.
+    pub fn unlaunched(&mut self, executor_id: &str, tasks: &[TaskLaunch]) {
+        for t in tasks {
+            let Some(task) = self
+                .jobs
+                .get_mut(&t.job_id)
+                .and_then(|j| j.stages.get_mut(&t.stage_id))
+                .and_then(|s| s.tasks.get_mut(t.partition as usize))
+            else {
+                continue;
+            };
+            if task.attempt == t.attempt
+                && matches!(&task.state, TaskState::Running { executor_id: e, .. } if e == executor_id)
+            {
+                task.state = TaskState::Pending;
+                task.attempt += 1;
+                task.avoid = Some(executor_id.to_string());
+            }
+        }
+    }
+
     /// Forget an executor: its running tasks go back to the queue, its shuffle files are lost.
     pub fn executor_lost(&mut self, executor_id: &str) {
         if let Some(e) = self.executors.get_mut(executor_id) {
@@ -1188,8 +1331,15 @@ impl ClusterState {
                             task.attempt += 1;
                             task.failures += 1;
                             task.avoid = Some(executor_id.to_string());
+                            task.crashes += 1;
                             let message = format!("executor {executor_id} was lost");
                             task.last_error = Some(message.clone());
+                            if task.crashes >= MAX_TASK_CRASHES && exhausted.is_none() {
+                                exhausted = Some(format!(
+                                    "task {partition} of stage {stage_id} was running on {} executors that were lost (last: {executor_id}); it likely brings its executor down, e.g. by allocating more memory than the machine has, so it is not retried",
+                                    task.crashes
+                                ));
+                            }
                             if task.failures >= policy.task_max_attempts && exhausted.is_none() {
                                 exhausted = Some(format!(
                                     "task {partition} of stage {stage_id} failed after {} attempts: {message}",
@@ -1328,15 +1478,33 @@ mod tests {
 
     fn cluster() -> ClusterState {
         let mut state = ClusterState::default();
-        state.register_executor("a".to_string(), "127.0.0.1".to_string(), 1, 2);
-        state.register_executor("b".to_string(), "127.0.0.1".to_string(), 2, 2);
+        state.register_executor(
+            "a".to_string(),
+            "127.0.0.1".to_string(),
+            1,
+            2,
+            String::new(),
+        );
+        state.register_executor(
+            "b".to_string(),
+            "127.0.0.1".to_string(),
+            2,
+            2,
+            String::new(),
+        );
         state
     }
 
     #[test]
     fn lost_executors_are_forgotten_after_retention() {
         let mut state = cluster();
-        state.register_executor("c".to_string(), "127.0.0.1".to_string(), 3, 2);
+        state.register_executor(
+            "c".to_string(),
+            "127.0.0.1".to_string(),
+            3,
+            2,
+            String::new(),
+        );
         let hour = Duration::from_secs(3600);
         state.executor_lost("a");
         state.executor_lost("c");
@@ -1355,7 +1523,13 @@ mod tests {
             vec!["c".to_string()]
         );
         // An alive executor is never pruned.
-        state.register_executor("d".to_string(), "127.0.0.1".to_string(), 4, 2);
+        state.register_executor(
+            "d".to_string(),
+            "127.0.0.1".to_string(),
+            4,
+            2,
+            String::new(),
+        );
         state.executors.get_mut("d").unwrap().last_seen = Instant::now() - 2 * hour;
         assert_eq!(state.prune_executors(hour, 0), 1);
         assert!(state.executors.contains_key("d"));

@@ -74,6 +74,21 @@ async fn require_token(
 ) -> Response {
     let security = service.security();
     if security.token().is_none() {
+        // Without a token the page is meant for this machine: a page of some web site that a
+        // browser here visits may not read it by rebinding its DNS name to 127.0.0.1.
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if !host_allowed(host, service.bind_host()) {
+            tracing::warn!(host, "rejected HTTP request for another host name");
+            return (
+                StatusCode::FORBIDDEN,
+                format!("403 Forbidden: Host {host:?} is not this scheduler's address\n"),
+            )
+                .into_response();
+        }
         return next.run(request).await;
     }
     let presented = presented_token(request.headers(), query.token.as_deref());
@@ -92,21 +107,52 @@ async fn require_token(
             .into_response();
     }
     let mut response = next.run(request).await;
+    let secure = if security.tls_enabled() {
+        "; Secure"
+    } else {
+        ""
+    };
     if let Some(token) = query.token
         && let Ok(cookie) =
-            format!("{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict").parse()
+            format!("{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}").parse()
     {
         response.headers_mut().insert(header::SET_COOKIE, cookie);
     }
     response
 }
 
+/// A `Host` header naming a loopback address, `localhost` or the address the scheduler binds.
+fn host_allowed(host: &str, bind_host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    volley_core::security::is_loopback_host(name)
+        || name.eq_ignore_ascii_case(bind_host)
+        || (bind_host == "0.0.0.0" || bind_host == "::") && name.parse::<std::net::IpAddr>().is_ok()
+}
+
 fn not_found(what: &str) -> Response {
     (StatusCode::NOT_FOUND, format!("{what} not found\n")).into_response()
 }
 
-async fn api_jobs(State(service): State<SchedulerService>) -> Response {
-    axum::Json(service.with_state(views::jobs)).into_response()
+/// `?limit=N&offset=M` of `/api/jobs` (newest first; limit at most 1000, default 100).
+#[derive(Deserialize)]
+struct Page {
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+async fn api_jobs(State(service): State<SchedulerService>, Query(page): Query<Page>) -> Response {
+    let limit = page.limit.unwrap_or(100).min(1000);
+    let offset = page.offset.unwrap_or(0);
+    let jobs: Vec<_> = service
+        .with_state(views::jobs)
+        .into_iter()
+        .skip(offset)
+        .take(limit)
+        .collect();
+    axum::Json(jobs).into_response()
 }
 
 async fn api_job(State(service): State<SchedulerService>, Path(job_id): Path<String>) -> Response {
@@ -553,4 +599,21 @@ async fn executors_page(State(service): State<SchedulerService>) -> Html<String>
     }
     body.push_str("</table>");
     page("Executors", false, &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn host_header_names_this_scheduler() {
+        assert!(host_allowed("127.0.0.1:50080", "127.0.0.1"));
+        assert!(host_allowed("localhost:50080", "127.0.0.1"));
+        assert!(host_allowed("[::1]:50080", "127.0.0.1"));
+        assert!(host_allowed("10.0.0.5:50080", "10.0.0.5"));
+        assert!(host_allowed("10.0.0.5:50080", "0.0.0.0"));
+        assert!(!host_allowed("evil.example:50080", "127.0.0.1"));
+        assert!(!host_allowed("evil.example", "0.0.0.0"));
+        assert!(!host_allowed("", "127.0.0.1"));
+    }
 }

@@ -38,6 +38,46 @@ pub async fn register_emp(client: &volley::VolleyClient) -> volley::Result<()> {
     client.sql(&emp_table_sql()).await.map(|_| ())
 }
 
+/// A test hold (`volley.test_hold_task`): every task of one stage waits before it runs until
+/// the test releases it, so the test observes, kills or cancels the stage while it surely runs
+/// instead of racing a fixed sleep. Needs a cluster started with test hooks enabled.
+pub struct Hold {
+    dir: tempfile::TempDir,
+    stage: u32,
+}
+
+impl Hold {
+    /// A hold on the tasks of `stage`, not yet released.
+    pub fn new(stage: u32) -> std::io::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("volley-hold-").tempdir()?;
+        Ok(Self { dir, stage })
+    }
+
+    /// The file whose creation releases the held tasks.
+    pub fn release_file(&self) -> PathBuf {
+        self.dir.path().join("release")
+    }
+
+    /// The statement that sets this hold for the session's next jobs.
+    pub fn set_sql(&self) -> String {
+        format!(
+            "SET volley.test_hold_task = '{}:{}'",
+            self.stage,
+            self.release_file().display()
+        )
+    }
+
+    /// The statement that clears any hold for the session's next jobs.
+    pub fn clear_sql() -> &'static str {
+        "SET volley.test_hold_task = ''"
+    }
+
+    /// Let the held tasks (and any later attempt of them) run.
+    pub fn release(&self) -> std::io::Result<()> {
+        std::fs::write(self.release_file(), b"released")
+    }
+}
+
 /// Install a tracing subscriber once (RUST_LOG controls it).
 pub fn init_tracing() {
     use std::sync::Once;

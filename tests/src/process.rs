@@ -46,6 +46,8 @@ pub struct ProcessCluster {
     executor_ports: Vec<u16>,
     work_dir: tempfile::TempDir,
     scheduler_args: Vec<String>,
+    /// `--allowed-path` arguments of the executors (the scheduler's roots).
+    sandbox: Vec<String>,
     env: Vec<(String, String)>,
     options: ClientOptions,
     log_dir: Option<PathBuf>,
@@ -90,10 +92,25 @@ impl ProcessCluster {
         let port = free_port()?;
         let http_port = free_port()?;
         let bin = volley_bin()?;
+        // With a client token the cluster's processes need a cluster token of their own,
+        // which the harness's clients never hold.
+        let mut options = options;
+        let has = |key: &str| options.env.iter().any(|(k, _)| k == key);
+        if has("VOLLEY_AUTH_TOKEN") && !has("VOLLEY_CLUSTER_TOKEN") {
+            options.env.push((
+                "VOLLEY_CLUSTER_TOKEN".to_string(),
+                format!("test-cluster-secret-{port}-{}", std::process::id()),
+            ));
+        }
         let scheduler_args: Vec<String> = scheduler_args.iter().map(|s| s.to_string()).collect();
         // Test data lives under the workspace and the system temp dir.
         let sandbox = if scheduler_args.iter().any(|a| a == "--allowed-path") {
-            Vec::new()
+            // Executors get the same roots (after --allowed-path in the scheduler's args).
+            scheduler_args
+                .windows(2)
+                .filter(|w| w[0] == "--allowed-path")
+                .flat_map(|w| ["--allowed-path".to_string(), w[1].clone()])
+                .collect()
         } else {
             vec![
                 "--allowed-path".to_string(),
@@ -116,8 +133,13 @@ impl ProcessCluster {
                 &port.to_string(),
                 "--http-port",
                 &http_port.to_string(),
+                "--enable-test-hooks",
             ])
-            .args(&sandbox)
+            .args(if scheduler_args.iter().any(|a| a == "--allowed-path") {
+                &[][..]
+            } else {
+                &sandbox[..]
+            })
             .args(&scheduler_args)
             .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
@@ -131,6 +153,7 @@ impl ProcessCluster {
             executor_ports: Vec::new(),
             work_dir: tempfile::Builder::new().prefix("volley-test-").tempdir()?,
             scheduler_args,
+            sandbox,
             env: options.env,
             options: options.client,
             log_dir: options.log_dir,
@@ -161,9 +184,11 @@ impl ProcessCluster {
                 &slots.to_string(),
                 "--heartbeat-ms",
                 "500",
+                "--enable-test-hooks",
                 "--work-dir",
             ])
             .arg(&dir)
+            .args(&self.sandbox)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(stderr_for(
@@ -223,6 +248,11 @@ impl ProcessCluster {
     /// Ports of the executor processes (gRPC and Flight).
     pub fn executor_ports(&self) -> &[u16] {
         &self.executor_ports
+    }
+
+    /// OS process id of the scheduler.
+    pub fn scheduler_pid(&self) -> u32 {
+        self.scheduler.id()
     }
 
     /// OS process ids of the executors.

@@ -65,8 +65,14 @@ pub fn read_chunk(file: &mut File, limit: u64) -> std::io::Result<Vec<u8>> {
 /// Next IPC message of a stream (continuation marker, metadata, body) in a buffer of its own,
 /// or None at the end of the file. One buffer per message keeps each decoded batch's memory
 /// its own: batches sliced from one big chunk would each be charged for the whole chunk by
-/// memory pools (sorts, joins under `--memory-limit`).
-fn read_message(file: &mut impl Read) -> Result<Option<Vec<u8>>> {
+/// memory pools (sorts, joins under `--memory-limit`). No message is larger than `file_len`,
+/// the whole file: a corrupt length is an error, never a huge allocation.
+fn read_message(file: &mut impl Read, file_len: u64) -> Result<Option<Vec<u8>>> {
+    let corrupt = |what: &str, len: u64| {
+        VolleyError::Internal(format!(
+            "corrupt shuffle file: {what} of {len} bytes in a file of {file_len} bytes"
+        ))
+    };
     let mut prefix = [0u8; 8];
     match file.read_exact(&mut prefix[..4]) {
         Ok(()) => {}
@@ -87,6 +93,9 @@ fn read_message(file: &mut impl Read) -> Result<Option<Vec<u8>>> {
     };
     let metadata_len = usize::try_from(metadata_len)
         .map_err(|_| VolleyError::Internal("negative IPC metadata length".to_string()))?;
+    if metadata_len as u64 > file_len {
+        return Err(corrupt("IPC metadata", metadata_len as u64));
+    }
     if metadata_len == 0 {
         return Ok(Some(prefix[..prefix_len].to_vec()));
     }
@@ -94,16 +103,72 @@ fn read_message(file: &mut impl Read) -> Result<Option<Vec<u8>>> {
     message.extend_from_slice(&prefix[..prefix_len]);
     message.resize(prefix_len + metadata_len, 0);
     file.read_exact(&mut message[prefix_len..])?;
-    let body_len = datafusion::arrow::ipc::root_as_message(&message[prefix_len..])
-        .map_err(|e| VolleyError::Internal(format!("bad IPC message in shuffle file: {e}")))?
-        .bodyLength();
-    let body_len = usize::try_from(body_len)
+    let header = datafusion::arrow::ipc::root_as_message(&message[prefix_len..])
+        .map_err(|e| VolleyError::Internal(format!("bad IPC message in shuffle file: {e}")))?;
+    let body_len = header.bodyLength();
+    let batch = header
+        .header_as_record_batch()
+        .or_else(|| header.header_as_dictionary_batch().and_then(|d| d.data()));
+    let compressed = batch.is_some_and(|b| b.compression().is_some());
+    let buffers: Vec<(i64, i64)> = batch
+        .and_then(|b| b.buffers())
+        .map(|buffers| buffers.iter().map(|b| (b.offset(), b.length())).collect())
+        .unwrap_or_default();
+    let body_len = u64::try_from(body_len)
         .map_err(|_| VolleyError::Internal("negative IPC body length".to_string()))?;
+    if body_len > file_len {
+        return Err(corrupt("an IPC message body", body_len));
+    }
+    let body_len = usize::try_from(body_len).map_err(|_| corrupt("an IPC body", body_len))?;
     let start = message.len();
     message.reserve_exact(body_len);
     message.resize(start + body_len, 0);
     file.read_exact(&mut message[start..])?;
+    check_buffers(&message[start..], &buffers, compressed)?;
     Ok(Some(message))
+}
+
+/// Largest buffer a compressed shuffle message may inflate to. Arrow allocates what a
+/// compressed buffer's 8-byte prefix declares before decompressing it; a corrupt prefix would
+/// ask for terabytes and abort the process.
+pub const MAX_INFLATED_BUFFER: u64 = 1 << 30;
+
+/// Every buffer of a message lies inside its body (arrow panics on one that does not), and
+/// when `compressed`, declares at most [`MAX_INFLATED_BUFFER`] bytes (or -1: stored as is).
+fn check_buffers(body: &[u8], buffers: &[(i64, i64)], compressed: bool) -> Result<()> {
+    for &(offset, length) in buffers {
+        let (Ok(offset), Ok(length)) = (usize::try_from(offset), usize::try_from(length)) else {
+            return Err(VolleyError::Internal(
+                "corrupt shuffle file: negative buffer offset or length".to_string(),
+            ));
+        };
+        if offset.saturating_add(length) > body.len() {
+            return Err(VolleyError::Internal(
+                "corrupt shuffle file: buffer outside its message".to_string(),
+            ));
+        }
+        if length == 0 || !compressed {
+            continue;
+        }
+        let prefix = offset
+            .checked_add(8)
+            .and_then(|end| body.get(offset..end))
+            .ok_or_else(|| {
+                VolleyError::Internal(
+                    "corrupt shuffle file: buffer outside its message".to_string(),
+                )
+            })?;
+        let mut declared = [0u8; 8];
+        declared.copy_from_slice(prefix);
+        let declared = i64::from_le_bytes(declared);
+        let max = i64::try_from(MAX_INFLATED_BUFFER).unwrap_or(i64::MAX);
+        if declared != -1 && !(0..=max).contains(&declared) {
+            return Err(VolleyError::Internal(format!(
+                "corrupt shuffle file: a compressed buffer declares {declared} bytes (at most {MAX_INFLATED_BUFFER})"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Stream the batches of a local shuffle file, decoding it message by message with an IPC
@@ -111,10 +176,14 @@ fn read_message(file: &mut impl Read) -> Result<Option<Vec<u8>>> {
 pub fn read_local_file(path: PathBuf) -> BoxStream<'static, Result<RecordBatch>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<RecordBatch>>(2);
     tokio::task::spawn_blocking(move || {
-        let result = (|| -> Result<()> {
-            let mut file = std::io::BufReader::with_capacity(LOCAL_READ_BUFFER, File::open(&path)?);
+        // A panic while decoding (a bug on corrupt input) ends the stream with an error, not
+        // silently early.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
+            let file = File::open(&path)?;
+            let file_len = file.metadata()?.len();
+            let mut file = std::io::BufReader::with_capacity(LOCAL_READ_BUFFER, file);
             let mut decoder = StreamDecoder::new();
-            while let Some(message) = read_message(&mut file)? {
+            while let Some(message) = read_message(&mut file, file_len)? {
                 let mut buffer = Buffer::from_vec(message);
                 while !buffer.is_empty() {
                     if let Some(batch) = decoder.decode(&mut buffer)?
@@ -126,7 +195,14 @@ pub fn read_local_file(path: PathBuf) -> BoxStream<'static, Result<RecordBatch>>
             }
             decoder.finish()?;
             Ok(())
-        })();
+        }))
+        .unwrap_or_else(|panic| {
+            Err(VolleyError::Internal(format!(
+                "reading shuffle file {} panicked: {}",
+                path.display(),
+                crate::stack::panic_message(panic.as_ref())
+            )))
+        });
         if let Err(e) = result {
             let _ = tx.blocking_send(Err(e));
         }
@@ -146,7 +222,7 @@ async fn fetch_remote(
         let mut client =
             FlightServiceClient::with_interceptor(channel, security.client_interceptor()?)
                 .max_decoding_message_size(64 * 1024 * 1024);
-        let ticket = Ticket::new(location.path.clone());
+        let ticket = Ticket::new(crate::grant::ticket(&location.path, &location.grant));
         match tokio::time::timeout(FETCH_TIMEOUT, client.do_get(ticket)).await {
             Ok(Ok(response)) => break response.into_inner(),
             Ok(Err(status)) => {

@@ -21,6 +21,8 @@ pub struct PartitionLocation {
     pub num_rows: u64,
     /// Bytes of the file.
     pub num_bytes: u64,
+    /// The scheduler's grant for a client to read this result file (empty between stages).
+    pub grant: String,
 }
 
 impl From<&PartitionLocation> for protobuf::PartitionLocation {
@@ -34,6 +36,7 @@ impl From<&PartitionLocation> for protobuf::PartitionLocation {
             output_partition: l.output_partition,
             num_rows: l.num_rows,
             num_bytes: l.num_bytes,
+            grant: l.grant.clone(),
         }
     }
 }
@@ -57,6 +60,7 @@ impl TryFrom<&protobuf::PartitionLocation> for PartitionLocation {
             output_partition: l.output_partition,
             num_rows: l.num_rows,
             num_bytes: l.num_bytes,
+            grant: l.grant.clone(),
         })
     }
 }

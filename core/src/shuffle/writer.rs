@@ -122,7 +122,7 @@ impl ShuffleFileWriter {
         if slot.is_none() {
             let path = self.dir.join(format!("part-{index}.arrow"));
             let options = IpcWriteOptions::default().try_with_compression(self.compression)?;
-            let file = BufWriter::with_capacity(256 * 1024, File::create(&path)?);
+            let file = BufWriter::with_capacity(256 * 1024, private_file(&path)?);
             let writer = StreamWriter::try_new_with_options(file, &self.schema, options)?;
             *slot = Some(Bucket {
                 path,
@@ -206,4 +206,13 @@ pub async fn run_on_rayon<T: Send + 'static>(
     });
     rx.await
         .map_err(|_| VolleyError::Internal("rayon worker dropped its result".to_string()))
+}
+
+/// Create a shuffle file readable by its owner only (0600 on Unix).
+fn private_file(path: &std::path::Path) -> std::io::Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
 }

@@ -271,10 +271,11 @@ async fn sql_against_a_running_cluster_and_ctrl_c_cancels_the_job() {
         "dept_id,n\n10,2\n20,3\n30,2\n"
     );
 
-    // A statement held for a minute by the delay hook; Ctrl-C (SIGINT) cancels its job.
+    // A statement held by the hold hook (never released); Ctrl-C (SIGINT) cancels its job.
+    let hold = volley_tests::Hold::new(1).unwrap();
     let child = Command::new(volley_bin().unwrap())
         .args(["sql", "--scheduler", cluster.url(), "--table", &table, "-c"])
-        .arg(format!("SET volley.test_delay_task = '1:60000'; {BY_DEPT}"))
+        .arg(format!("{}; {BY_DEPT}", hold.set_sql()))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -313,4 +314,67 @@ async fn sql_against_a_running_cluster_and_ctrl_c_cancels_the_job() {
         .find(|j| j.sql.contains("GROUP BY dept_id"))
         .unwrap();
     assert_eq!(job.state, "cancelled");
+}
+
+#[test]
+fn test_hooks_are_refused_without_enable_test_hooks() {
+    let run = |extra: &[&str]| {
+        Command::new(volley_bin().unwrap())
+            .args(["sql", "--executors", "1", "--slots", "1", "--format", "csv"])
+            .args(extra)
+            .args(["--table", &format!("emp={}", data("emp.csv")), "-c"])
+            .arg("SET volley.test_fail_task = '1:0'; SELECT count(*) AS n FROM emp")
+            .env_remove("VOLLEY_ENABLE_TEST_HOOKS")
+            .output()
+            .unwrap()
+    };
+    // A production process refuses the hook by name instead of injecting a fault.
+    let refused = run(&[]);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("volley.test_fail_task is a test hook")
+            && stderr.contains("--enable-test-hooks"),
+        "{stderr}"
+    );
+    // With the flag the hook fires: every attempt of the task fails.
+    let enabled = run(&["--enable-test-hooks"]);
+    assert_eq!(enabled.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&enabled.stderr);
+    assert!(stderr.contains("injected fault"), "{stderr}");
+}
+
+/// `volley sql` sends each statement as written: column lists and `OPTIONS` of `CREATE
+/// EXTERNAL TABLE` and a quoted `COPY ... TO` path with a space survive (DataFusion's printer
+/// dropped the first two and unquoted the third).
+#[test]
+fn statements_reach_the_cluster_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pairs.csv"), "1;one\n2;two\n").unwrap();
+    let out = dir.path().join("out dir");
+    std::fs::create_dir_all(&out).unwrap();
+    let script = format!(
+        "CREATE EXTERNAL TABLE pairs (id INT, name VARCHAR) STORED AS CSV LOCATION '{table}' \
+         OPTIONS ('format.has_header' 'false', 'format.delimiter' ';');\n\
+         -- a comment; with a semicolon\n\
+         SELECT id, name, 'a;b' AS s FROM pairs ORDER BY id;\n\
+         COPY (SELECT name FROM pairs ORDER BY id) TO '{copy}' STORED AS CSV;",
+        table = dir.path().join("pairs.csv").display(),
+        copy = out.join("names.csv").display(),
+    );
+    let output = Command::new(volley_bin().unwrap())
+        .args(["sql", "--executors", "1", "--slots", "1", "--format", "csv"])
+        .args(["--allowed-path", &dir.path().display().to_string(), "-c"])
+        .arg(&script)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        stdout.starts_with("id,name,s\n1,one,a;b\n2,two,a;b\n"),
+        "{stdout}"
+    );
+    let copied = std::fs::read_to_string(out.join("names.csv")).unwrap();
+    assert_eq!(copied, "name\none\ntwo\n");
 }

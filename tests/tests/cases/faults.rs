@@ -1,6 +1,7 @@
 //! Fault tolerance with real processes. Every fault test also runs with retries disabled and
 //! must then fail, proving its fault fired. Faults are placed deterministically with the
-//! `volley.test_delay_task` / `volley.test_fail_task` hooks.
+//! `volley.test_hold_task` / `volley.test_fail_task` hooks: a held stage runs until the test
+//! has placed its fault and releases it, so no fault depends on timing.
 
 use std::time::{Duration, Instant};
 
@@ -9,6 +10,7 @@ use futures::TryStreamExt;
 use volley::VolleyClient;
 use volley_core::config::volley_session_config;
 use volley_core::protobuf::JobRecord;
+use volley_tests::Hold;
 use volley_tests::compare::{Row, assert_same_rows, float_columns, rows};
 use volley_tests::process::ProcessCluster;
 use volley_tests::tpch;
@@ -125,23 +127,40 @@ async fn first_shuffle_stage(client: &VolleyClient) -> u32 {
         .unwrap()
 }
 
-/// Hold the first shuffle stage for `delay_ms` per task, submit the query, wait until a task
-/// of that stage runs; returns (job id, the executor running it).
-async fn start_held_job(client: &VolleyClient, delay_ms: u64) -> (String, String) {
+/// Hold the first shuffle stage, submit the query, wait until a task of that stage runs;
+/// returns (job id, the executor running it, the hold to release once the fault is placed).
+async fn start_held_job(client: &VolleyClient) -> (String, String, Hold) {
     let stage = first_shuffle_stage(client).await;
-    client
-        .sql(&format!(
-            "SET volley.test_delay_task = '{stage}:{delay_ms}'"
-        ))
-        .await
-        .unwrap();
+    let hold = Hold::new(stage).unwrap();
+    client.sql(&hold.set_sql()).await.unwrap();
     let job_id = client.submit(&tpch::query(QUERY).unwrap()).await.unwrap();
     let record = wait_for(client, &job_id, "shuffle stage running", |j| {
         running_on(j, stage).is_some()
     })
     .await;
     let victim = running_on(&record, stage).unwrap();
-    (job_id, victim)
+    (job_id, victim, hold)
+}
+
+/// The state the status page's JSON API gives executor `id` (`alive`, `draining`, ...).
+async fn executor_state(cluster: &ProcessCluster, id: &str) -> Option<String> {
+    let url = format!("{}/api/executors", cluster.http_url());
+    let body = tokio::task::spawn_blocking(move || {
+        ureq::get(&url)
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()
+    })
+    .await
+    .unwrap()?;
+    let executors: serde_json::Value = serde_json::from_str(&body).ok()?;
+    executors
+        .as_array()?
+        .iter()
+        .find(|e| e["id"] == id)
+        .and_then(|e| e["state"].as_str().map(str::to_string))
 }
 
 /// Ids of the executors the scheduler considers alive.
@@ -190,9 +209,10 @@ where
 /// SIGKILL one of 3 executors while a stage (which ends in a hash shuffle) runs on it.
 async fn kill_in_map_stage(retries: bool) -> Result<Vec<Row>, String> {
     let (mut cluster, client) = cluster(3, retries).await;
-    let (job_id, victim) = start_held_job(&client, 1500).await;
+    let (job_id, victim, hold) = start_held_job(&client).await;
     let index = cluster.executor_index(&victim).await.unwrap();
     cluster.kill_executor(index).unwrap();
+    hold.release().unwrap();
     result(&client, job_id).await
 }
 
@@ -204,10 +224,9 @@ async fn sigkill_executor_during_shuffle_stage_keeps_exact_answer() {
 /// SIGKILL the executor holding finished map output while the consumer stage waits to read it.
 async fn kill_after_map_output(retries: bool) -> Result<(Vec<Row>, u32), String> {
     let (mut cluster, client) = cluster(3, retries).await;
-    client
-        .sql("SET volley.test_delay_task = '2:1500'")
-        .await
-        .unwrap();
+    // Stage 2 is held until stage 1's output is gone.
+    let hold = Hold::new(2).unwrap();
+    client.sql(&hold.set_sql()).await.unwrap();
     let job_id = client.submit(&tpch::query(QUERY).unwrap()).await.unwrap();
     let record = wait_for(&client, &job_id, "stage 1 done, stage 2 running", |j| {
         j.stages
@@ -225,6 +244,7 @@ async fn kill_after_map_output(retries: bool) -> Result<(Vec<Row>, u32), String>
     let index = cluster.executor_index(&holder).await.unwrap();
     // Killing the process alone leaves its files readable by executors on this host.
     cluster.kill_executor_and_disk(index).unwrap();
+    hold.release().unwrap();
     let rows = result(&client, job_id.clone()).await?;
     let attempts = job(&client, &job_id)
         .await
@@ -254,10 +274,12 @@ async fn sigkill_executor_holding_map_output_reruns_the_map_stage() {
 /// SIGSTOP an executor until the scheduler gives its tasks to others, then SIGCONT it.
 async fn stop_and_continue(retries: bool) -> Result<Vec<Row>, String> {
     let (cluster, client) = cluster(3, retries).await;
-    let (job_id, victim) = start_held_job(&client, 1500).await;
+    let (job_id, victim, hold) = start_held_job(&client).await;
     let index = cluster.executor_index(&victim).await.unwrap();
     cluster.signal_executor(index, "STOP").unwrap();
     wait_until_gone(&client, &victim, 20, "stopped executor never declared lost").await;
+    // The retries elsewhere run; so does the stopped executor's stale attempt once continued.
+    hold.release().unwrap();
     cluster.signal_executor(index, "CONT").unwrap();
     result(&client, job_id).await
 }
@@ -272,10 +294,9 @@ async fn sigstop_executor_tasks_retried_elsewhere_rows_counted_once() {
 async fn killing_all_executors_fails_the_query_clearly_within_30s() {
     volley_tests::init_tracing();
     let (mut cluster, client) = cluster(2, true).await;
-    client
-        .sql("SET volley.test_delay_task = '1:3000'")
-        .await
-        .unwrap();
+    // Stage 1 is held (never released): both executors die with it running.
+    let hold = Hold::new(1).unwrap();
+    client.sql(&hold.set_sql()).await.unwrap();
     let job_id = client.submit(&tpch::query(QUERY).unwrap()).await.unwrap();
     wait_for(&client, &job_id, "stage 1 running", |j| {
         running_on(j, 1).is_some()
@@ -302,9 +323,16 @@ async fn sigterm_drains_an_executor_its_tasks_finish_and_it_leaves() {
     // One attempt per task: a task killed by the shutdown would fail the job. Map output the
     // executor held when it left is recomputed (stage re-runs are allowed).
     let (cluster, client) = cluster_with(3, "1", "4").await;
-    let (job_id, victim) = start_held_job(&client, 1000).await;
+    let (job_id, victim, hold) = start_held_job(&client).await;
     let index = cluster.executor_index(&victim).await.unwrap();
     cluster.signal_executor(index, "TERM").unwrap();
+    // Its held task is still running when the drain starts; then it may finish.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while executor_state(&cluster, &victim).await.as_deref() != Some("draining") {
+        assert!(Instant::now() < deadline, "executor never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    hold.release().unwrap();
     let actual = result(&client, job_id.clone())
         .await
         .expect("query survives the drain");

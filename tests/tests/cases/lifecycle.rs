@@ -5,11 +5,13 @@ use std::time::{Duration, Instant};
 use volley::EmbeddedCluster;
 use volley_scheduler::SchedulerConfig;
 use volley_scheduler::state::TaskState;
+use volley_tests::Hold;
 use volley_tests::compare::rows;
 
 async fn cluster(task_max_attempts: u32) -> (EmbeddedCluster, volley::VolleyClient) {
     let config = SchedulerConfig {
         task_max_attempts,
+        enable_test_hooks: true,
         ..SchedulerConfig::default().with_address("127.0.0.1", 0)
     };
     let cluster = EmbeddedCluster::start_with(config, 2, 2).await.unwrap();
@@ -119,10 +121,9 @@ async fn a_failed_task_is_retried_on_another_executor() {
 async fn cancel_stops_tasks_frees_slots_and_removes_files() {
     volley_tests::init_tracing();
     let (cluster, client) = cluster(4).await;
-    client
-        .sql("SET volley.test_delay_task = '2:60000'")
-        .await
-        .unwrap();
+    // Stage 2 is held (never released): only the cancel ends it.
+    let hold = Hold::new(2).unwrap();
+    client.sql(&hold.set_sql()).await.unwrap();
     let job_id = client.submit(QUERY).await.unwrap();
     let service = cluster.scheduler().service().clone();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -169,7 +170,49 @@ async fn cancel_stops_tasks_frees_slots_and_removes_files() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    client.sql("SET volley.test_delay_task = ''").await.unwrap();
+    client.sql(Hold::clear_sql()).await.unwrap();
+    let (_, batches) = client.sql(QUERY).await.expect("next query runs");
+    assert_eq!(rows(&batches).unwrap(), expected());
+    cluster.shutdown().await;
+}
+
+/// A job that fails after its first stage wrote shuffle files leaves none behind. (The files
+/// used to stay on the executor whose report failed the job: the cancel aborted its reporting
+/// task, which cancelled the very RPC handler that was about to delete them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_job_leaves_no_files() {
+    volley_tests::init_tracing();
+    let (cluster, client) = cluster(1).await;
+    client
+        .sql("SET volley.test_fail_task = '2:0'")
+        .await
+        .unwrap();
+    let err = client
+        .sql(QUERY)
+        .await
+        .expect_err("stage 2 fails")
+        .to_string();
+    assert!(err.contains("injected fault"), "{err}");
+    let job_id = cluster
+        .scheduler()
+        .service()
+        .with_state(|s| s.job_order.last().cloned())
+        .unwrap();
+    let wrote = cluster
+        .scheduler()
+        .service()
+        .with_state(|s| s.jobs[&job_id].stages[&1].output_size().1);
+    assert!(wrote > 0, "stage 1 wrote shuffle files");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count_files(cluster.work_dir()) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} files left after the job failed",
+            count_files(cluster.work_dir())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.sql("SET volley.test_fail_task = ''").await.unwrap();
     let (_, batches) = client.sql(QUERY).await.expect("next query runs");
     assert_eq!(rows(&batches).unwrap(), expected());
     cluster.shutdown().await;
@@ -186,4 +229,41 @@ fn count_files(dir: &std::path::Path) -> usize {
             if path.is_dir() { count_files(&path) } else { 1 }
         })
         .sum()
+}
+
+/// A job in which no task finishes for the stall timeout fails, naming the task it waits for
+/// (here a task held by the test hook, never released).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_job_fails_naming_its_stuck_tasks() {
+    volley_tests::init_tracing();
+    let config = SchedulerConfig {
+        enable_test_hooks: true,
+        stall_timeout: Some(Duration::from_secs(2)),
+        ..SchedulerConfig::default().with_address("127.0.0.1", 0)
+    };
+    let cluster = EmbeddedCluster::start_with(config, 1, 2).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    volley_tests::register_emp(&client).await.unwrap();
+    let hold = Hold::new(1).unwrap();
+    client.sql(&hold.set_sql()).await.unwrap();
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.sql("SELECT dept_id, count(*) FROM emp GROUP BY dept_id"),
+    )
+    .await
+    .expect("the stall timeout ends the job")
+    .expect_err("the job stalls")
+    .to_string();
+    assert!(
+        err.contains("made no progress for 2 s")
+            && err.contains("task 0 of stage 1 running on executor"),
+        "{err}"
+    );
+    client.sql(Hold::clear_sql()).await.unwrap();
+    let (_, batches) = client
+        .sql("SELECT count(*) FROM emp")
+        .await
+        .expect("the cluster keeps serving");
+    assert_eq!(rows(&batches).unwrap(), [["8".to_string()]]);
+    cluster.shutdown().await;
 }

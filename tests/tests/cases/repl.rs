@@ -13,7 +13,15 @@ fn repl_multiline_statement_error_then_query_then_quit() {
     let emp = volley_tests::workspace_root().join("tests/slt/data/emp.csv");
     let mut command = Command::new(volley_bin().unwrap());
     command
-        .args(["sql", "--executors", "1", "--slots", "2", "--table"])
+        .args([
+            "sql",
+            "--executors",
+            "1",
+            "--slots",
+            "2",
+            "--enable-test-hooks",
+            "--table",
+        ])
         .arg(format!("emp={}", emp.display()))
         .env("HOME", home.path())
         .env("NO_COLOR", "1");
@@ -42,17 +50,18 @@ fn repl_multiline_statement_error_then_query_then_quit() {
     shell.send_line("\\d").unwrap();
     shell.expect("| emp ").unwrap();
 
-    // A statement running over a second shows live progress on the terminal.
+    // A statement running over a second shows live progress on the terminal: its first stage
+    // is held until the progress bar was seen.
+    let hold = volley_tests::Hold::new(1).unwrap();
     shell.expect("volley> ").unwrap();
-    shell
-        .send_line("SET volley.test_delay_task = '1:2500';")
-        .unwrap();
+    shell.send_line(format!("{};", hold.set_sql())).unwrap();
     shell.expect("volley> ").unwrap();
     shell
         .send_line("SELECT dept_id, count(*) FROM emp GROUP BY dept_id;")
         .unwrap();
     shell.expect("stages 0/").unwrap();
     shell.expect("tasks 0/").unwrap();
+    hold.release().unwrap();
     shell.expect("4 rows").unwrap();
 
     shell.expect("volley> ").unwrap();

@@ -12,6 +12,7 @@ use volley_core::protobuf::executor_grpc_client::ExecutorGrpcClient;
 use volley_core::protobuf::{self as pb};
 use volley_core::security::{Security, TlsSettings};
 use volley_scheduler::SchedulerConfig;
+use volley_tests::Hold;
 use volley_tests::compare::rows;
 use volley_tests::process::{ProcessCluster, ProcessOptions, free_port, volley_bin};
 
@@ -259,7 +260,14 @@ async fn sandbox_rejects_escapes_and_allows_its_roots() {
     let data = allowed.path().join("nums.csv");
     std::fs::write(&data, "x\n1\n2\n3\n").unwrap();
     #[cfg(unix)]
-    std::os::unix::fs::symlink("/etc", allowed.path().join("etc-link")).unwrap();
+    {
+        std::os::unix::fs::symlink("/etc", allowed.path().join("etc-link")).unwrap();
+        // A symlinked file, alone and inside an allowed folder of tables.
+        std::os::unix::fs::symlink("/etc/passwd", allowed.path().join("passwd.csv")).unwrap();
+        std::fs::create_dir_all(allowed.path().join("tables")).unwrap();
+        std::fs::write(allowed.path().join("tables/a.csv"), "line\nok\n").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", allowed.path().join("tables/b.csv")).unwrap();
+    }
     let root = allowed.path().display().to_string();
     let cluster = ProcessCluster::start(1, 1, &["--allowed-path", &root])
         .await
@@ -272,12 +280,45 @@ async fn sandbox_rejects_escapes_and_allows_its_roots() {
         format!("CREATE EXTERNAL TABLE p STORED AS CSV LOCATION '{root}/etc-link/passwd'"),
         "CREATE EXTERNAL TABLE p STORED AS PARQUET LOCATION 's3://bucket/x/'".to_string(),
         "COPY (SELECT 1 AS x) TO '/tmp/volley-sandbox-escape.csv' STORED AS CSV".to_string(),
+        // `file:` without `//` is a URL for DataFusion, not a relative path.
+        "CREATE EXTERNAL TABLE p (line VARCHAR) STORED AS CSV LOCATION 'file:/etc/passwd' \
+         OPTIONS ('format.has_header' 'false', 'format.delimiter' '|')"
+            .to_string(),
+        "CREATE EXTERNAL TABLE p STORED AS CSV LOCATION 'file:///etc/passwd'".to_string(),
+        format!(
+            "CREATE EXTERNAL TABLE p (line VARCHAR) STORED AS CSV LOCATION '{root}/passwd.csv'"
+        ),
+        "CREATE EXTERNAL TABLE p (line VARCHAR) STORED AS CSV LOCATION '/etc/*.conf'".to_string(),
     ];
     for sql in &escapes {
         let err = client.sql(sql).await.expect_err(sql).to_string();
         assert!(err.contains("outside the file sandbox"), "{sql}: {err}");
     }
     assert!(!Path::new("/tmp/volley-sandbox-escape.csv").exists());
+
+    // A folder inside the root holding a symlink to /etc/passwd: the table may be declared,
+    // but neither a query (executors) nor CREATE TABLE AS (scheduler) reads through the link.
+    client
+        .sql(&format!(
+            "CREATE EXTERNAL TABLE t (line VARCHAR) STORED AS CSV LOCATION '{root}/tables/' \
+             OPTIONS ('format.has_header' 'true')"
+        ))
+        .await
+        .expect("the folder is inside the root");
+    for sql in ["SELECT * FROM t", "CREATE TABLE y AS SELECT * FROM t"] {
+        let err = client.sql(sql).await.expect_err(sql).to_string();
+        assert!(
+            err.contains("outside the file sandbox") && err.contains("/etc/passwd"),
+            "{sql}: {err}"
+        );
+    }
+    let globbed = format!(
+        "CREATE EXTERNAL TABLE g (line VARCHAR) STORED AS CSV LOCATION '{root}/tables/a*.csv' \
+         OPTIONS ('format.has_header' 'true')"
+    );
+    client.sql(&globbed).await.expect("a glob inside the root");
+    let (_, batches) = client.sql("SELECT * FROM g").await.unwrap();
+    assert_eq!(rows(&batches).unwrap(), vec![vec!["ok".to_string()]]);
 
     client
         .sql(&format!(
@@ -359,6 +400,7 @@ async fn jobs_over_the_concurrency_limit_queue() {
     volley_tests::init_tracing();
     let config = SchedulerConfig {
         max_concurrent_jobs: 1,
+        enable_test_hooks: true,
         ..SchedulerConfig::default().with_address("127.0.0.1", 0)
     };
     let cluster = EmbeddedCluster::start_with(config, 2, 2).await.unwrap();
@@ -366,9 +408,9 @@ async fn jobs_over_the_concurrency_limit_queue() {
     volley_tests::register_emp(&slow)
         .await
         .expect("register emp");
-    slow.sql("SET volley.test_delay_task = '1:1500'")
-        .await
-        .unwrap();
+    // The first job is held in stage 1 until the second was seen waiting.
+    let hold = Hold::new(1).unwrap();
+    slow.sql(&hold.set_sql()).await.unwrap();
     let fast = cluster.client().await.unwrap();
     volley_tests::register_emp(&fast)
         .await
@@ -382,6 +424,7 @@ async fn jobs_over_the_concurrency_limit_queue() {
         Some(pb::job_status::Status::Running("queued".to_string())),
         "second job waits while the first runs"
     );
+    hold.release().unwrap();
     let second_rows = rows(&fast.sql_job_rows(&second).await.unwrap()).unwrap();
     let first_rows = rows(&slow.sql_job_rows(&first).await.unwrap()).unwrap();
     let expected = expected_by_dept().await;

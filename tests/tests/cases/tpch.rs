@@ -74,12 +74,16 @@ async fn tpch_sf01_on_process_cluster_matches_datafusion_and_duckdb() {
     let registered: BTreeSet<&str> = state.executors.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(executors, registered, "q5's tasks ran on both executors");
 
-    // Every job's shuffle files were removed once its result was read.
+    // Every job's shuffle files were removed once its result was read (each executor works in
+    // a private folder under its work dir root).
     let mut leftovers = Vec::new();
-    for executor_dir in std::fs::read_dir(cluster.work_dir()).expect("work dir") {
-        let executor_dir = executor_dir.expect("entry").path();
-        for job_dir in std::fs::read_dir(&executor_dir).expect("executor dir") {
-            leftovers.push(job_dir.expect("entry").path());
+    for executor_root in std::fs::read_dir(cluster.work_dir()).expect("work dir") {
+        let executor_root = executor_root.expect("entry").path();
+        for private in std::fs::read_dir(&executor_root).expect("executor root") {
+            let private = private.expect("entry").path();
+            for job_dir in std::fs::read_dir(&private).expect("executor dir") {
+                leftovers.push(job_dir.expect("entry").path());
+            }
         }
     }
     assert!(leftovers.is_empty(), "job dirs left behind: {leftovers:?}");

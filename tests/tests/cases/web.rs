@@ -17,6 +17,7 @@ use serde_json::Value as Json;
 use volley::{ClientOptions, EmbeddedCluster, VolleyClient};
 use volley_core::security::Security;
 use volley_scheduler::SchedulerConfig;
+use volley_tests::Hold;
 use volley_tests::compare::rows;
 use volley_tests::process::{ProcessCluster, ProcessOptions, free_port};
 
@@ -86,11 +87,10 @@ async fn status_page_in_headless_browser() {
         .expect("register emp");
     let stages = explained_stages(&client, BY_DEPT).await;
     assert!(stages >= 2);
-    // A job that takes a few seconds: every task of stage 1 sleeps 8 s (time for a slow browser start on a loaded machine).
-    client
-        .sql("SET volley.test_delay_task = '1:8000'")
-        .await
-        .unwrap();
+    // Stage 1 is held until the browser has seen the job running (it creates the release
+    // file itself), however slowly Chromium starts on a loaded machine.
+    let hold = Hold::new(1).unwrap();
+    client.sql(&hold.set_sql()).await.unwrap();
     let job_id = client.submit(BY_DEPT).await.unwrap();
 
     let out: PathBuf = volley_tests::workspace_root().join("target/test-output/status-page");
@@ -100,10 +100,13 @@ async fn status_page_in_headless_browser() {
         .arg(&script)
         .args([cluster.http_url(), &job_id, &stages.to_string()])
         .arg(&out)
+        .arg(hold.release_file())
         .arg(token)
         .output()
         .await
         .expect("node runs (install with `npm ci --prefix tests/browser`)");
+    // Never leave the job held, even when the browser failed before releasing it.
+    hold.release().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -112,6 +115,10 @@ async fn status_page_in_headless_browser() {
     );
     let seen: Json = serde_json::from_str(stdout.trim()).expect("browser report");
     assert_eq!(seen["jobs_page_running"], true);
+    assert_eq!(
+        seen["auto_refresh"], true,
+        "pages of a running job reload themselves"
+    );
     assert_eq!(seen["dag_stages"], stages);
     assert_eq!(seen["job_state_while_running"], "running");
     assert_eq!(seen["job_state_at_end"], "succeeded");
@@ -137,6 +144,7 @@ async fn json_api_numbers_metrics_and_http_auth() {
     let token = "api-test-token";
     let config = SchedulerConfig {
         security: Security::none().with_token(Some(token.to_string())),
+        enable_test_hooks: true,
         ..SchedulerConfig::default().with_address("127.0.0.1", 0)
     };
     let cluster = EmbeddedCluster::start_with(config, 2, 2).await.unwrap();
@@ -242,11 +250,25 @@ async fn json_api_numbers_metrics_and_http_auth() {
     assert!(metrics.contains("volley_shuffle_bytes_fetched_total"));
     assert!(metrics.contains("volley_running_tasks 0"));
 
+    // Job history keeps at most 4 KiB of a statement; /api/jobs is paginated.
+    let long_sql = format!("SELECT 1 AS one -- {}", "x".repeat(100_000));
+    client.sql(&long_sql).await.unwrap();
+    let page = json(format!("{base}/api/jobs?limit=1"), Some(token)).await;
+    let newest = page.as_array().unwrap();
+    assert_eq!(newest.len(), 1);
+    let kept = newest[0]["sql"].as_str().unwrap();
+    assert!(kept.starts_with("SELECT 1 AS one -- xxx"), "{kept}");
+    assert!(
+        kept.len() < 4200 && kept.ends_with("more bytes)"),
+        "{}",
+        kept.len()
+    );
+    let second = json(format!("{base}/api/jobs?limit=1&offset=1"), Some(token)).await;
+    assert_ne!(second[0]["id"], newest[0]["id"]);
+
     // A cancel with the token works (on a running job).
-    client
-        .sql("SET volley.test_delay_task = '1:60000'")
-        .await
-        .unwrap();
+    let hold = Hold::new(1).unwrap();
+    client.sql(&hold.set_sql()).await.unwrap();
     let slow = client.submit(BY_DEPT).await.unwrap();
     let (status, body) = http(
         "POST",
@@ -436,4 +458,35 @@ fn tokio_stream_wrapper(
     listener: tokio::net::TcpListener,
 ) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener)
+}
+
+/// Without a token the status page answers only requests for this machine's names: a web page
+/// that rebinds its DNS name to 127.0.0.1 cannot read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_without_token_checks_the_host_header() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = EmbeddedCluster::start(1, 1).await.unwrap();
+    let base = cluster.scheduler().http_url().expect("status page on");
+    let address = base.trim_start_matches("http://").to_string();
+    let status_for = |host: &'static str| {
+        let address = address.clone();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+            let host = if host.is_empty() {
+                address.as_str()
+            } else {
+                host
+            };
+            let request =
+                format!("GET /api/jobs HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            answer.lines().next().unwrap_or_default().to_string()
+        }
+    };
+    assert!(status_for("").await.contains(" 200 "));
+    assert!(status_for("localhost").await.contains(" 200 "));
+    assert!(status_for("evil.example:80").await.contains(" 403 "));
+    cluster.shutdown().await;
 }
