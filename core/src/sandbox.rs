@@ -18,6 +18,8 @@ use datafusion::datasource::source_as_provider;
 use datafusion::logical_expr::{DdlStatement, DmlStatement, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
 
+use datafusion::object_store::local::LocalFileSystem;
+
 use crate::plan::{ShuffleReaderExec, ShuffleWriterExec};
 use crate::{Result, VolleyError};
 
@@ -115,7 +117,8 @@ impl Sandbox {
             .get_url()
             .to_file_path()
             .map_err(|()| self.denied(location, "it is not a local file path"))?;
-        self.check_path(location, &path)
+        self.check_path(location, &path)?;
+        self.check_store_path(location, &url)
     }
 
     /// Check a filesystem path about to be opened, listed or written (symlinks followed).
@@ -205,6 +208,9 @@ impl Sandbox {
                 self.ddl_denied("COPY")?;
                 self.check_location(&copy.output_url)
             }
+            LogicalPlan::Statement(datafusion::logical_expr::Statement::SetVariable(set)) => {
+                check_setting(&set.variable)
+            }
             // Tables read anywhere, `CREATE TABLE AS` and views included.
             LogicalPlan::TableScan(scan) => {
                 if let Ok(provider) = source_as_provider(&scan.source) {
@@ -221,6 +227,34 @@ impl Sandbox {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Check the location as the local file store will open it: DataFusion keeps a path's
+    /// text as written in the store path, and the store decodes `%2E%2E` to `..`.
+    fn check_store_path(&self, location: &str, url: &ListingTableUrl) -> Result<()> {
+        let opened = LocalFileSystem::new()
+            .path_to_filesystem(url.prefix())
+            .map_err(|e| self.denied(location, &format!("it is not a local file path ({e})")))?;
+        if opened
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        {
+            return Err(self.denied(location, "`..` is not allowed in paths"));
+        }
+        self.check_path(location, &opened)
+    }
+
+    /// Check a file of a plan as the local file store will open it (it reads `%2E%2E` in a
+    /// store path as `..`).
+    fn check_store_file(&self, location: &datafusion::object_store::path::Path) -> Result<()> {
+        if self.roots.is_none() {
+            return Ok(());
+        }
+        let shown = format!("/{location}");
+        let opened = LocalFileSystem::new()
+            .path_to_filesystem(location)
+            .map_err(|e| self.denied(&shown, &format!("it is not a local file path ({e})")))?;
+        self.check_path(&shown, &opened)
     }
 
     fn check_provider(&self, provider: &dyn TableProvider) -> Result<()> {
@@ -263,8 +297,7 @@ impl Sandbox {
             self.check_store(scan.object_store_url.as_str())?;
             for group in &scan.file_groups {
                 for file in group.files() {
-                    let path = format!("/{}", file.object_meta.location);
-                    self.check_location(&path)?;
+                    self.check_store_file(&file.object_meta.location)?;
                 }
             }
         }
@@ -300,6 +333,21 @@ impl Sandbox {
             Err(self.denied(url, "only local files are configured on this cluster"))
         }
     }
+}
+
+/// Refuse session settings of the process-wide runtime (`datafusion.runtime.*`: spill folder,
+/// memory pool): a client could create folders anywhere or escape the scheduler's memory limit.
+pub fn check_setting(key: &str) -> Result<()> {
+    if key
+        .trim()
+        .to_ascii_lowercase()
+        .starts_with("datafusion.runtime.")
+    {
+        return Err(VolleyError::NotAllowed(format!(
+            "{key} is set by the cluster's operator, not per session"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -346,6 +394,8 @@ mod tests {
                 .is_err()
         );
         assert!(sandbox.check_location("/etc/*.conf").is_err());
+        assert!(check_setting("datafusion.runtime.temp_directory").is_err());
+        assert!(check_setting("datafusion.execution.batch_size").is_ok());
         assert!(
             sandbox
                 .check_location(&format!("file:{}", root.join("t.csv").display()))

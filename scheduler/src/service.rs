@@ -57,7 +57,7 @@ fn speaks_for(executor_id: &str) -> Status {
 
 /// How long a launched attempt may be missing from its executor's heartbeats (its launch
 /// request may still be on the way) before it is failed as lost.
-const RECONCILE_GRACE: Duration = Duration::from_secs(5);
+const RECONCILE_GRACE: Duration = Duration::from_secs(15);
 
 /// Room for a task's ids and settings next to its plan in a launch request.
 const MESSAGE_OVERHEAD: usize = 16 * 1024;
@@ -345,7 +345,7 @@ impl SchedulerService {
             // and died of it at once.
             let never_sent = matches!(&e, VolleyError::Connect { .. })
                 || matches!(&e, VolleyError::Grpc(s) if s.code() == tonic::Code::Unavailable
-                    && s.message().contains("connect"));
+                    && s.message().contains("connect error"));
             {
                 let mut state = self.state.lock();
                 if never_sent {
@@ -429,6 +429,7 @@ impl SchedulerService {
             .unwrap_or_else(|| self.state.lock().total_slots().max(2));
         let mut config = volley_session_config(target);
         for kv in settings {
+            volley_core::sandbox::check_setting(&kv.key)?;
             config.options_mut().set(&kv.key, &kv.value)?;
         }
         Ok(SessionContext::new_with_state(volley_session_state_with(
@@ -513,6 +514,13 @@ impl SchedulerService {
         let settings = self.resolve_settings(settings);
         let schema = physical.schema();
         let mut stages = plan_stages(&job_id, Arc::clone(&physical))?;
+        // Task lists are allocated per partition: bound them before anything is allocated.
+        for stage in &stages {
+            volley_core::ids::check_partitions(
+                &format!("stage {}", stage.stage_id),
+                stage.partitions,
+            )?;
+        }
         adaptive_candidates(&mut stages, &settings);
         let distributable = stages.iter().all(|s| {
             VolleyCodec::encode_plan(Arc::clone(&s.plan) as Arc<dyn ExecutionPlan>).is_ok()
@@ -1022,7 +1030,10 @@ impl SchedulerGrpc for SchedulerService {
         &self,
         request: Request<pb::ReleaseJobParams>,
     ) -> Result<Response<pb::ReleaseJobResult>, Status> {
-        self.release(&request.into_inner().job_id).await;
+        let job_id = request.into_inner().job_id;
+        // Releasing a job that still runs cancels it: its tasks stop and its files go.
+        self.state.lock().cancel_job(&job_id);
+        self.release(&job_id).await;
         Ok(Response::new(pb::ReleaseJobResult {}))
     }
 

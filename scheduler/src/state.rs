@@ -333,10 +333,12 @@ impl Job {
     /// Why this running job counts as stuck: no task finished for `timeout` (None: it moved,
     /// or is not running). Names the tasks it waits for.
     pub fn stalled(&mut self, timeout: Duration) -> Option<String> {
+        let (_, _, done, _) = self.progress();
         if self.state != JobState::Running || self.waiting {
+            // The clock starts when the job runs (a queued job is not stalled).
+            self.progress_mark = (done, Instant::now());
             return None;
         }
-        let (_, _, done, _) = self.progress();
         if done != self.progress_mark.0 {
             self.progress_mark = (done, Instant::now());
             return None;
