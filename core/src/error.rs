@@ -60,6 +60,19 @@ pub enum VolleyError {
     Internal(String),
 }
 
+/// `text` cut to at most `max` bytes at a character boundary, with `note(cut_bytes)` appended
+/// when anything was cut (error messages and statement texts kept for display).
+pub fn cut_text(text: String, max: usize, note: impl Fn(usize) -> String) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{}", &text[..end], note(text.len() - end))
+}
+
 impl VolleyError {
     /// Find a typed fetch failure inside a DataFusion error chain.
     pub fn find_fetch_failure(err: &DataFusionError) -> Option<(&str, u32, u32)> {

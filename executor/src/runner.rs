@@ -272,28 +272,19 @@ fn operator_metrics(plan: &Arc<dyn ExecutionPlan>) -> Vec<pb::OperatorMetrics> {
     out
 }
 
-/// IO and resource errors may pass on another attempt; user errors (bad cast, divide by zero,
-/// missing file, bad plan) will not.
 /// Longest error message a status report carries: a message quoting a huge value (say a cast
 /// of a 70 MB string) would exceed the gRPC message limit, and the report would never arrive.
 const MAX_ERROR_BYTES: usize = 16 * 1024;
 
 /// `message` cut to [`MAX_ERROR_BYTES`] at a character boundary, saying how much was cut.
 fn truncate_message(message: String) -> String {
-    if message.len() <= MAX_ERROR_BYTES {
-        return message;
-    }
-    let mut end = MAX_ERROR_BYTES;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!(
-        "{}... ({} more bytes of this error were cut)",
-        &message[..end],
-        message.len() - end
-    )
+    volley_core::error::cut_text(message, MAX_ERROR_BYTES, |cut| {
+        format!("... ({cut} more bytes of this error were cut)")
+    })
 }
 
+/// IO and resource errors may pass on another attempt; user errors (bad cast, divide by zero,
+/// missing file, bad plan) will not.
 fn is_retryable(e: &VolleyError) -> bool {
     use datafusion::error::DataFusionError as D;
     match e {

@@ -119,6 +119,15 @@ impl SchedulerService {
         })
     }
 
+    /// Refuse a call that names `executor_id` without its registration secret.
+    fn check_secret(&self, executor_id: &str, secret: &str) -> Result<(), Status> {
+        if self.state.lock().secret_matches(executor_id, secret) {
+            Ok(())
+        } else {
+            Err(speaks_for(executor_id))
+        }
+    }
+
     /// The address the scheduler binds.
     pub fn bind_host(&self) -> &str {
         &self.config.host
@@ -809,13 +818,7 @@ impl SchedulerGrpc for SchedulerService {
     ) -> Result<Response<pb::DeregisterExecutorResult>, Status> {
         require_cluster(&request, "deregistering an executor")?;
         let params = request.into_inner();
-        if !self
-            .state
-            .lock()
-            .secret_matches(&params.executor_id, &params.secret)
-        {
-            return Err(speaks_for(&params.executor_id));
-        }
+        self.check_secret(&params.executor_id, &params.secret)?;
         if params.draining {
             tracing::info!(executor_id = %params.executor_id, "executor draining");
             self.state.lock().drain_executor(&params.executor_id);
@@ -835,13 +838,7 @@ impl SchedulerGrpc for SchedulerService {
         require_cluster(&request, "a task status report")?;
         let params = request.into_inner();
         // Only the executor itself reports its tasks.
-        if !self
-            .state
-            .lock()
-            .secret_matches(&params.executor_id, &params.secret)
-        {
-            return Err(speaks_for(&params.executor_id));
-        }
+        self.check_secret(&params.executor_id, &params.secret)?;
         if let Some(other) = params
             .statuses
             .iter()

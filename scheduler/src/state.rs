@@ -163,14 +163,7 @@ pub const MAX_KEPT_SQL: usize = 4096;
 
 /// `sql` cut to [`MAX_KEPT_SQL`] bytes at a character boundary, marked when cut.
 fn kept_sql(sql: String) -> String {
-    if sql.len() <= MAX_KEPT_SQL {
-        return sql;
-    }
-    let mut end = MAX_KEPT_SQL;
-    while !sql.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}... ({} more bytes)", &sql[..end], sql.len() - end)
+    volley_core::error::cut_text(sql, MAX_KEPT_SQL, |cut| format!("... ({cut} more bytes)"))
 }
 
 /// Executors a task may take down with it before its job fails instead of retrying it on the

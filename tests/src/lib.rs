@@ -78,6 +78,19 @@ impl Hold {
     }
 }
 
+/// Number of files below `dir`, at any depth (0 when it does not exist).
+pub fn files_under(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| {
+                let path = e.path();
+                if path.is_dir() { files_under(&path) } else { 1 }
+            })
+            .sum()
+    })
+}
+
 /// Install a tracing subscriber once (RUST_LOG controls it).
 pub fn init_tracing() {
     use std::sync::Once;

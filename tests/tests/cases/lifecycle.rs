@@ -141,7 +141,7 @@ async fn cancel_stops_tasks_frees_slots_and_removes_files() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Stage 1 wrote shuffle files by now.
-    let files_before = count_files(cluster.work_dir());
+    let files_before = volley_tests::files_under(cluster.work_dir());
     assert!(files_before > 0, "stage 1 wrote shuffle files");
 
     let cancelled_at = Instant::now();
@@ -159,13 +159,13 @@ async fn cancel_stops_tasks_frees_slots_and_removes_files() {
                 (f + e.free_slots, t + e.slots, r + e.reported_running)
             })
         });
-        if free == slots && reported == 0 && count_files(cluster.work_dir()) == 0 {
+        if free == slots && reported == 0 && volley_tests::files_under(cluster.work_dir()) == 0 {
             break;
         }
         assert!(
             cancelled_at.elapsed() < Duration::from_secs(5),
             "after cancel: free {free}/{slots}, executors report {reported} running, {} files",
-            count_files(cluster.work_dir())
+            volley_tests::files_under(cluster.work_dir())
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -204,11 +204,11 @@ async fn a_failed_job_leaves_no_files() {
         .with_state(|s| s.jobs[&job_id].stages[&1].output_size().1);
     assert!(wrote > 0, "stage 1 wrote shuffle files");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while count_files(cluster.work_dir()) > 0 {
+    while volley_tests::files_under(cluster.work_dir()) > 0 {
         assert!(
             Instant::now() < deadline,
             "{} files left after the job failed",
-            count_files(cluster.work_dir())
+            volley_tests::files_under(cluster.work_dir())
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -216,19 +216,6 @@ async fn a_failed_job_leaves_no_files() {
     let (_, batches) = client.sql(QUERY).await.expect("next query runs");
     assert_eq!(rows(&batches).unwrap(), expected());
     cluster.shutdown().await;
-}
-
-fn count_files(dir: &std::path::Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .map(|e| {
-            let path = e.path();
-            if path.is_dir() { count_files(&path) } else { 1 }
-        })
-        .sum()
 }
 
 /// A job in which no task finishes for the stall timeout fails, naming the task it waits for

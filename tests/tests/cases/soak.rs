@@ -34,18 +34,6 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-fn files_under(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir).map_or(0, |entries| {
-        entries
-            .flatten()
-            .map(|e| {
-                let path = e.path();
-                if path.is_dir() { files_under(&path) } else { 1 }
-            })
-            .sum()
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_queries_exact_and_back_to_baseline() {
     volley_tests::init_tracing();
@@ -108,7 +96,7 @@ async fn fifty_concurrent_queries_exact_and_back_to_baseline() {
 
     // Everything back: no shuffle file, descriptors and memory near the baseline.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while files_under(cluster.work_dir()) > 0 {
+    while volley_tests::files_under(cluster.work_dir()) > 0 {
         assert!(Instant::now() < deadline, "shuffle files left behind");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
