@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use volley_executor::{ExecutorConfig, start_executor};
-use volley_scheduler::{SchedulerConfig, start_scheduler};
+use volley_scheduler::{LoadBalancing, SchedulerConfig, start_scheduler};
 
 /// Volley: a distributed SQL batch engine.
 #[derive(Parser, Debug)]
@@ -94,15 +94,6 @@ struct SchedulerArgs {
     sandbox: security::SandboxArgs,
     #[command(flatten)]
     security: security::SecurityArgs,
-}
-
-/// Task placement policies.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum LoadBalancing {
-    /// The executor with the most free slots.
-    LeastLoaded,
-    /// Executors in turn.
-    RoundRobin,
 }
 
 #[derive(clap::Args, Debug)]
@@ -211,7 +202,7 @@ async fn run_scheduler(args: SchedulerArgs) -> Result<(), String> {
         stage_max_attempts: args.stage_max_attempts,
         executor_timeout: Duration::from_secs(args.executor_timeout_secs.max(1)),
         target_partitions: args.target_partitions,
-        round_robin: args.load_balancing == LoadBalancing::RoundRobin,
+        load_balancing: args.load_balancing,
         max_concurrent_jobs: args.max_concurrent_jobs,
         insecure: args.insecure,
         security: args.security.server_security()?,

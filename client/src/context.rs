@@ -25,9 +25,9 @@ use datafusion::prelude::SessionContext;
 use futures::{StreamExt, TryStreamExt};
 use volley_core::codec::VolleyCodec;
 use volley_core::config::{config_to_pairs, volley_session_config};
-use volley_scheduler::rules::volley_session_state;
+use volley_core::rules::volley_session_state;
 
-use crate::{EmbeddedCluster, VolleyClient};
+use crate::VolleyClient;
 
 /// Plans with DataFusion, then hands the plan to the cluster.
 #[derive(Debug)]
@@ -197,10 +197,11 @@ pub async fn remote_with(
 }
 
 /// A [`SessionContext`] on a new embedded cluster of `executors` executors (one slot per core
-/// each). The cluster lives as long as the process; use [`EmbeddedCluster`] to control it.
+/// each). The cluster lives as long as the process; use [`crate::EmbeddedCluster`] to control it.
+#[cfg(feature = "embedded")]
 pub async fn standalone(executors: usize) -> crate::Result<SessionContext> {
     let slots = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let cluster = EmbeddedCluster::start(executors, slots).await?;
+    let cluster = crate::EmbeddedCluster::start(executors, slots).await?;
     let client = cluster.client().await?;
     // The cluster must outlive every context handed out; it is reclaimed at process exit.
     std::mem::forget(cluster);

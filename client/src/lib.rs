@@ -3,11 +3,15 @@
 
 mod client;
 mod context;
+#[cfg(feature = "embedded")]
 mod embedded;
 mod statements;
 
 pub use client::{ClientOptions, VolleyClient};
-pub use context::{DistributedExec, context_for, remote, remote_with, standalone};
+#[cfg(feature = "embedded")]
+pub use context::standalone;
+pub use context::{DistributedExec, context_for, remote, remote_with};
+#[cfg(feature = "embedded")]
 pub use embedded::EmbeddedCluster;
 pub use statements::{ends_statement, split_statements};
 pub use volley_core::{Result, VolleyError};

@@ -7,6 +7,7 @@ pub mod error;
 pub mod grant;
 pub mod ids;
 pub mod plan;
+pub mod rules;
 pub mod sandbox;
 pub mod sandbox_store;
 pub mod security;

@@ -1,4 +1,4 @@
-//! Prometheus metrics of one scheduler (its own registry, so several schedulers can share a
+//! L5: Prometheus metrics of one scheduler (its own registry, so several schedulers can share a
 //! process). Counters and the task-duration histogram are updated as events happen; gauges
 //! are refreshed from the cluster state at scrape time.
 
@@ -7,7 +7,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::state::{ClusterState, JobState, TaskState};
+use crate::cluster::ClusterState;
+use crate::job::{JobState, TaskState};
 
 /// The scheduler's metrics.
 #[derive(Clone)]
@@ -100,11 +101,11 @@ impl SchedulerMetrics {
         for name in ["queued", "running", "succeeded", "failed", "cancelled"] {
             self.jobs.with_label_values(&[name]).set(0);
         }
-        for job in state.jobs.values() {
+        for job in state.jobs().values() {
             self.jobs.with_label_values(&[job.state.as_str()]).inc();
         }
         let running = state
-            .jobs
+            .jobs()
             .values()
             .filter(|j| j.state == JobState::Running)
             .flat_map(|j| j.stages.values())
@@ -114,7 +115,8 @@ impl SchedulerMetrics {
         self.running_tasks
             .set(i64::try_from(running).unwrap_or(i64::MAX));
         self.executors_alive.set(
-            i64::try_from(state.executors.values().filter(|e| e.alive).count()).unwrap_or(i64::MAX),
+            i64::try_from(state.executors().values().filter(|e| e.alive).count())
+                .unwrap_or(i64::MAX),
         );
         let mut buffer = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {

@@ -1,15 +1,20 @@
-//! Read-only views of the scheduler's state for the status pages and the JSON API. These types
-//! are the API's contract; they are built from, but independent of, the internal state.
+//! L5: read-only views of the scheduler's state for the status pages and the JSON API. These
+//! types are the API's contract; they are built from, but independent of, the internal state.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::physical_plan::{ExecutionPlan, displayable};
 use serde::Serialize;
 
-use crate::state::{ClusterState, ExecutorInfo, Job, JobState, StageState, TaskState};
+use crate::cluster::ClusterState;
+use crate::cluster::executors::ExecutorInfo;
+use crate::fmt::{epoch_ms, ms};
+use crate::graph::StageKind;
+use crate::job::stage::StageState;
+use crate::job::{Job, JobState, TaskState};
 
 /// A job in the jobs list.
 #[derive(Debug, Clone, Serialize)]
@@ -171,14 +176,6 @@ pub struct ExecutorView {
     pub state: String,
 }
 
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn epoch_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(ms).unwrap_or(0)
-}
-
 /// Summary of one job.
 pub fn job_summary(job: &Job) -> JobSummary {
     let (stages_done, stages_total, tasks_done, tasks_total) = job.progress();
@@ -208,10 +205,10 @@ pub fn job_summary(job: &Job) -> JobSummary {
 /// All jobs, newest first.
 pub fn jobs(state: &ClusterState) -> Vec<JobSummary> {
     state
-        .job_order
+        .job_order()
         .iter()
         .rev()
-        .filter_map(|id| state.jobs.get(id))
+        .filter_map(|id| state.job(id))
         .map(job_summary)
         .collect()
 }
@@ -277,32 +274,9 @@ pub fn stage_summary(job: &Job, stage: &StageState) -> StageSummary {
     if stage.plan.inputs.is_empty() {
         rows_in = leaf_rows(&plan, &stage.operator_metrics);
     }
-    let tasks_done = stage
-        .tasks
-        .iter()
-        .filter(|t| matches!(t.state, TaskState::Succeeded { .. }))
-        .count();
-    let complete = tasks_done == stage.tasks.len();
-    let failed = matches!(job.state, JobState::Failed(_))
-        && stage.tasks.iter().any(|t| t.last_error.is_some())
-        && !complete;
-    let state = if stage.skipped {
-        "skipped"
-    } else if complete {
-        "succeeded"
-    } else if failed {
-        "failed"
-    } else if stage.started.is_some()
-        && stage
-            .tasks
-            .iter()
-            .any(|t| matches!(t.state, TaskState::Running { .. }))
-    {
-        "running"
-    } else {
-        "pending"
-    };
-    let duration = match (stage.started, stage.finished) {
+    let tasks_done = stage.done_count();
+    let state = stage.status(matches!(job.state, JobState::Failed(_)));
+    let duration = match (stage.started(), stage.finished()) {
         (Some(start), Some(end)) => end.saturating_duration_since(start),
         (Some(start), None) if !job.state.is_final() => start.elapsed(),
         (Some(start), None) => job
@@ -313,7 +287,7 @@ pub fn stage_summary(job: &Job, stage: &StageState) -> StageSummary {
     StageSummary {
         id: stage.plan.stage_id,
         kind: stage.plan.kind.as_str().to_string(),
-        state: state.to_string(),
+        state: state.as_str().to_string(),
         inputs: stage.plan.inputs.clone(),
         partitions: stage.tasks.len(),
         tasks_done,
@@ -321,7 +295,7 @@ pub fn stage_summary(job: &Job, stage: &StageState) -> StageSummary {
         bytes_in,
         rows_out,
         bytes_out,
-        shuffle_bytes: if stage.plan.kind == crate::planner::StageKind::Result {
+        shuffle_bytes: if stage.plan.kind == StageKind::Result {
             0
         } else {
             bytes_out
@@ -336,7 +310,7 @@ pub fn stage_summary(job: &Job, stage: &StageState) -> StageSummary {
 
 /// A job and its stages.
 pub fn job_detail(state: &ClusterState, job_id: &str) -> Option<JobDetail> {
-    let job = state.jobs.get(job_id)?;
+    let job = state.job(job_id)?;
     Some(JobDetail {
         job: job_summary(job),
         stages: job
@@ -349,7 +323,7 @@ pub fn job_detail(state: &ClusterState, job_id: &str) -> Option<JobDetail> {
 
 /// A stage and its tasks.
 pub fn stage_detail(state: &ClusterState, job_id: &str, stage_id: u32) -> Option<StageDetail> {
-    let job = state.jobs.get(job_id)?;
+    let job = state.job(job_id)?;
     let stage = job.stages.get(&stage_id)?;
     let tasks: Vec<TaskView> = stage
         .tasks
@@ -412,7 +386,7 @@ pub fn stage_detail(state: &ClusterState, job_id: &str, stage_id: u32) -> Option
 
 fn executor_view(state: &ClusterState, e: &ExecutorInfo) -> ExecutorView {
     let held: u64 = state
-        .jobs
+        .jobs()
         .values()
         .filter(|j| !j.released)
         .flat_map(|j| j.stages.values())
@@ -426,15 +400,6 @@ fn executor_view(state: &ClusterState, e: &ExecutorInfo) -> ExecutorView {
             _ => None,
         })
         .sum();
-    let status = if !e.alive {
-        "lost"
-    } else if e.draining {
-        "draining"
-    } else if !e.breaker.allows() {
-        "circuit open"
-    } else {
-        "alive"
-    };
     ExecutorView {
         id: e.id.clone(),
         address: format!("{}:{}", e.host, e.port),
@@ -444,14 +409,14 @@ fn executor_view(state: &ClusterState, e: &ExecutorInfo) -> ExecutorView {
         failed_tasks: e.failed_tasks,
         last_heartbeat_age_ms: ms(e.last_seen.elapsed()),
         shuffle_bytes_held: held,
-        state: status.to_string(),
+        state: e.status().to_string(),
     }
 }
 
 /// All executors the scheduler knows.
 pub fn executors(state: &ClusterState) -> Vec<ExecutorView> {
     state
-        .executors
+        .executors()
         .values()
         .map(|e| executor_view(state, e))
         .collect()

@@ -252,7 +252,7 @@ async fn main() -> Result<(), BoxError> {
 /// rows and adaptive decisions.
 fn print_stages(cluster: &EmbeddedCluster, job_id: &str) {
     cluster.scheduler().service().with_state(|state| {
-        let Some(job) = state.jobs.get(job_id) else {
+        let Some(job) = state.job(job_id) else {
             return;
         };
         let ms = |t: Option<Instant>| {
@@ -265,7 +265,7 @@ fn print_stages(cluster: &EmbeddedCluster, job_id: &str) {
                 .tasks
                 .iter()
                 .filter_map(|t| match &t.state {
-                    volley_scheduler::state::TaskState::Succeeded { outputs, .. } => {
+                    volley_scheduler::job::TaskState::Succeeded { outputs, .. } => {
                         Some(outputs.iter().map(|o| o.num_rows).sum::<u64>())
                     }
                     _ => None,
@@ -276,7 +276,7 @@ fn print_stages(cluster: &EmbeddedCluster, job_id: &str) {
                 .tasks
                 .iter()
                 .filter_map(|t| match &t.state {
-                    volley_scheduler::state::TaskState::Succeeded { elapsed, .. } => {
+                    volley_scheduler::job::TaskState::Succeeded { elapsed, .. } => {
                         Some(format!("{:.1}", elapsed.as_secs_f64() * 1000.0))
                     }
                     _ => None,
@@ -287,8 +287,8 @@ fn print_stages(cluster: &EmbeddedCluster, job_id: &str) {
                 stage.plan.stage_id,
                 stage.plan.kind.as_str(),
                 stage.tasks.len(),
-                ms(stage.started),
-                ms(stage.finished),
+                ms(stage.started()),
+                ms(stage.finished()),
                 durations.join(" "),
                 decisions.join("; ")
             );

@@ -90,13 +90,13 @@ async fn dataframe_api_runs_on_executors_with_datafusion_results() {
     // The scheduler ran these as jobs, with tasks on executors.
     let (jobs, tasks) = cluster.scheduler().service().with_state(|s| {
         let jobs: Vec<_> = s
-            .jobs
+            .jobs()
             .values()
             .filter(|j| j.sql.starts_with("DataFrame:"))
             .map(|j| j.state.clone())
             .collect();
         let tasks: usize = s
-            .executors
+            .executors()
             .values()
             .map(|e| e.completed_tasks as usize)
             .sum();
@@ -108,7 +108,7 @@ async fn dataframe_api_runs_on_executors_with_datafusion_results() {
     );
     assert!(
         jobs.iter()
-            .all(|s| *s == volley_scheduler::state::JobState::Succeeded)
+            .all(|s| *s == volley_scheduler::job::JobState::Succeeded)
     );
     assert!(tasks > 0, "executors ran tasks");
     cluster.shutdown().await;

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use volley::EmbeddedCluster;
 use volley_scheduler::SchedulerConfig;
-use volley_scheduler::state::TaskState;
+use volley_scheduler::job::TaskState;
 use volley_tests::Hold;
 use volley_tests::compare::rows;
 
@@ -63,7 +63,7 @@ async fn task_failing_every_attempt_fails_job_after_exactly_n_attempts() {
     );
     assert!(err.contains("injected fault"), "{err}");
     let attempts = cluster.scheduler().service().with_state(|s| {
-        let job = &s.jobs[&job_id];
+        let job = &s.jobs()[&job_id];
         let task = &job.stages[&1].tasks[0];
         (task.failures, task.attempt)
     });
@@ -84,7 +84,7 @@ async fn fail_first_attempt(task_max_attempts: u32) -> Result<(String, Option<St
     let job_id = client.submit(QUERY).await.unwrap();
     let outcome = client.sql_job_rows(&job_id).await;
     let placement = cluster.scheduler().service().with_state(|s| {
-        let task = &s.jobs[&job_id].stages[&1].tasks[0];
+        let task = &s.jobs()[&job_id].stages[&1].tasks[0];
         let ran_on = match &task.state {
             TaskState::Succeeded { executor_id, .. } => Some(executor_id.clone()),
             _ => None,
@@ -129,7 +129,7 @@ async fn cancel_stops_tasks_frees_slots_and_removes_files() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let stage2_running = service.with_state(|s| {
-            s.jobs[&job_id].stages[&2]
+            s.jobs()[&job_id].stages[&2]
                 .tasks
                 .iter()
                 .any(|t| matches!(t.state, TaskState::Running { .. }))
@@ -154,7 +154,7 @@ async fn cancel_stops_tasks_frees_slots_and_removes_files() {
     assert!(err.contains("cancelled"), "{err}");
     loop {
         let (free, slots, reported) = service.with_state(|s| {
-            let alive = s.executors.values().filter(|e| e.alive);
+            let alive = s.executors().values().filter(|e| e.alive);
             alive.fold((0, 0, 0), |(f, t, r), e| {
                 (f + e.free_slots, t + e.slots, r + e.reported_running)
             })
@@ -196,12 +196,12 @@ async fn a_failed_job_leaves_no_files() {
     let job_id = cluster
         .scheduler()
         .service()
-        .with_state(|s| s.job_order.last().cloned())
+        .with_state(|s| s.job_order().last().cloned())
         .unwrap();
     let wrote = cluster
         .scheduler()
         .service()
-        .with_state(|s| s.jobs[&job_id].stages[&1].output_size().1);
+        .with_state(|s| s.jobs()[&job_id].stages[&1].output_size().1);
     assert!(wrote > 0, "stage 1 wrote shuffle files");
     let deadline = Instant::now() + Duration::from_secs(10);
     while volley_tests::files_under(cluster.work_dir()) > 0 {

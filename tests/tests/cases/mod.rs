@@ -5,6 +5,7 @@ mod examples;
 mod faults;
 mod fuzz;
 mod hardening;
+mod layout;
 mod lifecycle;
 mod perf;
 mod repl;

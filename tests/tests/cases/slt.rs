@@ -103,10 +103,10 @@ async fn slt_volley_cluster() {
     }
     let executors_used = cluster.scheduler().service().with_state(|s| {
         let mut used = std::collections::BTreeSet::new();
-        for job in s.jobs.values() {
+        for job in s.jobs().values() {
             for stage in job.stages.values() {
                 for task in &stage.tasks {
-                    if let volley_scheduler::state::TaskState::Succeeded { executor_id, .. } =
+                    if let volley_scheduler::job::TaskState::Succeeded { executor_id, .. } =
                         &task.state
                     {
                         used.insert(executor_id.clone());
@@ -119,7 +119,7 @@ async fn slt_volley_cluster() {
     assert_eq!(executors_used.len(), 2, "slt queries ran on both executors");
     // adaptive.slt's decisions are in the job state the JSON API serves, with their sizes.
     let decisions: Vec<(String, String)> = cluster.scheduler().service().with_state(|s| {
-        s.jobs
+        s.jobs()
             .keys()
             .filter_map(|id| volley_scheduler::views::job_detail(s, id))
             .flat_map(|job| job.stages)

@@ -8,14 +8,11 @@
 //!   a broadcast stage;
 //! * the root ends in a result stage whose files the client fetches directly.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 
-use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::physical_expr::LexOrdering;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
-use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::joins::{HashJoinExec, NestedLoopJoinExec, PartitionMode};
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
@@ -24,152 +21,9 @@ use datafusion::physical_plan::{
     ExecutionPlan, ExecutionPlanProperties, Partitioning, replace_children_if_necessary,
 };
 use volley_core::plan::{ShuffleReaderExec, ShuffleWriterExec};
+use volley_core::rules::emits_build_rows_at_end;
 
-use crate::adaptive::{ShuffledJoin, filterable_joins, shuffled_join};
-use crate::rules::emits_build_rows_at_end;
-
-/// What a stage's output is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StageKind {
-    /// Hash-partitioned shuffle consumed partition by partition.
-    Shuffle,
-    /// One file per task, merged or coalesced by a single consumer task.
-    Merge,
-    /// One file per task, read in full by every task of the consumer (join build side).
-    Broadcast,
-    /// The job's result, fetched by the client.
-    Result,
-}
-
-impl StageKind {
-    /// Lower-case name used in EXPLAIN and state records.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StageKind::Shuffle => "shuffle",
-            StageKind::Merge => "merge",
-            StageKind::Broadcast => "broadcast",
-            StageKind::Result => "result",
-        }
-    }
-}
-
-/// One stage of a job: a plan ending in a [`ShuffleWriterExec`], run as one task per partition.
-#[derive(Debug, Clone)]
-pub struct StagePlan {
-    /// Stage id, unique within the job; inputs always have smaller ids.
-    pub stage_id: u32,
-    /// The stage's plan; its readers have no locations yet.
-    pub plan: Arc<ShuffleWriterExec>,
-    /// Stages whose output this stage reads.
-    pub inputs: Vec<u32>,
-    /// Number of tasks.
-    pub partitions: usize,
-    /// What the output is for.
-    pub kind: StageKind,
-    /// Adaptive execution may turn this stage's partitioned join into a broadcast join, or
-    /// filter its probe stage by the build side's keys, once the build side's real size is
-    /// known (see [`crate::adaptive`]).
-    pub adaptive_joins: Vec<ShuffledJoin>,
-}
-
-/// Mark the stages whose partitioned join may become a broadcast join (or, for left
-/// outer/semi/anti/mark joins, have its probe stage filtered by the build side's keys) at run
-/// time: both sides are shuffle stages and the probe side feeds nothing else.
-pub fn mark_broadcast_candidates(stages: &mut [StagePlan]) {
-    let candidates: Vec<(usize, ShuffledJoin)> = stages
-        .iter()
-        .enumerate()
-        .flat_map(|(index, stage)| {
-            let plan = Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>;
-            // A broadcast switch moves the probe stage into this one; the filters only
-            // change probe stages, so several may apply to one stage.
-            let joins = match shuffled_join(&plan) {
-                Some(join) => vec![join],
-                None => filterable_joins(&plan),
-            };
-            joins.into_iter().map(move |join| (index, join))
-        })
-        .filter(|(_, join)| {
-            let shuffle = |id: u32| {
-                stages
-                    .iter()
-                    .any(|s| s.stage_id == id && s.kind == StageKind::Shuffle)
-            };
-            let probe_consumers = stages
-                .iter()
-                .filter(|s| s.inputs.contains(&join.probe))
-                .count();
-            // A filtered probe stage must be a plain scan stage: its tasks then read nothing
-            // that adaptive regrouping could narrow, and the build side is read whole.
-            let plain_probe = !join.probe_filter
-                || stages
-                    .iter()
-                    .any(|s| s.stage_id == join.probe && s.inputs.is_empty());
-            // Keys of a whole table (no filter, no join below them) would keep nearly every
-            // row: TPC-H q13's orders filtered by all customers kept 1,483,918 of 1,483,918.
-            let selective_keys = !join.probe_filter
-                || stages
-                    .iter()
-                    .find(|s| s.stage_id == join.build)
-                    .is_some_and(|s| {
-                        restricts_rows(&(Arc::clone(&s.plan) as Arc<dyn ExecutionPlan>))
-                    });
-            shuffle(join.build)
-                && shuffle(join.probe)
-                && probe_consumers == 1
-                && plain_probe
-                && selective_keys
-        })
-        .collect();
-    // The probe stage's output changes (moved, or filtered), so the join stage must read it in
-    // this one join only, and a probe stage is filtered for one join at most.
-    let candidates: Vec<(usize, ShuffledJoin)> = candidates
-        .iter()
-        .filter(|(index, join)| {
-            let plan = Arc::clone(&stages[*index].plan) as Arc<dyn ExecutionPlan>;
-            readers_of(&plan, join.probe) == 1
-                && candidates
-                    .iter()
-                    .filter(|(_, j)| j.probe == join.probe)
-                    .count()
-                    == 1
-        })
-        .copied()
-        .collect();
-    for (index, join) in candidates {
-        stages[index].adaptive_joins.push(join);
-    }
-}
-
-/// True when some operator of `plan` drops rows of its input by their values (a filter or a
-/// hash join), so its keys may be a small part of their table's.
-fn restricts_rows(plan: &Arc<dyn ExecutionPlan>) -> bool {
-    let mut found = false;
-    let _ = plan.apply(|node| {
-        found = node.is::<FilterExec>() || node.is::<HashJoinExec>();
-        Ok(if found {
-            TreeNodeRecursion::Stop
-        } else {
-            TreeNodeRecursion::Continue
-        })
-    });
-    found
-}
-
-/// Shuffle readers of `stage` in `plan`.
-fn readers_of(plan: &Arc<dyn ExecutionPlan>, stage: u32) -> usize {
-    let mut count = 0;
-    let _ = plan.apply(|node| {
-        if node
-            .downcast_ref::<ShuffleReaderExec>()
-            .is_some_and(|r| r.stage_id() == stage)
-        {
-            count += 1;
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-    count
-}
+use crate::graph::{StageKind, StagePlan};
 
 /// Split `plan` into stages; the last one is the result stage.
 pub fn plan_stages(job_id: &str, plan: Arc<dyn ExecutionPlan>) -> Result<Vec<StagePlan>> {
@@ -367,73 +221,6 @@ fn collect_reader_stages(plan: &Arc<dyn ExecutionPlan>, out: &mut Vec<u32>) {
     }
 }
 
-/// One line per stage: id, kind, task count, inputs and operators (pre-order).
-pub fn explain_stages(stages: &[StagePlan]) -> Vec<String> {
-    stages
-        .iter()
-        .map(|stage| {
-            let inputs: Vec<String> = stage.inputs.iter().map(|i| i.to_string()).collect();
-            let mut ops = String::new();
-            let writer: Arc<dyn ExecutionPlan> = Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>;
-            operators(&writer, &mut ops);
-            let notes: Vec<String> = stage
-                .adaptive_joins
-                .iter()
-                .map(|join| crate::adaptive::candidate(*join).to_string())
-                .collect();
-            let adaptive = if notes.is_empty() {
-                String::new()
-            } else {
-                format!(" adaptive=[{}]", notes.join("; "))
-            };
-            format!(
-                "Stage {}: kind={} partitions={} inputs=[{}]{adaptive} operators: {}",
-                stage.stage_id,
-                stage.kind.as_str(),
-                stage.partitions,
-                inputs.join(" "),
-                ops
-            )
-        })
-        .collect()
-}
-
-fn operators(plan: &Arc<dyn ExecutionPlan>, out: &mut String) {
-    let _ = write!(out, "{}", plan.name());
-    if let Some(reader) = plan.downcast_ref::<ShuffleReaderExec>() {
-        let _ = write!(out, "[stage {}]", reader.stage_id());
-    }
-    if let Some(writer) = plan.downcast_ref::<ShuffleWriterExec>() {
-        match writer.shuffle_partitioning() {
-            Some(Partitioning::Hash(_, n)) => {
-                let _ = write!(out, "[hash {n}]");
-            }
-            Some(p) => {
-                let _ = write!(out, "[{} buckets]", p.partition_count());
-            }
-            None => {}
-        }
-    }
-    let children = plan.children();
-    match children.len() {
-        0 => {}
-        1 => {
-            out.push_str(" <- ");
-            operators(children[0], out);
-        }
-        _ => {
-            out.push_str(" <- (");
-            for (i, child) in children.iter().enumerate() {
-                if i > 0 {
-                    out.push_str("; ");
-                }
-                operators(child, out);
-            }
-            out.push(')');
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,7 +232,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.csv");
         std::fs::write(&path, "a,b\n1,x\n2,y\n3,x\n").unwrap();
-        let ctx = SessionContext::new_with_state(crate::rules::volley_session_state(
+        let ctx = SessionContext::new_with_state(volley_core::rules::volley_session_state(
             volley_session_config(4),
         ));
         ctx.register_csv("t", path.to_str().unwrap(), CsvReadOptions::new())
@@ -477,7 +264,7 @@ mod tests {
         assert_eq!(stages[1].partitions, 4);
         assert_eq!(stages[2].inputs, vec![2]);
         assert_eq!(stages[2].partitions, 1);
-        let lines = explain_stages(&stages);
+        let lines = crate::explain::explain_stages(&stages);
         assert_eq!(lines.len(), 3);
         assert!(
             lines[0].starts_with("Stage 1: kind=shuffle"),

@@ -1,4 +1,5 @@
-//! Physical optimizer rules that make DataFusion's plans safe to run one partition per task.
+//! Physical optimizer rules that make DataFusion's plans safe to run one partition per task
+//! (shared by the scheduler, which plans jobs, and the client, which plans DataFrames).
 
 use std::sync::Arc;
 

@@ -364,7 +364,7 @@ mod tests {
             writer.write(&batch).unwrap();
             writer.close().unwrap();
         }
-        let ctx = SessionContext::new_with_state(crate::rules::volley_session_state(
+        let ctx = SessionContext::new_with_state(volley_core::rules::volley_session_state(
             volley_session_config(2),
         ));
         ctx.register_parquet("t", dir.path().to_str().unwrap(), ParquetReadOptions::new())

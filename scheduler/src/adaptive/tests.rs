@@ -1,0 +1,294 @@
+//! Each adaptive decision on stage graphs planned from SQL, with the sizes of finished stages
+//! set by hand: no cluster, no executors.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::prelude::{CsvReadOptions, SessionContext};
+use volley_core::config::volley_session_config;
+use volley_core::shuffle::PartitionLocation;
+
+use crate::adaptive::{before_launch, decide_switch, switch_candidates};
+use crate::graph::{ShuffledJoin, StageKind, mark_broadcast_candidates, plan_stages};
+use crate::job::{Job, StageEdit, TaskInfo, TaskRead, TaskState};
+
+/// The job of `sql` over tables `t` and `u` (a, b), with broadcast candidates marked and these
+/// settings; joins stay partitioned at planning.
+async fn job_of(sql: &str, settings: &[(&str, &str)]) -> Job {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.csv");
+    std::fs::write(&path, "a,b\n1,x\n2,y\n3,x\n").unwrap();
+    let mut config = volley_session_config(4);
+    config = config
+        .set_usize(
+            "datafusion.optimizer.hash_join_single_partition_threshold",
+            0,
+        )
+        .set_usize(
+            "datafusion.optimizer.hash_join_single_partition_threshold_rows",
+            0,
+        );
+    let ctx = SessionContext::new_with_state(volley_core::rules::volley_session_state(config));
+    for table in ["t", "u"] {
+        ctx.register_csv(table, path.to_str().unwrap(), CsvReadOptions::new())
+            .await
+            .unwrap();
+    }
+    let plan = ctx
+        .sql(sql)
+        .await
+        .unwrap()
+        .create_physical_plan()
+        .await
+        .unwrap();
+    let mut stages = plan_stages("job", plan).unwrap();
+    mark_broadcast_candidates(&mut stages);
+    let settings = settings
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let schema = Arc::new(datafusion::arrow::datatypes::Schema::empty());
+    let span = tracing::Span::none();
+    Job::new(
+        "job".into(),
+        sql.into(),
+        Arc::new(settings),
+        stages,
+        schema,
+        span,
+        false,
+    )
+}
+
+/// Finish every task of `stage`: map task `m` wrote `bytes(m, bucket)` into each bucket.
+fn finish(
+    job: &mut Job,
+    stage: u32,
+    maps: usize,
+    buckets: usize,
+    bytes: impl Fn(usize, usize) -> u64,
+) {
+    let tasks = &mut job.stages.get_mut(&stage).unwrap().tasks;
+    *tasks = vec![TaskInfo::pending(); maps];
+    for (map, task) in tasks.iter_mut().enumerate() {
+        let outputs = (0..buckets)
+            .map(|bucket| PartitionLocation {
+                executor_id: "a".into(),
+                host: "127.0.0.1".into(),
+                flight_port: 1,
+                path: format!("job/{stage}/{map}/{bucket}"),
+                map_partition: u32::try_from(map).unwrap(),
+                output_partition: u32::try_from(bucket).unwrap(),
+                num_rows: 1,
+                num_bytes: bytes(map, bucket),
+                grant: String::new(),
+            })
+            .collect();
+        task.state = TaskState::Succeeded {
+            executor_id: "a".into(),
+            outputs,
+            elapsed: Duration::from_millis(1),
+        };
+    }
+}
+
+/// The one broadcast-switch candidate of the job (not a semi-join reduction).
+fn switch(job: &Job) -> (u32, ShuffledJoin) {
+    let found: Vec<(u32, ShuffledJoin)> = job
+        .stages
+        .values()
+        .flat_map(|s| s.join_switch.iter().map(|j| (s.plan.stage_id, *j)))
+        .filter(|(_, j)| !j.probe_filter)
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    found[0]
+}
+
+fn notes(edits: &[StageEdit]) -> Vec<String> {
+    edits
+        .iter()
+        .filter_map(|e| match e {
+            StageEdit::Note(stage, d) => Some(format!("{stage}: {}", d.what)),
+            _ => None,
+        })
+        .collect()
+}
+
+const JOIN: &str = "SELECT t.a, u.a FROM t JOIN u ON t.b = u.b";
+
+#[tokio::test]
+async fn small_build_side_switches_to_broadcast_and_skips_the_probe_stage() {
+    let mut job = job_of(JOIN, &[("volley.adaptive_broadcast_bytes", "1000")]).await;
+    let (join_stage, join) = switch(&job);
+    assert_eq!(job.stages[&join.probe].wait_for, [join.build]);
+    finish(&mut job, join.build, 2, 4, |_, _| 10);
+    assert_eq!(switch_candidates(&job, join.build), [(join_stage, join)]);
+    let edits = decide_switch(&job, join_stage, join).unwrap();
+    assert!(
+        edits
+            .iter()
+            .any(|e| matches!(e, StageEdit::Skip(s) if *s == join.probe))
+    );
+    assert!(edits.iter().any(|e| matches!(
+        e,
+        StageEdit::Replan { stage, drop_input: Some(p), partitions: Some(_), .. }
+            if *stage == join_stage && *p == join.probe
+    )));
+    job.apply(edits);
+    let stage = &job.stages[&join_stage];
+    assert!(
+        !stage.plan.inputs.contains(&join.probe),
+        "reads the probe input directly"
+    );
+    assert!(stage.join_switch.is_empty());
+    assert!(job.stages[&join.probe].tasks.is_empty());
+    assert!(
+        stage
+            .adaptive
+            .last()
+            .unwrap()
+            .what
+            .starts_with("switched to broadcast join")
+    );
+    assert_eq!(stage.adaptive.last().unwrap().sizes, "8 rows, 80 B");
+}
+
+#[tokio::test]
+async fn big_build_side_keeps_the_partitioned_join() {
+    let mut job = job_of(JOIN, &[("volley.adaptive_broadcast_bytes", "1000")]).await;
+    let (join_stage, join) = switch(&job);
+    finish(&mut job, join.build, 2, 4, |_, _| 1000);
+    let edits = decide_switch(&job, join_stage, join).unwrap();
+    assert_eq!(
+        notes(&edits),
+        [format!(
+            "{join_stage}: kept partitioned join: build side (stage {}) too big",
+            join.build
+        )]
+    );
+    job.apply(edits);
+    assert!(
+        job.stages[&join.probe].wait_for.is_empty(),
+        "the probe stage may start"
+    );
+    assert_eq!(job.stages[&join_stage].plan.inputs.len(), 2);
+}
+
+#[tokio::test]
+async fn small_shuffle_partitions_are_coalesced() {
+    let mut job = job_of("SELECT b, count(*) FROM t GROUP BY b", &[]).await;
+    let (scan, consumer) = (1, 2);
+    assert_eq!(job.stages[&scan].plan.kind, StageKind::Shuffle);
+    finish(&mut job, scan, 2, 4, |_, _| 100);
+    let edits = before_launch(&job, consumer, 4);
+    let reads: Vec<TaskRead> = edits
+        .iter()
+        .find_map(|e| match e {
+            StageEdit::Regroup(stage, reads) if *stage == consumer => Some(reads.clone()),
+            _ => None,
+        })
+        .expect("a regroup");
+    assert_eq!(
+        reads,
+        [TaskRead {
+            partitions: 0..4,
+            maps: None
+        }]
+    );
+    assert_eq!(
+        notes(&edits),
+        [format!(
+            "{consumer}: coalesced 4 shuffle partitions into 1 tasks"
+        )]
+    );
+    job.apply(edits);
+    assert_eq!(job.stages[&consumer].tasks.len(), 1);
+}
+
+#[tokio::test]
+async fn a_skewed_join_partition_is_split_by_probe_map_output() {
+    let settings = [
+        ("volley.adaptive_broadcast_bytes", "1"),
+        ("volley.adaptive_skew_min_bytes", "1000"),
+        ("volley.adaptive_partition_bytes", "2000"),
+    ];
+    let mut job = job_of(JOIN, &settings).await;
+    let (join_stage, join) = switch(&job);
+    finish(&mut job, join.build, 2, 4, |_, _| 10);
+    let edits = decide_switch(&job, join_stage, join).unwrap();
+    job.apply(edits);
+    // Bucket 0 of the probe side holds 4 x 1000 bytes, the others 10 each.
+    finish(&mut job, join.probe, 4, 4, |_, bucket| {
+        if bucket == 0 { 1000 } else { 10 }
+    });
+    let edits = before_launch(&job, join_stage, 4);
+    let split: Vec<TaskRead> = edits
+        .iter()
+        .filter_map(|e| match e {
+            StageEdit::Regroup(_, reads) => Some(reads.clone()),
+            _ => None,
+        })
+        .flatten()
+        .filter(|r| r.maps.is_some())
+        .collect();
+    assert_eq!(
+        split,
+        [
+            TaskRead {
+                partitions: 0..1,
+                maps: Some((join.probe, 0..2))
+            },
+            TaskRead {
+                partitions: 0..1,
+                maps: Some((join.probe, 2..4))
+            },
+        ]
+    );
+    assert!(
+        notes(&edits).contains(&format!(
+            "{join_stage}: split skewed partition 0 into 2 tasks by probe-side map output"
+        )),
+        "{:?}",
+        notes(&edits)
+    );
+}
+
+#[tokio::test]
+async fn a_small_key_side_filters_the_probe_stage_before_its_shuffle() {
+    let sql = "SELECT v.a, u.a FROM (SELECT a, b FROM t WHERE a > 1) v LEFT JOIN u ON v.b = u.b";
+    let mut job = job_of(sql, &[("volley.adaptive_broadcast_bytes", "1000")]).await;
+    let filters: Vec<(u32, ShuffledJoin)> = job
+        .stages
+        .values()
+        .flat_map(|s| s.join_switch.iter().map(|j| (s.plan.stage_id, *j)))
+        .filter(|(_, j)| j.probe_filter)
+        .collect();
+    assert_eq!(
+        filters.len(),
+        1,
+        "one semi-join reduction candidate: {filters:?}"
+    );
+    let (join_stage, join) = filters[0];
+    finish(&mut job, join.build, 1, 4, |_, _| 10);
+    let edits = decide_switch(&job, join_stage, join).unwrap();
+    assert_eq!(
+        notes(&edits),
+        [
+            format!(
+                "{join_stage}: filtered stage {} by the join keys of stage {}: build side is small",
+                join.probe, join.build
+            ),
+            format!(
+                "{}: keeps only rows whose join keys are in stage {} (semi-join reduction before the shuffle)",
+                join.probe, join.build
+            ),
+        ]
+    );
+    job.apply(edits);
+    let probe = &job.stages[&join.probe];
+    assert!(
+        probe.plan.inputs.contains(&join.build),
+        "the probe stage now reads the keys"
+    );
+    assert!(probe.wait_for.is_empty());
+}

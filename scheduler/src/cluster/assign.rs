@@ -1,0 +1,138 @@
+//! Assignment: pending tasks of ready stages go to executors with free slots. A stage that
+//! becomes ready is first re-planned by the adaptive layer (Waiting -> Ready), then its plan
+//! is resolved and its tasks are placed (Ready -> Running).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::adaptive;
+use crate::cluster::ClusterState;
+use crate::cluster::executors::ExecutorInfo;
+use crate::cluster::placement::pick_executor;
+use crate::config::LoadBalancing;
+use crate::job::{Job, JobState, StagePhase, TaskLaunch, TaskState};
+
+/// Tasks to launch, by executor.
+type Assigned = BTreeMap<String, Vec<TaskLaunch>>;
+
+impl ClusterState {
+    /// Give pending tasks of ready stages to executors with free slots, least loaded first.
+    pub fn assign_tasks(&mut self) -> Vec<(ExecutorInfo, Vec<TaskLaunch>)> {
+        self.promote_queued();
+        let slots = self.total_slots();
+        let mut assigned = Assigned::new();
+        let order = self.job_order.clone();
+        'jobs: for job_id in order {
+            let Some(job) = self.jobs.get_mut(&job_id) else {
+                continue;
+            };
+            if job.state != JobState::Running {
+                continue;
+            }
+            let stage_ids: Vec<u32> = job.stages.keys().copied().collect();
+            for stage_id in stage_ids {
+                if !prepare_stage(job, stage_id, slots) {
+                    continue;
+                }
+                let plan = match job.resolved_plan(stage_id) {
+                    Ok(plan) => plan,
+                    Err(e) => {
+                        job.fail(format!("cannot prepare stage {stage_id}: {e}"));
+                        break;
+                    }
+                };
+                let placement = Placement {
+                    executors: &mut self.executors,
+                    cursor: (self.policy.load_balancing == LoadBalancing::RoundRobin)
+                        .then_some(&mut self.rr_cursor),
+                };
+                if !placement.place(job, stage_id, plan, &mut assigned) {
+                    break 'jobs;
+                }
+            }
+        }
+        assigned
+            .into_iter()
+            .filter_map(|(id, tasks)| self.executors.get(&id).map(|e| (e.clone(), tasks)))
+            .collect()
+    }
+}
+
+/// True when stage `stage_id` has tasks to launch now: not complete and everything it reads
+/// is done. A stage becoming ready is regrouped by adaptive execution first.
+fn prepare_stage(job: &mut Job, stage_id: u32, slots: usize) -> bool {
+    let Some(stage) = job.stages.get(&stage_id) else {
+        return false;
+    };
+    if stage.is_complete() || !job.stage_ready(stage) {
+        return false;
+    }
+    if stage.phase == StagePhase::Waiting {
+        let edits = adaptive::before_launch(job, stage_id, slots);
+        job.apply(edits);
+        if let Some(stage) = job.stages.get_mut(&stage_id) {
+            stage.mark_ready();
+        }
+    }
+    true
+}
+
+/// Executors to place tasks on, and the round-robin cursor when that is the policy.
+struct Placement<'a> {
+    executors: &'a mut BTreeMap<String, ExecutorInfo>,
+    cursor: Option<&'a mut usize>,
+}
+
+impl Placement<'_> {
+    /// Place the pending tasks of one stage; false once no executor has a free slot.
+    fn place(
+        mut self,
+        job: &mut Job,
+        stage_id: u32,
+        plan: Arc<Vec<u8>>,
+        assigned: &mut Assigned,
+    ) -> bool {
+        let job_span = job.span.clone();
+        let settings = Arc::clone(&job.settings);
+        let Some(stage) = job.stages.get_mut(&stage_id) else {
+            return true;
+        };
+        if stage.span.is_none() {
+            stage.span = Some(tracing::info_span!(
+                parent: &job_span,
+                "stage",
+                job_id = %job.id,
+                stage_id,
+                partitions = stage.tasks.len()
+            ));
+        }
+        stage.mark_launched();
+        let stage_span = stage.span.clone().unwrap_or_else(tracing::Span::none);
+        for (partition, task) in stage.tasks.iter_mut().enumerate() {
+            if !matches!(task.state, TaskState::Pending) {
+                continue;
+            }
+            let cursor = self.cursor.as_deref_mut();
+            let Some(executor_id) = pick_executor(self.executors, task.avoid.as_deref(), cursor)
+            else {
+                return false;
+            };
+            let Some(executor) = self.executors.get_mut(&executor_id) else {
+                continue;
+            };
+            executor.free_slots -= 1;
+            executor.breaker.placed();
+            task.launch(&executor_id);
+            assigned.entry(executor_id).or_default().push(TaskLaunch {
+                job_id: job.id.clone(),
+                stage_id,
+                partition: u32::try_from(partition).unwrap_or(u32::MAX),
+                attempt: task.attempt,
+                plan: Arc::clone(&plan),
+                settings: Arc::clone(&settings),
+                span: stage_span.clone(),
+            });
+        }
+        true
+    }
+}

@@ -1,0 +1,214 @@
+//! The job registry: jobs enter (planned, inline or waiting for another job), are admitted
+//! under `max_concurrent_jobs`, end (failed, cancelled, released) and are forgotten.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::datatypes::SchemaRef;
+
+use crate::cluster::ClusterState;
+use crate::graph::StagePlan;
+use crate::job::{Job, JobState, TaskLaunch};
+
+impl ClusterState {
+    fn insert(&mut self, job: Job) {
+        self.job_order.push(job.id.clone());
+        self.jobs.insert(job.id.clone(), job);
+    }
+
+    /// Add a job planned into `stages`; it queues when `max_concurrent_jobs` run already.
+    pub fn add_job(
+        &mut self,
+        id: String,
+        sql: String,
+        settings: Arc<Vec<(String, String)>>,
+        stages: Vec<StagePlan>,
+        schema: SchemaRef,
+        span: tracing::Span,
+    ) {
+        let limit = self.policy.max_concurrent_jobs;
+        let queued = limit > 0 && self.running_jobs() >= limit;
+        self.insert(Job::new(id, sql, settings, stages, schema, span, queued));
+    }
+
+    /// Add a job whose result the scheduler computed itself.
+    pub fn add_inline_job(&mut self, id: String, sql: String, schema: SchemaRef, result: Vec<u8>) {
+        let mut job = Job::stageless(id, sql, schema);
+        job.succeed_with(result);
+        self.insert(job);
+    }
+
+    /// Add a running job whose result another job produces (EXPLAIN ANALYZE); finish it with
+    /// [`ClusterState::finish_waiting_job`].
+    pub fn add_waiting_job(&mut self, id: String, sql: String, schema: SchemaRef) {
+        let mut job = Job::stageless(id, sql, schema);
+        job.waiting = true;
+        self.insert(job);
+    }
+
+    /// Give a waiting job its result (Arrow IPC stream) or its error, unless it already ended
+    /// (cancelled).
+    pub fn finish_waiting_job(&mut self, id: &str, result: Result<Vec<u8>, String>) {
+        if let Some(job) = self.jobs.get_mut(id) {
+            match result {
+                Ok(bytes) => job.succeed_with(bytes),
+                Err(message) => job.fail(message),
+            }
+        }
+    }
+
+    /// Fail a job that has not ended.
+    pub fn fail_job(&mut self, job_id: &str, message: String) {
+        if let Some(job) = self.jobs.get_mut(job_id) {
+            job.fail(message);
+        }
+    }
+
+    /// Fail every job that has not ended with `message(job_id)`; returns their ids.
+    pub fn fail_unfinished(&mut self, message: impl Fn(&str) -> String) -> Vec<String> {
+        let mut failed = Vec::new();
+        for job in self.jobs.values_mut().filter(|j| !j.state.is_final()) {
+            job.fail(message(&job.id));
+            failed.push(job.id.clone());
+        }
+        failed
+    }
+
+    /// Fail the running jobs in which no task finished for `timeout`; returns their ids.
+    pub fn fail_stalled(&mut self, timeout: Duration) -> Vec<String> {
+        let mut failed = Vec::new();
+        for job in self.jobs.values_mut() {
+            if let Some(message) = job.stalled(timeout) {
+                job.fail(message);
+                failed.push(job.id.clone());
+            }
+        }
+        failed
+    }
+
+    /// Mark a job cancelled. Returns true when it had not ended.
+    pub fn cancel_job(&mut self, job_id: &str) -> bool {
+        self.jobs.get_mut(job_id).is_some_and(Job::cancel)
+    }
+
+    /// The job's files are being removed: false when that already happened (or it is unknown).
+    pub fn mark_released(&mut self, job_id: &str) -> bool {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return false;
+        };
+        if job.released {
+            return false;
+        }
+        job.released = true;
+        // Plans and locations are no longer needed once files are gone.
+        for stage in job.stages.values_mut() {
+            stage.resolved = None;
+        }
+        true
+    }
+
+    /// Jobs whose files executors must keep (not released yet).
+    pub fn unreleased_jobs(&self) -> Vec<String> {
+        self.jobs
+            .values()
+            .filter(|j| !j.released)
+            .map(|j| j.id.clone())
+            .collect()
+    }
+
+    /// Jobs finished more than `ttl` ago whose results were never released.
+    pub fn expired_results(&self, ttl: Duration) -> Vec<String> {
+        let now = Instant::now();
+        self.jobs
+            .values()
+            .filter(|j| !j.released && j.finished.is_some_and(|f| now.duration_since(f) > ttl))
+            .map(|j| j.id.clone())
+            .collect()
+    }
+
+    /// Forget the oldest finished and released jobs beyond `keep`.
+    pub fn prune_jobs(&mut self, keep: usize) {
+        let finished: Vec<String> = self
+            .job_order
+            .iter()
+            .filter(|id| {
+                self.jobs
+                    .get(*id)
+                    .is_some_and(|j| j.state.is_final() && j.released)
+            })
+            .cloned()
+            .collect();
+        if finished.len() <= keep {
+            return;
+        }
+        let drop: HashSet<String> = finished[..finished.len() - keep].iter().cloned().collect();
+        self.job_order.retain(|id| !drop.contains(id));
+        self.jobs.retain(|id, _| !drop.contains(id));
+    }
+
+    /// Jobs in the running state (EXPLAIN ANALYZE's waiting jobs do not count).
+    pub fn running_jobs(&self) -> usize {
+        self.jobs
+            .values()
+            .filter(|j| j.state == JobState::Running && !j.waiting)
+            .count()
+    }
+
+    /// True when some job has not ended.
+    pub fn has_unfinished_jobs(&self) -> bool {
+        self.jobs.values().any(|j| !j.state.is_final())
+    }
+
+    /// True when some job runs (tasks may wait for a slot or a half-open breaker).
+    pub fn has_running_jobs(&self) -> bool {
+        self.jobs.values().any(|j| j.state == JobState::Running)
+    }
+
+    /// Start queued jobs, oldest first, while there is room under `max_concurrent_jobs`.
+    pub(crate) fn promote_queued(&mut self) {
+        let limit = self.policy.max_concurrent_jobs;
+        let mut running = self.running_jobs();
+        for job_id in &self.job_order {
+            if limit > 0 && running >= limit {
+                break;
+            }
+            if let Some(job) = self.jobs.get_mut(job_id)
+                && job.state == JobState::Queued
+            {
+                job.admit();
+                running += 1;
+            }
+        }
+    }
+
+    /// Tasks whose launch request never reached `executor_id` go back to the queue as they
+    /// were: they did not run, so they count neither as failures nor as crashes.
+    pub fn unlaunched(&mut self, executor_id: &str, tasks: &[TaskLaunch]) {
+        for task in tasks {
+            if let Some(job) = self.jobs.get_mut(&task.job_id) {
+                job.unlaunched(executor_id, task);
+            }
+        }
+    }
+
+    /// Running tasks of a failed or cancelled job were stopped on their executors: give their
+    /// slots back and forget them.
+    pub fn abort_job_tasks(&mut self, job_id: &str) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        for executor_id in job.abort_tasks() {
+            if let Some(e) = self.executors.get_mut(&executor_id) {
+                e.free_slot();
+            }
+        }
+    }
+
+    /// Shuffle bytes partition `partition` of a stage reads from its input stages.
+    pub fn input_bytes(&self, job_id: &str, stage_id: u32, partition: u32) -> u64 {
+        self.jobs
+            .get(job_id)
+            .map_or(0, |job| job.input_bytes(stage_id, partition))
+    }
+}

@@ -1,0 +1,195 @@
+//! Launching tasks on executors (batched under the message size limit, one stage per
+//! request), and ending jobs there: cancelling their tasks and removing their files.
+
+use volley_core::VolleyError;
+use volley_core::protobuf as pb;
+
+use crate::cluster::executors::ExecutorInfo;
+use crate::job::{JobState, TaskLaunch};
+use crate::service::{MESSAGE_OVERHEAD, SchedulerService};
+
+impl SchedulerService {
+    /// Hand pending tasks to executors with free slots.
+    pub fn schedule(&self) {
+        let assignments = self.state.lock().assign_tasks();
+        for (executor, tasks) in assignments {
+            let this = self.clone();
+            tokio::spawn(async move { this.launch(executor, tasks).await });
+        }
+    }
+
+    async fn launch(&self, executor: ExecutorInfo, tasks: Vec<TaskLaunch>) {
+        let limit = self.config.max_message_size;
+        let (fits, too_big): (Vec<TaskLaunch>, Vec<TaskLaunch>) = tasks
+            .into_iter()
+            .partition(|t| t.plan.len() + MESSAGE_OVERHEAD < limit);
+        if !too_big.is_empty() {
+            let mut failed = Vec::new();
+            {
+                let mut state = self.state.lock();
+                for t in &too_big {
+                    tracing::warn!(job_id = %t.job_id, stage = t.stage_id, bytes = t.plan.len(), limit, "task plan over the message size limit");
+                    state.fail_job(
+                        &t.job_id,
+                        format!(
+                            "the plan of stage {} is {} bytes, over the gRPC message size limit of {limit} bytes: raise --max-message-size (scheduler and executors) or simplify the query",
+                            t.stage_id,
+                            t.plan.len()
+                        ),
+                    );
+                    failed.push(t.job_id.clone());
+                }
+            }
+            self.finish_jobs(failed).await;
+        }
+        if fits.is_empty() {
+            return;
+        }
+        // Several tasks share one request; keep each request under the message limit.
+        let mut batch: Vec<TaskLaunch> = Vec::new();
+        let mut batch_bytes = 0;
+        for task in fits {
+            let bytes = task.plan.len() + MESSAGE_OVERHEAD;
+            let other_stage = batch.first().is_some_and(|t| {
+                (t.job_id.as_str(), t.stage_id) != (task.job_id.as_str(), task.stage_id)
+            });
+            if !batch.is_empty() && (batch_bytes + bytes >= limit || other_stage) {
+                self.launch_batch(&executor, std::mem::take(&mut batch))
+                    .await;
+                batch_bytes = 0;
+            }
+            batch_bytes += bytes;
+            batch.push(task);
+        }
+        if !batch.is_empty() {
+            self.launch_batch(&executor, batch).await;
+        }
+    }
+
+    async fn launch_batch(&self, executor: &ExecutorInfo, tasks: Vec<TaskLaunch>) {
+        tracing::debug!(executor_id = %executor.id, tasks = tasks.len(), stage = tasks.first().map(|t| t.stage_id), "launching");
+        let request = pb::LaunchTasksParams {
+            tasks: tasks
+                .iter()
+                .map(|t| pb::TaskDefinition {
+                    task: Some(pb::TaskId {
+                        job_id: t.job_id.clone(),
+                        stage_id: t.stage_id,
+                        partition: t.partition,
+                        attempt: t.attempt,
+                    }),
+                    plan: t.plan.as_ref().clone(),
+                    settings: t
+                        .settings
+                        .iter()
+                        .map(|(key, value)| pb::KeyValue {
+                            key: key.clone(),
+                            value: value.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        };
+        // One stage per request: its span's trace context rides in the request metadata.
+        let mut request = tonic::Request::new(request);
+        if let Some(first) = tasks.first() {
+            volley_core::telemetry::inject(&first.span, request.metadata_mut());
+        }
+        let result = match self.client(executor) {
+            Ok(mut client) => client
+                .launch_tasks(request)
+                .await
+                .map(|_| ())
+                .map_err(VolleyError::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            self.metrics
+                .rpc_errors
+                .with_label_values(&["launch_tasks"])
+                .inc();
+            tracing::warn!(executor_id = %executor.id, error = %e, "cannot launch tasks");
+            // An executor we cannot reach is treated as lost: its tasks go back to the queue
+            // (without counting as task failures) and a live executor registers again on its
+            // next heartbeat.
+            self.clients.lock().remove(&executor.id);
+            // Only a connection that never opened proves the tasks did not start: a transport
+            // error after the request went out may come from an executor that started a task
+            // and died of it at once.
+            let never_sent = matches!(&e, VolleyError::Connect { .. })
+                || matches!(&e, VolleyError::Grpc(s) if s.code() == tonic::Code::Unavailable
+                    && s.message().contains("connect error"));
+            {
+                let mut state = self.state.lock();
+                if never_sent {
+                    state.unlaunched(&executor.id, &tasks);
+                }
+                state.executor_lost(&executor.id);
+            }
+            self.finish_jobs(tasks.iter().map(|t| t.job_id.clone()).collect())
+                .await;
+            self.schedule();
+        }
+    }
+
+    pub(crate) async fn finish_jobs(&self, mut job_ids: Vec<String>) {
+        job_ids.sort();
+        job_ids.dedup();
+        for job_id in job_ids {
+            let state = self.state.lock().job(&job_id).map(|j| j.state.clone());
+            if matches!(state, Some(JobState::Failed(_) | JobState::Cancelled)) {
+                self.release(&job_id).await;
+            }
+        }
+    }
+
+    /// Cancel a job's tasks and delete its shuffle files on every executor. The work runs
+    /// detached: a caller cancelled midway (an RPC handler whose client went away, e.g. the
+    /// executor whose status report failed the job, its reporting task aborted by this very
+    /// cancel) must not stop it between "released" and "files deleted".
+    pub async fn release(&self, job_id: &str) {
+        let this = self.clone();
+        let job_id = job_id.to_string();
+        let _ = tokio::spawn(async move { this.release_now(&job_id).await }).await;
+    }
+
+    async fn release_now(&self, job_id: &str) {
+        let executors: Vec<ExecutorInfo> = {
+            let mut state = self.state.lock();
+            state.abort_job_tasks(job_id);
+            if state.job(job_id).is_some() && !state.mark_released(job_id) {
+                return;
+            }
+            state.alive_executors()
+        };
+        // Every executor at once: cancel the job's tasks, then delete its files.
+        let calls = executors.into_iter().filter_map(|executor| {
+            let mut client = self.client(&executor).ok()?;
+            let job = job_id.to_string();
+            Some(async move {
+                let _ = client
+                    .cancel_tasks(pb::CancelTasksParams {
+                        job_id: job.clone(),
+                    })
+                    .await;
+                if let Err(e) = client
+                    .remove_job_data(pb::RemoveJobDataParams { job_id: job.clone() })
+                    .await
+                {
+                    tracing::warn!(executor_id = %executor.id, job_id = %job, error = %e, "cannot remove job data");
+                }
+            })
+        });
+        futures::future::join_all(calls).await;
+    }
+
+    /// Cancel a running job.
+    pub async fn cancel(&self, job_id: &str) -> bool {
+        let cancelled = self.state.lock().cancel_job(job_id);
+        if cancelled {
+            tracing::info!(job_id, "job cancelled");
+            self.release(job_id).await;
+        }
+        cancelled
+    }
+}

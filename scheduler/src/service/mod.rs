@@ -1,0 +1,153 @@
+//! L6: the scheduler's service — the only place that does network IO. [`submit`] plans
+//! statements into jobs, [`launch`] sends tasks to executors and releases jobs,
+//! [`housekeeping`] expires executors, results and stuck jobs, [`executors`] handles what
+//! executors report, [`status`] answers clients' questions, and [`grpc`] is the thin gRPC
+//! layer over all of them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::prelude::SessionContext;
+use parking_lot::Mutex;
+use tokio::task::JoinHandle;
+use tonic::Status;
+use volley_core::Result;
+use volley_core::protobuf::executor_grpc_client::ExecutorGrpcClient;
+use volley_core::sandbox::Sandbox;
+use volley_core::sandbox_store::SandboxedStore;
+use volley_core::security::{AuthChannel, Security};
+
+use crate::cluster::ClusterState;
+use crate::cluster::executors::ExecutorInfo;
+use crate::config::SchedulerConfig;
+use crate::metrics::SchedulerMetrics;
+
+pub mod executors;
+pub mod grpc;
+pub mod housekeeping;
+pub mod launch;
+pub mod status;
+pub mod submit;
+
+pub use submit::ipc_bytes;
+
+/// Shared scheduler service; cheap to clone.
+#[derive(Clone)]
+pub struct SchedulerService {
+    config: Arc<SchedulerConfig>,
+    state: Arc<Mutex<ClusterState>>,
+    sessions: Arc<Mutex<HashMap<String, (SessionContext, Instant)>>>,
+    clients: Arc<Mutex<HashMap<String, ExecutorGrpcClient<AuthChannel>>>>,
+    sandbox: Sandbox,
+    metrics: SchedulerMetrics,
+    background: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// Runtime of every session: one memory pool for what runs on the scheduler (DDL,
+    /// `CREATE TABLE AS`, plans that cannot travel) and the sandboxed file store.
+    runtime: Arc<datafusion::execution::runtime_env::RuntimeEnv>,
+}
+
+/// The refusal of a call naming an executor without its registration secret.
+fn speaks_for(executor_id: &str) -> Status {
+    Status::permission_denied(format!(
+        "this call does not carry the registration secret of executor {executor_id}"
+    ))
+}
+
+/// How long a launched attempt may be missing from its executor's heartbeats (its launch
+/// request may still be on the way) before it is failed as lost.
+const RECONCILE_GRACE: Duration = Duration::from_secs(15);
+
+/// Room for a task's ids and settings next to its plan in a launch request.
+const MESSAGE_OVERHEAD: usize = 16 * 1024;
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+const NO_EXECUTOR_GRACE: Duration = Duration::from_secs(15);
+/// Finished, released jobs kept for inspection; older ones are forgotten.
+const MAX_FINISHED_JOBS: usize = 1000;
+/// Lost or deregistered executors stay listed (state `lost`) this long, at most this many.
+const LOST_EXECUTOR_RETENTION: Duration = Duration::from_secs(3600);
+const MAX_LOST_EXECUTORS: usize = 100;
+/// Sessions unused this long are dropped.
+const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Most sessions open at once; a client opening more is refused until idle ones expire.
+const MAX_SESSIONS: usize = 10_000;
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
+}
+
+impl SchedulerService {
+    /// A service with no executors and no jobs.
+    pub fn new(
+        config: Arc<SchedulerConfig>,
+        sandbox: Sandbox,
+        metrics: SchedulerMetrics,
+    ) -> Result<Self> {
+        let state = ClusterState::new(config.policy());
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(
+                datafusion::execution::memory_pool::FairSpillPool::new(config.memory_limit),
+            ))
+            .build_arc()?;
+        // Files DDL, `CREATE TABLE AS` and scheduler-side plans touch stay in the sandbox too.
+        SandboxedStore::install(&runtime, &sandbox)?;
+        Ok(Self {
+            runtime,
+            config,
+            state: Arc::new(Mutex::new(state)),
+            sessions: Arc::new(Mutex::new(HashMap::new())),
+            clients: Arc::new(Mutex::new(HashMap::new())),
+            sandbox,
+            metrics,
+            background: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// Refuse a call that names `executor_id` without its registration secret.
+    fn check_secret(&self, executor_id: &str, secret: &str) -> Result<(), Status> {
+        if self.state.lock().secret_matches(executor_id, secret) {
+            Ok(())
+        } else {
+            Err(speaks_for(executor_id))
+        }
+    }
+
+    /// The address the scheduler binds.
+    pub fn bind_host(&self) -> &str {
+        &self.config.host
+    }
+
+    /// Token and TLS settings of this scheduler.
+    pub fn security(&self) -> &Security {
+        &self.config.security
+    }
+
+    /// Prometheus text for `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let state = self.state.lock();
+        self.metrics.render(&state)
+    }
+
+    /// Read the state (tests, status pages).
+    pub fn with_state<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> T {
+        f(&self.state.lock())
+    }
+
+    fn client(&self, executor: &ExecutorInfo) -> Result<ExecutorGrpcClient<AuthChannel>> {
+        let mut clients = self.clients.lock();
+        if let Some(c) = clients.get(&executor.id) {
+            return Ok(c.clone());
+        }
+        let security = &self.config.security;
+        let channel = security
+            .endpoint(&security.url(&executor.host, executor.port))?
+            .timeout(RPC_TIMEOUT)
+            .connect_lazy();
+        let client = ExecutorGrpcClient::new(security.authed(channel)?)
+            .max_decoding_message_size(self.config.max_message_size)
+            .max_encoding_message_size(self.config.max_message_size);
+        clients.insert(executor.id.clone(), client.clone());
+        Ok(client)
+    }
+}

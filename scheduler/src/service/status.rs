@@ -1,0 +1,232 @@
+//! What clients ask: sessions, statements and plans to run, job status (long-polled),
+//! cancel and release, and the cluster state.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::{Request, Response, Status};
+use volley_core::codec::VolleyCodec;
+use volley_core::protobuf::{self as pb, job_status};
+
+use crate::job::{JobState, TaskState};
+use crate::service::submit::ipc_bytes;
+use crate::service::{MAX_SESSIONS, SESSION_IDLE_TIMEOUT, SchedulerService, new_id};
+
+impl SchedulerService {
+    fn job_status(&self, job_id: &str) -> Result<pb::JobStatus, Status> {
+        let state = self.state.lock();
+        let job = state
+            .job(job_id)
+            .ok_or_else(|| Status::not_found(format!("unknown job {job_id}")))?;
+        let (stages_done, stages_total, tasks_done, tasks_total) = job.progress();
+        let status = match &job.state {
+            JobState::Queued => job_status::Status::Running("queued".to_string()),
+            JobState::Running => job_status::Status::Running("running".to_string()),
+            JobState::Failed(msg) => job_status::Status::Failed(msg.clone()),
+            JobState::Cancelled => job_status::Status::Cancelled("cancelled".to_string()),
+            JobState::Succeeded => {
+                let locations = job.result_locations();
+                let num_rows = locations.iter().map(|l| l.num_rows).sum();
+                // Clients read result files from executors with a grant for each path.
+                let cluster_token = self.config.security.cluster_token();
+                let locations = locations
+                    .iter()
+                    .map(|l| {
+                        let mut location = pb::PartitionLocation::from(l);
+                        if let Some(key) = cluster_token {
+                            location.grant = volley_core::grant::grant(key, &l.path);
+                        }
+                        location
+                    })
+                    .collect();
+                job_status::Status::Completed(pb::CompletedJob {
+                    schema: ipc_bytes(&job.schema, &[]).map_err(Status::from)?,
+                    locations,
+                    inline_result: job.inline_result.clone().unwrap_or_default(),
+                    num_rows,
+                })
+            }
+        };
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        Ok(pb::JobStatus {
+            job_id: job_id.to_string(),
+            status: Some(status),
+            stages_total: n(stages_total),
+            stages_done: n(stages_done),
+            tasks_total: n(tasks_total),
+            tasks_done: n(tasks_done),
+        })
+    }
+
+    pub(super) async fn handle_create_session(
+        &self,
+        request: Request<pb::CreateSessionParams>,
+    ) -> Result<Response<pb::CreateSessionResult>, Status> {
+        if self.sessions.lock().len() >= MAX_SESSIONS {
+            return Err(Status::resource_exhausted(format!(
+                "too many open sessions ({MAX_SESSIONS}); sessions idle for {} s are closed",
+                SESSION_IDLE_TIMEOUT.as_secs()
+            )));
+        }
+        let ctx = self.new_session(&request.into_inner().settings)?;
+        let id = new_id();
+        self.sessions
+            .lock()
+            .insert(id.clone(), (ctx, Instant::now()));
+        Ok(Response::new(pb::CreateSessionResult { session_id: id }))
+    }
+
+    pub(super) async fn handle_execute_sql(
+        &self,
+        request: Request<pb::ExecuteSqlParams>,
+    ) -> Result<Response<pb::ExecuteSqlResult>, Status> {
+        let params = request.into_inner();
+        let ctx = self.session(&params.session_id)?;
+        let job_id = self.submit(&ctx, &params.sql).await?;
+        Ok(Response::new(pb::ExecuteSqlResult { job_id }))
+    }
+
+    pub(super) async fn handle_execute_plan(
+        &self,
+        request: Request<pb::ExecutePlanParams>,
+    ) -> Result<Response<pb::ExecuteSqlResult>, Status> {
+        let params = request.into_inner();
+        let ctx = self.session(&params.session_id)?;
+        let task_ctx = ctx.task_ctx();
+        let plan = VolleyCodec::decode_plan(&params.plan, &task_ctx)
+            .map_err(|e| Status::invalid_argument(format!("cannot decode plan: {e}")))?;
+        let settings = Arc::new(
+            params
+                .settings
+                .into_iter()
+                .map(|kv| (kv.key, kv.value))
+                .collect(),
+        );
+        let job_id = self
+            .submit_physical(new_id(), &params.description, &ctx, plan, settings)
+            .await?;
+        Ok(Response::new(pb::ExecuteSqlResult { job_id }))
+    }
+
+    pub(super) async fn handle_get_job_status(
+        &self,
+        request: Request<pb::GetJobStatusParams>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let params = request.into_inner();
+        let deadline = Instant::now() + Duration::from_millis(u64::from(params.wait_ms));
+        let mut rx = {
+            let state = self.state.lock();
+            let job = state
+                .job(&params.job_id)
+                .ok_or_else(|| Status::not_found(format!("unknown job {}", params.job_id)))?;
+            job.version.subscribe()
+        };
+        loop {
+            let done = self
+                .state
+                .lock()
+                .job(&params.job_id)
+                .is_none_or(|j| j.state.is_final());
+            let now = Instant::now();
+            if done || now >= deadline {
+                break;
+            }
+            if tokio::time::timeout(deadline - now, rx.changed())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        Ok(Response::new(self.job_status(&params.job_id)?))
+    }
+
+    pub(super) async fn handle_cancel_job(
+        &self,
+        request: Request<pb::CancelJobParams>,
+    ) -> Result<Response<pb::CancelJobResult>, Status> {
+        let cancelled = self.cancel(&request.into_inner().job_id).await;
+        Ok(Response::new(pb::CancelJobResult { cancelled }))
+    }
+
+    pub(super) async fn handle_release_job(
+        &self,
+        request: Request<pb::ReleaseJobParams>,
+    ) -> Result<Response<pb::ReleaseJobResult>, Status> {
+        let job_id = request.into_inner().job_id;
+        // Releasing a job that still runs cancels it: its tasks stop and its files go.
+        self.state.lock().cancel_job(&job_id);
+        self.release(&job_id).await;
+        Ok(Response::new(pb::ReleaseJobResult {}))
+    }
+
+    pub(super) async fn handle_get_cluster_state(
+        &self,
+        _request: Request<pb::GetClusterStateParams>,
+    ) -> Result<Response<pb::GetClusterStateResult>, Status> {
+        let state = self.state.lock();
+        let executors = state
+            .alive_executors()
+            .iter()
+            .map(|e| pb::ExecutorMetadata {
+                id: e.id.clone(),
+                host: e.host.clone(),
+                flight_port: u32::from(e.port),
+                grpc_port: u32::from(e.port),
+                slots: e.slots,
+            })
+            .collect();
+        let jobs = state
+            .job_order()
+            .iter()
+            .filter_map(|id| state.job(id))
+            .map(|job| {
+                let failed = matches!(job.state, JobState::Failed(_));
+                let mut tasks = Vec::new();
+                let stages = job
+                    .stages
+                    .iter()
+                    .map(|(stage_id, stage)| {
+                        for (partition, task) in stage.tasks.iter().enumerate() {
+                            let (executor_id, state) = match &task.state {
+                                TaskState::Pending => (String::new(), "pending"),
+                                TaskState::Running { executor_id, .. } => {
+                                    (executor_id.clone(), "running")
+                                }
+                                TaskState::Succeeded { executor_id, .. } => {
+                                    (executor_id.clone(), "succeeded")
+                                }
+                            };
+                            tasks.push(pb::TaskRecord {
+                                task: Some(pb::TaskId {
+                                    job_id: job.id.clone(),
+                                    stage_id: *stage_id,
+                                    partition: u32::try_from(partition).unwrap_or(u32::MAX),
+                                    attempt: task.attempt,
+                                }),
+                                executor_id,
+                                state: state.to_string(),
+                            });
+                        }
+                        pb::StageRecord {
+                            stage_id: *stage_id,
+                            partitions: u32::try_from(stage.tasks.len()).unwrap_or(u32::MAX),
+                            inputs: stage.plan.inputs.clone(),
+                            state: stage.status(failed).as_str().to_string(),
+                            kind: stage.plan.kind.as_str().to_string(),
+                            attempts: stage.attempts,
+                        }
+                    })
+                    .collect();
+                pb::JobRecord {
+                    job_id: job.id.clone(),
+                    sql: job.sql.clone(),
+                    state: job.state.as_str().to_string(),
+                    stages,
+                    tasks,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::GetClusterStateResult { executors, jobs }))
+    }
+}

@@ -1,0 +1,319 @@
+//! Submitting statements: parse, check against the sandbox and plan on a deep-stack thread;
+//! answer DDL, EXPLAIN and plans that cannot travel on the scheduler; cut the rest into stages
+//! and hand them to the cluster as a job; EXPLAIN ANALYZE waits for the job it analyzes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{RecordBatch, StringArray};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::ipc::writer::StreamWriter;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::SessionContext;
+use tonic::Status;
+use volley_core::codec::VolleyCodec;
+use volley_core::config::{config_to_pairs, volley_session_config};
+use volley_core::protobuf as pb;
+use volley_core::rules::volley_session_state_with;
+use volley_core::sandbox::Sandbox;
+use volley_core::stack::on_deep_stack;
+use volley_core::{Result, VolleyError};
+
+use crate::explain::{analyze_lines, explain_stages, plan_schema};
+use crate::graph::scan_balance::balance_parquet_scans;
+use crate::graph::{StagePlan, mark_broadcast_candidates, plan_stages};
+use crate::job::JobState;
+use crate::service::{SchedulerService, new_id};
+
+/// Encode batches as an Arrow IPC stream.
+pub fn ipc_bytes(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
+    let mut writer = StreamWriter::try_new(Vec::new(), schema)?;
+    for batch in batches {
+        writer.write(batch)?;
+    }
+    writer.finish()?;
+    Ok(writer.into_inner()?)
+}
+
+impl SchedulerService {
+    pub(super) fn new_session(&self, settings: &[pb::KeyValue]) -> Result<SessionContext> {
+        let target = self
+            .config
+            .target_partitions
+            .unwrap_or_else(|| self.state.lock().total_slots().max(2));
+        let mut config = volley_session_config(target);
+        for kv in settings {
+            volley_core::sandbox::check_setting(&kv.key)?;
+            config.options_mut().set(&kv.key, &kv.value)?;
+        }
+        Ok(SessionContext::new_with_state(volley_session_state_with(
+            config,
+            Some(Arc::clone(&self.runtime)),
+        )))
+    }
+
+    pub(crate) fn session(&self, id: &str) -> Result<SessionContext, Status> {
+        self.sessions
+            .lock()
+            .get_mut(id)
+            .map(|(ctx, used)| {
+                *used = Instant::now();
+                ctx.clone()
+            })
+            .ok_or_else(|| Status::not_found(format!("unknown session {id}: create one first")))
+    }
+
+    /// Plan `sql` in session `ctx` and submit it; returns the job id. Planning runs on a
+    /// deep-stack thread: a deeply nested statement cannot overflow a worker's stack.
+    pub async fn submit(&self, ctx: &SessionContext, sql: &str) -> Result<String> {
+        let job_id = new_id();
+        let planned = {
+            let (ctx, sql, sandbox) = (ctx.clone(), sql.to_string(), self.sandbox.clone());
+            let id = job_id.clone();
+            on_deep_stack("planner", move || async move {
+                plan_statement(&ctx, &sql, &sandbox, &id).await
+            })
+            .await?
+        };
+        match planned {
+            Planned::Inline(schema, bytes) => {
+                self.state
+                    .lock()
+                    .add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
+                Ok(job_id)
+            }
+            Planned::Collect(df) => {
+                let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+                let batches = df.collect().await?;
+                let bytes = ipc_bytes(&schema, &batches)?;
+                self.state
+                    .lock()
+                    .add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
+                Ok(job_id)
+            }
+            Planned::Analyze(physical, settings) => {
+                let inner = self
+                    .submit_physical(new_id(), sql, ctx, physical, settings)
+                    .await?;
+                let schema = plan_schema();
+                self.state.lock().add_waiting_job(
+                    job_id.clone(),
+                    sql.to_string(),
+                    Arc::clone(&schema),
+                );
+                let service = self.clone();
+                let outer = job_id.clone();
+                tokio::spawn(async move { service.finish_analyze(&outer, &inner, schema).await });
+                Ok(job_id)
+            }
+            Planned::Physical(physical, settings) => {
+                self.submit_physical(job_id, sql, ctx, physical, settings)
+                    .await
+            }
+        }
+    }
+
+    /// Cut an optimized physical plan into stages and run it; returns the job id.
+    pub async fn submit_physical(
+        &self,
+        job_id: String,
+        sql: &str,
+        ctx: &SessionContext,
+        physical: Arc<dyn ExecutionPlan>,
+        settings: Arc<Vec<(String, String)>>,
+    ) -> Result<String> {
+        self.sandbox.check_physical(&physical)?;
+        self.check_test_hooks(&settings)?;
+        let physical = balance_parquet_scans(physical, &ctx.state()).await?;
+        let settings = self.resolve_settings(settings);
+        let schema = physical.schema();
+        let mut stages = plan_stages(&job_id, Arc::clone(&physical))?;
+        // Task lists are allocated per partition: bound them before anything is allocated.
+        for stage in &stages {
+            volley_core::ids::check_partitions(
+                &format!("stage {}", stage.stage_id),
+                stage.partitions,
+            )?;
+        }
+        adaptive_candidates(&mut stages, &settings);
+        let distributable = stages.iter().all(|s| {
+            VolleyCodec::encode_plan(Arc::clone(&s.plan) as Arc<dyn ExecutionPlan>).is_ok()
+        });
+        if !distributable {
+            // System tables and in-memory sources cannot travel; they are small, run them here.
+            tracing::info!(
+                job_id,
+                "plan cannot be sent to executors; running it on the scheduler"
+            );
+            let batches = datafusion::physical_plan::collect(physical, ctx.task_ctx()).await?;
+            let bytes = ipc_bytes(&schema, &batches)?;
+            self.state
+                .lock()
+                .add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
+            return Ok(job_id);
+        }
+        let short: String = sql.chars().take(200).collect();
+        let span = tracing::info_span!(parent: None, "job", job_id = %job_id, stages = stages.len(), sql = %short);
+        tracing::info!(parent: &span, job_id, stages = stages.len(), "job submitted");
+        self.state.lock().add_job(
+            job_id.clone(),
+            sql.to_string(),
+            settings,
+            stages,
+            schema,
+            span,
+        );
+        self.schedule();
+        Ok(job_id)
+    }
+
+    /// Refuse a job that sets test hooks unless this cluster was started to honour them.
+    fn check_test_hooks(&self, settings: &[(String, String)]) -> Result<()> {
+        if self.config.enable_test_hooks {
+            return Ok(());
+        }
+        let options = volley_core::config::VolleyOptions::from_pairs(settings);
+        match options.test_hooks_set().first() {
+            Some(hook) => Err(VolleyError::NotAllowed(format!(
+                "{hook} is a test hook: it works only on a cluster started with --enable-test-hooks"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Settings a job's tasks run with: `volley.shuffle_compression = auto` becomes `none` when
+    /// every live executor is on a loopback address (shuffle bytes never cross a network and
+    /// compressing them only costs CPU), `lz4` otherwise.
+    fn resolve_settings(&self, settings: Arc<Vec<(String, String)>>) -> Arc<Vec<(String, String)>> {
+        const KEY: &str = "volley.shuffle_compression";
+        let auto = settings
+            .iter()
+            .find(|(k, _)| k == KEY)
+            .is_none_or(|(_, v)| v.eq_ignore_ascii_case("auto"));
+        if !auto {
+            return settings;
+        }
+        let local = self
+            .state
+            .lock()
+            .alive_executors()
+            .iter()
+            .all(|e| volley_core::security::is_loopback_host(&e.host));
+        let value = if local { "none" } else { "lz4" };
+        let mut resolved: Vec<(String, String)> =
+            settings.iter().filter(|(k, _)| k != KEY).cloned().collect();
+        resolved.push((KEY.to_string(), value.to_string()));
+        Arc::new(resolved)
+    }
+
+    /// EXPLAIN ANALYZE: wait for the job running the query, then answer with its stages as
+    /// they ran (tasks, rows, adaptive decisions) and drop its result.
+    async fn finish_analyze(&self, outer: &str, inner: &str, schema: SchemaRef) {
+        let Some(mut rx) = self.state.lock().job(inner).map(|j| j.version.subscribe()) else {
+            return;
+        };
+        loop {
+            let (inner_final, outer_final) = {
+                let state = self.state.lock();
+                let done = |id: &str| state.job(id).is_none_or(|j| j.state.is_final());
+                (done(inner), done(outer))
+            };
+            if outer_final && !inner_final {
+                self.cancel(inner).await;
+                return;
+            }
+            if inner_final {
+                break;
+            }
+            // Also wakes up now and then to notice a cancelled EXPLAIN ANALYZE.
+            let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+        }
+        let result = {
+            let state = self.state.lock();
+            match state.job(inner) {
+                Some(job) if job.state == JobState::Succeeded => {
+                    let lines = analyze_lines(job);
+                    RecordBatch::try_new(
+                        Arc::clone(&schema),
+                        vec![Arc::new(StringArray::from(lines))],
+                    )
+                    .map_err(|e| e.to_string())
+                    .and_then(|batch| ipc_bytes(&schema, &[batch]).map_err(|e| e.to_string()))
+                }
+                Some(job) => Err(match &job.state {
+                    JobState::Failed(message) => message.clone(),
+                    other => format!("the analyzed query was {}", other.as_str()),
+                }),
+                None => Err("the analyzed query's job is gone".to_string()),
+            }
+        };
+        self.release(inner).await;
+        self.state.lock().finish_waiting_job(outer, result);
+    }
+}
+
+/// Mark broadcast-switch candidates when the job's settings enable adaptive execution.
+fn adaptive_candidates(stages: &mut [StagePlan], settings: &[(String, String)]) {
+    let options = volley_core::config::VolleyOptions::from_pairs(settings);
+    if options.adaptive && options.adaptive_broadcast_bytes > 0 {
+        mark_broadcast_candidates(stages);
+    }
+}
+
+/// What planning a statement produced.
+enum Planned {
+    /// Answered while planning (EXPLAIN): the result as IPC bytes.
+    Inline(SchemaRef, Vec<u8>),
+    /// Runs on the scheduler (DDL, SET, DESCRIBE).
+    Collect(datafusion::dataframe::DataFrame),
+    /// EXPLAIN ANALYZE of this plan.
+    Analyze(Arc<dyn ExecutionPlan>, Arc<Vec<(String, String)>>),
+    /// A plan for the executors, with the session settings its tasks run with.
+    Physical(Arc<dyn ExecutionPlan>, Arc<Vec<(String, String)>>),
+}
+
+/// Parse, check and plan one statement (on a deep-stack thread; see [`on_deep_stack`]).
+async fn plan_statement(
+    ctx: &SessionContext,
+    sql: &str,
+    sandbox: &Sandbox,
+    job_id: &str,
+) -> Result<Planned> {
+    let state = ctx.state();
+    let logical = state.create_logical_plan(sql).await?;
+    sandbox.check_logical(&logical)?;
+    if let LogicalPlan::Explain(explain) = &logical
+        && !explain.verbose
+    {
+        let physical = state.create_physical_plan(&explain.plan).await?;
+        let physical = balance_parquet_scans(physical, &state).await?;
+        let mut stages = plan_stages(job_id, physical)?;
+        let pairs = config_to_pairs(state.config());
+        adaptive_candidates(&mut stages, &pairs);
+        let lines = explain_stages(&stages);
+        let schema = plan_schema();
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(StringArray::from(lines))],
+        )?;
+        let bytes = ipc_bytes(&schema, &[batch])?;
+        return Ok(Planned::Inline(schema, bytes));
+    }
+    if let LogicalPlan::Analyze(analyze) = &logical {
+        let physical = state.create_physical_plan(&analyze.input).await?;
+        let settings = Arc::new(config_to_pairs(state.config()));
+        return Ok(Planned::Analyze(physical, settings));
+    }
+    let scheduler_side = matches!(
+        logical,
+        LogicalPlan::Ddl(_) | LogicalPlan::Statement(_) | LogicalPlan::DescribeTable(_)
+    );
+    let df = ctx.execute_logical_plan(logical).await?;
+    if scheduler_side {
+        return Ok(Planned::Collect(df));
+    }
+    let physical = df.create_physical_plan().await?;
+    let settings = Arc::new(config_to_pairs(&state.config().clone()));
+    Ok(Planned::Physical(physical, settings))
+}
