@@ -27,6 +27,11 @@ extensions_options! {
         /// runaway allocation would), to show such a task fails its job instead of killing
         /// every executor in turn.
         pub test_abort_task: String, default = String::new()
+        /// Test hook: `STAGE:MS` keeps the worker thread of every task of that stage busy (a
+        /// CPU-bound loop that never yields, as a heavy operator does) for MS milliseconds
+        /// before the task runs: with as many such tasks as worker threads, nothing else on the
+        /// executor's task runtime moves.
+        pub test_busy_task: String, default = String::new()
         /// Compression of shuffle files: `auto` (default: none when every executor runs on
         /// this host's loopback, where no byte crosses a network, lz4 otherwise), `lz4`,
         /// `zstd` or `none`.
@@ -109,6 +114,15 @@ impl VolleyOptions {
             .then(|| PathBuf::from(path.trim()))
     }
 
+    /// How long the busy hook keeps the worker threads of this stage's tasks busy.
+    pub fn busy(&self, stage_id: u32) -> Option<std::time::Duration> {
+        let (stage, ms) = self.test_busy_task.split_once(':')?;
+        (stage.trim().parse::<u32>().ok()? == stage_id)
+            .then(|| ms.trim().parse::<u64>().ok())
+            .flatten()
+            .map(std::time::Duration::from_millis)
+    }
+
     /// The test hooks this session sets (non-empty `volley.test_*` options), by name.
     pub fn test_hooks_set(&self) -> Vec<&'static str> {
         let mut set = Vec::new();
@@ -123,6 +137,9 @@ impl VolleyOptions {
         }
         if !self.test_abort_task.is_empty() {
             set.push("volley.test_abort_task");
+        }
+        if !self.test_busy_task.is_empty() {
+            set.push("volley.test_busy_task");
         }
         set
     }

@@ -2,6 +2,7 @@
 //! files and serves them over Arrow Flight.
 
 mod flight;
+mod heartbeat;
 mod runner;
 pub mod server;
 mod work_dir;

@@ -158,6 +158,12 @@ impl TaskRunner {
             if let Some(release) = options.hold(task.stage_id) {
                 wait_for_release(&release).await?;
             }
+            if let Some(busy) = options.busy(task.stage_id) {
+                let until = std::time::Instant::now() + busy;
+                while std::time::Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            }
             if options.aborts(task.stage_id, task.partition) {
                 tracing::error!("injected abort (volley.test_abort_task)");
                 std::process::abort();

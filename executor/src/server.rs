@@ -28,6 +28,7 @@ use volley_core::security::{AuthChannel, Security, require_cluster};
 use volley_core::{Result, VolleyError};
 
 use crate::flight::ShuffleFlightService;
+use crate::heartbeat::{AttemptKey, Beat, Heartbeat};
 use crate::runner::TaskRunner;
 use crate::work_dir::WorkDir;
 
@@ -94,11 +95,13 @@ struct ExecutorInner {
     slots: Arc<Semaphore>,
     running: Mutex<HashMap<String, Vec<AbortHandle>>>,
     /// Secret of the current registration, carried by heartbeats, reports and deregistration.
-    secret: Mutex<String>,
+    secret: Arc<Mutex<String>>,
     /// Attempts held (waiting for a slot, running or reporting), listed in heartbeats.
     attempts: Arc<Mutex<HashSet<AttemptKey>>>,
     scheduler: SchedulerGrpcClient<AuthChannel>,
     draining: AtomicBool,
+    /// A re-registration is under way (heartbeats ask for one every beat until it is done).
+    registering: AtomicBool,
 }
 
 /// Exponential backoff with jitter: `base * 2^attempt` capped at 5 s, plus up to 50 % more.
@@ -109,9 +112,6 @@ fn backoff(attempt: u32) -> Duration {
     let jitter_percent = (uuid::Uuid::new_v4().as_u128() % 50) as u32;
     base + base * jitter_percent / 100
 }
-
-/// (job, stage, partition, attempt) of a task attempt.
-type AttemptKey = (String, u32, u32, u32);
 
 /// Holds an attempt in the executor's list until its status was delivered or it was aborted
 /// (dropped with its task).
@@ -373,7 +373,7 @@ pub struct ExecutorHandle {
     addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     join: Option<JoinHandle<()>>,
-    heartbeat: JoinHandle<()>,
+    heartbeat: Option<Heartbeat>,
 }
 
 impl ExecutorHandle {
@@ -401,7 +401,9 @@ impl ExecutorHandle {
         if drained.is_err() {
             tracing::warn!(executor_id = %self.id, "tasks still running after the drain timeout");
         }
-        self.heartbeat.abort();
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.stop().await;
+        }
         self.inner.deregister(false).await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -473,7 +475,8 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
         slots: Arc::new(Semaphore::new(config.slots.max(1))),
         running: Mutex::new(HashMap::new()),
         attempts: Arc::new(Mutex::new(HashSet::new())),
-        secret: Mutex::new(String::new()),
+        secret: Arc::new(Mutex::new(String::new())),
+        registering: AtomicBool::new(false),
         scheduler,
         config: config.clone(),
         draining: AtomicBool::new(false),
@@ -520,47 +523,31 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
     })?;
     tracing::info!(executor_id = %id, %addr, slots = config.slots, "executor registered");
 
-    let hb_inner = Arc::clone(&inner);
-    let heartbeat = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(hb_inner.config.heartbeat_interval);
-        loop {
-            tick.tick().await;
-            let free = u32::try_from(hb_inner.slots.available_permits()).unwrap_or(0);
-            let slots = u32::try_from(hb_inner.config.slots).unwrap_or(0);
-            let mut client = hb_inner.scheduler.clone();
-            let secret = hb_inner.secret.lock().clone();
-            let attempts: Vec<pb::TaskId> = hb_inner
-                .attempts
-                .lock()
-                .iter()
-                .map(|(job_id, stage_id, partition, attempt)| pb::TaskId {
-                    job_id: job_id.clone(),
-                    stage_id: *stage_id,
-                    partition: *partition,
-                    attempt: *attempt,
-                })
-                .collect();
-            match client
-                .heartbeat(pb::HeartbeatParams {
-                    executor_id: hb_inner.id.clone(),
-                    secret,
-                    free_slots: free,
-                    running_tasks: slots.saturating_sub(free),
-                    attempts,
-                })
-                .await
-            {
-                Ok(resp) if resp.get_ref().reregister => {
-                    tracing::warn!("scheduler does not know this executor; registering again");
-                    if let Err(e) = hb_inner.register().await {
-                        tracing::warn!(error = %e, "re-registration failed");
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+    let main = tokio::runtime::Handle::current();
+    let again = Arc::clone(&inner);
+    let heartbeat = Heartbeat::start(Beat {
+        id: id.clone(),
+        secret: Arc::clone(&inner.secret),
+        attempts: Arc::clone(&inner.attempts),
+        slots: Arc::clone(&inner.slots),
+        total_slots: u32::try_from(config.slots).unwrap_or(u32::MAX),
+        interval: config.heartbeat_interval,
+        scheduler_url: config.scheduler_url.clone(),
+        security: config.security.clone(),
+        max_message_size: config.max_message_size,
+        reregister: Box::new(move || {
+            if again.registering.swap(true, Ordering::SeqCst) {
+                return;
             }
-        }
-    });
+            let inner = Arc::clone(&again);
+            main.spawn(async move {
+                if let Err(e) = inner.register().await {
+                    tracing::warn!(error = %e, "re-registration failed");
+                }
+                inner.registering.store(false, Ordering::SeqCst);
+            });
+        }),
+    })?;
 
     Ok(ExecutorHandle {
         id,
@@ -568,6 +555,6 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
         addr,
         shutdown: Some(tx),
         join: Some(join),
-        heartbeat,
+        heartbeat: Some(heartbeat),
     })
 }

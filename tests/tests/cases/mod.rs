@@ -7,6 +7,7 @@ mod fuzz;
 mod hardening;
 mod layout;
 mod lifecycle;
+mod liveness;
 mod perf;
 mod repl;
 mod roles;

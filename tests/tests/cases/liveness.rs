@@ -1,0 +1,73 @@
+//! Liveness under saturation: an executor whose every task slot runs CPU-bound work that never
+//! yields keeps its heartbeats (they run on a thread of their own), so the scheduler neither
+//! declares it lost nor re-runs its tasks. (A SIGSTOPped executor is still declared lost:
+//! `cases::faults::sigstop_executor_tasks_retried_elsewhere_rows_counted_once`.)
+
+use volley_tests::compare::rows;
+use volley_tests::process::ProcessCluster;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_executor_is_not_declared_lost() {
+    volley_tests::init_tracing();
+    // As many slots as the executor process has tokio workers: busy tasks take them all.
+    let slots = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let cluster = ProcessCluster::start(1, slots, &["--executor-timeout-secs", "2"])
+        .await
+        .unwrap();
+    let client = cluster.client().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Several files: stage 1 gets a task for every slot, all busy at once.
+    for i in 0..2 * slots {
+        std::fs::write(dir.path().join(format!("part-{i}.csv")), "k,v\na,1\nb,2\n").unwrap();
+    }
+    client
+        .sql(&format!(
+            "CREATE EXTERNAL TABLE t (k VARCHAR, v BIGINT) STORED AS CSV LOCATION '{}/' \
+             OPTIONS ('format.has_header' 'true')",
+            dir.path().display()
+        ))
+        .await
+        .unwrap();
+    let before = client.cluster_state().await.unwrap().executors;
+    // Each task of stage 1 keeps its worker busy for 3 s, longer than the executor timeout.
+    client
+        .sql("SET volley.test_busy_task = '1:3000'")
+        .await
+        .unwrap();
+    let job_id = client
+        .submit("SELECT k, count(*) AS n, sum(v) AS s FROM t GROUP BY k ORDER BY k")
+        .await
+        .unwrap();
+    let outcome = client.sql_job_rows(&job_id).await;
+    let state = client.cluster_state().await.unwrap();
+    let job = state.jobs.iter().find(|j| j.job_id == job_id).unwrap();
+    let retried: Vec<String> = job
+        .tasks
+        .iter()
+        .filter_map(|t| t.task.as_ref())
+        .filter(|t| t.attempt > 0)
+        .map(|t| {
+            format!(
+                "task {} of stage {} attempt {}",
+                t.partition, t.stage_id, t.attempt
+            )
+        })
+        .collect();
+    assert!(
+        retried.is_empty(),
+        "the busy executor was declared lost and its tasks re-run: {retried:?}"
+    );
+    let files = 2 * slots;
+    let expected = vec![
+        vec!["a".to_string(), files.to_string(), files.to_string()],
+        vec!["b".to_string(), files.to_string(), (2 * files).to_string()],
+    ];
+    let batches = outcome.expect("the query succeeds");
+    assert_eq!(rows(&batches).unwrap(), expected);
+    let after = client.cluster_state().await.unwrap().executors;
+    let ids = |e: &[volley_core::protobuf::ExecutorMetadata]| {
+        e.iter().map(|e| e.id.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&after), ids(&before), "the same executor, never lost");
+    drop(cluster);
+}
