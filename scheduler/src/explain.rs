@@ -1,5 +1,6 @@
 //! L5: one formatter for EXPLAIN (the stages a query will run) and EXPLAIN ANALYZE (the
-//! stages as they ran: tasks, rows, adaptive decisions), one line per stage.
+//! stages as they ran: tasks, rows, adaptive decisions), one line per stage; and the text of
+//! adaptive decisions, which the JSON API and status page show too.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -8,13 +9,94 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::physical_plan::{ExecutionPlan, Partitioning};
 use volley_core::plan::{ShuffleReaderExec, ShuffleWriterExec};
 
+use crate::fmt::bytes;
 use crate::graph::StagePlan;
+use crate::job::edit::Size;
 use crate::job::stage::StageState;
 use crate::job::{Decision, Job, StagePhase};
 
 /// Schema of EXPLAIN answers: one `plan` line per row.
 pub fn plan_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![Field::new("plan", DataType::Utf8, false)]))
+}
+
+/// What a decision decided.
+pub fn decision_what(decision: &Decision) -> String {
+    match decision {
+        Decision::Candidate(join) if join.probe_filter => format!(
+            "filter stage {} by the join keys of stage {} if it is small; stage {} waits for it",
+            join.probe, join.build, join.probe
+        ),
+        Decision::Candidate(join) => format!(
+            "broadcast join if stage {} is small; stage {} waits for it",
+            join.build, join.probe
+        ),
+        Decision::KeptJoin { build, too_big, .. } if *too_big => {
+            format!("kept partitioned join: build side (stage {build}) too big")
+        }
+        Decision::KeptJoin { .. } => {
+            "kept partitioned join: probe side already started".to_string()
+        }
+        Decision::Broadcast { build, probe, .. } => format!(
+            "switched to broadcast join: build side (stage {build}) is small; stage {probe} \
+             skipped, its input read directly"
+        ),
+        Decision::Skipped { by } => {
+            format!("skipped: stage {by} reads this input directly (broadcast join)")
+        }
+        Decision::Filtered { probe, build, .. } => {
+            format!("filtered stage {probe} by the join keys of stage {build}: build side is small")
+        }
+        Decision::KeptUnfiltered { probe, started, .. } if *started => {
+            format!("kept stage {probe} unfiltered: it already started")
+        }
+        Decision::KeptUnfiltered { probe, build, .. } => {
+            format!("kept stage {probe} unfiltered: build side (stage {build}) too big")
+        }
+        Decision::KeepsKeysOf { build, .. } => format!(
+            "keeps only rows whose join keys are in stage {build} (semi-join reduction before \
+             the shuffle)"
+        ),
+        Decision::Coalesced {
+            partitions, tasks, ..
+        } => format!("coalesced {partitions} shuffle partitions into {tasks} tasks"),
+        Decision::SplitSkew { bucket, tasks, .. } => {
+            format!("split skewed partition {bucket} into {tasks} tasks by probe-side map output")
+        }
+    }
+}
+
+/// The sizes a decision was taken on (empty when none).
+pub fn decision_sizes(decision: &Decision) -> String {
+    let size = |s: &Size| format!("{} rows, {}", s.rows, bytes(s.bytes));
+    match decision {
+        Decision::Candidate(_) | Decision::Skipped { .. } => String::new(),
+        Decision::KeptJoin { size: s, .. }
+        | Decision::Broadcast { size: s, .. }
+        | Decision::Filtered { size: s, .. }
+        | Decision::KeptUnfiltered { size: s, .. }
+        | Decision::KeepsKeysOf { size: s, .. } => size(s),
+        Decision::Coalesced { total, target, .. } => format!(
+            "{} in all, target {} per task",
+            bytes(*total),
+            bytes(*target)
+        ),
+        Decision::SplitSkew { size, median, .. } => {
+            format!("{} of probe side, median {}", bytes(*size), bytes(*median))
+        }
+    }
+}
+
+/// `what (sizes)`, or `what` when there are no sizes.
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sizes = decision_sizes(self);
+        if sizes.is_empty() {
+            write!(f, "{}", decision_what(self))
+        } else {
+            write!(f, "{} ({sizes})", decision_what(self))
+        }
+    }
 }
 
 /// One line of a stage: `Stage N: kind=K <state> partitions|tasks=.. inputs=[..]`, then what
@@ -51,7 +133,7 @@ pub fn explain_stages(stages: &[StagePlan]) -> Vec<String> {
             let notes: Vec<String> = stage
                 .adaptive_joins
                 .iter()
-                .map(|join| Decision::candidate(*join).to_string())
+                .map(|join| Decision::Candidate(*join).to_string())
                 .collect();
             let adaptive = adaptive_note(notes.iter().map(String::as_str));
             let count = format!("partitions={}", stage.partitions);
@@ -73,7 +155,8 @@ fn analyze_line(stage: &StageState) -> String {
     } else {
         " done"
     };
-    let adaptive = adaptive_note(stage.adaptive.iter().map(|d| d.what.as_str()));
+    let whats: Vec<String> = stage.adaptive.iter().map(decision_what).collect();
+    let adaptive = adaptive_note(whats.iter().map(String::as_str));
     let count = format!("tasks={}", stage.tasks.len());
     stage_line(
         &stage.plan,
@@ -144,10 +227,15 @@ mod tests {
             ]
         );
         let mut stage = StageState::new(plan);
-        stage.adaptive.push(Decision::new("coalesced", "1 KiB"));
+        stage.adaptive.push(Decision::Coalesced {
+            partitions: 4,
+            tasks: 1,
+            total: 1024,
+            target: 1 << 20,
+        });
         assert_eq!(
             analyze_line(&stage),
-            "Stage 1: kind=result done tasks=1 inputs=[] rows=0 adaptive=[coalesced]"
+            "Stage 1: kind=result done tasks=1 inputs=[] rows=0 adaptive=[coalesced 4 shuffle partitions into 1 tasks]"
         );
     }
 }

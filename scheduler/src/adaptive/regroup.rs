@@ -12,7 +12,6 @@ use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use volley_core::config::VolleyOptions;
 use volley_core::plan::ShuffleReaderExec;
 
-use crate::fmt::bytes;
 use crate::graph::StageKind;
 use crate::graph::joins::shuffled_join;
 use crate::job::stage::StageState;
@@ -207,18 +206,12 @@ fn regroup(
     };
     for skew in &skewed {
         flush(start, skew.bucket, &mut reads);
-        notes.push(Decision::new(
-            format!(
-                "split skewed partition {} into {} tasks by probe-side map output",
-                skew.bucket,
-                skew.maps.len()
-            ),
-            format!(
-                "{} of probe side, median {}",
-                bytes(skew.size),
-                bytes(skew.median)
-            ),
-        ));
+        notes.push(Decision::SplitSkew {
+            bucket: skew.bucket,
+            tasks: skew.maps.len(),
+            size: skew.size,
+            median: skew.median,
+        });
         for range in &skew.maps {
             reads.push(TaskRead {
                 partitions: skew.bucket..skew.bucket + 1,
@@ -231,13 +224,12 @@ fn regroup(
     if plain_groups < partitions - skewed.len() {
         notes.insert(
             0,
-            Decision::new(
-                format!(
-                    "coalesced {} shuffle partitions into {plain_groups} tasks",
-                    partitions - skewed.len()
-                ),
-                format!("{} in all, target {} per task", bytes(total), bytes(target)),
-            ),
+            Decision::Coalesced {
+                partitions: partitions - skewed.len(),
+                tasks: plain_groups,
+                total,
+                target,
+            },
         );
     }
     (!notes.is_empty()).then_some((reads, notes))

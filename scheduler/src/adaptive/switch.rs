@@ -8,8 +8,8 @@ use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use volley_core::config::VolleyOptions;
 
 use crate::adaptive::rewrite::{broadcast_rewrite, probe_filter_rewrite};
-use crate::fmt::bytes;
 use crate::graph::ShuffledJoin;
+use crate::job::edit::Size;
 use crate::job::stage::StageState;
 use crate::job::{Decision, Job, StageEdit};
 
@@ -28,13 +28,13 @@ pub fn decide_switch(job: &Job, join_stage: u32, join: ShuffledJoin) -> Result<V
     let Some(build) = job.stages.get(&join.build) else {
         return Ok(Vec::new());
     };
-    let (rows, size) = build.output_size();
-    let sizes = format!("{rows} rows, {}", bytes(size));
+    let (rows, bytes) = build.output_size();
+    let size = Size { rows, bytes };
     let probe_started = job
         .stages
         .get(&join.probe)
         .is_none_or(|p| p.started().is_some());
-    let small = size <= options.adaptive_broadcast_bytes;
+    let small = bytes <= options.adaptive_broadcast_bytes;
     let mut edits = vec![StageEdit::Decided(join_stage, join)];
     if join.probe_filter {
         edits.extend(filter_probe(
@@ -43,26 +43,23 @@ pub fn decide_switch(job: &Job, join_stage: u32, join: ShuffledJoin) -> Result<V
             join,
             small,
             probe_started,
-            sizes,
+            size,
         )?);
     } else if !small || probe_started {
-        let what = if small {
-            "kept partitioned join: probe side already started".to_string()
-        } else {
-            format!(
-                "kept partitioned join: build side (stage {}) too big",
-                join.build
-            )
+        let decision = Decision::KeptJoin {
+            build: join.build,
+            too_big: !small,
+            size,
         };
         edits.push(StageEdit::StopWaiting {
             stage: join.probe,
             on: join.build,
         });
-        edits.push(StageEdit::Note(join_stage, Decision::new(what, sizes)));
+        edits.push(StageEdit::Note(join_stage, decision));
     } else if let (Some(stage), Some(probe)) =
         (job.stages.get(&join_stage), job.stages.get(&join.probe))
     {
-        edits.extend(switch_to_broadcast(stage, probe, join, sizes)?);
+        edits.extend(switch_to_broadcast(stage, probe, join, size)?);
     }
     Ok(edits)
 }
@@ -73,7 +70,7 @@ fn switch_to_broadcast(
     stage: &StageState,
     probe: &StageState,
     join: ShuffledJoin,
-    sizes: String,
+    size: Size,
 ) -> Result<Vec<StageEdit>> {
     let join_stage = stage.plan.stage_id;
     let probe_input = Arc::clone(probe.plan.plan.input());
@@ -89,14 +86,11 @@ fn switch_to_broadcast(
         },
         StageEdit::Note(
             join_stage,
-            Decision::new(
-                format!(
-                    "switched to broadcast join: build side (stage {}) is small; stage {} skipped, \
-                     its input read directly",
-                    join.build, join.probe
-                ),
-                sizes,
-            ),
+            Decision::Broadcast {
+                build: join.build,
+                probe: join.probe,
+                size,
+            },
         ),
         // The probe stage's own pending switch now concerns the join stage, which runs its
         // plan (the walk to a partitioned join passes through broadcast joins' probe sides).
@@ -105,13 +99,7 @@ fn switch_to_broadcast(
             to: join_stage,
         },
         StageEdit::Skip(join.probe),
-        StageEdit::Note(
-            join.probe,
-            Decision::new(
-                format!("skipped: stage {join_stage} reads this input directly (broadcast join)"),
-                "",
-            ),
-        ),
+        StageEdit::Note(join.probe, Decision::Skipped { by: join_stage }),
     ])
 }
 
@@ -124,7 +112,7 @@ fn filter_probe(
     join: ShuffledJoin,
     small: bool,
     started: bool,
-    sizes: String,
+    size: Size,
 ) -> Result<Vec<StageEdit>> {
     let rewritten = match (
         small && !started,
@@ -137,21 +125,19 @@ fn filter_probe(
         }
         _ => None,
     };
-    let what = if rewritten.is_some() {
-        format!(
-            "filtered stage {} by the join keys of stage {}: build side is small",
-            join.probe, join.build
-        )
-    } else if started {
-        format!("kept stage {} unfiltered: it already started", join.probe)
+    let (probe, build) = (join.probe, join.build);
+    let decision = if rewritten.is_some() {
+        Decision::Filtered { probe, build, size }
     } else {
-        format!(
-            "kept stage {} unfiltered: build side (stage {}) too big",
-            join.probe, join.build
-        )
+        Decision::KeptUnfiltered {
+            probe,
+            build,
+            started,
+            size,
+        }
     };
     let mut edits = vec![
-        StageEdit::Note(join_stage, Decision::new(what, sizes.clone())),
+        StageEdit::Note(join_stage, decision),
         StageEdit::StopWaiting {
             stage: join.probe,
             on: join.build,
@@ -167,14 +153,7 @@ fn filter_probe(
         });
         edits.push(StageEdit::Note(
             join.probe,
-            Decision::new(
-                format!(
-                    "keeps only rows whose join keys are in stage {} (semi-join reduction before \
-                     the shuffle)",
-                    join.build
-                ),
-                sizes,
-            ),
+            Decision::KeepsKeysOf { build, size },
         ));
     }
     Ok(edits)

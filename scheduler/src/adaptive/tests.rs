@@ -9,6 +9,7 @@ use volley_core::config::volley_session_config;
 use volley_core::shuffle::PartitionLocation;
 
 use crate::adaptive::{before_launch, decide_switch, switch_candidates};
+use crate::explain::{decision_sizes, decision_what};
 use crate::graph::{ShuffledJoin, StageKind, mark_broadcast_candidates, plan_stages};
 use crate::job::{Job, StageEdit, TaskInfo, TaskRead, TaskState};
 
@@ -108,7 +109,7 @@ fn notes(edits: &[StageEdit]) -> Vec<String> {
     edits
         .iter()
         .filter_map(|e| match e {
-            StageEdit::Note(stage, d) => Some(format!("{stage}: {}", d.what)),
+            StageEdit::Note(stage, d) => Some(format!("{stage}: {}", decision_what(d))),
             _ => None,
         })
         .collect()
@@ -142,15 +143,9 @@ async fn small_build_side_switches_to_broadcast_and_skips_the_probe_stage() {
     );
     assert!(stage.join_switch.is_empty());
     assert!(job.stages[&join.probe].tasks.is_empty());
-    assert!(
-        stage
-            .adaptive
-            .last()
-            .unwrap()
-            .what
-            .starts_with("switched to broadcast join")
-    );
-    assert_eq!(stage.adaptive.last().unwrap().sizes, "8 rows, 80 B");
+    let decision = stage.adaptive.last().unwrap();
+    assert!(decision_what(decision).starts_with("switched to broadcast join"));
+    assert_eq!(decision_sizes(decision), "8 rows, 80 B");
 }
 
 #[tokio::test]

@@ -10,49 +10,93 @@ use crate::graph::ShuffledJoin;
 use crate::job::Job;
 use crate::job::task::TaskInfo;
 
-/// One adaptive decision about a stage: what was decided, and the sizes it was decided on.
+/// Rows and bytes of a finished stage's output, which a decision was taken on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size {
+    /// Rows.
+    pub rows: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// One adaptive decision about a stage, as data: what was decided and the sizes it was decided
+/// on (deterministic for given data). Rendered to text only by [`crate::explain`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
-    /// The decision (deterministic for given data; shown by EXPLAIN ANALYZE).
-    pub what: String,
-    /// Sizes behind it (rows, bytes), empty when none.
-    pub sizes: String,
-}
-
-impl Decision {
-    /// A decision and the sizes behind it.
-    pub fn new(what: impl Into<String>, sizes: impl Into<String>) -> Self {
-        Decision {
-            what: what.into(),
-            sizes: sizes.into(),
-        }
-    }
-
-    /// The note a broadcast-switch or semi-join reduction candidate starts with.
-    pub fn candidate(join: ShuffledJoin) -> Self {
-        let what = if join.probe_filter {
-            format!(
-                "filter stage {} by the join keys of stage {} if it is small; stage {} waits for it",
-                join.probe, join.build, join.probe
-            )
-        } else {
-            format!(
-                "broadcast join if stage {} is small; stage {} waits for it",
-                join.build, join.probe
-            )
-        };
-        Decision::new(what, "")
-    }
-}
-
-impl std::fmt::Display for Decision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.sizes.is_empty() {
-            write!(f, "{}", self.what)
-        } else {
-            write!(f, "{} ({})", self.what, self.sizes)
-        }
-    }
+pub enum Decision {
+    /// Planning found a broadcast-switch or semi-join reduction candidate.
+    Candidate(ShuffledJoin),
+    /// The join stays partitioned: the build side is too big, or the probe side started.
+    KeptJoin {
+        /// Build-side stage.
+        build: u32,
+        /// True: too big; false: the probe side already started.
+        too_big: bool,
+        /// Build side's output.
+        size: Size,
+    },
+    /// The join became a broadcast join; the probe stage is skipped.
+    Broadcast {
+        /// Build-side stage.
+        build: u32,
+        /// Probe-side stage, now skipped.
+        probe: u32,
+        /// Build side's output.
+        size: Size,
+    },
+    /// This stage never runs: stage `by` reads its input directly.
+    Skipped {
+        /// The join stage that took over its plan.
+        by: u32,
+    },
+    /// Stage `probe` is filtered by the keys of stage `build` (on the join stage).
+    Filtered {
+        /// Filtered stage.
+        probe: u32,
+        /// Keys stage.
+        build: u32,
+        /// Keys stage's output.
+        size: Size,
+    },
+    /// Stage `probe` stays unfiltered: it started, or the keys stage is too big.
+    KeptUnfiltered {
+        /// Stage that was to be filtered.
+        probe: u32,
+        /// Keys stage.
+        build: u32,
+        /// True: it already started; false: the keys are too big.
+        started: bool,
+        /// Keys stage's output.
+        size: Size,
+    },
+    /// This stage keeps only rows whose join keys are in stage `build`.
+    KeepsKeysOf {
+        /// Keys stage.
+        build: u32,
+        /// Keys stage's output.
+        size: Size,
+    },
+    /// Shuffle partitions coalesced into fewer tasks.
+    Coalesced {
+        /// Partitions before.
+        partitions: usize,
+        /// Tasks after.
+        tasks: usize,
+        /// Bytes of all of them.
+        total: u64,
+        /// Bytes targeted per task.
+        target: u64,
+    },
+    /// A skewed partition split by the probe side's map outputs.
+    SplitSkew {
+        /// The partition.
+        bucket: usize,
+        /// Tasks it became.
+        tasks: usize,
+        /// Its probe-side bytes.
+        size: u64,
+        /// Median probe-side bytes of a partition.
+        median: u64,
+    },
 }
 
 /// What one task of an adaptively planned stage reads from its hash-partitioned inputs.

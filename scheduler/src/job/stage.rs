@@ -104,7 +104,7 @@ impl StageState {
             adaptive: join_switch
                 .iter()
                 .copied()
-                .map(Decision::candidate)
+                .map(Decision::Candidate)
                 .collect(),
             plan,
             resolved: None,
