@@ -2,10 +2,10 @@
 //! each other in a circle.
 //!
 //! Every `crate::...` and `super::...` path in a module's non-test code (a `use` or a path
-//! inline) is an edge to the deepest module of the crate that path names. A module may use
-//! its own submodules (a `mod.rs` re-exporting its children) without that counting; a
-//! submodule reaching its parent, a sibling or any other module counts. Comments and the
-//! `#[cfg(test)]` tail of a file are left out: tests may reach anywhere.
+//! inline, or an intra-doc link) is an edge to the deepest module of the crate that path names.
+//! A module may use its own submodules (a `mod.rs` re-exporting its children) without that
+//! counting; a submodule reaching its parent, a sibling or any other module counts. Plain
+//! comments and the `#[cfg(test)]` tail of a file are left out: tests may reach anywhere.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -64,7 +64,8 @@ fn code(text: &str) -> String {
         if trimmed.starts_with("#[cfg(test)]") {
             break;
         }
-        if trimmed.starts_with("//") {
+        // Plain comments do not count; doc comments do (rustdoc resolves their links).
+        if trimmed.starts_with("//") && !trimmed.starts_with("///") && !trimmed.starts_with("//!") {
             continue;
         }
         out.push_str(line);
@@ -345,6 +346,13 @@ mod tests {
         std::fs::write(
             dir.join("b/c.rs"),
             "pub struct X; fn f() { super::super::a::g() }\n",
+        )
+        .unwrap();
+        assert_eq!(crate_circles(&dir), ["a -> b::c -> a"]);
+        // An intra-doc link is a reference too.
+        std::fs::write(
+            dir.join("b/c.rs"),
+            "/// Made by [`crate::a::g`].\npub struct X;\n",
         )
         .unwrap();
         assert_eq!(crate_circles(&dir), ["a -> b::c -> a"]);

@@ -4,21 +4,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use datafusion::prelude::{CsvReadOptions, SessionContext};
 use volley_core::config::volley_session_config;
 use volley_core::shuffle::PartitionLocation;
 
 use crate::adaptive::{before_launch, decide_switch, switch_candidates};
 use crate::explain::{decision_sizes, decision_what};
+use crate::graph::cut::tests::plan_sql;
 use crate::graph::{ShuffledJoin, StageKind, mark_broadcast_candidates, plan_stages};
 use crate::job::{Job, StageEdit, TaskInfo, TaskRead, TaskState};
 
 /// The job of `sql` over tables `t` and `u` (a, b), with broadcast candidates marked and these
 /// settings; joins stay partitioned at planning.
 async fn job_of(sql: &str, settings: &[(&str, &str)]) -> Job {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.csv");
-    std::fs::write(&path, "a,b\n1,x\n2,y\n3,x\n").unwrap();
     let mut config = volley_session_config(4);
     config = config
         .set_usize(
@@ -29,20 +26,7 @@ async fn job_of(sql: &str, settings: &[(&str, &str)]) -> Job {
             "datafusion.optimizer.hash_join_single_partition_threshold_rows",
             0,
         );
-    let ctx = SessionContext::new_with_state(volley_core::rules::volley_session_state(config));
-    for table in ["t", "u"] {
-        ctx.register_csv(table, path.to_str().unwrap(), CsvReadOptions::new())
-            .await
-            .unwrap();
-    }
-    let plan = ctx
-        .sql(sql)
-        .await
-        .unwrap()
-        .create_physical_plan()
-        .await
-        .unwrap();
-    let mut stages = plan_stages("job", plan).unwrap();
+    let mut stages = plan_stages("job", plan_sql(sql, config).await).unwrap();
     mark_broadcast_candidates(&mut stages);
     let settings = settings
         .iter()

@@ -155,12 +155,8 @@ impl ClusterState {
     }
 
     /// Live executors.
-    pub fn alive_executors(&self) -> Vec<ExecutorInfo> {
-        self.executors
-            .values()
-            .filter(|e| e.alive)
-            .cloned()
-            .collect()
+    pub fn alive_executors(&self) -> impl Iterator<Item = &ExecutorInfo> {
+        self.executors.values().filter(|e| e.alive)
     }
 
     /// Declare executors silent for longer than `timeout` lost; re-queue their work.

@@ -222,33 +222,34 @@ fn collect_reader_stages(plan: &Arc<dyn ExecutionPlan>, out: &mut Vec<u32>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use datafusion::prelude::{CsvReadOptions, SessionContext};
+    use datafusion::prelude::{CsvReadOptions, SessionConfig, SessionContext};
     use volley_core::codec::VolleyCodec;
     use volley_core::config::volley_session_config;
 
-    async fn stages_of(sql: &str) -> Vec<StagePlan> {
+    /// The physical plan of `sql` over two CSV tables `t` and `u` (a, b) in a Volley session
+    /// with `config` (shared with the adaptive layer's tests).
+    pub(crate) async fn plan_sql(sql: &str, config: SessionConfig) -> Arc<dyn ExecutionPlan> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.csv");
         std::fs::write(&path, "a,b\n1,x\n2,y\n3,x\n").unwrap();
-        let ctx = SessionContext::new_with_state(volley_core::rules::volley_session_state(
-            volley_session_config(4),
-        ));
-        ctx.register_csv("t", path.to_str().unwrap(), CsvReadOptions::new())
-            .await
-            .unwrap();
-        ctx.register_csv("u", path.to_str().unwrap(), CsvReadOptions::new())
-            .await
-            .unwrap();
-        let plan = ctx
-            .sql(sql)
+        let ctx = SessionContext::new_with_state(volley_core::rules::volley_session_state(config));
+        for table in ["t", "u"] {
+            ctx.register_csv(table, path.to_str().unwrap(), CsvReadOptions::new())
+                .await
+                .unwrap();
+        }
+        ctx.sql(sql)
             .await
             .unwrap()
             .create_physical_plan()
             .await
-            .unwrap();
-        plan_stages("job", plan).unwrap()
+            .unwrap()
+    }
+
+    async fn stages_of(sql: &str) -> Vec<StagePlan> {
+        plan_stages("job", plan_sql(sql, volley_session_config(4)).await).unwrap()
     }
 
     fn kinds(stages: &[StagePlan]) -> Vec<&'static str> {

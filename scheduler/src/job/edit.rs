@@ -20,7 +20,7 @@ pub struct Size {
 }
 
 /// One adaptive decision about a stage, as data: what was decided and the sizes it was decided
-/// on (deterministic for given data). Rendered to text only by [`crate::explain`].
+/// on (deterministic for given data). Rendered to text only by the explain layer (L5).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Planning found a broadcast-switch or semi-join reduction candidate.

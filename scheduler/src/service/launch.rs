@@ -160,7 +160,7 @@ impl SchedulerService {
             if state.job(job_id).is_some() && !state.mark_released(job_id) {
                 return;
             }
-            state.alive_executors()
+            state.alive_executors().cloned().collect()
         };
         // Every executor at once: cancel the job's tasks, then delete its files.
         let calls = executors.into_iter().filter_map(|executor| {

@@ -167,7 +167,6 @@ impl SchedulerService {
         let state = self.state.lock();
         let executors = state
             .alive_executors()
-            .iter()
             .map(|e| pb::ExecutorMetadata {
                 id: e.id.clone(),
                 host: e.host.clone(),

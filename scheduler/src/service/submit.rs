@@ -198,7 +198,6 @@ impl SchedulerService {
             .state
             .lock()
             .alive_executors()
-            .iter()
             .all(|e| volley_core::security::is_loopback_host(&e.host));
         let value = if local { "none" } else { "lz4" };
         let mut resolved: Vec<(String, String)> =
