@@ -90,6 +90,10 @@ struct SchedulerArgs {
     /// production).
     #[arg(long, env = "VOLLEY_ENABLE_TEST_HOOKS")]
     enable_test_hooks: bool,
+    /// Register a table every session sees: NAME=PATH (a Parquet/CSV/JSON file or folder, or
+    /// an object-store URL such as s3://bucket/prefix/; repeatable).
+    #[arg(long = "table", value_name = "NAME=PATH")]
+    tables: Vec<String>,
     #[command(flatten)]
     sandbox: security::SandboxArgs,
     #[command(flatten)]
@@ -128,15 +132,16 @@ struct ExecutorArgs {
     /// spill to disk beyond it (default: no limit).
     #[arg(long, env = "VOLLEY_MEMORY_LIMIT", value_parser = parse_bytes)]
     memory_limit: Option<usize>,
-    /// Folder tasks may read and write table files under (repeatable; default: the working
-    /// directory). Give executors the scheduler's --allowed-path roots.
+    /// Folder or object-store URL prefix (`s3://bucket/prefix`) tasks may read and write table
+    /// files under (repeatable; default: the working directory). Give executors the
+    /// scheduler's --allowed-path roots.
     #[arg(
         long = "allowed-path",
-        value_name = "DIR",
+        value_name = "DIR|URL",
         env = "VOLLEY_ALLOWED_PATHS",
         value_delimiter = ','
     )]
-    allowed_paths: Vec<PathBuf>,
+    allowed_paths: Vec<String>,
     /// Listen beyond loopback without a cluster token.
     #[arg(long)]
     insecure: bool,
@@ -207,7 +212,15 @@ async fn run_scheduler(args: SchedulerArgs) -> Result<(), String> {
         insecure: args.insecure,
         security: args.security.server_security()?,
         max_message_size: args.security.max_message_size,
-        allowed_paths: Some(args.sandbox.allowed_paths.clone()),
+        allowed_paths: Some(sql::sandbox_roots(
+            &args.sandbox.allowed_paths,
+            &args.tables,
+        )?),
+        tables: args
+            .tables
+            .iter()
+            .map(|spec| sql::table_statement(spec))
+            .collect::<Result<_, _>>()?,
         allow_ddl: !args.sandbox.disable_ddl,
         http_port: (!args.no_http).then_some(args.http_port),
         enable_test_hooks: args.enable_test_hooks,

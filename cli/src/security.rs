@@ -88,15 +88,15 @@ impl SecurityArgs {
 /// File sandbox options of a scheduler.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct SandboxArgs {
-    /// Folder queries may read and write under (repeatable; default: the working directory
-    /// and the registered tables' folders).
+    /// Folder or object-store URL prefix (`s3://bucket/prefix`) queries may read and write
+    /// under (repeatable; default: the working directory and the registered tables' folders).
     #[arg(
         long = "allowed-path",
-        value_name = "DIR",
+        value_name = "DIR|URL",
         env = "VOLLEY_ALLOWED_PATHS",
         value_delimiter = ','
     )]
-    pub allowed_paths: Vec<PathBuf>,
+    pub allowed_paths: Vec<String>,
     /// Refuse DDL and DML (CREATE, DROP, INSERT, COPY).
     #[arg(long, env = "VOLLEY_DISABLE_DDL")]
     pub disable_ddl: bool,

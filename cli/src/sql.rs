@@ -8,6 +8,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use volley::{ClientOptions, EmbeddedCluster, VolleyClient, split_statements};
+use volley_core::sandbox::is_url_root;
 use volley_scheduler::SchedulerConfig;
 
 use crate::output::{Batches, Format, write_result};
@@ -97,6 +98,9 @@ pub fn table_statement(spec: &str) -> Result<String, String> {
     let (name, path) = spec
         .split_once('=')
         .ok_or_else(|| format!("--table expects NAME=PATH, got {spec:?}"))?;
+    if is_url_root(path) {
+        return Ok(url_table_statement(name, path));
+    }
     let path = Path::new(path);
     let absolute = path
         .canonicalize()
@@ -117,15 +121,40 @@ pub fn table_statement(spec: &str) -> Result<String, String> {
     ))
 }
 
-/// Sandbox roots of an embedded cluster: `--allowed-path` (or the working directory) and
-/// the folders of the `--table` paths.
-fn embedded_roots(args: &SqlArgs) -> Result<Vec<PathBuf>, String> {
-    let mut roots = args.sandbox.allowed_paths.clone();
+/// The statement for a table on an object store (`s3://bucket/prefix/`): the format comes
+/// from the extension of its last segment; a folder is Parquet.
+fn url_table_statement(name: &str, url: &str) -> String {
+    let last = url
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    let ext = last.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    let (format, options) = match (url.ends_with('/'), ext.as_deref()) {
+        (false, Some("csv")) => ("CSV", " OPTIONS ('format.has_header' 'true')"),
+        (false, Some("json" | "ndjson")) => ("JSON", ""),
+        _ => ("PARQUET", ""),
+    };
+    format!(
+        "CREATE EXTERNAL TABLE \"{name}\" STORED AS {format} LOCATION '{}'{options}",
+        url.replace('\'', "''")
+    )
+}
+
+/// Sandbox roots of a cluster started here: `--allowed-path` (or the working directory) and
+/// the folders and URLs of the `--table` paths.
+pub fn sandbox_roots(allowed: &[String], tables: &[String]) -> Result<Vec<String>, String> {
+    let mut roots = allowed.to_vec();
     if roots.is_empty() {
-        roots.push(std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?);
+        let cwd = std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?;
+        roots.push(cwd.display().to_string());
     }
-    for spec in &args.tables {
+    for spec in tables {
         if let Some((_, path)) = spec.split_once('=') {
+            if is_url_root(path) {
+                roots.push(path.to_string());
+                continue;
+            }
             let path = Path::new(path);
             let folder = if path.is_dir() {
                 Some(path)
@@ -135,7 +164,7 @@ fn embedded_roots(args: &SqlArgs) -> Result<Vec<PathBuf>, String> {
             if let Some(folder) = folder
                 && folder.exists()
             {
-                roots.push(folder.to_path_buf());
+                roots.push(folder.display().to_string());
             }
         }
     }
@@ -311,7 +340,7 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
             let config = SchedulerConfig {
                 security: options.security.clone(),
                 max_message_size: options.max_message_size,
-                allowed_paths: Some(embedded_roots(&args)?),
+                allowed_paths: Some(sandbox_roots(&args.sandbox.allowed_paths, &args.tables)?),
                 allow_ddl: !args.sandbox.disable_ddl,
                 enable_test_hooks: args.enable_test_hooks,
                 ..SchedulerConfig::default().with_address("127.0.0.1", 0)

@@ -3,8 +3,10 @@
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::Schema;
+use datafusion::datasource::sink::DataSinkExec;
 use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::execution::TaskContext;
+use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::{ExecutionPlan, Partitioning};
 use datafusion_proto::physical_plan::from_proto::parse_protobuf_partitioning;
 use datafusion_proto::physical_plan::to_proto::serialize_partitioning;
@@ -15,7 +17,7 @@ use datafusion_proto::protobuf as dfproto;
 use prost::Message;
 
 use crate::ids::{check_id, check_partitions, check_shuffle_path};
-use crate::plan::{ShuffleReaderExec, ShuffleWriterExec};
+use crate::plan::{CommitFilesExec, ShuffleReaderExec, ShuffleWriterExec, TaskWriteExec};
 use crate::protobuf::{self, volley_plan_node::Node};
 use crate::shuffle::PartitionLocation;
 
@@ -79,6 +81,13 @@ impl VolleyCodec {
         let decode_ctx = PhysicalPlanDecodeContext::new(ctx, self);
         parse_protobuf_partitioning(Some(&proto), &decode_ctx, schema, converter)
     }
+}
+
+/// The file sink carried by a decoded holder plan (`DataSinkExec` over an empty input).
+fn sink_exec(holder: &Arc<dyn ExecutionPlan>) -> DFResult<&DataSinkExec> {
+    holder
+        .downcast_ref::<DataSinkExec>()
+        .ok_or_else(|| decode_err("a write node's sink is not a DataSinkExec"))
 }
 
 impl PhysicalExtensionCodec for VolleyCodec {
@@ -153,6 +162,33 @@ impl PhysicalExtensionCodec for VolleyCodec {
                     locations,
                 )))
             }
+            Some(Node::TaskWrite(w)) => {
+                let [input] = inputs else {
+                    return Err(decode_err("TaskWriteExec needs exactly one input"));
+                };
+                check_id("task write job id", &w.job_id).map_err(decode_err)?;
+                let holder = Self::decode_plan(&w.sink, ctx)?;
+                let sink = sink_exec(&holder)?;
+                Ok(Arc::new(TaskWriteExec::try_new(
+                    w.job_id,
+                    Arc::clone(input),
+                    sink.sink(),
+                    sink.sort_order().clone(),
+                )?))
+            }
+            Some(Node::CommitFiles(c)) => {
+                let [input] = inputs else {
+                    return Err(decode_err("CommitFilesExec needs exactly one input"));
+                };
+                check_id("commit job id", &c.job_id).map_err(decode_err)?;
+                let holder = Self::decode_plan(&c.sink, ctx)?;
+                let sink = sink_exec(&holder)?;
+                Ok(Arc::new(CommitFilesExec::try_new(
+                    c.job_id,
+                    Arc::clone(input),
+                    sink.sink(),
+                )?))
+            }
             None => Err(decode_err("empty node")),
         }
     }
@@ -196,6 +232,24 @@ impl PhysicalExtensionCodec for VolleyCodec {
                     .collect(),
                 ordered: false,
             })
+        } else if let Some(w) = node.downcast_ref::<TaskWriteExec>() {
+            let schema =
+                node.children().first().map(|c| c.schema()).ok_or_else(|| {
+                    DataFusionError::Internal("TaskWriteExec without input".into())
+                })?;
+            let holder = w.sink_exec(Arc::new(EmptyExec::new(schema)));
+            Node::TaskWrite(protobuf::TaskWriteExecNode {
+                job_id: w.job_id().to_string(),
+                sink: Self::encode_plan(Arc::new(holder))?,
+            })
+        } else if let Some(c) = node.downcast_ref::<CommitFilesExec>() {
+            let schema = Arc::clone(c.sink().schema());
+            let holder =
+                DataSinkExec::new(Arc::new(EmptyExec::new(schema)), Arc::clone(c.sink()), None);
+            Node::CommitFiles(protobuf::CommitFilesExecNode {
+                job_id: c.job_id().to_string(),
+                sink: Self::encode_plan(Arc::new(holder))?,
+            })
         } else {
             return Err(DataFusionError::NotImplemented(format!(
                 "Volley cannot send {} to executors",
@@ -215,7 +269,6 @@ mod tests {
     use super::*;
     use datafusion::arrow::datatypes::{DataType, Field};
     use datafusion::physical_expr::expressions::Column;
-    use datafusion::physical_plan::empty::EmptyExec;
     use datafusion::physical_plan::{ExecutionPlanProperties, displayable};
     use datafusion::prelude::SessionContext;
 

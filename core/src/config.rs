@@ -32,6 +32,9 @@ extensions_options! {
         /// before the task runs: with as many such tasks as worker threads, nothing else on the
         /// executor's task runtime moves.
         pub test_busy_task: String, default = String::new()
+        /// Test hook: `PARTITION:K` makes the writing task of that partition of a table write
+        /// (`COPY`, `INSERT INTO`) fail after its files are written, in its first K attempts.
+        pub test_fail_write: String, default = String::new()
         /// Compression of shuffle files: `auto` (default: none when every executor runs on
         /// this host's loopback, where no byte crosses a network, lz4 otherwise), `lz4`,
         /// `zstd` or `none`.
@@ -91,6 +94,18 @@ impl VolleyOptions {
         }
     }
 
+    /// True when the write-fault hook targets this writing attempt of `partition`.
+    pub fn fails_after_write(&self, partition: u32, attempt: u32) -> bool {
+        let mut parts = self
+            .test_fail_write
+            .split(':')
+            .map(|p| p.trim().parse::<u32>());
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(Ok(p)), Some(Ok(k)), None) => p == partition && attempt < k,
+            _ => false,
+        }
+    }
+
     /// True when the panic hook targets this task.
     pub fn panics(&self, stage_id: u32, partition: u32) -> bool {
         Self::targets(&self.test_panic_task, stage_id, partition)
@@ -141,6 +156,9 @@ impl VolleyOptions {
         if !self.test_busy_task.is_empty() {
             set.push("volley.test_busy_task");
         }
+        if !self.test_fail_write.is_empty() {
+            set.push("volley.test_fail_write");
+        }
         set
     }
 }
@@ -179,6 +197,8 @@ pub struct TaskEnv {
     pub attempt: u32,
     /// Token and TLS for shuffle fetches from other executors.
     pub security: crate::security::Security,
+    /// The executor honours `volley.test_*` hooks (`--enable-test-hooks`).
+    pub test_hooks: bool,
 }
 
 /// The session configuration Volley plans and executes with.

@@ -13,6 +13,7 @@ pub mod sandbox_store;
 pub mod security;
 pub mod shuffle;
 pub mod stack;
+pub mod stores;
 pub mod telemetry;
 
 pub use error::{Result, VolleyError};

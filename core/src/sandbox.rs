@@ -1,9 +1,11 @@
-//! The file sandbox: which paths queries may read and write, and whether DDL/DML may run.
+//! The file sandbox: which paths and object-store URLs queries may read and write, and whether
+//! DDL/DML may run.
 //!
 //! Locations named in SQL (`CREATE EXTERNAL TABLE ... LOCATION`, `COPY ... TO`, `INSERT INTO`
 //! a listing table) and every file a physical plan scans or writes must resolve — symlinks
-//! followed — inside one of the allowed roots. `..` components and URL schemes other than
-//! `file://` are refused outright.
+//! followed — inside one of the allowed local roots, or lie below one of the allowed URL roots
+//! (`s3://bucket/prefix`, whole path segments). `..` components are refused outright, and so
+//! is a URL whose store has no allowed root.
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -21,13 +23,29 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::object_store::local::LocalFileSystem;
 
 use crate::plan::{ShuffleReaderExec, ShuffleWriterExec};
+use crate::stores::guard::below;
+use crate::stores::store_key;
 use crate::{Result, VolleyError};
+
+/// An allowed object-store root: a store (`s3://bucket`) and an object path prefix in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct UrlRoot {
+    store: String,
+    prefix: String,
+}
+
+/// True for an allowed root written as a URL of a remote store (`s3://b/p`), not a local path.
+pub fn is_url_root(root: &str) -> bool {
+    root.split_once("://")
+        .is_some_and(|(scheme, _)| scheme != "file" && !scheme.is_empty() && !scheme.contains('/'))
+}
 
 /// Allowed roots and the DDL switch.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
     /// None: no path restriction (in-process clusters of a library user).
     roots: Option<Arc<Vec<PathBuf>>>,
+    urls: Arc<Vec<UrlRoot>>,
     allow_ddl: bool,
 }
 
@@ -36,18 +54,29 @@ impl Sandbox {
     pub fn unrestricted(allow_ddl: bool) -> Self {
         Self {
             roots: None,
+            urls: Arc::new(Vec::new()),
             allow_ddl,
         }
     }
 
-    /// Allow `roots` (each must exist); an empty list allows the current working directory.
-    pub fn new(roots: &[PathBuf], allow_ddl: bool) -> Result<Self> {
+    /// Allow `roots`: local folders (each must exist) and URL prefixes of object stores
+    /// (`s3://bucket/prefix`); an empty list allows the current working directory.
+    pub fn new(roots: &[String], allow_ddl: bool) -> Result<Self> {
         let mut canonical = Vec::new();
         let cwd = std::env::current_dir()?;
+        let mut urls = Vec::new();
+        for root in roots.iter().filter(|r| is_url_root(r)) {
+            urls.push(parse_url_root(root)?);
+        }
+        let local: Vec<PathBuf> = roots
+            .iter()
+            .filter(|r| !is_url_root(r))
+            .map(PathBuf::from)
+            .collect();
         let roots: Vec<PathBuf> = if roots.is_empty() {
             vec![cwd.clone()]
         } else {
-            roots.to_vec()
+            local
         };
         for root in roots {
             let absolute = if root.is_absolute() {
@@ -64,8 +93,39 @@ impl Sandbox {
         }
         Ok(Self {
             roots: Some(Arc::new(canonical)),
+            urls: Arc::new(urls),
             allow_ddl,
         })
+    }
+
+    /// Object path prefixes allowed in store `store` (`s3://bucket`): None when nothing is
+    /// restricted, empty when the store is not allowed at all.
+    pub fn url_prefixes(&self, store: &str) -> Option<Vec<String>> {
+        self.roots.as_ref()?;
+        Some(
+            self.urls
+                .iter()
+                .filter(|r| r.store == store)
+                .map(|r| r.prefix.clone())
+                .collect(),
+        )
+    }
+
+    /// The error for a URL outside the allowed roots.
+    pub fn url_denied(&self, location: &str) -> VolleyError {
+        self.denied(location, "no allowed root contains it")
+    }
+
+    /// Check a URL of a remote store (the fixed part before any glob).
+    fn check_url(&self, location: &str, store: &str, path: &str) -> Result<()> {
+        let allowed = self
+            .url_prefixes(store)
+            .is_none_or(|prefixes| prefixes.iter().any(|p| below(path, p)));
+        if allowed {
+            Ok(())
+        } else {
+            Err(self.url_denied(location))
+        }
     }
 
     /// The canonical allowed roots; None when paths are not restricted.
@@ -74,12 +134,20 @@ impl Sandbox {
     }
 
     fn denied(&self, location: &str, why: &str) -> VolleyError {
-        let roots: Vec<String> = self
+        let mut roots: Vec<String> = self
             .roots()
             .unwrap_or_default()
             .iter()
             .map(|r| r.display().to_string())
             .collect();
+        roots.extend(
+            self.urls
+                .iter()
+                .map(|r| format!("{}/{}", r.store, r.prefix)),
+        );
+        if roots.is_empty() {
+            roots.push("none".to_string());
+        }
         VolleyError::NotAllowed(format!(
             "path {location:?} is outside the file sandbox: {why} (allowed roots: {}; see --allowed-path)",
             roots.join(", ")
@@ -104,13 +172,7 @@ impl Sandbox {
         let url = ListingTableUrl::parse(location)
             .map_err(|e| self.denied(location, &format!("it is not a valid location ({e})")))?;
         if url.scheme() != "file" {
-            return Err(self.denied(
-                location,
-                &format!(
-                    "URL scheme {}:// is not configured on this cluster",
-                    url.scheme()
-                ),
-            ));
+            return self.check_url(location, &store_key(url.get_url()), url.prefix().as_ref());
         }
         // The fixed part before any glob (DataFusion lists below it).
         let path = url
@@ -246,9 +308,17 @@ impl Sandbox {
 
     /// Check a file of a plan as the local file store will open it (it reads `%2E%2E` in a
     /// store path as `..`).
-    fn check_store_file(&self, location: &datafusion::object_store::path::Path) -> Result<()> {
+    fn check_store_file(
+        &self,
+        store: &str,
+        location: &datafusion::object_store::path::Path,
+    ) -> Result<()> {
         if self.roots.is_none() {
             return Ok(());
+        }
+        if !store.starts_with("file://") {
+            let store = store.trim_end_matches('/');
+            return self.check_url(&format!("{store}/{location}"), store, location.as_ref());
         }
         let shown = format!("/{location}");
         let opened = LocalFileSystem::new()
@@ -297,7 +367,10 @@ impl Sandbox {
             self.check_store(scan.object_store_url.as_str())?;
             for group in &scan.file_groups {
                 for file in group.files() {
-                    self.check_store_file(&file.object_meta.location)?;
+                    self.check_store_file(
+                        scan.object_store_url.as_str(),
+                        &file.object_meta.location,
+                    )?;
                 }
             }
         }
@@ -327,12 +400,36 @@ impl Sandbox {
     }
 
     fn check_store(&self, url: &str) -> Result<()> {
-        if self.roots.is_none() || url.starts_with("file://") {
-            Ok(())
-        } else {
-            Err(self.denied(url, "only local files are configured on this cluster"))
+        if url.starts_with("file://") {
+            return Ok(());
+        }
+        match self.url_prefixes(url.trim_end_matches('/')) {
+            Some(prefixes) if prefixes.is_empty() => Err(self.url_denied(url)),
+            _ => Ok(()),
         }
     }
+}
+
+/// An allowed URL root: `s3://bucket/prefix` → store `s3://bucket`, prefix `prefix`.
+fn parse_url_root(root: &str) -> Result<UrlRoot> {
+    let bad = |why: &str| VolleyError::Config(format!("allowed path {root}: {why}"));
+    // Checked on the text: URL parsing folds `..` away.
+    if root.split('/').any(|p| p == ".." || p == ".") {
+        return Err(bad("`..` is not allowed in paths"));
+    }
+    let url = url::Url::parse(root).map_err(|e| bad(&e.to_string()))?;
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad("a URL root names its bucket or host"));
+    }
+    let prefix = datafusion::object_store::path::Path::from_url_path(url.path())
+        .map_err(|e| bad(&e.to_string()))?;
+    if prefix.as_ref().split('/').any(|p| p == ".." || p == ".") {
+        return Err(bad("`..` is not allowed in paths"));
+    }
+    Ok(UrlRoot {
+        store: store_key(&url),
+        prefix: prefix.as_ref().to_string(),
+    })
 }
 
 /// Refuse session settings of the process-wide runtime (`datafusion.runtime.*`: spill folder,
@@ -360,7 +457,7 @@ mod tests {
         let root = dir.path().join("data");
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(root.join("t.csv"), "a\n1\n").unwrap();
-        let sandbox = Sandbox::new(std::slice::from_ref(&root), true).unwrap();
+        let sandbox = Sandbox::new(&[root.display().to_string()], true).unwrap();
         let inside = root.join("t.csv").display().to_string();
         assert!(sandbox.check_location(&inside).is_ok());
         assert!(sandbox.check_location(&format!("file://{inside}")).is_ok());
@@ -381,6 +478,29 @@ mod tests {
                 .is_err()
         );
         assert!(sandbox.check_location("s3://bucket/x").is_err());
+        let with_s3 = Sandbox::new(
+            &[root.display().to_string(), "s3://bucket/data".to_string()],
+            true,
+        )
+        .unwrap();
+        assert!(with_s3.check_location("s3://bucket/data/t/").is_ok());
+        assert!(with_s3.check_location("s3://bucket/data").is_ok());
+        let err = with_s3
+            .check_location("s3://bucket/database/")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("s3://bucket/database/") && err.contains("s3://bucket/data"),
+            "{err}"
+        );
+        assert!(with_s3.check_location("s3://other/data/").is_err());
+        assert!(with_s3.check_location("s3://bucket/data/../x").is_err());
+        assert_eq!(
+            with_s3.url_prefixes("s3://bucket"),
+            Some(vec!["data".to_string()])
+        );
+        assert_eq!(with_s3.url_prefixes("s3://other"), Some(vec![]));
+        assert!(Sandbox::new(&["s3://b/../x".to_string()], true).is_err());
         // `file:` without `//` is a URL too (DataFusion opens /etc/passwd), not a relative path.
         let err = sandbox
             .check_location("file:/etc/passwd")

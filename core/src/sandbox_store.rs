@@ -10,10 +10,8 @@
 
 use std::fmt;
 use std::ops::Range;
-use std::sync::Arc;
 
 use bytes::Bytes;
-use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::object_store::local::LocalFileSystem;
 use datafusion::object_store::path::Path;
 use datafusion::object_store::{
@@ -44,17 +42,6 @@ impl SandboxedStore {
             inner: LocalFileSystem::new(),
             sandbox,
         }
-    }
-
-    /// Serve `file://` URLs of `runtime` from a store confined to `sandbox` (nothing changes
-    /// when the sandbox has no roots).
-    pub fn install(runtime: &RuntimeEnv, sandbox: &Sandbox) -> crate::Result<()> {
-        if sandbox.roots().is_none() {
-            return Ok(());
-        }
-        let url = datafusion::execution::object_store::ObjectStoreUrl::local_filesystem();
-        runtime.register_object_store(url.as_ref(), Arc::new(Self::new(sandbox.clone())));
-        Ok(())
     }
 
     fn check(&self, location: &Path) -> Result<()> {
@@ -172,7 +159,7 @@ mod tests {
         std::fs::write(&outside, "secret").unwrap();
         #[cfg(unix)]
         std::os::unix::fs::symlink(&outside, root.join("link.csv")).unwrap();
-        let sandbox = Sandbox::new(std::slice::from_ref(&root), true).unwrap();
+        let sandbox = Sandbox::new(&[root.display().to_string()], true).unwrap();
         let store = SandboxedStore::new(sandbox);
         let path = |p: &std::path::Path| Path::from_filesystem_path(p).unwrap();
 

@@ -11,6 +11,7 @@ use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFacto
 use datafusion::datasource::physical_plan::{FileScanConfig, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::TaskContext;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionState;
 use datafusion::physical_plan::ExecutionPlan;
 use volley_core::VolleyError;
@@ -18,6 +19,8 @@ use volley_core::codec::VolleyCodec;
 use volley_core::config::{TaskEnv, VolleyOptions, base_session_config};
 use volley_core::plan::ShuffleWriterExec;
 use volley_core::protobuf as pb;
+use volley_core::stores::redact::redact_values;
+use volley_core::stores::{StoreCache, StoreOptions, StoreScope};
 
 /// What an executor needs to run tasks.
 pub struct TaskRunner {
@@ -27,6 +30,8 @@ pub struct TaskRunner {
     pub host: String,
     pub work_dir: std::path::PathBuf,
     pub base_state: SessionState,
+    /// Object stores built by this executor (shared by all tasks).
+    pub stores: Arc<StoreCache>,
     pub security: volley_core::security::Security,
     /// Honour the `volley.test_*` hooks (`--enable-test-hooks`).
     pub test_hooks: bool,
@@ -104,7 +109,7 @@ impl TaskRunner {
                     VolleyError::DataFusion(df)
                         if matches!(df.find_root(), datafusion::error::DataFusionError::ResourcesExhausted(_))
                 );
-                let message = truncate_message(e.to_string());
+                let message = redact_values(&truncate_message(e.to_string()), &task_secrets(&def));
                 tracing::warn!(job_id = %task.job_id, stage_id = task.stage_id, partition = task.partition, attempt = task.attempt, error = %message, "task failed");
                 pb::task_status::Status::Failed(pb::TaskFailed {
                     message,
@@ -139,15 +144,32 @@ impl TaskRunner {
             work_dir: self.work_dir.clone(),
             attempt: task.attempt,
             security: self.security.clone(),
+            test_hooks: self.test_hooks,
         }));
-        let ctx = Arc::new(
-            TaskContext::from(&self.base_state)
-                .with_session_config(config)
-                .with_task_id(format!(
-                    "{}/{}/{}/{}",
-                    task.job_id, task.stage_id, task.partition, task.attempt
-                )),
-        );
+        let mut ctx = TaskContext::from(&self.base_state);
+        if !def.stores.is_empty() {
+            // Per-table store options of this job: a scope of this task's own.
+            let options = def
+                .stores
+                .iter()
+                .map(|s| {
+                    let pairs = s
+                        .options
+                        .iter()
+                        .map(|kv| (kv.key.as_str(), kv.value.clone()));
+                    (s.store.clone(), StoreOptions::from_pairs(pairs))
+                })
+                .collect();
+            let scope = StoreScope::with_options(Arc::clone(&self.stores), options);
+            let runtime = RuntimeEnvBuilder::from_runtime_env(self.base_state.runtime_env())
+                .with_object_store_registry(Arc::new(scope))
+                .build_arc()?;
+            ctx = ctx.with_runtime(runtime);
+        }
+        let ctx = Arc::new(ctx.with_session_config(config).with_task_id(format!(
+            "{}/{}/{}/{}",
+            task.job_id, task.stage_id, task.partition, task.attempt
+        )));
         let hooks = ctx
             .session_config()
             .options()
@@ -276,6 +298,16 @@ fn operator_metrics(plan: &Arc<dyn ExecutionPlan>) -> Vec<pb::OperatorMetrics> {
         Ok(TreeNodeRecursion::Continue)
     });
     out
+}
+
+/// Secret values among a task's store options.
+fn task_secrets(def: &pb::TaskDefinition) -> Vec<String> {
+    def.stores
+        .iter()
+        .flat_map(|s| s.options.iter())
+        .filter(|kv| volley_core::stores::options::is_secret_key(&kv.key))
+        .map(|kv| kv.value.clone())
+        .collect()
 }
 
 /// Longest error message a status report carries: a message quoting a huge value (say a cast

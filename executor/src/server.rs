@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::{AbortHandle, JoinHandle};
-use tonic::service::InterceptorLayer;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -23,8 +23,8 @@ use volley_core::protobuf::executor_grpc_server::{ExecutorGrpc, ExecutorGrpcServ
 use volley_core::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
 use volley_core::protobuf::{self as pb};
 use volley_core::sandbox::Sandbox;
-use volley_core::sandbox_store::SandboxedStore;
 use volley_core::security::{AuthChannel, Security, require_cluster};
+use volley_core::stores::{StoreCache, StoreScope};
 use volley_core::{Result, VolleyError};
 
 use crate::flight::ShuffleFlightService;
@@ -61,7 +61,7 @@ pub struct ExecutorConfig {
     pub enable_test_hooks: bool,
     /// File sandbox: the roots tasks may read and write table files under (empty = the working
     /// directory); None = no restriction (in-process clusters of a library user).
-    pub allowed_paths: Option<Vec<PathBuf>>,
+    pub allowed_paths: Option<Vec<String>>,
     /// Allow a non-loopback address without a token.
     pub insecure: bool,
 }
@@ -424,7 +424,8 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
             config.host
         )));
     }
-    let work_dir = WorkDir::create(&config.work_dir)?;
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let work_dir = WorkDir::create(&config.work_dir, &id)?;
     let work_path = work_dir.path().to_path_buf();
     let listener = TcpListener::bind((config.host.as_str(), config.port))
         .await
@@ -433,7 +434,6 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
             message: format!("cannot bind executor: {e}"),
         })?;
     let addr = listener.local_addr()?;
-    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
     let channel = config
         .security
         .endpoint(&config.scheduler_url)?
@@ -442,20 +442,22 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
     let scheduler = SchedulerGrpcClient::new(config.security.authed(channel)?)
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);
-    let mut runtime = RuntimeEnvBuilder::new();
-    if let Some(limit) = config.memory_limit {
-        runtime = runtime.with_memory_pool(Arc::new(FairSpillPool::new(limit)));
-    }
-    let runtime = runtime
-        .build_arc()
-        .map_err(|e| VolleyError::Config(format!("executor runtime: {e}")))?;
     // Every table file a task opens, lists or writes must be under the allowed roots, however
     // the task names it (the scheduler checked the plan too; this holds for any task).
     let sandbox = match &config.allowed_paths {
         Some(roots) => Sandbox::new(roots, true)?,
         None => Sandbox::unrestricted(true),
     };
-    SandboxedStore::install(&runtime, &sandbox)?;
+    let stores = StoreCache::new(sandbox);
+    let mut runtime = RuntimeEnvBuilder::new()
+        .with_cache_manager(volley_core::stores::cache_config())
+        .with_object_store_registry(Arc::new(StoreScope::new(Arc::clone(&stores))));
+    if let Some(limit) = config.memory_limit {
+        runtime = runtime.with_memory_pool(Arc::new(FairSpillPool::new(limit)));
+    }
+    let runtime = runtime
+        .build_arc()
+        .map_err(|e| VolleyError::Config(format!("executor runtime: {e}")))?;
     let base_state = SessionStateBuilder::new()
         .with_default_features()
         .with_runtime_env(runtime)
@@ -469,6 +471,7 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
             host: config.host.clone(),
             work_dir: work_path.clone(),
             base_state,
+            stores,
             security: config.security.clone(),
             test_hooks: config.enable_test_hooks,
         },
@@ -483,26 +486,34 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
     });
 
     let (tx, rx) = oneshot::channel::<()>();
-    let grpc = ExecutorGrpcServer::new(ExecutorService {
-        inner: Arc::clone(&inner),
-    })
-    .max_decoding_message_size(config.max_message_size)
-    .max_encoding_message_size(config.max_message_size);
-    let flight = FlightServiceServer::new(ShuffleFlightService::new(
-        work_path,
-        config.max_message_size,
-        config.security.cluster_token().map(str::to_string),
-    ))
-    .max_decoding_message_size(config.max_message_size)
-    .max_encoding_message_size(config.max_message_size);
-    let server = config.security.server()?.layer(InterceptorLayer::new(
-        config.security.server_interceptor("executor"),
-    ));
+    let interceptor = config.security.server_interceptor("executor");
+    let grpc = InterceptedService::new(
+        ExecutorGrpcServer::new(ExecutorService {
+            inner: Arc::clone(&inner),
+        })
+        .max_decoding_message_size(config.max_message_size)
+        .max_encoding_message_size(config.max_message_size),
+        interceptor.clone(),
+    );
+    let flight = InterceptedService::new(
+        FlightServiceServer::new(ShuffleFlightService::new(
+            work_path,
+            config.max_message_size,
+            config.security.cluster_token().map(str::to_string),
+        ))
+        .max_decoding_message_size(config.max_message_size)
+        .max_encoding_message_size(config.max_message_size),
+        interceptor,
+    );
+    // The standard gRPC health service, without a token (probes carry none).
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let server = config.security.server()?;
     let join = tokio::spawn(async move {
         let mut server = server;
         let result = server
             .add_service(grpc)
             .add_service(flight)
+            .add_service(health)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async {

@@ -22,8 +22,9 @@ pub struct WorkDir {
 }
 
 impl WorkDir {
-    /// Sweep what dead executors left under `root`, then create and lock a fresh folder.
-    pub fn create(root: &Path) -> Result<Self> {
+    /// Sweep what dead executors left under `root`, then create and lock a fresh folder
+    /// marked with `executor_id` (see [`volley_core::shuffle::EXECUTOR_MARKER`]).
+    pub fn create(root: &Path, executor_id: &str) -> Result<Self> {
         std::fs::create_dir_all(root)?;
         let swept = sweep_dead(root);
         if swept > 0 {
@@ -37,6 +38,10 @@ impl WorkDir {
         #[cfg(unix)]
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
         builder.create(&staging)?;
+        std::fs::write(
+            staging.join(volley_core::shuffle::EXECUTOR_MARKER),
+            executor_id,
+        )?;
         let lock = File::open(&staging)?;
         lock.try_lock().map_err(|e| {
             std::io::Error::other(format!("cannot lock {}: {e}", staging.display()))
@@ -107,7 +112,7 @@ mod tests {
     #[test]
     fn private_locked_and_swept() {
         let root = tempfile::tempdir().unwrap();
-        let live = WorkDir::create(root.path()).unwrap();
+        let live = WorkDir::create(root.path(), "e1").unwrap();
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -119,7 +124,7 @@ mod tests {
         std::fs::create_dir_all(dead.join("job1/1/0-0")).unwrap();
         std::fs::create_dir_all(live.path().join("job-a")).unwrap();
         std::fs::create_dir_all(live.path().join("job-b")).unwrap();
-        let other = WorkDir::create(root.path()).unwrap();
+        let other = WorkDir::create(root.path(), "e1").unwrap();
         assert!(!dead.exists(), "the dead executor's folder is swept");
         assert!(live.path().exists(), "a live executor's folder is kept");
         let active: HashSet<String> = ["job-a".to_string()].into();

@@ -2,7 +2,6 @@
 //! machine follows ([`SchedulerPolicy`]) and the task placement choice ([`LoadBalancing`],
 //! also the CLI's `--load-balancing`).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use volley_core::security::Security;
@@ -42,9 +41,11 @@ pub struct SchedulerConfig {
     pub security: Security,
     /// File sandbox: roots queries may read and write under (empty = the working directory);
     /// None = no restriction (in-process clusters of a library user).
-    pub allowed_paths: Option<Vec<PathBuf>>,
+    pub allowed_paths: Option<Vec<String>>,
     /// Allow DDL/DML (CREATE, DROP, INSERT, COPY).
     pub allow_ddl: bool,
+    /// `CREATE EXTERNAL TABLE` statements run at start; their tables are in every session.
+    pub tables: Vec<String>,
     /// Jobs running at once; later ones queue (0 = no limit).
     pub max_concurrent_jobs: usize,
     /// Allow a non-loopback address without an auth token.
@@ -76,6 +77,7 @@ impl Default for SchedulerConfig {
             security: Security::none(),
             allowed_paths: None,
             allow_ddl: true,
+            tables: Vec::new(),
             max_concurrent_jobs: 0,
             insecure: false,
             http_port: Some(0),

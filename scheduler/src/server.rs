@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::service::InterceptorLayer;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use volley_core::protobuf::scheduler_grpc_server::SchedulerGrpcServer;
 use volley_core::sandbox::Sandbox;
@@ -122,9 +122,7 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
         Some(roots) => Sandbox::new(roots, config.allow_ddl)?,
         None => Sandbox::unrestricted(config.allow_ddl),
     };
-    let server = config.security.server()?.layer(InterceptorLayer::new(
-        config.security.server_interceptor("scheduler"),
-    ));
+    let server = config.security.server()?;
     let listener = TcpListener::bind((config.host.as_str(), config.port))
         .await
         .map_err(|e| VolleyError::Connect {
@@ -134,16 +132,24 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
     let addr = listener.local_addr()?;
     let metrics = SchedulerMetrics::new()?;
     let service = SchedulerService::new(Arc::new(config.clone()), sandbox, metrics)?;
+    service.register_tables(&config.tables).await?;
     service.start_background();
     let (tx, rx) = oneshot::channel::<()>();
     let (http_tx, http_rx) = oneshot::channel::<()>();
-    let grpc = SchedulerGrpcServer::new(service.clone())
-        .max_decoding_message_size(config.max_message_size)
-        .max_encoding_message_size(config.max_message_size);
+    let grpc = InterceptedService::new(
+        SchedulerGrpcServer::new(service.clone())
+            .max_decoding_message_size(config.max_message_size)
+            .max_encoding_message_size(config.max_message_size),
+        config.security.server_interceptor("scheduler"),
+    );
+    // The standard gRPC health service answers without a token (probes carry none); it says
+    // only whether this server is serving.
+    let (_reporter, health) = tonic_health::server::health_reporter();
     let join = tokio::spawn(async move {
         let mut server = server;
         let result = server
             .add_service(grpc)
+            .add_service(health)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async {

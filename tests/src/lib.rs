@@ -4,6 +4,7 @@
 pub mod compare;
 pub mod layout;
 pub mod process;
+pub mod s3;
 pub mod slt;
 pub mod tpch;
 
@@ -79,14 +80,19 @@ impl Hold {
     }
 }
 
-/// Number of files below `dir`, at any depth (0 when it does not exist).
+/// Number of files below `dir`, at any depth (0 when it does not exist), not counting the
+/// executors' work-dir markers.
 pub fn files_under(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |entries| {
         entries
             .flatten()
             .map(|e| {
                 let path = e.path();
-                if path.is_dir() { files_under(&path) } else { 1 }
+                if path.is_dir() {
+                    files_under(&path)
+                } else {
+                    usize::from(e.file_name() != volley_core::shuffle::EXECUTOR_MARKER)
+                }
             })
             .sum()
     })

@@ -51,6 +51,7 @@ pub struct ProcessCluster {
     env: Vec<(String, String)>,
     options: ClientOptions,
     log_dir: Option<PathBuf>,
+    executor_hosts: Vec<String>,
 }
 
 /// Extra settings for a process cluster: environment of every process and how clients connect.
@@ -62,6 +63,9 @@ pub struct ProcessOptions {
     pub client: ClientOptions,
     /// Write each process's stderr to `scheduler.log` / `executor-N.log` here.
     pub log_dir: Option<PathBuf>,
+    /// Addresses executors bind and advertise, one per executor in turn (default 127.0.0.1):
+    /// `127.0.0.2`, `127.0.0.3` make them separate "hosts" (each has its own work dir).
+    pub executor_hosts: Vec<String>,
 }
 
 fn stderr_for(log_dir: Option<&PathBuf>, name: &str) -> Result<Stdio, BoxError> {
@@ -157,6 +161,7 @@ impl ProcessCluster {
             env: options.env,
             options: options.client,
             log_dir: options.log_dir,
+            executor_hosts: options.executor_hosts,
         };
         cluster.wait_for_scheduler().await?;
         for _ in 0..executors {
@@ -170,6 +175,10 @@ impl ProcessCluster {
     pub fn add_executor(&mut self, slots: usize) -> Result<(), BoxError> {
         let n = self.executors.len();
         let port = free_port()?;
+        let host = match self.executor_hosts.len() {
+            0 => "127.0.0.1".to_string(),
+            hosts => self.executor_hosts[n % hosts].clone(),
+        };
         let dir = self.work_dir.path().join(format!("executor-{n}-{port}"));
         let child = Command::new(volley_bin()?)
             .args([
@@ -177,7 +186,7 @@ impl ProcessCluster {
                 "--scheduler",
                 &self.url,
                 "--host",
-                "127.0.0.1",
+                &host,
                 "--port",
                 &port.to_string(),
                 "--slots",
@@ -313,6 +322,11 @@ impl ProcessCluster {
     /// The scheduler process, to check it still runs.
     pub fn scheduler_alive(&mut self) -> bool {
         matches!(self.scheduler.try_wait(), Ok(None))
+    }
+
+    /// Where the processes' stderr goes, when a log dir was given.
+    pub fn log_dir(&self) -> Option<&std::path::Path> {
+        self.log_dir.as_deref()
     }
 
     /// Root of the executors' work dirs.

@@ -1,7 +1,9 @@
-//! Volley's execution plans: the two ends of a shuffle.
+//! Volley's execution plans: the two ends of a shuffle, and writing tables from every task.
 
 mod shuffle_reader;
 mod shuffle_writer;
+pub mod write;
 
 pub use shuffle_reader::ShuffleReaderExec;
 pub use shuffle_writer::ShuffleWriterExec;
+pub use write::{CommitFilesExec, TaskWriteExec};

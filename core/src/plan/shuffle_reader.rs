@@ -9,6 +9,7 @@ use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::execution::TaskContext;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
@@ -32,6 +33,9 @@ pub struct ShuffleReaderExec {
     hash_partitioned: bool,
     locations: Vec<Vec<PartitionLocation>>,
     properties: Arc<PlanProperties>,
+    /// `flight_fetches` / `disk_reads`: shuffle files fetched from another executor over
+    /// Flight, or read from disk on the same file system.
+    metrics: ExecutionPlanMetricsSet,
 }
 
 impl ShuffleReaderExec {
@@ -73,6 +77,7 @@ impl ShuffleReaderExec {
             hash_partitioned,
             locations,
             properties: Arc::new(properties),
+            metrics: ExecutionPlanMetricsSet::new(),
         }
     }
 
@@ -159,6 +164,10 @@ impl ExecutionPlan for ShuffleReaderExec {
         )
     }
 
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
     fn execute(
         &self,
         partition: usize,
@@ -176,6 +185,16 @@ impl ExecutionPlan for ShuffleReaderExec {
             host: env.host.clone(),
         });
         let security = env.map(|env| env.security.clone()).unwrap_or_default();
+        let on_disk = locations
+            .iter()
+            .filter(|l| local.as_ref().is_some_and(|local| local.reads_from_disk(l)))
+            .count();
+        MetricBuilder::new(&self.metrics)
+            .counter("disk_reads", partition)
+            .add(on_disk);
+        MetricBuilder::new(&self.metrics)
+            .counter("flight_fetches", partition)
+            .add(locations.len() - on_disk);
         let stage_id = self.stage_id;
         let stream = futures::stream::iter(locations)
             .map(move |location| {

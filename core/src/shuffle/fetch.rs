@@ -314,14 +314,16 @@ pub struct LocalReads {
     /// The reading executor: its own files are always read from disk.
     pub executor_id: String,
     /// Its advertised host: files of executors advertising the same host are read from disk
-    /// when the file is there (same machine and file system), over Flight otherwise.
+    /// when this process provably shares the producer's file system (the producer's marker
+    /// is in the file's work dir), over Flight otherwise.
     pub host: String,
 }
 
 impl LocalReads {
-    fn reads_from_disk(&self, location: &PartitionLocation) -> bool {
+    /// True when `location` is read from disk rather than fetched over Flight.
+    pub fn reads_from_disk(&self, location: &PartitionLocation) -> bool {
         self.executor_id == location.executor_id
-            || (self.host == location.host && std::path::Path::new(&location.path).is_file())
+            || (self.host == location.host && super::location::written_here(location))
     }
 }
 

@@ -2,6 +2,24 @@
 
 use crate::protobuf;
 
+/// File in an executor's work dir naming the executor: a reader that finds a shuffle file's
+/// work dir marked with the producer's id shares its file system (host names prove nothing).
+pub const EXECUTOR_MARKER: &str = ".executor-id";
+
+/// Levels from a shuffle file up to its executor's work dir
+/// (`<work dir>/<job>/<stage>/<partition-attempt>/<file>`).
+const FILE_DEPTH: usize = 4;
+
+/// True when this process sees `location`'s file in the work dir of the executor that wrote
+/// it: the marker there holds that executor's id.
+pub fn written_here(location: &PartitionLocation) -> bool {
+    std::path::Path::new(&location.path)
+        .ancestors()
+        .nth(FILE_DEPTH)
+        .and_then(|dir| std::fs::read_to_string(dir.join(EXECUTOR_MARKER)).ok())
+        .is_some_and(|id| id.trim() == location.executor_id && !id.trim().is_empty())
+}
+
 /// One shuffle file written by one map task for one output partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionLocation {

@@ -5,7 +5,7 @@ mod location;
 mod writer;
 
 pub use fetch::{FlightChannels, LocalReads, read_chunk, read_local_file, read_partition_location};
-pub use location::PartitionLocation;
+pub use location::{EXECUTOR_MARKER, PartitionLocation, written_here};
 pub use writer::{ShuffleFileWriter, WrittenPartition};
 
 /// `app_metadata` of Flight messages that carry raw bytes of a shuffle file (an Arrow IPC

@@ -94,6 +94,7 @@ impl Placement<'_> {
     ) -> bool {
         let job_span = job.span.clone();
         let settings = Arc::clone(&job.settings);
+        let stores = Arc::clone(&job.stores);
         let Some(stage) = job.stages.get_mut(&stage_id) else {
             return true;
         };
@@ -130,6 +131,7 @@ impl Placement<'_> {
                 attempt: task.attempt,
                 plan: Arc::clone(&plan),
                 settings: Arc::clone(&settings),
+                stores: Arc::clone(&stores),
                 span: stage_span.clone(),
             });
         }

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use volley_core::stores::StoreOptions;
 
 use datafusion::arrow::datatypes::SchemaRef;
 
@@ -30,6 +31,20 @@ impl ClusterState {
         let limit = self.policy.max_concurrent_jobs;
         let queued = limit > 0 && self.running_jobs() >= limit;
         self.insert(Job::new(id, sql, settings, stages, schema, span, queued));
+    }
+
+    /// Give job `id` the object store options its tasks carry and its table write's temporary
+    /// prefix (before it is scheduled).
+    pub fn set_job_stores(
+        &mut self,
+        id: &str,
+        stores: Arc<Vec<(String, StoreOptions)>>,
+        temporary: Option<String>,
+    ) {
+        if let Some(job) = self.jobs.get_mut(id) {
+            job.stores = stores;
+            job.temporary = temporary;
+        }
     }
 
     /// Add a job whose result the scheduler computed itself.

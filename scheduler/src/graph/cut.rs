@@ -20,9 +20,10 @@ use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMerge
 use datafusion::physical_plan::{
     ExecutionPlan, ExecutionPlanProperties, Partitioning, replace_children_if_necessary,
 };
-use volley_core::plan::{ShuffleReaderExec, ShuffleWriterExec};
+use volley_core::plan::{CommitFilesExec, ShuffleReaderExec, ShuffleWriterExec};
 use volley_core::rules::emits_build_rows_at_end;
 
+use crate::graph::writes::split_writes;
 use crate::graph::{StageKind, StagePlan};
 
 /// Split `plan` into stages; the last one is the result stage.
@@ -31,7 +32,7 @@ pub fn plan_stages(job_id: &str, plan: Arc<dyn ExecutionPlan>) -> Result<Vec<Sta
         job_id: job_id.to_string(),
         stages: Vec::new(),
     };
-    let root = cutter.cut(plan)?;
+    let root = cutter.cut(split_writes(job_id, plan)?)?;
     cutter.add_stage(root, None, StageKind::Result);
     Ok(cutter.stages)
 }
@@ -120,12 +121,15 @@ impl Cutter {
         }
 
         let merges = plan.is::<CoalescePartitionsExec>() || plan.is::<SortPreservingMergeExec>();
-        if merges {
+        // A commit always reads the writing tasks' rows from a stage of their own: its retry
+        // must not write again.
+        let commits = plan.is::<CommitFilesExec>();
+        if merges || commits {
             if let Some(input) = plan.children().first().map(|c| Arc::clone(*c)) {
                 let count = input.output_partitioning().partition_count();
                 // Already cut (re-walks of a cut subtree leave it alone).
                 let cut_before = input.is::<ShuffleReaderExec>();
-                if count > 1 && !cut_before {
+                if (count > 1 || commits) && !cut_before {
                     let schema = input.schema();
                     let stage_id = self.add_stage(input, None, StageKind::Merge);
                     let reader: Arc<dyn ExecutionPlan> = Arc::new(ShuffleReaderExec::new(

@@ -1,6 +1,7 @@
 //! L1: the planned stage DAG, pure plan code. A job's physical plan is cut into stages at its
 //! exchanges ([`cut`]); the joins adaptive execution may change are recognised here
-//! ([`joins`], [`candidates`]); Parquet scans get balanced task shares ([`scan_balance`]).
+//! ([`joins`], [`candidates`]); Parquet scans get balanced task shares ([`scan_balance`]);
+//! table writes are split across tasks ([`writes`]).
 //! Nothing here knows about tasks, executors or the network.
 
 use std::sync::Arc;
@@ -11,6 +12,7 @@ pub mod candidates;
 pub mod cut;
 pub mod joins;
 pub mod scan_balance;
+pub mod writes;
 
 pub use candidates::mark_broadcast_candidates;
 pub use cut::plan_stages;

@@ -22,6 +22,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+use volley_core::stores::StoreOptions;
 
 use datafusion::arrow::datatypes::SchemaRef;
 use tokio::sync::watch;
@@ -47,6 +48,7 @@ pub const MAX_KEPT_SQL: usize = 4096;
 
 /// `sql` cut to [`MAX_KEPT_SQL`] bytes at a character boundary, marked when cut.
 fn kept_sql(sql: String) -> String {
+    let sql = volley_core::stores::redact::redact_sql(&sql);
     volley_core::error::cut_text(sql, MAX_KEPT_SQL, |cut| format!("... ({cut} more bytes)"))
 }
 
@@ -95,6 +97,10 @@ pub struct Job {
     pub sql: String,
     /// Session settings shipped with each task.
     pub settings: Arc<Vec<(String, String)>>,
+    /// Options of the object stores its plan touches, shipped with each task (never shown).
+    pub stores: Arc<Vec<(String, StoreOptions)>>,
+    /// A table write's temporary prefix (URL): deleted when the job fails or is cancelled.
+    pub temporary: Option<String>,
     /// Stages by id.
     pub stages: BTreeMap<u32, StageState>,
     /// Id of the result stage.
@@ -167,6 +173,8 @@ impl Job {
             id,
             sql: kept_sql(sql),
             settings: Arc::new(Vec::new()),
+            stores: Arc::new(Vec::new()),
+            temporary: None,
             stages: BTreeMap::new(),
             final_stage: 0,
             schema,

@@ -163,6 +163,8 @@ pub struct TaskLaunch {
     pub plan: Arc<Vec<u8>>,
     /// Session settings.
     pub settings: Arc<Vec<(String, String)>>,
+    /// Object store options of its job.
+    pub stores: Arc<Vec<(String, volley_core::stores::StoreOptions)>>,
     /// Span of its stage: the parent of the task's span on the executor.
     pub span: tracing::Span,
 }

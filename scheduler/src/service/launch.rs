@@ -1,6 +1,8 @@
 //! Launching tasks on executors (batched under the message size limit, one stage per
 //! request), and ending jobs there: cancelling their tasks and removing their files.
 
+use std::sync::Arc;
+
 use volley_core::VolleyError;
 use volley_core::protobuf as pb;
 
@@ -87,6 +89,20 @@ impl SchedulerService {
                             value: value.clone(),
                         })
                         .collect(),
+                    stores: t
+                        .stores
+                        .iter()
+                        .map(|(store, options)| pb::StoreConfig {
+                            store: store.clone(),
+                            options: options
+                                .pairs()
+                                .map(|(key, value)| pb::KeyValue {
+                                    key: key.to_string(),
+                                    value: value.to_string(),
+                                })
+                                .collect(),
+                        })
+                        .collect(),
                 })
                 .collect(),
         };
@@ -154,13 +170,18 @@ impl SchedulerService {
     }
 
     async fn release_now(&self, job_id: &str) {
-        let executors: Vec<ExecutorInfo> = {
+        let (executors, leftovers) = {
             let mut state = self.state.lock();
             state.abort_job_tasks(job_id);
             if state.job(job_id).is_some() && !state.mark_released(job_id) {
                 return;
             }
-            state.alive_executors().cloned().collect()
+            let leftovers = state
+                .job(job_id)
+                .filter(|j| matches!(j.state, JobState::Failed(_) | JobState::Cancelled))
+                .and_then(|j| Some((j.temporary.clone()?, Arc::clone(&j.stores))));
+            let executors: Vec<ExecutorInfo> = state.alive_executors().cloned().collect();
+            (executors, leftovers)
         };
         // Every executor at once: cancel the job's tasks, then delete its files.
         let calls = executors.into_iter().filter_map(|executor| {
@@ -181,6 +202,39 @@ impl SchedulerService {
             })
         });
         futures::future::join_all(calls).await;
+        // A failed or cancelled table write: what its attempts wrote goes too (its tasks are
+        // cancelled by now).
+        if let Some((temporary, stores)) = leftovers
+            && let Err(e) = self.delete_prefix(&temporary, &stores).await
+        {
+            tracing::warn!(job_id, error = %e, "cannot remove a failed write's temporary files");
+        }
+    }
+
+    /// Delete every object under `url` (a folder URL), with the job's store options.
+    async fn delete_prefix(
+        &self,
+        url: &str,
+        stores: &[(String, volley_core::stores::StoreOptions)],
+    ) -> Result<(), volley_core::VolleyError> {
+        use datafusion::execution::object_store::ObjectStoreRegistry;
+        use futures::{StreamExt, TryStreamExt};
+        let scope = volley_core::stores::StoreScope::with_options(
+            Arc::clone(&self.stores),
+            stores.to_vec(),
+        );
+        let listing = datafusion::datasource::listing::ListingTableUrl::parse(url)?;
+        let store = scope.get_store(listing.get_url())?;
+        let paths = store
+            .list(Some(listing.prefix()))
+            .map_ok(|meta| meta.location)
+            .boxed();
+        store
+            .delete_stream(paths)
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(datafusion::error::DataFusionError::from)?;
+        Ok(())
     }
 
     /// Cancel a running job.

@@ -15,8 +15,8 @@ use tonic::Status;
 use volley_core::Result;
 use volley_core::protobuf::executor_grpc_client::ExecutorGrpcClient;
 use volley_core::sandbox::Sandbox;
-use volley_core::sandbox_store::SandboxedStore;
 use volley_core::security::{AuthChannel, Security};
+use volley_core::stores::{StoreCache, StoreScope};
 
 use crate::cluster::ClusterState;
 use crate::cluster::executors::ExecutorInfo;
@@ -42,10 +42,18 @@ pub struct SchedulerService {
     sandbox: Sandbox,
     metrics: SchedulerMetrics,
     background: Arc<Mutex<Option<JoinHandle<()>>>>,
-    /// Runtime of every session: one memory pool for what runs on the scheduler (DDL,
-    /// `CREATE TABLE AS`, plans that cannot travel) and the sandboxed file store.
+    /// Base runtime of every session: one memory pool for what runs on the scheduler (DDL,
+    /// `CREATE TABLE AS`, plans that cannot travel), shared file caches. Each session has its
+    /// own object store scope over [`Self::stores`].
     runtime: Arc<datafusion::execution::runtime_env::RuntimeEnv>,
+    /// Object stores built on the scheduler (sandboxed local files, remote stores).
+    stores: Arc<StoreCache>,
+    /// Tables of `--table`, registered at start and seen by every session.
+    tables: Arc<Mutex<Vec<SharedTable>>>,
 }
+
+/// A table of `--table`: its name and provider.
+type SharedTable = (String, Arc<dyn datafusion::catalog::TableProvider>);
 
 /// The refusal of a call naming an executor without its registration secret.
 fn speaks_for(executor_id: &str) -> Status {
@@ -85,15 +93,19 @@ impl SchedulerService {
         metrics: SchedulerMetrics,
     ) -> Result<Self> {
         let state = ClusterState::new(config.policy());
+        // Files DDL, `CREATE TABLE AS` and scheduler-side plans touch stay in the sandbox too.
+        let stores = StoreCache::new(sandbox.clone());
         let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(
                 datafusion::execution::memory_pool::FairSpillPool::new(config.memory_limit),
             ))
+            .with_cache_manager(volley_core::stores::cache_config())
+            .with_object_store_registry(Arc::new(StoreScope::new(Arc::clone(&stores))))
             .build_arc()?;
-        // Files DDL, `CREATE TABLE AS` and scheduler-side plans touch stay in the sandbox too.
-        SandboxedStore::install(&runtime, &sandbox)?;
         Ok(Self {
             runtime,
+            stores,
+            tables: Arc::new(Mutex::new(Vec::new())),
             config,
             state: Arc::new(Mutex::new(state)),
             sessions: Arc::new(Mutex::new(HashMap::new())),

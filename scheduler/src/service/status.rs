@@ -82,7 +82,7 @@ impl SchedulerService {
     ) -> Result<Response<pb::ExecuteSqlResult>, Status> {
         let params = request.into_inner();
         let ctx = self.session(&params.session_id)?;
-        let job_id = self.submit(&ctx, &params.sql).await?;
+        let job_id = self.submit_redacted(&ctx, &params.sql).await?;
         Ok(Response::new(pb::ExecuteSqlResult { job_id }))
     }
 

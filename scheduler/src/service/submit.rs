@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::array::{RecordBatch, StringArray};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::writer::StreamWriter;
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::datasource::listing::ListingTableUrl;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::{DdlStatement, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use tonic::Status;
@@ -18,6 +21,8 @@ use volley_core::protobuf as pb;
 use volley_core::rules::volley_session_state_with;
 use volley_core::sandbox::Sandbox;
 use volley_core::stack::on_deep_stack;
+use volley_core::stores::plan::plan_stores;
+use volley_core::stores::{StoreOptions, StoreScope};
 use volley_core::{Result, VolleyError};
 
 use crate::explain::{analyze_lines, explain_stages, plan_schema};
@@ -47,10 +52,65 @@ impl SchedulerService {
             volley_core::sandbox::check_setting(&kv.key)?;
             config.options_mut().set(&kv.key, &kv.value)?;
         }
-        Ok(SessionContext::new_with_state(volley_session_state_with(
-            config,
-            Some(Arc::clone(&self.runtime)),
-        )))
+        // The session's own object store scope: per-table options stay in this session.
+        let scope = Arc::new(StoreScope::new(Arc::clone(&self.stores)));
+        let runtime = RuntimeEnvBuilder::from_runtime_env(&self.runtime)
+            .with_object_store_registry(Arc::clone(&scope) as _)
+            .build_arc()?;
+        let config = config.with_extension(scope);
+        let ctx = SessionContext::new_with_state(volley_session_state_with(config, Some(runtime)));
+        for (name, table) in self.tables.lock().iter() {
+            ctx.register_table(name.as_str(), Arc::clone(table))?;
+        }
+        Ok(ctx)
+    }
+
+    /// Run the `--table` statements; their tables are then part of every new session.
+    pub async fn register_tables(&self, statements: &[String]) -> Result<()> {
+        let ctx = self.new_session(&[])?;
+        for sql in statements {
+            plan_statement(&ctx, sql, &self.sandbox, "tables")
+                .await
+                .map_err(|e| {
+                    VolleyError::Config(format!(
+                        "--table ({}): {e}",
+                        volley_core::stores::redact::redact_sql(sql)
+                    ))
+                })?;
+        }
+        let state = ctx.state();
+        let options = state.config().options();
+        let schema = ctx
+            .catalog(&options.catalog.default_catalog)
+            .and_then(|c| c.schema(&options.catalog.default_schema))
+            .ok_or_else(|| VolleyError::Internal("no default schema".into()))?;
+        let mut tables = Vec::new();
+        for name in schema.table_names() {
+            if let Some(table) = schema.table(&name).await? {
+                tables.push((name, table));
+            }
+        }
+        *self.tables.lock() = tables;
+        Ok(())
+    }
+
+    /// Plan and submit `sql`; an error about it shows none of the session's or the
+    /// statement's store secrets.
+    pub async fn submit_redacted(&self, ctx: &SessionContext, sql: &str) -> Result<String, Status> {
+        match self.submit(ctx, sql).await {
+            Ok(id) => Ok(id),
+            Err(e) => {
+                let mut secrets = volley_core::stores::redact::redact_sql_collect(sql).1;
+                if let Some(scope) = session_stores(ctx) {
+                    secrets.extend(scope.secrets());
+                }
+                let status = Status::from(e);
+                Err(Status::new(
+                    status.code(),
+                    volley_core::stores::redact::redact_values(status.message(), &secrets),
+                ))
+            }
+        }
     }
 
     pub(crate) fn session(&self, id: &str) -> Result<SessionContext, Status> {
@@ -127,8 +187,15 @@ impl SchedulerService {
         self.check_test_hooks(&settings)?;
         let physical = balance_parquet_scans(physical, &ctx.state()).await?;
         let settings = self.resolve_settings(settings);
+        let stores = Arc::new(match session_stores(ctx) {
+            Some(scope) => scope.options_for(plan_stores(&physical).iter().map(String::as_str)),
+            None => Vec::new(),
+        });
         let schema = physical.schema();
         let mut stages = plan_stages(&job_id, Arc::clone(&physical))?;
+        let temporary = stages
+            .last()
+            .and_then(|s| temporary_of(&(Arc::clone(&s.plan) as Arc<dyn ExecutionPlan>)));
         // Task lists are allocated per partition: bound them before anything is allocated.
         for stage in &stages {
             volley_core::ids::check_partitions(
@@ -156,7 +223,8 @@ impl SchedulerService {
         let short: String = sql.chars().take(200).collect();
         let span = tracing::info_span!(parent: None, "job", job_id = %job_id, stages = stages.len(), sql = %short);
         tracing::info!(parent: &span, job_id, stages = stages.len(), "job submitted");
-        self.state.lock().add_job(
+        let mut state = self.state.lock();
+        state.add_job(
             job_id.clone(),
             sql.to_string(),
             settings,
@@ -164,6 +232,8 @@ impl SchedulerService {
             schema,
             span,
         );
+        state.set_job_stores(&job_id, stores, temporary);
+        drop(state);
         self.schedule();
         Ok(job_id)
     }
@@ -272,6 +342,42 @@ enum Planned {
     Physical(Arc<dyn ExecutionPlan>, Arc<Vec<(String, String)>>),
 }
 
+/// The temporary prefix of the table write a result stage commits, if it commits one.
+fn temporary_of(plan: &Arc<dyn ExecutionPlan>) -> Option<String> {
+    let mut found = None;
+    let _ = plan.apply(|node| {
+        if let Some(commit) = node.downcast_ref::<volley_core::plan::CommitFilesExec>() {
+            found = commit.temporary_url().ok();
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+/// The object store scope of a session.
+fn session_stores(ctx: &SessionContext) -> Option<Arc<StoreScope>> {
+    ctx.state().config().get_extension::<StoreScope>()
+}
+
+/// `CREATE EXTERNAL TABLE ... OPTIONS ('aws.region' ...)`: the store options configure the
+/// session's store for the table's location; the rest (format options) stay for DataFusion.
+fn take_store_options(ctx: &SessionContext, logical: LogicalPlan) -> Result<LogicalPlan> {
+    let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(mut create)) = logical else {
+        return Ok(logical);
+    };
+    let store = StoreOptions::take_from(&mut create.options);
+    if !store.is_empty() {
+        let scope = session_stores(ctx)
+            .ok_or_else(|| VolleyError::Internal("session without a store scope".into()))?;
+        for location in &create.locations {
+            let url = ListingTableUrl::parse(location)?;
+            scope.configure(url.get_url(), store.clone())?;
+        }
+    }
+    Ok(LogicalPlan::Ddl(DdlStatement::CreateExternalTable(create)))
+}
+
 /// Parse, check and plan one statement (on a deep-stack thread; see [`on_deep_stack`]).
 async fn plan_statement(
     ctx: &SessionContext,
@@ -282,6 +388,7 @@ async fn plan_statement(
     let state = ctx.state();
     let logical = state.create_logical_plan(sql).await?;
     sandbox.check_logical(&logical)?;
+    let logical = take_store_options(ctx, logical)?;
     if let LogicalPlan::Explain(explain) = &logical
         && !explain.verbose
     {

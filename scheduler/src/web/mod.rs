@@ -3,6 +3,8 @@
 //! needs it (`Authorization: Bearer`, or `?token=` once, which sets a cookie); cancelling a job
 //! always needs it.
 //!
+//! `/healthz` and `/readyz` (probes) need no token.
+//!
 //! [`api`] serves the JSON API and metrics, [`pages`] the HTML pages, [`svg`] the stage graph,
 //! [`html`] the shared HTML pieces; this module routes and checks the token.
 
@@ -45,7 +47,17 @@ pub fn router(service: SchedulerService) -> Router {
             service.clone(),
             require_token,
         ))
+        // Probes carry no token: these say only whether the scheduler serves.
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .with_state(service)
+}
+
+/// Ready: the scheduler accepts jobs (its gRPC server is up once this page serves). Executors
+/// are not required: they register through the very Service that waits for readiness.
+async fn readyz(State(service): State<SchedulerService>) -> String {
+    let executors = service.with_state(|s| s.alive_executors().count());
+    format!("ready: {executors} executors\n")
 }
 
 #[derive(Deserialize)]

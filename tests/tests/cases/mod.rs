@@ -1,5 +1,6 @@
 mod cli;
 mod dataframe;
+mod deploy;
 mod errors;
 mod examples;
 mod faults;
@@ -11,6 +12,7 @@ mod liveness;
 mod perf;
 mod repl;
 mod roles;
+mod s3;
 mod security;
 mod slt;
 mod soak;

@@ -51,6 +51,7 @@ async fn the_client_token_is_not_cluster_root() {
         env: vec![("VOLLEY_AUTH_TOKEN".to_string(), TOKEN.to_string())],
         client: ClientOptions::with_token(TOKEN),
         log_dir: None,
+        executor_hosts: Vec::new(),
     };
     let cluster = ProcessCluster::start_with(2, 1, &[], options)
         .await

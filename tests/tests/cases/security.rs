@@ -64,6 +64,7 @@ async fn token_auth_rejects_strangers_and_keeps_serving() {
         env: vec![("VOLLEY_AUTH_TOKEN".to_string(), TOKEN.to_string())],
         client: ClientOptions::with_token(TOKEN),
         log_dir: Some(logs.path().to_path_buf()),
+        executor_hosts: Vec::new(),
     };
     let mut cluster = ProcessCluster::start_with(2, 1, &[], options)
         .await
@@ -224,6 +225,7 @@ async fn mutual_tls_cluster_serves_tls_clients_only() {
         env: pki.env(),
         client: pki.client(true),
         log_dir: None,
+        executor_hosts: Vec::new(),
     };
     let cluster = ProcessCluster::start_with(2, 1, &[], options)
         .await

@@ -77,6 +77,7 @@ async fn status_page_in_headless_browser() {
         env: vec![("VOLLEY_AUTH_TOKEN".to_string(), token.to_string())],
         client: ClientOptions::with_token(token),
         log_dir: None,
+        executor_hosts: Vec::new(),
     };
     let cluster = ProcessCluster::start_with(2, 2, &[], options)
         .await
