@@ -11,6 +11,7 @@ use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::execution::TaskContext;
 use datafusion::execution::context::QueryPlanner;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
@@ -25,7 +26,9 @@ use datafusion::prelude::SessionContext;
 use futures::{StreamExt, TryStreamExt};
 use volley_core::codec::VolleyCodec;
 use volley_core::config::{config_to_pairs, volley_session_config};
-use volley_core::rules::volley_session_state;
+use volley_core::rules::volley_session_state_with;
+use volley_core::sandbox::Sandbox;
+use volley_core::stores::{StoreCache, StoreScope};
 
 use crate::VolleyClient;
 
@@ -208,9 +211,17 @@ pub async fn standalone(executors: usize) -> crate::Result<SessionContext> {
     Ok(context_for(client))
 }
 
-/// A [`SessionContext`] that runs its queries through `client`.
+/// A [`SessionContext`] that runs its queries through `client`. It reaches object stores
+/// (`s3://`, `gs://`, ...) as the cluster does, from the standard environment (`AWS_*`, ...);
+/// `register_object_store` overrides that per bucket.
 pub fn context_for(client: VolleyClient) -> SessionContext {
-    let state = volley_session_state(volley_session_config(4));
+    let stores = StoreCache::new(Sandbox::unrestricted(true));
+    let runtime = RuntimeEnvBuilder::new()
+        .with_cache_manager(volley_core::stores::cache_config())
+        .with_object_store_registry(Arc::new(StoreScope::new(stores)))
+        .build_arc()
+        .ok();
+    let state = volley_session_state_with(volley_session_config(4), runtime);
     let state = SessionStateBuilder::new_from_existing(state)
         .with_query_planner(Arc::new(VolleyQueryPlanner { client }))
         .build();

@@ -6,6 +6,11 @@
 //!  [--query N] [--iterations 1] [--data DIR] [--compression lz4|zstd|none] [--json FILE]
 //!  [--baseline default|volley] [--memory-limit BYTES-per-executor]`
 //!
+//! `--data s3://BUCKET/PREFIX` also runs every query on Volley with the tables in S3: the bench
+//! starts the tests' S3 server (moto, see `volley_tests::s3`), uploads the generated data there
+//! and prints `volley_s3_s` and `s3/local` (what the object-store path costs) beside the local
+//! columns.
+//!
 //! The DataFusion baseline runs with DataFusion's default settings and one partition per core
 //! (`--baseline volley` gives it Volley's session settings instead). `--json FILE` writes one
 //! object per query (seconds, ratio, rows, shuffle and spill bytes) and the totals.
@@ -29,6 +34,8 @@ struct Args {
     queries: Vec<usize>,
     iterations: usize,
     data: Option<PathBuf>,
+    /// `--data s3://bucket/prefix`: the S3 location to run on as well.
+    s3: Option<(String, String)>,
     compression: Option<String>,
     json: Option<PathBuf>,
     volley_baseline: bool,
@@ -56,6 +63,7 @@ fn parse_args() -> Result<Args, BoxError> {
         queries: (1..=22).collect(),
         iterations: 1,
         data: None,
+        s3: None,
         compression: None,
         json: None,
         volley_baseline: false,
@@ -78,7 +86,17 @@ fn parse_args() -> Result<Args, BoxError> {
                     .collect::<Result<_, _>>()?
             }
             "--iterations" => args.iterations = value()?.parse::<usize>()?.max(1),
-            "--data" => args.data = Some(PathBuf::from(value()?)),
+            "--data" => {
+                let data = value()?;
+                match data.strip_prefix("s3://") {
+                    Some(rest) => {
+                        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, "tpch"));
+                        let prefix = prefix.trim_matches('/').to_string();
+                        args.s3 = Some((bucket.to_string(), prefix));
+                    }
+                    None => args.data = Some(PathBuf::from(data)),
+                }
+            }
             "--compression" => args.compression = Some(value()?),
             "--json" => args.json = Some(PathBuf::from(value()?)),
             "--memory-limit" => args.memory_limit = Some(value()?.parse()?),
@@ -140,13 +158,19 @@ async fn main() -> Result<(), BoxError> {
     for statement in tpch::create_table_statements(&dir) {
         client.sql(&statement).await?;
     }
-    for (key, value) in &args.volley_settings {
-        client.sql(&format!("SET {key} = '{value}'")).await?;
-    }
-    if let Some(compression) = &args.compression {
-        client
-            .sql(&format!("SET volley.shuffle_compression = '{compression}'"))
-            .await?;
+    let s3 = match &args.s3 {
+        Some((bucket, prefix)) => Some(s3_tables(&cluster, &dir, bucket, prefix).await?),
+        None => None,
+    };
+    for client in std::iter::once(&client).chain(s3.as_ref().map(|(_, c)| c)) {
+        for (key, value) in &args.volley_settings {
+            client.sql(&format!("SET {key} = '{value}'")).await?;
+        }
+        if let Some(compression) = &args.compression {
+            client
+                .sql(&format!("SET volley.shuffle_compression = '{compression}'"))
+                .await?;
+        }
     }
 
     println!(
@@ -158,15 +182,25 @@ async fn main() -> Result<(), BoxError> {
         boot.as_secs_f64()
     );
     println!(
-        "{:>5} {:>12} {:>12} {:>8} {:>10}",
-        "query", "datafusion_s", "volley_s", "ratio", "rows"
+        "{:>5} {:>12} {:>12} {:>8} {:>10}{}",
+        "query",
+        "datafusion_s",
+        "volley_s",
+        "ratio",
+        "rows",
+        if s3.is_some() {
+            format!(" {:>12} {:>9}", "volley_s3_s", "s3/local")
+        } else {
+            String::new()
+        }
     );
-    let (mut total_df, mut total_volley) = (0.0, 0.0);
+    let (mut total_df, mut total_volley, mut total_s3) = (0.0, 0.0, 0.0);
     let mut records = Vec::new();
     for &q in &args.queries {
         let sql = tpch::query(q)?;
         let mut best_df = f64::MAX;
         let mut best_volley = f64::MAX;
+        let mut best_s3 = f64::MAX;
         let mut checked = 0;
         let mut last_job = String::new();
         for _ in 0..args.iterations {
@@ -186,9 +220,24 @@ async fn main() -> Result<(), BoxError> {
                 &format!("q{q}"),
             );
             checked = expected.len();
+            if let Some((_, s3_client)) = &s3 {
+                let t = Instant::now();
+                let job_id = s3_client.submit(&sql).await?;
+                let from_s3 = s3_client.sql_job_rows(&job_id).await?;
+                best_s3 = best_s3.min(t.elapsed().as_secs_f64());
+                assert_same_rows(
+                    &expected,
+                    &rows(&from_s3)?,
+                    &float_columns(&local),
+                    &format!("q{q} from S3"),
+                );
+            }
         }
         total_df += best_df;
         total_volley += best_volley;
+        if s3.is_some() {
+            total_s3 += best_s3;
+        }
         if args.stages {
             print_stages(&cluster, &last_job);
         }
@@ -211,22 +260,26 @@ async fn main() -> Result<(), BoxError> {
             "rows": checked,
             "shuffle_bytes": shuffle_bytes,
             "spill_bytes": spill_bytes,
+            "volley_s3_s": s3.as_ref().map(|_| best_s3),
         }));
         println!(
-            "{:>5} {:>12.3} {:>12.3} {:>8.2} {:>10}",
+            "{:>5} {:>12.3} {:>12.3} {:>8.2} {:>10}{}",
             format!("q{q}"),
             best_df,
             best_volley,
             best_volley / best_df,
-            checked
+            checked,
+            s3_columns(s3.is_some(), best_s3, best_volley)
         );
     }
     println!(
-        "{:>5} {:>12.3} {:>12.3} {:>8.2}",
+        "{:>5} {:>12.3} {:>12.3} {:>8.2} {:>10}{}",
         "total",
         total_df,
         total_volley,
-        total_volley / total_df
+        total_volley / total_df,
+        "",
+        s3_columns(s3.is_some(), total_s3, total_volley)
     );
     if let Some(path) = &args.json {
         let report = serde_json::json!({
@@ -246,6 +299,42 @@ async fn main() -> Result<(), BoxError> {
     }
     cluster.shutdown().await;
     Ok(())
+}
+
+fn s3_columns(shown: bool, s3: f64, local: f64) -> String {
+    if shown {
+        format!(" {s3:>12.3} {:>9.2}", s3 / local)
+    } else {
+        String::new()
+    }
+}
+
+/// `--data s3://...`: an S3 server holding the data in `dir` under `bucket/prefix`, and a
+/// session of `cluster` whose tables are there (per-table credentials and endpoint).
+async fn s3_tables(
+    cluster: &EmbeddedCluster,
+    dir: &std::path::Path,
+    bucket: &str,
+    prefix: &str,
+) -> Result<(volley_tests::s3::S3Server, volley::VolleyClient), BoxError> {
+    let started = Instant::now();
+    let s3 = volley_tests::s3::S3Server::start(&[bucket])?;
+    let files = s3.upload_dir(bucket, prefix, dir).await?;
+    eprintln!(
+        "uploaded {files} files to s3://{bucket}/{prefix} ({}) in {:.1}s",
+        s3.endpoint,
+        started.elapsed().as_secs_f64()
+    );
+    let client = cluster.client().await?;
+    let options = s3.table_options(&s3.access_key, &s3.secret_key);
+    for table in tpch::TABLES {
+        client
+            .sql(&format!(
+                "CREATE EXTERNAL TABLE {table} STORED AS PARQUET LOCATION 's3://{bucket}/{prefix}/{table}/' {options}"
+            ))
+            .await?;
+    }
+    Ok((s3, client))
 }
 
 /// `--stages`: when each stage of the job started and ended (ms after submission), its tasks,

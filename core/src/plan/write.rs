@@ -204,7 +204,9 @@ impl TaskWriteExec {
 
 impl DisplayAs for TaskWriteExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        let target = file_sink_config(self.sink.as_ref()).map_or("?", |c| c.original_url.as_str());
+        let target = file_sink_config(self.sink.as_ref())
+            .and_then(|c| c.table_paths.first())
+            .map_or("?", |u| u.as_str());
         write!(f, "TaskWriteExec: target={target}")
     }
 }
@@ -485,7 +487,8 @@ impl CommitFilesExec {
 
 impl DisplayAs for CommitFilesExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "CommitFilesExec: target={}", self.config.original_url)
+        let target = self.config.table_paths.first().map_or("?", |u| u.as_str());
+        write!(f, "CommitFilesExec: target={target}")
     }
 }
 

@@ -141,3 +141,70 @@ fn deploy_files_use_flags_volley_knows() {
     }
     assert!(unknown.is_empty(), "not in `volley --help`: {unknown:#?}");
 }
+
+/// The probes the manifests use answer without a token while every other call still needs
+/// it: `/healthz` and `/readyz` on the status port, the standard gRPC health service on the
+/// scheduler's and the executors' gRPC ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_probes_answer_without_a_token_and_nothing_else_does() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use volley_tests::process::{ProcessCluster, ProcessOptions};
+    let token = "probe-test-token";
+    let options = ProcessOptions {
+        env: vec![("VOLLEY_AUTH_TOKEN".to_string(), token.to_string())],
+        client: volley::ClientOptions::with_token(token),
+        ..ProcessOptions::default()
+    };
+    let cluster = ProcessCluster::start_with(1, 1, &[], options).await.unwrap();
+    for path in ["/healthz", "/readyz", "/api/jobs"] {
+        let url = format!("{}{path}", cluster.http_url());
+        let status = tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            agent.get(&url).call().unwrap().status().as_u16()
+        })
+        .await
+        .unwrap();
+        let expected = if path == "/api/jobs" { 401 } else { 200 };
+        assert_eq!(status, expected, "{path}");
+    }
+    let mut urls = vec![cluster.url().to_string()];
+    urls.extend(
+        cluster
+            .executor_ports()
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}")),
+    );
+    for url in urls {
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let answer = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"))
+            .into_inner();
+        assert_eq!(answer.status, ServingStatus::Serving as i32, "{url}");
+    }
+    // The scheduler's own service still refuses a call without the token.
+    let mut scheduler = volley_core::protobuf::scheduler_grpc_client::SchedulerGrpcClient::new(
+        tonic::transport::Endpoint::from_shared(cluster.url().to_string())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let refused = scheduler
+        .get_cluster_state(volley_core::protobuf::GetClusterStateParams {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
+}

@@ -13,6 +13,7 @@ mod perf;
 mod repl;
 mod roles;
 mod s3;
+mod s3_dataframe;
 mod security;
 mod slt;
 mod soak;

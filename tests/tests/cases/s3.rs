@@ -17,11 +17,11 @@ use volley_tests::process::{ProcessCluster, ProcessOptions};
 use volley_tests::s3::S3Server;
 use volley_tests::tpch;
 
-const BUCKET: &str = "lake";
-const PREFIX: &str = "tpch/sf0.1";
+pub(super) const BUCKET: &str = "lake";
+pub(super) const PREFIX: &str = "tpch/sf0.1";
 
 /// A moto server holding TPC-H SF0.1 under `s3://lake/tpch/sf0.1/<table>/`.
-async fn lake() -> S3Server {
+pub(super) async fn lake() -> S3Server {
     let s3 = S3Server::start(&[BUCKET]).expect("start moto_server");
     let files = s3
         .upload_dir(BUCKET, PREFIX, &tpch::sf01().expect("generate TPC-H"))
@@ -32,7 +32,7 @@ async fn lake() -> S3Server {
 }
 
 /// Scheduler + 2 executors on two other "hosts", allowed to read only the TPC-H prefix.
-async fn three_hosts(s3: &S3Server, env: Vec<(String, String)>, attempts: &str) -> ProcessCluster {
+pub(super) async fn three_hosts(s3: &S3Server, env: Vec<(String, String)>, attempts: &str) -> ProcessCluster {
     let root = format!("s3://{BUCKET}/{PREFIX}");
     let log_dir = tempfile::Builder::new()
         .prefix("volley-s3-logs-")
@@ -67,7 +67,7 @@ async fn three_hosts(s3: &S3Server, env: Vec<(String, String)>, attempts: &str) 
         .expect("start cluster")
 }
 
-async fn register(client: &VolleyClient, options: &str) {
+pub(super) async fn register(client: &VolleyClient, options: &str) {
     for t in tpch::TABLES {
         client
             .sql(&format!(
@@ -78,18 +78,18 @@ async fn register(client: &VolleyClient, options: &str) {
     }
 }
 
-async fn run(client: &VolleyClient, sql: &str) -> Result<Vec<Row>, String> {
+pub(super) async fn run(client: &VolleyClient, sql: &str) -> Result<Vec<Row>, String> {
     let (_, batches) = client.sql(sql).await.map_err(|e| e.to_string())?;
     Ok(rows(&batches).unwrap())
 }
 
-async fn job(client: &VolleyClient, job_id: &str) -> JobRecord {
+pub(super) async fn job(client: &VolleyClient, job_id: &str) -> JobRecord {
     let state = client.cluster_state().await.unwrap();
     state.jobs.into_iter().find(|j| j.job_id == job_id).unwrap()
 }
 
 /// GET a page of the status server: (status, body).
-async fn http_get(url: String) -> (u16, String) {
+pub(super) async fn http_get(url: String) -> (u16, String) {
     tokio::task::spawn_blocking(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)

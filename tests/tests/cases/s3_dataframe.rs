@@ -1,0 +1,108 @@
+//! The DataFrame API and `INSERT INTO` on S3 through a remote cluster of separate "hosts":
+//! `read_parquet` / `register_parquet` of `s3://` URLs plan on the client and run on the
+//! executors, `write_parquet("s3://...")` and `INSERT INTO` an external table on S3 write from
+//! every task; every result equals single-node DataFusion on the same local files.
+
+use datafusion::dataframe::DataFrameWriteOptions;
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use volley_tests::compare::rows;
+use volley_tests::tpch;
+
+use super::s3::{BUCKET, PREFIX, lake, register, run, three_hosts};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dataframe_api_and_insert_into_read_and_write_s3_on_a_remote_cluster() {
+    volley_tests::init_tracing();
+    let s3 = lake().await;
+    let cluster = three_hosts(&s3, s3.env(), "4").await;
+    let local = SessionContext::new();
+    tpch::register_local(&local, &tpch::sf01().unwrap()).await.unwrap();
+    let expect = |sql: &'static str| {
+        let local = local.clone();
+        async move { rows(&local.sql(sql).await.unwrap().collect().await.unwrap()).unwrap() }
+    };
+
+    // The client plans against S3 itself (here with the test server's client; the standard
+    // AWS_* environment otherwise) and the executors read with theirs.
+    let ctx = volley::remote(cluster.url()).await.unwrap();
+    let url = url::Url::parse(&format!("s3://{BUCKET}")).unwrap();
+    ctx.register_object_store(&url, s3.store(BUCKET).unwrap());
+    let nation = ctx
+        .read_parquet(
+            format!("s3://{BUCKET}/{PREFIX}/nation/"),
+            ParquetReadOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(nation.count().await.unwrap(), 25);
+    ctx.register_parquet(
+        "orders",
+        format!("s3://{BUCKET}/{PREFIX}/orders/"),
+        ParquetReadOptions::default(),
+    )
+    .await
+    .unwrap();
+    let by_priority = "SELECT o_orderpriority, count(*) AS n FROM orders GROUP BY 1 ORDER BY 1";
+    let actual = rows(&ctx.sql(by_priority).await.unwrap().collect().await.unwrap()).unwrap();
+    assert_eq!(actual, expect(by_priority).await);
+
+    // write_parquet from the cluster's tasks, read back.
+    let small = "SELECT o_orderkey, o_custkey, o_totalprice FROM orders WHERE o_orderkey < 20000";
+    ctx.sql(small)
+        .await
+        .unwrap()
+        .write_parquet(
+            &format!("s3://{BUCKET}/out/df/"),
+            DataFrameWriteOptions::new(),
+            None,
+        )
+        .await
+        .unwrap();
+    let written = ctx
+        .read_parquet(format!("s3://{BUCKET}/out/df/"), ParquetReadOptions::default())
+        .await
+        .unwrap()
+        .sort_by(vec![datafusion::prelude::col("o_orderkey")])
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let ordered = "SELECT o_orderkey, o_custkey, o_totalprice FROM orders WHERE o_orderkey < 20000 ORDER BY o_orderkey";
+    assert_eq!(rows(&written).unwrap(), expect(ordered).await);
+    let objects = s3.list(BUCKET, "out/df").await.unwrap();
+    assert!(
+        objects.iter().all(|o| o.ends_with(".parquet")),
+        "{objects:?}"
+    );
+
+    // INSERT INTO an external table on S3, twice: every row twice, nothing temporary left.
+    let client = cluster.client().await.unwrap();
+    register(&client, "").await;
+    client
+        .sql(&format!(
+            "CREATE EXTERNAL TABLE sink (k BIGINT, name VARCHAR) STORED AS PARQUET LOCATION 's3://{BUCKET}/out/insert/'"
+        ))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let inserted = run(&client, "INSERT INTO sink SELECT n_nationkey, n_name FROM nation")
+            .await
+            .unwrap();
+        assert_eq!(inserted, vec![vec!["25".to_string()]]);
+    }
+    let counted = run(
+        &client,
+        "SELECT count(*), count(DISTINCT k), min(name) FROM sink",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        counted,
+        vec![vec!["50".to_string(), "25".to_string(), "ALGERIA".to_string()]]
+    );
+    let objects = s3.list(BUCKET, "out/insert").await.unwrap();
+    assert!(
+        objects.iter().all(|o| o.ends_with(".parquet")),
+        "{objects:?}"
+    );
+}
