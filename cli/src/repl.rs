@@ -72,7 +72,9 @@ impl Repl {
                     buffer.push_str(&line);
                     // A `;` inside a string or comment does not end the input.
                     if volley::ends_statement(&buffer) {
-                        let _ = self.editor.add_history_entry(buffer.as_str());
+                        // The history file keeps statements without store secrets.
+                        let kept = volley_core::stores::redact::redact_sql(&buffer);
+                        let _ = self.editor.add_history_entry(kept.as_str());
                         return Some(Input::Sql(buffer));
                     }
                 }

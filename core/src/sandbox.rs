@@ -22,7 +22,7 @@ use datafusion::physical_plan::ExecutionPlan;
 
 use datafusion::object_store::local::LocalFileSystem;
 
-use crate::plan::{ShuffleReaderExec, ShuffleWriterExec};
+use crate::plan::{CommitFilesExec, ShuffleReaderExec, ShuffleWriterExec, TaskWriteExec};
 use crate::stores::guard::below;
 use crate::stores::store_key;
 use crate::{Result, VolleyError};
@@ -355,9 +355,11 @@ impl Sandbox {
         // stage cutting places them, never a submitted plan.
         if node.downcast_ref::<ShuffleReaderExec>().is_some()
             || node.downcast_ref::<ShuffleWriterExec>().is_some()
+            || node.downcast_ref::<TaskWriteExec>().is_some()
+            || node.downcast_ref::<CommitFilesExec>().is_some()
         {
             return Err(VolleyError::NotAllowed(format!(
-                "a submitted plan may not contain {} (the scheduler places shuffle nodes itself)",
+                "a submitted plan may not contain {} (the scheduler places shuffle and write nodes itself)",
                 node.name()
             )));
         }

@@ -109,7 +109,7 @@ impl TaskRunner {
                     VolleyError::DataFusion(df)
                         if matches!(df.find_root(), datafusion::error::DataFusionError::ResourcesExhausted(_))
                 );
-                let message = redact_values(&truncate_message(e.to_string()), &task_secrets(&def));
+                let message = truncate_message(redact_values(&e.to_string(), &task_secrets(&def)));
                 tracing::warn!(job_id = %task.job_id, stage_id = task.stage_id, partition = task.partition, attempt = task.attempt, error = %message, "task failed");
                 pb::task_status::Status::Failed(pb::TaskFailed {
                     message,
@@ -161,7 +161,9 @@ impl TaskRunner {
                 })
                 .collect();
             let scope = StoreScope::with_options(Arc::clone(&self.stores), options);
+            // Caches of its own: they are keyed by path, not by the credentials reading it.
             let runtime = RuntimeEnvBuilder::from_runtime_env(self.base_state.runtime_env())
+                .with_cache_manager(volley_core::stores::cache_config())
                 .with_object_store_registry(Arc::new(scope))
                 .build_arc()?;
             ctx = ctx.with_runtime(runtime);

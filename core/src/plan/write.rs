@@ -10,8 +10,11 @@
 //! [`CommitFilesExec`] is the result stage's single task. It reads the rows of the attempts the
 //! scheduler kept — exactly one per partition — moves their files into place (dropping the
 //! temporary extension), removes the job's temporary prefix (every attempt's leftovers) and
-//! answers the total row count, as DataFusion's sink does. A commit that fails half-way and runs
-//! again finds the moved files gone from the temporary prefix and moves the rest.
+//! answers the total row count, as DataFusion's sink does. Its first attempt records the kept
+//! attempts in a manifest (`_commit`) under the temporary prefix: a commit that fails half-way
+//! or whose report is lost runs again on exactly that list, finds the moved files gone and
+//! moves the rest, even if the writing tasks ran again meanwhile. The scheduler deletes the
+//! temporary prefix, manifest included, when the job ends.
 
 use std::fmt;
 use std::sync::Arc;
@@ -417,30 +420,32 @@ impl CommitFilesExec {
         config: FileSinkConfig,
         context: Arc<TaskContext>,
     ) -> DFResult<RecordBatch> {
-        let mut kept: Vec<(u64, String)> = Vec::new();
-        for partition in 0..input.output_partitioning().partition_count() {
-            let batches: Vec<RecordBatch> = input
-                .execute(partition, Arc::clone(&context))?
-                .try_collect()
-                .await?;
-            for batch in batches {
-                let counts = batch.column(0).as_any().downcast_ref::<UInt64Array>();
-                let dirs = batch.column(1).as_any().downcast_ref::<StringArray>();
-                if let (Some(counts), Some(dirs)) = (counts, dirs) {
-                    for row in 0..batch.num_rows() {
-                        kept.push((counts.value(row), dirs.value(row).to_string()));
-                    }
-                }
-            }
-        }
         let store = context
             .runtime_env()
             .object_store(&config.object_store_url)?;
         let (folder, temporary) = target_paths(&config, &job_id)?;
+        // The first commit attempt records what it commits; a later one (its report was lost)
+        // commits exactly that, not the output of write tasks that ran again since.
+        let manifest = temporary.clone().join(MANIFEST);
+        let kept = match store.get(&manifest).await {
+            Ok(found) => parse_manifest(&found.bytes().await?)?,
+            Err(object_store::Error::NotFound { .. }) => {
+                let kept = kept_attempts(&input, &context).await?;
+                store.put(&manifest, render_manifest(&kept).into()).await?;
+                kept
+            }
+            Err(e) => return Err(e.into()),
+        };
         let single = writes_single_file(&config);
         let suffix = format!(".{TEMPORARY_EXTENSION}");
         for (_, dir) in &kept {
             let prefix = ListingTableUrl::parse(dir)?.prefix().clone();
+            // Only this job's attempt prefixes: a row naming anything else is not committed.
+            if prefix.prefix_match(&temporary).is_none() || prefix == temporary {
+                return Err(DataFusionError::Internal(format!(
+                    "commit of job {job_id}: {dir} is not one of its attempts' prefixes"
+                )));
+            }
             let files: Vec<_> = store.list(Some(&prefix)).try_collect().await?;
             for file in files {
                 let relative: Vec<_> = file
@@ -469,8 +474,12 @@ impl CommitFilesExec {
                 store.rename(&file.location, &target).await?;
             }
         }
+        // Every attempt's leftovers go; the manifest stays until the job is released.
         let leftovers = store
             .list(Some(&temporary))
+            .try_filter(move |meta| {
+                futures::future::ready(meta.location.filename() != Some(MANIFEST))
+            })
             .map_ok(|meta| meta.location)
             .boxed();
         store
@@ -483,6 +492,60 @@ impl CommitFilesExec {
             Arc::new(UInt64Array::from(vec![total])) as Arc<dyn Array>,
         )])?)
     }
+}
+
+/// Name of the commit manifest in a job's temporary prefix.
+const MANIFEST: &str = "_commit";
+
+/// `(rows, attempt prefix)` of every kept writing attempt, from the commit's input.
+async fn kept_attempts(
+    input: &Arc<dyn ExecutionPlan>,
+    context: &Arc<TaskContext>,
+) -> DFResult<Vec<(u64, String)>> {
+    let mut kept = Vec::new();
+    for partition in 0..input.output_partitioning().partition_count() {
+        let batches: Vec<RecordBatch> = input
+            .execute(partition, Arc::clone(context))?
+            .try_collect()
+            .await?;
+        for batch in batches {
+            let columns = batch.columns();
+            let counts = columns
+                .first()
+                .and_then(|c| c.as_any().downcast_ref::<UInt64Array>());
+            let dirs = columns
+                .get(1)
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>());
+            let (Some(counts), Some(dirs)) = (counts, dirs) else {
+                return Err(DataFusionError::Internal(
+                    "a commit's input is not (count, temporary) rows".to_string(),
+                ));
+            };
+            for row in 0..batch.num_rows() {
+                kept.push((counts.value(row), dirs.value(row).to_string()));
+            }
+        }
+    }
+    Ok(kept)
+}
+
+fn render_manifest(kept: &[(u64, String)]) -> String {
+    kept.iter()
+        .map(|(count, dir)| format!("{count}\t{dir}\n"))
+        .collect()
+}
+
+fn parse_manifest(bytes: &[u8]) -> DFResult<Vec<(u64, String)>> {
+    let bad = || DataFusionError::Internal("unreadable commit manifest".to_string());
+    std::str::from_utf8(bytes)
+        .map_err(|_| bad())?
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|line| {
+            let (count, dir) = line.split_once('\t').ok_or_else(bad)?;
+            Ok((count.parse().map_err(|_| bad())?, dir.to_string()))
+        })
+        .collect()
 }
 
 impl DisplayAs for CommitFilesExec {

@@ -10,13 +10,14 @@ use url::Url;
 /// Option prefixes that configure a store rather than a file format.
 const PREFIXES: [&str; 5] = ["aws.", "gcp.", "google.", "azure.", "http."];
 
-/// The store a URL lives in, as a registry key: `scheme://host[:port]` (`file://` for local
-/// files).
+/// The store a URL lives in, as a registry key: `scheme://[user@]host[:port]` (`file://` for
+/// local files). The user part is kept: in `abfss://container@account.dfs.core.windows.net/`
+/// it names the container.
 pub fn store_key(url: &Url) -> String {
     format!(
         "{}://{}",
         url.scheme(),
-        &url[url::Position::BeforeHost..url::Position::AfterPort]
+        &url[url::Position::BeforeUsername..url::Position::AfterPort]
     )
 }
 

@@ -178,7 +178,7 @@ impl SchedulerService {
             }
             let leftovers = state
                 .job(job_id)
-                .filter(|j| matches!(j.state, JobState::Failed(_) | JobState::Cancelled))
+                .filter(|j| j.state.is_final())
                 .and_then(|j| Some((j.temporary.clone()?, Arc::clone(&j.stores))));
             let executors: Vec<ExecutorInfo> = state.alive_executors().cloned().collect();
             (executors, leftovers)
@@ -202,8 +202,8 @@ impl SchedulerService {
             })
         });
         futures::future::join_all(calls).await;
-        // A failed or cancelled table write: what its attempts wrote goes too (its tasks are
-        // cancelled by now).
+        // A table write: what its attempts left (a failed or cancelled job's files, a
+        // committed job's manifest) goes too; its tasks are cancelled by now.
         if let Some((temporary, stores)) = leftovers
             && let Err(e) = self.delete_prefix(&temporary, &stores).await
         {

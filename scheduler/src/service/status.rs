@@ -104,7 +104,8 @@ impl SchedulerService {
         );
         let job_id = self
             .submit_physical(new_id(), &params.description, &ctx, plan, settings)
-            .await?;
+            .await
+            .map_err(|e| self.redacted(&ctx, &params.description, e))?;
         Ok(Response::new(pb::ExecuteSqlResult { job_id }))
     }
 

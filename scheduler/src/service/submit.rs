@@ -54,7 +54,10 @@ impl SchedulerService {
         }
         // The session's own object store scope: per-table options stay in this session.
         let scope = Arc::new(StoreScope::new(Arc::clone(&self.stores)));
+        // Listings, statistics and footers are cached per session: they are keyed by path,
+        // not by the credentials that read them.
         let runtime = RuntimeEnvBuilder::from_runtime_env(&self.runtime)
+            .with_cache_manager(volley_core::stores::cache_config())
             .with_object_store_registry(Arc::clone(&scope) as _)
             .build_arc()?;
         let config = config.with_extension(scope);
@@ -97,20 +100,22 @@ impl SchedulerService {
     /// Plan and submit `sql`; an error about it shows none of the session's or the
     /// statement's store secrets.
     pub async fn submit_redacted(&self, ctx: &SessionContext, sql: &str) -> Result<String, Status> {
-        match self.submit(ctx, sql).await {
-            Ok(id) => Ok(id),
-            Err(e) => {
-                let mut secrets = volley_core::stores::redact::redact_sql_collect(sql).1;
-                if let Some(scope) = session_stores(ctx) {
-                    secrets.extend(scope.secrets());
-                }
-                let status = Status::from(e);
-                Err(Status::new(
-                    status.code(),
-                    volley_core::stores::redact::redact_values(status.message(), &secrets),
-                ))
-            }
+        self.submit(ctx, sql)
+            .await
+            .map_err(|e| self.redacted(ctx, sql, e))
+    }
+
+    /// `e` as a status without the secrets of `ctx`'s session or of the statement `sql`.
+    pub(super) fn redacted(&self, ctx: &SessionContext, sql: &str, e: VolleyError) -> Status {
+        let mut secrets = volley_core::stores::redact::redact_sql_collect(sql).1;
+        if let Some(scope) = session_stores(ctx) {
+            secrets.extend(scope.secrets());
         }
+        let status = Status::from(e);
+        Status::new(
+            status.code(),
+            volley_core::stores::redact::redact_values(status.message(), &secrets),
+        )
     }
 
     pub(crate) fn session(&self, id: &str) -> Result<SessionContext, Status> {
@@ -220,7 +225,10 @@ impl SchedulerService {
                 .add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
             return Ok(job_id);
         }
-        let short: String = sql.chars().take(200).collect();
+        let short: String = volley_core::stores::redact::redact_sql(sql)
+            .chars()
+            .take(200)
+            .collect();
         let span = tracing::info_span!(parent: None, "job", job_id = %job_id, stages = stages.len(), sql = %short);
         tracing::info!(parent: &span, job_id, stages = stages.len(), "job submitted");
         let mut state = self.state.lock();

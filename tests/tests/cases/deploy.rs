@@ -157,7 +157,9 @@ async fn health_probes_answer_without_a_token_and_nothing_else_does() {
         client: volley::ClientOptions::with_token(token),
         ..ProcessOptions::default()
     };
-    let cluster = ProcessCluster::start_with(1, 1, &[], options).await.unwrap();
+    let cluster = ProcessCluster::start_with(1, 1, &[], options)
+        .await
+        .unwrap();
     for path in ["/healthz", "/readyz", "/api/jobs"] {
         let url = format!("{}{path}", cluster.http_url());
         let status = tokio::task::spawn_blocking(move || {

@@ -159,6 +159,28 @@ async fn submitted_plans_cannot_carry_shuffle_nodes() {
             "{err}"
         );
     }
+    // Nor Volley's write nodes: a hand-built commit could name another job's temporary files
+    // or skip the sandbox's check of its sink.
+    let ctx = datafusion::prelude::SessionContext::new();
+    let copy = ctx
+        .sql("COPY (SELECT 1 AS x) TO '/tmp/volley-hostile-write/' STORED AS CSV")
+        .await
+        .unwrap()
+        .create_physical_plan()
+        .await
+        .unwrap();
+    let split = volley_scheduler::graph::writes::split_writes("victimjob", copy).unwrap();
+    assert_eq!(split.name(), "CommitFilesExec");
+    let err = client
+        .submit_plan(
+            VolleyCodec::encode_plan(split).unwrap(),
+            "hostile write",
+            &[],
+        )
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("may not contain CommitFilesExec"), "{err}");
     // A partition count far beyond any cluster is refused before anything is allocated.
     let huge = volley_core::protobuf::ShuffleReaderExecNode {
         partition_count: u32::MAX,

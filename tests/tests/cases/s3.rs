@@ -32,7 +32,11 @@ pub(super) async fn lake() -> S3Server {
 }
 
 /// Scheduler + 2 executors on two other "hosts", allowed to read only the TPC-H prefix.
-pub(super) async fn three_hosts(s3: &S3Server, env: Vec<(String, String)>, attempts: &str) -> ProcessCluster {
+pub(super) async fn three_hosts(
+    s3: &S3Server,
+    env: Vec<(String, String)>,
+    attempts: &str,
+) -> ProcessCluster {
     let root = format!("s3://{BUCKET}/{PREFIX}");
     let log_dir = tempfile::Builder::new()
         .prefix("volley-s3-logs-")
@@ -86,6 +90,23 @@ pub(super) async fn run(client: &VolleyClient, sql: &str) -> Result<Vec<Row>, St
 pub(super) async fn job(client: &VolleyClient, job_id: &str) -> JobRecord {
     let state = client.cluster_state().await.unwrap();
     state.jobs.into_iter().find(|j| j.job_id == job_id).unwrap()
+}
+
+/// Objects under `prefix` once the writing job's temporary objects are gone (its commit
+/// manifest goes when the job is released, just after its result was read).
+pub(super) async fn settled_objects(s3: &S3Server, prefix: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let objects = s3.list(BUCKET, prefix).await.unwrap();
+        if !objects.iter().any(|o| o.contains("_volley_temporary")) {
+            return objects;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "temporary objects left: {objects:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// GET a page of the status server: (status, body).
@@ -428,7 +449,7 @@ async fn copy_to_s3_with_a_failed_writer_leaves_exactly_one_set_of_files() {
         "the failing writer ran again (attempts = {attempts})"
     );
     // Exactly one set of files: final names only, nothing temporary left.
-    let objects = s3.list(BUCKET, "out/q").await.unwrap();
+    let objects = settled_objects(&s3, "out/q").await;
     assert!(!objects.is_empty());
     assert!(
         objects

@@ -8,7 +8,7 @@ use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use volley_tests::compare::rows;
 use volley_tests::tpch;
 
-use super::s3::{BUCKET, PREFIX, lake, register, run, three_hosts};
+use super::s3::{BUCKET, PREFIX, lake, register, run, settled_objects, three_hosts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dataframe_api_and_insert_into_read_and_write_s3_on_a_remote_cluster() {
@@ -16,7 +16,9 @@ async fn dataframe_api_and_insert_into_read_and_write_s3_on_a_remote_cluster() {
     let s3 = lake().await;
     let cluster = three_hosts(&s3, s3.env(), "4").await;
     let local = SessionContext::new();
-    tpch::register_local(&local, &tpch::sf01().unwrap()).await.unwrap();
+    tpch::register_local(&local, &tpch::sf01().unwrap())
+        .await
+        .unwrap();
     let expect = |sql: &'static str| {
         let local = local.clone();
         async move { rows(&local.sql(sql).await.unwrap().collect().await.unwrap()).unwrap() }
@@ -59,7 +61,10 @@ async fn dataframe_api_and_insert_into_read_and_write_s3_on_a_remote_cluster() {
         .await
         .unwrap();
     let written = ctx
-        .read_parquet(format!("s3://{BUCKET}/out/df/"), ParquetReadOptions::default())
+        .read_parquet(
+            format!("s3://{BUCKET}/out/df/"),
+            ParquetReadOptions::default(),
+        )
         .await
         .unwrap()
         .sort_by(vec![datafusion::prelude::col("o_orderkey")])
@@ -69,7 +74,7 @@ async fn dataframe_api_and_insert_into_read_and_write_s3_on_a_remote_cluster() {
         .unwrap();
     let ordered = "SELECT o_orderkey, o_custkey, o_totalprice FROM orders WHERE o_orderkey < 20000 ORDER BY o_orderkey";
     assert_eq!(rows(&written).unwrap(), expect(ordered).await);
-    let objects = s3.list(BUCKET, "out/df").await.unwrap();
+    let objects = settled_objects(&s3, "out/df").await;
     assert!(
         objects.iter().all(|o| o.ends_with(".parquet")),
         "{objects:?}"
@@ -85,9 +90,12 @@ async fn dataframe_api_and_insert_into_read_and_write_s3_on_a_remote_cluster() {
         .await
         .unwrap();
     for _ in 0..2 {
-        let inserted = run(&client, "INSERT INTO sink SELECT n_nationkey, n_name FROM nation")
-            .await
-            .unwrap();
+        let inserted = run(
+            &client,
+            "INSERT INTO sink SELECT n_nationkey, n_name FROM nation",
+        )
+        .await
+        .unwrap();
         assert_eq!(inserted, vec![vec!["25".to_string()]]);
     }
     let counted = run(
@@ -98,11 +106,47 @@ async fn dataframe_api_and_insert_into_read_and_write_s3_on_a_remote_cluster() {
     .unwrap();
     assert_eq!(
         counted,
-        vec![vec!["50".to_string(), "25".to_string(), "ALGERIA".to_string()]]
+        vec![vec![
+            "50".to_string(),
+            "25".to_string(),
+            "ALGERIA".to_string()
+        ]]
     );
-    let objects = s3.list(BUCKET, "out/insert").await.unwrap();
+    let objects = settled_objects(&s3, "out/insert").await;
     assert!(
         objects.iter().all(|o| o.ends_with(".parquet")),
         "{objects:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_tables_on_s3_are_in_every_session() {
+    volley_tests::init_tracing();
+    let s3 = lake().await;
+    let table = format!("region=s3://{BUCKET}/{PREFIX}/region/");
+    let root = format!("s3://{BUCKET}/{PREFIX}");
+    let options = volley_tests::process::ProcessOptions {
+        env: s3.env(),
+        executor_hosts: vec!["127.0.0.2".into()],
+        ..Default::default()
+    };
+    let cluster = volley_tests::process::ProcessCluster::start_with(
+        1,
+        2,
+        &["--allowed-path", &root, "--table", &table],
+        options,
+    )
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        let client = cluster.client().await.unwrap();
+        let names = run(&client, "SELECT r_name FROM region ORDER BY r_regionkey")
+            .await
+            .unwrap();
+        let names: Vec<&str> = names.iter().map(|r| r[0].as_str()).collect();
+        assert_eq!(
+            names,
+            ["AFRICA", "AMERICA", "ASIA", "EUROPE", "MIDDLE EAST"]
+        );
+    }
 }
