@@ -284,6 +284,14 @@ async fn bad_s3_input_fails_clearly_and_secrets_appear_nowhere() {
         "q6 with per-table credentials",
     );
 
+    // EXPLAIN of a query on the table shows no secret either.
+    let explained = run(&client, "EXPLAIN SELECT count(*) FROM nation")
+        .await
+        .unwrap();
+    let explained = format!("{explained:?}");
+    assert!(explained.contains("Stage"), "{explained}");
+    assert!(!explained.contains(&s3.secret_key) && !explained.contains(&s3.access_key));
+
     // Wrong secret: an error naming the bucket and the 403.
     let wrong = s3.table_options(&s3.access_key, "wrong-secret-1234");
     let err = run(&client, &format!(
@@ -475,6 +483,48 @@ async fn copy_to_s3_with_a_failed_writer_leaves_exactly_one_set_of_files() {
         copied, expected,
         "the copied rows are the query's rows, once"
     );
+    // A writing task failing before it writes (`volley.test_fail_task` on the write stage,
+    // stage 1: scan and write, no exchange) is retried the same way.
+    client
+        .sql("SET volley.test_fail_task = '1:1:1'")
+        .await
+        .unwrap();
+    let count = run(
+        &client,
+        &format!("COPY ({query}) TO 's3://{BUCKET}/out/again/' STORED AS PARQUET"),
+    )
+    .await
+    .unwrap();
+    client.sql("SET volley.test_fail_task = ''").await.unwrap();
+    assert_eq!(count, vec![vec![expected.len().to_string()]]);
+    let state = client.cluster_state().await.unwrap();
+    let record = state
+        .jobs
+        .iter()
+        .find(|j| j.sql.contains("out/again"))
+        .unwrap();
+    assert!(
+        record.tasks.iter().any(|t| t
+            .task
+            .as_ref()
+            .is_some_and(|id| id.stage_id == 1 && id.attempt == 1)),
+        "the failed write task ran again: {record:?}"
+    );
+    let again = settled_objects(&s3, "out/again").await;
+    assert!(again.iter().all(|o| o.ends_with(".parquet")), "{again:?}");
+    client
+        .sql(&format!(
+            "CREATE EXTERNAL TABLE again STORED AS PARQUET LOCATION 's3://{BUCKET}/out/again/'"
+        ))
+        .await
+        .unwrap();
+    let rows_again = run(
+        &client,
+        "SELECT * FROM again ORDER BY l_orderkey, l_linenumber",
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows_again, expected);
 
     // Without retries the same fault fails the COPY, and it leaves no file behind.
     client.sql("SET volley.test_fail_write = ''").await.unwrap();

@@ -150,3 +150,29 @@ async fn scheduler_tables_on_s3_are_in_every_session() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volley_sql_reads_a_table_url_on_its_embedded_cluster() {
+    volley_tests::init_tracing();
+    let s3 = lake().await;
+    let output = std::process::Command::new(volley_tests::process::volley_bin().unwrap())
+        .args([
+            "sql",
+            "--table",
+            &format!("nation=s3://{BUCKET}/{PREFIX}/nation/"),
+            "--format",
+            "csv",
+            "-c",
+            "SELECT n_regionkey, count(*) AS n FROM nation GROUP BY 1 ORDER BY 1",
+        ])
+        .envs(s3.env())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout, "n_regionkey,n\n0,5\n1,5\n2,5\n3,5\n4,5\n");
+}
