@@ -1,16 +1,18 @@
-//! Heartbeats on a thread of their own. Tasks run CPU-bound DataFusion work on the process's
-//! tokio workers; a heartbeat sharing those workers waits behind them, and a saturated executor
-//! would look dead to the scheduler (which then throws away its good shuffle output). This
-//! thread runs its own single-threaded runtime and its own connection to the scheduler, so an
-//! executor misses heartbeats only when its process really stops (crashed, killed, SIGSTOPped)
-//! or its network is gone.
+//! The executor's liveness traffic on a thread of its own: heartbeats and task status reports.
+//! Tasks run CPU-bound DataFusion work on the process's tokio workers; a heartbeat or a report
+//! sharing those workers waits behind them, and a saturated executor would look dead to the
+//! scheduler (which then throws away its good shuffle output) or finish tasks the scheduler
+//! hears of late. This thread runs its own single-threaded runtime and its own connection to
+//! the scheduler, so an executor goes silent only when its process really stops (crashed,
+//! killed, SIGSTOPped) or its network is gone.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tonic::Status;
 use volley_core::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
 use volley_core::protobuf::{self as pb};
 use volley_core::security::{AuthChannel, Security};
@@ -39,8 +41,113 @@ pub struct Beat {
     pub security: Security,
     /// Largest gRPC message.
     pub max_message_size: usize,
+    /// Task statuses to deliver (taken by the thread when it starts).
+    pub reports: Option<mpsc::UnboundedReceiver<Report>>,
     /// Called (on the heartbeat thread) when the scheduler does not know this executor.
     pub reregister: Box<dyn Fn() + Send + Sync>,
+}
+
+/// A task status to deliver, and who waits for its delivery.
+pub type Report = (pb::TaskStatus, oneshot::Sender<()>);
+
+/// Hands task statuses to the heartbeat thread, which delivers them.
+#[derive(Clone)]
+pub struct Reporter {
+    tx: mpsc::UnboundedSender<Report>,
+}
+
+impl Reporter {
+    /// A reporter and the receiving end for [`Beat::reports`].
+    pub fn channel() -> (Self, mpsc::UnboundedReceiver<Report>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self { tx }, rx)
+    }
+
+    /// Deliver `status`; returns once the scheduler has it (or delivery was given up, see
+    /// [`deliver`]).
+    pub async fn report(&self, status: pb::TaskStatus) {
+        let (done, delivered) = oneshot::channel();
+        if self.tx.send((status, done)).is_err() {
+            tracing::error!("task status not delivered: the heartbeat thread has stopped");
+            return;
+        }
+        let _ = delivered.await;
+    }
+}
+
+/// Longest an executor keeps trying to deliver one task status.
+const REPORT_LIMIT: Duration = Duration::from_secs(600);
+
+/// Backoff before retry `attempt`: 100 ms doubling to 5 s, with up to 50% jitter.
+pub fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(100)
+        .saturating_mul(1 << attempt.min(6))
+        .min(Duration::from_secs(5));
+    let jitter_percent = (uuid::Uuid::new_v4().as_u128() % 50) as u32;
+    base + base * jitter_percent / 100
+}
+
+/// An answer that retrying the same report cannot change.
+fn permanent(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::InvalidArgument
+            | tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Unimplemented
+    )
+}
+
+/// Deliver a task's status. A lost report would leave its job waiting for the task, so it is
+/// retried (with backoff) until the scheduler has it; only an answer saying the report itself
+/// is wrong, or [`REPORT_LIMIT`] of trying (by then the scheduler declared this executor lost
+/// and re-ran its tasks), ends the attempts.
+async fn deliver(
+    mut client: SchedulerGrpcClient<AuthChannel>,
+    id: String,
+    secret: Arc<Mutex<String>>,
+    status: pb::TaskStatus,
+) {
+    let started = std::time::Instant::now();
+    let mut attempt = 0;
+    loop {
+        let secret = secret.lock().clone();
+        let result = client
+            .update_task_status(pb::UpdateTaskStatusParams {
+                statuses: vec![status.clone()],
+                executor_id: id.clone(),
+                secret,
+            })
+            .await;
+        match result {
+            Ok(_) => return,
+            Err(e) if permanent(&e) || started.elapsed() > REPORT_LIMIT => {
+                tracing::error!(attempt, error = %e, "task status not delivered; giving up");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "cannot report task status; retrying");
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Deliver every report on this (the heartbeat) thread's runtime, each on its own.
+async fn deliver_all(
+    mut reports: mpsc::UnboundedReceiver<Report>,
+    client: SchedulerGrpcClient<AuthChannel>,
+    id: String,
+    secret: Arc<Mutex<String>>,
+) {
+    while let Some((status, done)) = reports.recv().await {
+        let (client, id, secret) = (client.clone(), id.clone(), Arc::clone(&secret));
+        tokio::spawn(async move {
+            deliver(client, id, secret, status).await;
+            let _ = done.send(());
+        });
+    }
 }
 
 /// The running heartbeat thread; [`Heartbeat::stop`] ends it.
@@ -98,7 +205,7 @@ fn client(beat: &Beat) -> Result<SchedulerGrpcClient<AuthChannel>> {
         .max_encoding_message_size(beat.max_message_size))
 }
 
-async fn run(beat: Beat, mut stopped: oneshot::Receiver<()>) {
+async fn run(mut beat: Beat, mut stopped: oneshot::Receiver<()>) {
     let mut client = match client(&beat) {
         Ok(client) => client,
         Err(e) => {
@@ -106,6 +213,15 @@ async fn run(beat: Beat, mut stopped: oneshot::Receiver<()>) {
             return;
         }
     };
+    if let Some(reports) = beat.reports.take() {
+        let secret = Arc::clone(&beat.secret);
+        tokio::spawn(deliver_all(
+            reports,
+            client.clone(),
+            beat.id.clone(),
+            secret,
+        ));
+    }
     let mut tick = tokio::time::interval(beat.interval);
     loop {
         tokio::select! {

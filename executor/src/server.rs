@@ -28,7 +28,7 @@ use volley_core::stores::{StoreCache, StoreScope};
 use volley_core::{Result, VolleyError};
 
 use crate::flight::ShuffleFlightService;
-use crate::heartbeat::{AttemptKey, Beat, Heartbeat};
+use crate::heartbeat::{AttemptKey, Beat, Heartbeat, Reporter, backoff};
 use crate::runner::TaskRunner;
 use crate::work_dir::WorkDir;
 
@@ -99,18 +99,11 @@ struct ExecutorInner {
     /// Attempts held (waiting for a slot, running or reporting), listed in heartbeats.
     attempts: Arc<Mutex<HashSet<AttemptKey>>>,
     scheduler: SchedulerGrpcClient<AuthChannel>,
+    /// Delivers task statuses from the heartbeat thread (never starved by task work).
+    reporter: Reporter,
     draining: AtomicBool,
     /// A re-registration is under way (heartbeats ask for one every beat until it is done).
     registering: AtomicBool,
-}
-
-/// Exponential backoff with jitter: `base * 2^attempt` capped at 5 s, plus up to 50 % more.
-fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_millis(100)
-        .saturating_mul(1 << attempt.min(6))
-        .min(Duration::from_secs(5));
-    let jitter_percent = (uuid::Uuid::new_v4().as_u128() % 50) as u32;
-    base + base * jitter_percent / 100
 }
 
 /// Holds an attempt in the executor's list until its status was delivered or it was aborted
@@ -124,20 +117,6 @@ impl Drop for AttemptGuard {
     fn drop(&mut self) {
         self.attempts.lock().remove(&self.key);
     }
-}
-
-/// Longest an executor keeps trying to deliver one task status.
-const REPORT_LIMIT: Duration = Duration::from_secs(600);
-
-/// An answer that retrying the same report cannot change.
-fn permanent(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::InvalidArgument
-            | tonic::Code::Unauthenticated
-            | tonic::Code::PermissionDenied
-            | tonic::Code::Unimplemented
-    )
 }
 
 /// The executor's gRPC service.
@@ -212,38 +191,6 @@ impl ExecutorInner {
         }
     }
 
-    /// Deliver a task's status. A lost report would leave its job waiting for the task, so
-    /// it is retried (with backoff) until the scheduler has it; only an answer saying the
-    /// report itself is wrong, or [`REPORT_LIMIT`] of trying (by then the scheduler declared
-    /// this executor lost and re-ran its tasks), ends the attempts.
-    async fn report(&self, status: pb::TaskStatus) {
-        let started = std::time::Instant::now();
-        let mut attempt = 0;
-        loop {
-            let mut client = self.scheduler.clone();
-            let secret = self.secret.lock().clone();
-            let result = client
-                .update_task_status(pb::UpdateTaskStatusParams {
-                    statuses: vec![status.clone()],
-                    executor_id: self.id.clone(),
-                    secret,
-                })
-                .await;
-            match result {
-                Ok(_) => return,
-                Err(e) if permanent(&e) || started.elapsed() > REPORT_LIMIT => {
-                    tracing::error!(attempt, error = %e, "task status not delivered; giving up");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(attempt, error = %e, "cannot report task status; retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
-                }
-            }
-        }
-    }
-
     fn remove_finished(&self, job_id: &str) {
         let mut running = self.running.lock();
         if let Some(handles) = running.get_mut(job_id) {
@@ -302,7 +249,7 @@ impl ExecutorGrpc for ExecutorService {
                         return;
                     };
                     let status = inner.runner.run(def).await;
-                    inner.report(status).await;
+                    inner.reporter.report(status).await;
                     inner.remove_finished(&job);
                 }
                 .instrument(span),
@@ -462,6 +409,7 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
         .with_default_features()
         .with_runtime_env(runtime)
         .build();
+    let (reporter, reports) = Reporter::channel();
     let inner = Arc::new(ExecutorInner {
         id: id.clone(),
         work_dir,
@@ -481,6 +429,7 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
         secret: Arc::new(Mutex::new(String::new())),
         registering: AtomicBool::new(false),
         scheduler,
+        reporter,
         config: config.clone(),
         draining: AtomicBool::new(false),
     });
@@ -546,6 +495,7 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
         scheduler_url: config.scheduler_url.clone(),
         security: config.security.clone(),
         max_message_size: config.max_message_size,
+        reports: Some(reports),
         reregister: Box::new(move || {
             if again.registering.swap(true, Ordering::SeqCst) {
                 return;

@@ -92,6 +92,14 @@ impl ClusterState {
             .is_some_and(|e| bool::from(e.secret.as_bytes().ct_eq(secret.as_bytes())))
     }
 
+    /// Traffic from a live executor other than a heartbeat (a task status report): it too
+    /// shows the process is there.
+    pub fn seen(&mut self, id: &str) {
+        if let Some(e) = self.executors.get_mut(id).filter(|e| e.alive) {
+            e.last_seen = Instant::now();
+        }
+    }
+
     /// Record a heartbeat; false when the executor is unknown and must register again.
     pub fn heartbeat(&mut self, id: &str, running_tasks: u32) -> bool {
         match self.executors.get_mut(id) {

@@ -163,6 +163,7 @@ impl SchedulerService {
         let mut finished = Vec::new();
         {
             let mut state = self.state.lock();
+            state.seen(&params.executor_id);
             for status in statuses {
                 let Some(task) = status.task else { continue };
                 let outcome = match status.status {
