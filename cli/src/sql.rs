@@ -20,6 +20,10 @@ pub struct SqlArgs {
     /// Scheduler URL; without it an embedded cluster is started.
     #[arg(long, env = "VOLLEY_SCHEDULER")]
     scheduler: Option<String>,
+    /// Seconds each call to the scheduler may take before it is an error (a scheduler that
+    /// stopped answering does not hang the shell; waiting for a long query is many short calls).
+    #[arg(long, env = "VOLLEY_RPC_TIMEOUT_SECS", default_value_t = 120)]
+    rpc_timeout_secs: u64,
     /// Executors of the embedded cluster.
     #[arg(long, default_value_t = 2)]
     executors: usize,
@@ -325,6 +329,7 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
     let options = ClientOptions {
         security: args.security.security()?,
         max_message_size: args.security.max_message_size,
+        rpc_timeout: Duration::from_secs(args.rpc_timeout_secs.max(1)),
     };
     let (cluster, client) = match &args.scheduler {
         Some(url) => (

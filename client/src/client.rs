@@ -29,6 +29,9 @@ pub struct ClientOptions {
     pub security: Security,
     /// Largest gRPC message sent or accepted.
     pub max_message_size: usize,
+    /// Deadline of every call to the scheduler: a scheduler that stops answering is an error,
+    /// not a hang. Waits for a job are made of short calls, so long queries are not cut.
+    pub rpc_timeout: std::time::Duration,
 }
 
 impl Default for ClientOptions {
@@ -36,6 +39,7 @@ impl Default for ClientOptions {
         Self {
             security: Security::none(),
             max_message_size: 64 * 1024 * 1024,
+            rpc_timeout: std::time::Duration::from_secs(120),
         }
     }
 }
@@ -91,15 +95,15 @@ impl VolleyClient {
     /// Connect with a token, TLS and message limits.
     pub async fn connect_with(url: &str, options: ClientOptions) -> Result<Self> {
         let security = options.security;
-        let channel =
-            security
-                .endpoint(url)?
-                .connect()
-                .await
-                .map_err(|e| VolleyError::Connect {
-                    address: url.to_string(),
-                    message: format!("scheduler unreachable: {}", error_chain(&e)),
-                })?;
+        let channel = security
+            .endpoint(url)?
+            .timeout(options.rpc_timeout)
+            .connect()
+            .await
+            .map_err(|e| VolleyError::Connect {
+                address: url.to_string(),
+                message: format!("scheduler unreachable: {}", error_chain(&e)),
+            })?;
         let mut scheduler = SchedulerGrpcClient::new(security.authed(channel)?)
             .max_decoding_message_size(options.max_message_size)
             .max_encoding_message_size(options.max_message_size);

@@ -63,6 +63,7 @@ impl EmbeddedCluster {
         let options = ClientOptions {
             security: config.security.for_clients(),
             max_message_size: config.max_message_size,
+            ..ClientOptions::default()
         };
         let test_hooks = config.enable_test_hooks;
         let allowed_paths = config.allowed_paths.clone();

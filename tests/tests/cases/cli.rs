@@ -378,3 +378,51 @@ fn statements_reach_the_cluster_as_written() {
     let copied = std::fs::read_to_string(out.join("names.csv")).unwrap();
     assert_eq!(copied, "name\none\ntwo\n");
 }
+
+/// A scheduler that accepts connections and never answers (hung, or a wrong service on its
+/// port): `volley sql` fails naming the deadline instead of waiting forever.
+#[test]
+fn a_scheduler_that_never_answers_is_an_error_not_a_hang() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accept and hold every connection, saying nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let started = std::time::Instant::now();
+    let mut child = Command::new(volley_bin().unwrap())
+        .args([
+            "sql",
+            "--scheduler",
+            &format!("http://127.0.0.1:{port}"),
+            "--rpc-timeout-secs",
+            "2",
+            "-c",
+            "SELECT 1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = started + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("volley sql still waits for a silent scheduler after 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.to_ascii_lowercase().contains("timeout") || stderr.contains("deadline"),
+        "{stderr}"
+    );
+}
