@@ -94,11 +94,12 @@ fn parse_args() -> Result<Args, BoxError> {
                         let prefix = prefix.trim_matches('/').to_string();
                         args.s3 = Some((bucket.to_string(), prefix));
                     }
-                    None => args.data = Some(PathBuf::from(data)),
+                    None => args.data = Some(volley_tests::workspace_root().join(data)),
                 }
             }
             "--compression" => args.compression = Some(value()?),
-            "--json" => args.json = Some(PathBuf::from(value()?)),
+            // Relative paths are the workspace's (cargo runs benches in the crate's folder).
+            "--json" => args.json = Some(volley_tests::workspace_root().join(value()?)),
             "--memory-limit" => args.memory_limit = Some(value()?.parse()?),
             "--baseline" => args.volley_baseline = value()? == "volley",
             "--stages" => args.stages = true,
