@@ -238,6 +238,11 @@ pub fn volley_session_config(target_partitions: usize) -> SessionConfig {
     // hash-shuffling both sides of the join (the probe side is usually a large fact table).
     options.optimizer.hash_join_single_partition_threshold = BROADCAST_MAX_BYTES;
     options.optimizer.hash_join_single_partition_threshold_rows = BROADCAST_MAX_ROWS;
+    // Table writes are already parallel across tasks: each task writes one file (more only
+    // past `soft_max_rows_per_output_file`), not DataFusion's default of 4 per writer.
+    if let Ok(one) = datafusion::config::ConfigNonZeroUsize::try_new(1) {
+        options.execution.minimum_parallel_output_files = one;
+    }
     config
 }
 

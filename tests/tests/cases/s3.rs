@@ -398,13 +398,13 @@ async fn bad_s3_input_fails_clearly_and_secrets_appear_nowhere() {
 
 /// `COPY` of a query to `s3://lake/out/<name>/` with writing attempts of partition 0 failing
 /// after their files are written (`fail_attempts` of them): returns the COPY's count, the
-/// objects under the target and the attempts the job ran.
+/// most attempts a task of the job ran and the number of writing tasks.
 async fn copy_with_failures(
     client: &VolleyClient,
     query: &str,
     name: &str,
     fail_attempts: u32,
-) -> Result<(Vec<Row>, u32), String> {
+) -> Result<(Vec<Row>, u32, u32), String> {
     client
         .sql(&format!("SET volley.test_fail_write = '0:{fail_attempts}'"))
         .await
@@ -427,14 +427,19 @@ async fn copy_with_failures(
         Err(e) => return Err(e),
     };
     client.sql("SET volley.test_fail_write = ''").await.unwrap();
-    let attempts = job(client, &job_id)
-        .await
+    let record = job(client, &job_id).await;
+    let attempts = record
         .tasks
         .iter()
         .filter_map(|t| t.task.as_ref().map(|id| id.attempt + 1))
         .max()
         .unwrap_or(0);
-    Ok((rows(&count).unwrap(), attempts))
+    let writers = record
+        .stages
+        .iter()
+        .find(|s| s.stage_id == 1)
+        .map_or(0, |s| s.partitions);
+    Ok((rows(&count).unwrap(), attempts, writers))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,7 +455,7 @@ async fn copy_to_s3_with_a_failed_writer_leaves_exactly_one_set_of_files() {
     let expected = run(&client, &ordered).await.unwrap();
     assert!(expected.len() > 1000, "{} rows", expected.len());
 
-    let (count, attempts) = copy_with_failures(&client, query, "q", 1).await.unwrap();
+    let (count, attempts, writers) = copy_with_failures(&client, query, "q", 1).await.unwrap();
     assert_eq!(count, vec![vec![expected.len().to_string()]]);
     assert!(
         attempts >= 2,
@@ -465,8 +470,23 @@ async fn copy_to_s3_with_a_failed_writer_leaves_exactly_one_set_of_files() {
             .all(|o| o.ends_with(".parquet") && !o.contains("_volley_temporary")),
         "{objects:?}"
     );
-    // One file per writing task at least (the writes ran in parallel).
+    // One file per writing task (tasks whose partition is empty write none): the writes ran
+    // in parallel, each file from another task (DataFusion names a sink's files after a
+    // random id per run).
+    let writes: std::collections::BTreeSet<&str> = objects
+        .iter()
+        .filter_map(|o| o.rsplit('/').next()?.split('_').next())
+        .collect();
     assert!(objects.len() >= 2, "{objects:?}");
+    assert!(
+        objects.len() <= writers as usize,
+        "{writers} writers: {objects:?}"
+    );
+    assert_eq!(
+        writes.len(),
+        objects.len(),
+        "one file per task: {objects:?}"
+    );
     client
         .sql(&format!(
             "CREATE EXTERNAL TABLE copied STORED AS PARQUET LOCATION 's3://{BUCKET}/out/q/'"
