@@ -117,6 +117,47 @@ async fn dataframe_api_and_insert_into_read_and_write_s3_on_a_remote_cluster() {
         objects.iter().all(|o| o.ends_with(".parquet")),
         "{objects:?}"
     );
+
+    // A partitioned COPY: the commit keeps the `key=value/` folders under the target.
+    let copied = run(
+        &client,
+        &format!(
+            "COPY (SELECT n_regionkey, n_name FROM nation) TO 's3://{BUCKET}/out/part/' STORED AS PARQUET PARTITIONED BY (n_regionkey)"
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(copied, vec![vec!["25".to_string()]]);
+    let objects = settled_objects(&s3, "out/part").await;
+    let folders: std::collections::BTreeSet<&str> =
+        objects.iter().filter_map(|o| o.split('/').nth(2)).collect();
+    assert_eq!(
+        folders.into_iter().collect::<Vec<_>>(),
+        [
+            "n_regionkey=0",
+            "n_regionkey=1",
+            "n_regionkey=2",
+            "n_regionkey=3",
+            "n_regionkey=4"
+        ],
+        "{objects:?}"
+    );
+    client
+        .sql(&format!(
+            "CREATE EXTERNAL TABLE parts (n_name VARCHAR, n_regionkey BIGINT) STORED AS PARQUET PARTITIONED BY (n_regionkey) LOCATION 's3://{BUCKET}/out/part/'"
+        ))
+        .await
+        .unwrap();
+    let per_region = run(
+        &client,
+        "SELECT n_regionkey, count(*) FROM parts GROUP BY 1 ORDER BY 1",
+    )
+    .await
+    .unwrap();
+    let expected: Vec<Vec<String>> = (0..5)
+        .map(|r| vec![r.to_string(), "5".to_string()])
+        .collect();
+    assert_eq!(per_region, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
