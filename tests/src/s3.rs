@@ -49,17 +49,32 @@ fn between<'a>(body: &'a str, open: &str, close: &str) -> Option<&'a str> {
 }
 
 impl S3Server {
-    /// Start a server holding empty `buckets`.
+    /// Start a server holding empty `buckets`, every request after the setup authenticated.
     pub fn start(buckets: &[&str]) -> Result<Self, BoxError> {
+        Self::start_with(buckets, true)
+    }
+
+    /// Start a server whose objects anyone can read over plain HTTP (no authentication): a
+    /// web server for `http://` table URLs (it answers ranged GETs and HEADs).
+    pub fn start_open(buckets: &[&str]) -> Result<Self, BoxError> {
+        Self::start_with(buckets, false)
+    }
+
+    fn start_with(buckets: &[&str], authenticated: bool) -> Result<Self, BoxError> {
         let port = free_port()?;
-        let bootstrap = 3 + buckets.len();
+        // Unset, moto checks nothing (its default allowance is infinite).
+        let bootstrap = (3 + buckets.len()).to_string();
         // moto's own server, with a fix for its signature check of encoded query strings
         // (see the launcher's doc).
         let launcher = crate::workspace_root().join("tests/s3/moto_server.py");
-        let child = Command::new("python3")
+        let mut command = Command::new("python3");
+        command.env_remove("INITIAL_NO_AUTH_ACTION_COUNT");
+        if authenticated {
+            command.env("INITIAL_NO_AUTH_ACTION_COUNT", bootstrap);
+        }
+        let child = command
             .arg(launcher)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .env("INITIAL_NO_AUTH_ACTION_COUNT", bootstrap.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -184,6 +199,20 @@ impl S3Server {
             }
         }
         Ok(count)
+    }
+
+    /// Make every object under `prefix` in `bucket` readable by anyone (canned ACL
+    /// `public-read`), as a web server's files are.
+    pub async fn publish(&self, bucket: &str, prefix: &str) -> Result<usize, BoxError> {
+        let keys = self.list(bucket, prefix).await?;
+        for key in &keys {
+            let url = format!("{}/{bucket}/{key}?acl", self.endpoint);
+            ureq::put(&url)
+                .header("Authorization", &unsigned_auth("s3"))
+                .header("x-amz-acl", "public-read")
+                .send_empty()?;
+        }
+        Ok(keys.len())
     }
 
     /// Object paths under `prefix` in `bucket`, sorted.

@@ -217,3 +217,52 @@ async fn volley_sql_reads_a_table_url_on_its_embedded_cluster() {
     );
     assert_eq!(stdout, "n_regionkey,n\n0,5\n1,5\n2,5\n3,5\n4,5\n");
 }
+
+/// `http://` table URLs: a file on a plain web server (moto without authentication serves its
+/// objects at `http://host:port/bucket/key` and answers ranged GETs), read by the cluster with
+/// the sandbox allowing that server's prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parquet_file_over_http_is_a_table() {
+    volley_tests::init_tracing();
+    let web = volley_tests::s3::S3Server::start_open(&["web"]).unwrap();
+    let dir = tpch::sf01().unwrap();
+    web.upload_dir("web", "tpch", &dir).await.unwrap();
+    assert!(web.publish("web", "tpch").await.unwrap() >= 8);
+    let root = format!("{}/web/tpch", web.endpoint);
+    let cluster = volley_tests::process::ProcessCluster::start_with(
+        1,
+        2,
+        &["--allowed-path", &root],
+        volley_tests::process::ProcessOptions::default(),
+    )
+    .await
+    .unwrap();
+    let client = cluster.client().await.unwrap();
+    client
+        .sql(&format!(
+            "CREATE EXTERNAL TABLE nation STORED AS PARQUET LOCATION '{root}/nation/part-1.parquet'"
+        ))
+        .await
+        .unwrap();
+    let by_region = run(
+        &client,
+        "SELECT n_regionkey, count(*) FROM nation GROUP BY 1 ORDER BY 1",
+    )
+    .await
+    .unwrap();
+    let expected: Vec<Vec<String>> = (0..5)
+        .map(|r| vec![r.to_string(), "5".to_string()])
+        .collect();
+    assert_eq!(by_region, expected);
+    // Another path on the same server is outside the sandbox.
+    let err = run(
+        &client,
+        &format!(
+            "CREATE EXTERNAL TABLE other STORED AS PARQUET LOCATION '{}/web/other.parquet'",
+            web.endpoint
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("outside the file sandbox"), "{err}");
+}
