@@ -93,12 +93,7 @@ pub fn assert_same_rows(expected: &[Row], actual: &[Row], floats: &[bool], what:
 pub fn read_csv(path: &Path) -> Result<(Vec<String>, Vec<Row>), BoxError> {
     let text = std::fs::read_to_string(path)?;
     let mut lines = text.lines();
-    let header: Vec<String> = lines
-        .next()
-        .ok_or("empty csv")?
-        .split(',')
-        .map(|s| s.to_string())
-        .collect();
+    let header = header_fields(lines.next().ok_or("empty csv")?);
     let schema = Arc::new(Schema::new(
         header
             .iter()
@@ -133,6 +128,20 @@ pub fn read_csv(path: &Path) -> Result<(Vec<String>, Vec<Row>), BoxError> {
     Ok((header, out))
 }
 
+/// The fields of a CSV header line (a quoted name may hold commas).
+fn header_fields(line: &str) -> Vec<String> {
+    let mut fields = vec![String::new()];
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => fields.push(String::new()),
+            c => fields.last_mut().into_iter().for_each(|f| f.push(c)),
+        }
+    }
+    fields
+}
+
 /// Compare rows with DuckDB's answer CSV: numbers within `tolerance`, text equal after trim.
 pub fn assert_matches_answer(actual: &[Row], answer: &Path, tolerance: f64, what: &str) {
     let (_, expected) = match read_csv(answer) {
@@ -156,6 +165,39 @@ pub fn assert_matches_answer(actual: &[Row], answer: &Path, tolerance: f64, what
                 ok,
                 "{what}: row {i} column {j}: DuckDB says {ev:?}, Volley says {av:?}"
             );
+        }
+    }
+}
+
+/// Compare rows with DuckDB's answer CSV as multisets (queries whose ORDER BY leaves ties):
+/// every expected row matches one actual row, numbers within `tolerance` (or a relative 1e-6:
+/// large sums), text equal after trim.
+pub fn assert_matches_answer_unordered(actual: &[Row], answer: &Path, tolerance: f64, what: &str) {
+    let (_, expected) = match read_csv(answer) {
+        Ok(v) => v,
+        Err(e) => panic!("{what}: cannot read {}: {e}", answer.display()),
+    };
+    assert_eq!(
+        expected.len(),
+        actual.len(),
+        "{what}: row count differs from DuckDB's answer"
+    );
+    let same = |e: &Row, a: &Row| {
+        e.len() == a.len()
+            && e.iter().zip(a).all(|(ev, av)| {
+                // DuckDB's CSV writes NULL as an empty field.
+                (ev.is_empty() && av == "NULL")
+                    || ev.trim() == av.trim()
+                    || close(ev, av, tolerance, false)
+                    || close(ev, av, 1e-6, true)
+            })
+    };
+    let mut used = vec![false; actual.len()];
+    for (i, e) in expected.iter().enumerate() {
+        let found = (0..actual.len()).find(|&j| !used[j] && same(e, &actual[j]));
+        match found {
+            Some(j) => used[j] = true,
+            None => panic!("{what}: DuckDB's row {i} {e:?} is not in Volley's answer"),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Volley's test harness: TPC-H data generation, a cluster of real `volley` processes, result
+//! Volley's test harness: TPC-H and TPC-DS data generation, a real S3 server, a cluster of real `volley` processes, result
 //! comparison against oracles, and a sqllogictest runner for local and cluster modes.
 
 pub mod compare;
@@ -6,6 +6,7 @@ pub mod layout;
 pub mod process;
 pub mod s3;
 pub mod slt;
+pub mod tpcds;
 pub mod tpch;
 
 use std::path::PathBuf;

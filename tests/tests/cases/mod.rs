@@ -17,5 +17,6 @@ mod s3_dataframe;
 mod security;
 mod slt;
 mod soak;
+mod tpcds;
 mod tpch;
 mod web;
