@@ -1,8 +1,8 @@
-//! TPC-H benchmark: the 22 queries on single-node DataFusion and on Volley's embedded cluster in
+//! TPC-H / TPC-DS benchmark: the queries on single-node DataFusion and on Volley's embedded cluster in
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! the same run; prints per-query seconds, totals and the Volley/DataFusion ratio.
 //!
-//! `cargo bench -p volley-tests --bench tpch -- [--sf 1] [--executors 2] [--slots 1]
+//! `cargo bench -p volley-tests --bench tpch -- [--suite tpch|tpcds] [--sf 1] [--executors 2] [--slots 1]
 //!  [--query N] [--iterations 1] [--data DIR] [--compression lz4|zstd|none] [--json FILE]
 //!  [--baseline default|volley] [--memory-limit BYTES-per-executor]`
 //!
@@ -23,11 +23,12 @@ use volley::EmbeddedCluster;
 use volley_core::config::volley_session_config;
 use volley_scheduler::SchedulerConfig;
 use volley_tests::compare::{assert_same_rows, float_columns, rows};
-use volley_tests::tpch;
+use volley_tests::suite::Suite;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 struct Args {
+    suite: Suite,
     sf: f64,
     executors: usize,
     slots: usize,
@@ -57,6 +58,7 @@ fn key_value(pair: &str) -> Result<(String, String), BoxError> {
 fn parse_args() -> Result<Args, BoxError> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut args = Args {
+        suite: Suite::Tpch,
         sf: 1.0,
         executors: 2,
         slots: (cores / 2).max(1),
@@ -77,6 +79,10 @@ fn parse_args() -> Result<Args, BoxError> {
         let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--sf" => args.sf = value()?.parse()?,
+            "--suite" => {
+                args.suite = Suite::parse(&value()?)?;
+                args.queries = args.suite.queries();
+            }
             "--executors" => args.executors = value()?.parse()?,
             "--slots" => args.slots = value()?.parse()?,
             "--query" => {
@@ -117,14 +123,13 @@ async fn main() -> Result<(), BoxError> {
     volley_tests::init_tracing();
     let args = parse_args()?;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let suite = args.suite;
     let dir = match &args.data {
         Some(d) => d.clone(),
-        None => volley_tests::workspace_root()
-            .join("target/tpch-data")
-            .join(format!("sf{}", args.sf)),
+        None => suite.data_dir(args.sf),
     };
     let started = Instant::now();
-    tpch::generate(&dir, args.sf, (args.sf * 4.0).ceil().max(2.0) as i32)?;
+    suite.generate(&dir, args.sf)?;
     eprintln!(
         "data ready in {:.1}s at {}",
         started.elapsed().as_secs_f64(),
@@ -141,7 +146,7 @@ async fn main() -> Result<(), BoxError> {
         config.options_mut().set(key, value)?;
     }
     let ctx = SessionContext::new_with_config(config);
-    tpch::register_local(&ctx, &dir).await?;
+    suite.register_local(&ctx, &dir).await?;
 
     let partitions = args.executors * args.slots;
     let boot = Instant::now();
@@ -156,11 +161,11 @@ async fn main() -> Result<(), BoxError> {
     .await?;
     let client = cluster.client().await?;
     let boot = boot.elapsed();
-    for statement in tpch::create_table_statements(&dir) {
+    for statement in suite.create_table_statements(&dir) {
         client.sql(&statement).await?;
     }
     let s3 = match &args.s3 {
-        Some((bucket, prefix)) => Some(s3_tables(&cluster, &dir, bucket, prefix).await?),
+        Some((bucket, prefix)) => Some(s3_tables(suite, &cluster, &dir, bucket, prefix).await?),
         None => None,
     };
     for client in std::iter::once(&client).chain(s3.as_ref().map(|(_, c)| c)) {
@@ -175,7 +180,8 @@ async fn main() -> Result<(), BoxError> {
     }
 
     println!(
-        "TPC-H SF{} | DataFusion: {} partitions | Volley: {} executors x {} slots | cluster up in {:.3}s",
+        "{} SF{} | DataFusion: {} partitions | Volley: {} executors x {} slots | cluster up in {:.3}s",
+        suite.name(),
         args.sf,
         cores,
         args.executors,
@@ -198,7 +204,7 @@ async fn main() -> Result<(), BoxError> {
     let (mut total_df, mut total_volley, mut total_s3) = (0.0, 0.0, 0.0);
     let mut records = Vec::new();
     for &q in &args.queries {
-        let sql = tpch::query(q)?;
+        let sql = suite.query(q)?;
         let mut best_df = f64::MAX;
         let mut best_volley = f64::MAX;
         let mut best_s3 = f64::MAX;
@@ -213,10 +219,10 @@ async fn main() -> Result<(), BoxError> {
             let remote = client.sql_job_rows(&job_id).await?;
             best_volley = best_volley.min(t.elapsed().as_secs_f64());
             last_job = job_id;
-            let expected = rows(&local)?;
+            let expected = comparable(suite, rows(&local)?);
             assert_same_rows(
                 &expected,
-                &rows(&remote)?,
+                &comparable(suite, rows(&remote)?),
                 &float_columns(&local),
                 &format!("q{q}"),
             );
@@ -228,7 +234,7 @@ async fn main() -> Result<(), BoxError> {
                 best_s3 = best_s3.min(t.elapsed().as_secs_f64());
                 assert_same_rows(
                     &expected,
-                    &rows(&from_s3)?,
+                    &comparable(suite, rows(&from_s3)?),
                     &float_columns(&local),
                     &format!("q{q} from S3"),
                 );
@@ -302,6 +308,17 @@ async fn main() -> Result<(), BoxError> {
     Ok(())
 }
 
+/// Rows as compared: in order for TPC-H, sorted for TPC-DS (whose ORDER BY leaves ties).
+fn comparable(
+    suite: Suite,
+    mut rows: Vec<volley_tests::compare::Row>,
+) -> Vec<volley_tests::compare::Row> {
+    if !suite.ordered() {
+        rows.sort();
+    }
+    rows
+}
+
 fn s3_columns(shown: bool, s3: f64, local: f64) -> String {
     if shown {
         format!(" {s3:>12.3} {:>9.2}", s3 / local)
@@ -313,6 +330,7 @@ fn s3_columns(shown: bool, s3: f64, local: f64) -> String {
 /// `--data s3://...`: an S3 server holding the data in `dir` under `bucket/prefix`, and a
 /// session of `cluster` whose tables are there (per-table credentials and endpoint).
 async fn s3_tables(
+    suite: Suite,
     cluster: &EmbeddedCluster,
     dir: &std::path::Path,
     bucket: &str,
@@ -328,10 +346,11 @@ async fn s3_tables(
     );
     let client = cluster.client().await?;
     let options = s3.table_options(&s3.access_key, &s3.secret_key);
-    for table in tpch::TABLES {
+    for table in suite.tables() {
+        let location = suite.location(&format!("s3://{bucket}/{prefix}"), table);
         client
             .sql(&format!(
-                "CREATE EXTERNAL TABLE {table} STORED AS PARQUET LOCATION 's3://{bucket}/{prefix}/{table}/' {options}"
+                "CREATE EXTERNAL TABLE {table} STORED AS PARQUET LOCATION '{location}' {options}"
             ))
             .await?;
     }

@@ -6,6 +6,7 @@ pub mod layout;
 pub mod process;
 pub mod s3;
 pub mod slt;
+pub mod suite;
 pub mod tpcds;
 pub mod tpch;
 

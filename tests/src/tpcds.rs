@@ -43,24 +43,31 @@ pub fn sf01() -> Result<PathBuf, BoxError> {
     static LOCK: Mutex<()> = Mutex::new(());
     let _guard = LOCK.lock().map_err(|_| "tpcds lock poisoned")?;
     let dir = crate::workspace_root().join("target/tpcds-data/sf0.1");
+    generate(&dir, 0.1)?;
+    Ok(dir)
+}
+
+/// Generate TPC-DS at scale factor `sf` into `dir` (one Parquet file per table) unless it is
+/// already there.
+pub fn generate(dir: &Path, sf: f64) -> Result<(), BoxError> {
     let done = dir.join("_SUCCESS");
     if done.exists() {
-        return Ok(dir);
+        return Ok(());
     }
     let staging = dir.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&staging);
     let status = Command::new("tpcgen-cli")
-        .args(["tpcds", "parquet", "-s", "0.1", "--output-dir"])
+        .args(["tpcds", "parquet", "-s", &sf.to_string(), "--output-dir"])
         .arg(&staging)
         .status()
         .map_err(|e| format!("cannot run tpcgen-cli ({e}): run tests/install first"))?;
     if !status.success() {
         return Err(format!("tpcgen-cli failed: {status}").into());
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&staging, &dir)?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&staging, dir)?;
     std::fs::File::create(done)?;
-    Ok(dir)
+    Ok(())
 }
 
 fn table_file(dir: &Path, table: &str) -> PathBuf {
