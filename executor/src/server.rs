@@ -321,6 +321,8 @@ pub struct ExecutorHandle {
     shutdown: Option<oneshot::Sender<()>>,
     join: Option<JoinHandle<()>>,
     heartbeat: Option<Heartbeat>,
+    /// The gRPC health service's state: NOT_SERVING once draining (probes see it leave).
+    health: tonic_health::server::HealthReporter,
 }
 
 impl ExecutorHandle {
@@ -338,6 +340,9 @@ impl ExecutorHandle {
     pub async fn shutdown(mut self) {
         // Drain: no new tasks, running ones finish and report, then leave.
         self.inner.draining.store(true, Ordering::SeqCst);
+        self.health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         self.inner.deregister(true).await;
         let slots = u32::try_from(self.inner.config.slots.max(1)).unwrap_or(u32::MAX);
         let drained = tokio::time::timeout(
@@ -455,7 +460,7 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
         interceptor,
     );
     // The standard gRPC health service, without a token (probes carry none).
-    let (_reporter, health) = tonic_health::server::health_reporter();
+    let (health_reporter, health) = tonic_health::server::health_reporter();
     let server = config.security.server()?;
     let join = tokio::spawn(async move {
         let mut server = server;
@@ -517,5 +522,6 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
         shutdown: Some(tx),
         join: Some(join),
         heartbeat: Some(heartbeat),
+        health: health_reporter,
     })
 }
