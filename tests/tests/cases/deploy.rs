@@ -115,8 +115,14 @@ fn deploy_files_use_flags_volley_knows() {
         (deploy.join("volley.env.example"), true),
         (deploy.join("Dockerfile"), false),
     ];
-    for entry in std::fs::read_dir(deploy.join("kubernetes")).unwrap() {
-        files.push((entry.unwrap().path(), true));
+    // The plain manifests and their TLS variant (deploy/kubernetes/tls/).
+    for dir in [deploy.join("kubernetes"), deploy.join("kubernetes/tls")] {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                files.push((path, true));
+            }
+        }
     }
     let mut unknown = Vec::new();
     for (file, flags) in files {
