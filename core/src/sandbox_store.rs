@@ -8,146 +8,48 @@
 //! any route (a symlink inside a root, a table registered some other way, a hand-built task) is
 //! refused when it is touched.
 
-use std::fmt;
-use std::ops::Range;
+use std::sync::Arc;
 
-use bytes::Bytes;
 use datafusion::object_store::local::LocalFileSystem;
 use datafusion::object_store::path::Path;
-use datafusion::object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result,
-};
-use futures::stream::{BoxStream, StreamExt};
+use datafusion::object_store::{Error, Result};
 
 use crate::sandbox::Sandbox;
+use crate::stores::checked::{CheckedStore, PathCheck};
 
-/// Local files, confined to a sandbox's roots.
+/// A sandbox's roots as a check of local store paths (symlinks followed).
 #[derive(Debug)]
-pub struct SandboxedStore {
-    inner: LocalFileSystem,
+struct Roots {
+    files: LocalFileSystem,
     sandbox: Sandbox,
 }
 
-impl fmt::Display for SandboxedStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Sandboxed({})", self.inner)
-    }
-}
-
-impl SandboxedStore {
-    /// Local files under `sandbox`'s roots.
-    pub fn new(sandbox: Sandbox) -> Self {
-        Self {
-            inner: LocalFileSystem::new(),
-            sandbox,
-        }
-    }
-
+impl PathCheck for Roots {
     fn check(&self, location: &Path) -> Result<()> {
-        let path = self.inner.path_to_filesystem(location)?;
-        self.sandbox.check_fs_path(&path).map_err(|e| {
-            datafusion::object_store::Error::PermissionDenied {
+        let path = self.files.path_to_filesystem(location)?;
+        self.sandbox
+            .check_fs_path(&path)
+            .map_err(|e| Error::PermissionDenied {
                 path: path.display().to_string(),
                 source: Box::new(e),
-            }
-        })
-    }
-
-    fn check_prefix(&self, prefix: Option<&Path>) -> Result<()> {
-        match prefix {
-            Some(prefix) => self.check(prefix),
-            None => self.check(&Path::default()),
-        }
+            })
     }
 }
 
-#[async_trait::async_trait]
-impl ObjectStore for SandboxedStore {
-    async fn put_opts(
-        &self,
-        location: &Path,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> Result<PutResult> {
-        self.check(location)?;
-        self.inner.put_opts(location, payload, opts).await
-    }
-
-    async fn put_multipart_opts(
-        &self,
-        location: &Path,
-        opts: PutMultipartOptions,
-    ) -> Result<Box<dyn MultipartUpload>> {
-        self.check(location)?;
-        self.inner.put_multipart_opts(location, opts).await
-    }
-
-    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
-        self.check(location)?;
-        self.inner.get_opts(location, options).await
-    }
-
-    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
-        self.check(location)?;
-        self.inner.get_ranges(location, ranges).await
-    }
-
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, Result<Path>>,
-    ) -> BoxStream<'static, Result<Path>> {
-        let sandbox = self.sandbox.clone();
-        let checked = locations
-            .map(move |location| {
-                let location = location?;
-                let store = SandboxedStore::new(sandbox.clone());
-                store.check(&location).map(|()| location)
-            })
-            .boxed();
-        self.inner.delete_stream(checked)
-    }
-
-    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
-        match self.check_prefix(prefix) {
-            Ok(()) => self.inner.list(prefix),
-            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
-        }
-    }
-
-    fn list_with_offset(
-        &self,
-        prefix: Option<&Path>,
-        offset: &Path,
-    ) -> BoxStream<'static, Result<ObjectMeta>> {
-        match self.check_prefix(prefix) {
-            Ok(()) => self.inner.list_with_offset(prefix, offset),
-            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
-        }
-    }
-
-    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
-        self.check_prefix(prefix)?;
-        self.inner.list_with_delimiter(prefix).await
-    }
-
-    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
-        self.check(from)?;
-        self.check(to)?;
-        self.inner.copy_opts(from, to, options).await
-    }
-
-    async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
-        self.check(from)?;
-        self.check(to)?;
-        self.inner.rename_opts(from, to, options).await
-    }
+/// Local files, confined to `sandbox`'s roots.
+pub fn sandboxed_store(sandbox: Sandbox) -> CheckedStore {
+    let check = Arc::new(Roots {
+        files: LocalFileSystem::new(),
+        sandbox,
+    });
+    CheckedStore::new(Arc::new(LocalFileSystem::new()), "Sandboxed", check)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::object_store::ObjectStoreExt;
+    use datafusion::object_store::{ObjectStore, ObjectStoreExt};
+    use futures::StreamExt;
 
     #[tokio::test]
     async fn reads_lists_and_writes_stay_inside_the_roots() {
@@ -160,7 +62,7 @@ mod tests {
         #[cfg(unix)]
         std::os::unix::fs::symlink(&outside, root.join("link.csv")).unwrap();
         let sandbox = Sandbox::new(&[root.display().to_string()], true).unwrap();
-        let store = SandboxedStore::new(sandbox);
+        let store = sandboxed_store(sandbox);
         let path = |p: &std::path::Path| Path::from_filesystem_path(p).unwrap();
 
         let inside = store.get(&path(&root.join("t.csv"))).await.unwrap();

@@ -4,11 +4,13 @@
 //! user or a log sees.
 //!
 //! Layers: [`options`] (what a store is configured with) → [`build`] (a store from a URL and
-//! options) → [`guard`] (a remote store confined to the sandbox's URL roots) → [`registry`]
+//! options) → [`checked`] (a store whose every request passes a path check) → [`guard`] (a
+//! remote store confined to the sandbox's URL roots) → [`registry`]
 //! (DataFusion's registry: one shared cache of built stores, one scope per session or task);
 //! [`redact`] stands beside them and only reads [`options`].
 
 pub mod build;
+pub mod checked;
 pub mod guard;
 pub mod options;
 pub mod plan;

@@ -2,9 +2,9 @@
 //! process, and a [`StoreScope`] per session (scheduler) or per task (executor) that knows the
 //! per-table options of that session or task.
 //!
-//! Local files are served through [`SandboxedStore`]; a remote store is built on first use from
+//! Local files are served through [`sandboxed_store`]; a remote store is built on first use from
 //! the environment and the scope's options for it, then confined to the sandbox's URL roots by
-//! a [`GuardedStore`]. A scope never sees another scope's options: one session's credentials
+//! a [`guarded`] store. A scope never sees another scope's options: one session's credentials
 //! are not usable from another.
 
 use std::collections::HashMap;
@@ -18,10 +18,10 @@ use parking_lot::{Mutex, RwLock};
 use url::Url;
 
 use super::build::build_store;
-use super::guard::GuardedStore;
+use super::guard::guarded;
 use super::options::{StoreOptions, store_key};
 use crate::sandbox::Sandbox;
-use crate::sandbox_store::SandboxedStore;
+use crate::sandbox_store::sandboxed_store;
 
 /// Built stores kept per process; beyond this many, the cache starts over.
 const MAX_CACHED_STORES: usize = 256;
@@ -38,7 +38,7 @@ impl StoreCache {
     /// Stores confined to `sandbox`.
     pub fn new(sandbox: Sandbox) -> Arc<Self> {
         let local: Arc<dyn ObjectStore> = if sandbox.roots().is_some() {
-            Arc::new(SandboxedStore::new(sandbox.clone()))
+            Arc::new(sandboxed_store(sandbox.clone()))
         } else {
             Arc::new(LocalFileSystem::new())
         };
@@ -69,7 +69,7 @@ impl StoreCache {
         }
         let mut store = build_store(url, options)?;
         if let Some(prefixes) = prefixes {
-            store = Arc::new(GuardedStore::new(store, key, prefixes));
+            store = Arc::new(guarded(store, key, prefixes));
         }
         let mut built = self.built.lock();
         if built.len() >= MAX_CACHED_STORES {
