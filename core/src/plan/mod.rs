@@ -1,9 +1,12 @@
-//! Volley's execution plans: the two ends of a shuffle, and writing tables from every task.
+//! Volley's execution plans: the two ends of a shuffle, and writing tables from every task
+//! (`write`) with one committing task (`commit`).
 
+pub mod commit;
 mod shuffle_reader;
 mod shuffle_writer;
 pub mod write;
 
+pub use commit::CommitFilesExec;
 pub use shuffle_reader::ShuffleReaderExec;
 pub use shuffle_writer::ShuffleWriterExec;
-pub use write::{CommitFilesExec, TaskWriteExec};
+pub use write::TaskWriteExec;
