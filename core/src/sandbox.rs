@@ -13,7 +13,7 @@ use std::sync::Arc;
 use datafusion::catalog::TableProvider;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::listing::{ListingTable, ListingTableUrl};
-use datafusion::datasource::physical_plan::{FileScanConfig, FileSink};
+use datafusion::datasource::physical_plan::FileScanConfig;
 use datafusion::datasource::sink::DataSinkExec;
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::source_as_provider;
@@ -22,6 +22,7 @@ use datafusion::physical_plan::ExecutionPlan;
 
 use datafusion::object_store::local::LocalFileSystem;
 
+use crate::plan::write::file_sink_config;
 use crate::plan::{CommitFilesExec, ShuffleReaderExec, ShuffleWriterExec, TaskWriteExec};
 use crate::stores::guard::below;
 use crate::stores::store_key;
@@ -377,18 +378,7 @@ impl Sandbox {
             }
         }
         if let Some(sink) = node.downcast_ref::<DataSinkExec>() {
-            let any = sink.sink();
-            let config = any
-                .downcast_ref::<datafusion::datasource::file_format::parquet::ParquetSink>()
-                .map(|s| s.config())
-                .or_else(|| {
-                    any.downcast_ref::<datafusion::datasource::file_format::csv::CsvSink>()
-                        .map(|s| s.config())
-                })
-                .or_else(|| {
-                    any.downcast_ref::<datafusion::datasource::file_format::json::JsonSink>()
-                        .map(|s| s.config())
-                });
+            let config = file_sink_config(sink.sink());
             self.ddl_denied("writing files")?;
             if let Some(config) = config {
                 self.check_store(config.object_store_url.as_str())?;

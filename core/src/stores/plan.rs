@@ -4,13 +4,13 @@
 use std::sync::Arc;
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::datasource::file_format::{csv::CsvSink, json::JsonSink, parquet::ParquetSink};
-use datafusion::datasource::physical_plan::{FileScanConfig, FileSink};
+use datafusion::datasource::physical_plan::FileScanConfig;
 use datafusion::datasource::sink::DataSinkExec;
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::physical_plan::ExecutionPlan;
 
 use super::options::store_key;
+use crate::plan::write::file_sink_config;
 
 /// Store keys of every scan and sink in `plan`, sorted, without repeats.
 pub fn plan_stores(plan: &Arc<dyn ExecutionPlan>) -> Vec<String> {
@@ -21,16 +21,10 @@ pub fn plan_stores(plan: &Arc<dyn ExecutionPlan>) -> Vec<String> {
         {
             urls.push(scan.object_store_url.as_str().to_string());
         }
-        if let Some(sink) = node.downcast_ref::<DataSinkExec>() {
-            let any = sink.sink();
-            let config = any
-                .downcast_ref::<ParquetSink>()
-                .map(|s| s.config())
-                .or_else(|| any.downcast_ref::<CsvSink>().map(|s| s.config()))
-                .or_else(|| any.downcast_ref::<JsonSink>().map(|s| s.config()));
-            if let Some(config) = config {
-                urls.push(config.object_store_url.as_str().to_string());
-            }
+        if let Some(sink) = node.downcast_ref::<DataSinkExec>()
+            && let Some(config) = file_sink_config(sink.sink())
+        {
+            urls.push(config.object_store_url.as_str().to_string());
         }
         Ok(TreeNodeRecursion::Continue)
     });
