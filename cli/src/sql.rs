@@ -86,15 +86,35 @@ fn format_of(path: &Path) -> Result<&'static str, String> {
     } else {
         ext_of(path)
     };
-    match ext.as_deref() {
-        Some("parquet") => Ok("PARQUET"),
-        Some("csv") => Ok("CSV"),
-        Some("json" | "ndjson") => Ok("JSON"),
-        _ => Err(format!(
+    format_of_extension(ext.as_deref()).ok_or_else(|| {
+        format!(
             "cannot tell the format of {}: use a .parquet, .csv or .json file or folder",
             path.display()
-        )),
+        )
+    })
+}
+
+/// The `STORED AS` format a file extension (lowercase) names.
+fn format_of_extension(ext: Option<&str>) -> Option<&'static str> {
+    match ext {
+        Some("parquet") => Some("PARQUET"),
+        Some("csv") => Some("CSV"),
+        Some("json" | "ndjson") => Some("JSON"),
+        _ => None,
     }
+}
+
+/// `CREATE EXTERNAL TABLE` of `name` at `location` (CSV files have a header row).
+fn create_statement(name: &str, format: &str, location: &str) -> String {
+    let options = if format == "CSV" {
+        " OPTIONS ('format.has_header' 'true')"
+    } else {
+        ""
+    };
+    format!(
+        "CREATE EXTERNAL TABLE \"{name}\" STORED AS {format} LOCATION '{}'{options}",
+        location.replace('\'', "''")
+    )
 }
 
 /// The `CREATE EXTERNAL TABLE` statement for `--table NAME=PATH`.
@@ -114,15 +134,7 @@ pub fn table_statement(spec: &str) -> Result<String, String> {
     if absolute.is_dir() && !location.ends_with('/') {
         location.push('/');
     }
-    let options = if format == "CSV" {
-        " OPTIONS ('format.has_header' 'true')"
-    } else {
-        ""
-    };
-    Ok(format!(
-        "CREATE EXTERNAL TABLE \"{name}\" STORED AS {format} LOCATION '{}'{options}",
-        location.replace('\'', "''")
-    ))
+    Ok(create_statement(name, format, &location))
 }
 
 /// The statement for a table on an object store (`s3://bucket/prefix/`): the format comes
@@ -134,15 +146,12 @@ fn url_table_statement(name: &str, url: &str) -> String {
         .next()
         .unwrap_or_default();
     let ext = last.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
-    let (format, options) = match (url.ends_with('/'), ext.as_deref()) {
-        (false, Some("csv")) => ("CSV", " OPTIONS ('format.has_header' 'true')"),
-        (false, Some("json" | "ndjson")) => ("JSON", ""),
-        _ => ("PARQUET", ""),
+    let format = if url.ends_with('/') {
+        None
+    } else {
+        format_of_extension(ext.as_deref())
     };
-    format!(
-        "CREATE EXTERNAL TABLE \"{name}\" STORED AS {format} LOCATION '{}'{options}",
-        url.replace('\'', "''")
-    )
+    create_statement(name, format.unwrap_or("PARQUET"), url)
 }
 
 /// Sandbox roots of a cluster started here: `--allowed-path` (or the working directory) and

@@ -149,18 +149,7 @@ impl TaskRunner {
         let mut ctx = TaskContext::from(&self.base_state);
         if !def.stores.is_empty() {
             // Per-table store options of this job: a scope of this task's own.
-            let options = def
-                .stores
-                .iter()
-                .map(|s| {
-                    let pairs = s
-                        .options
-                        .iter()
-                        .map(|kv| (kv.key.as_str(), kv.value.clone()));
-                    (s.store.clone(), StoreOptions::from_pairs(pairs))
-                })
-                .collect();
-            let scope = StoreScope::with_options(Arc::clone(&self.stores), options);
+            let scope = StoreScope::with_options(Arc::clone(&self.stores), task_stores(def));
             // Caches of its own: they are keyed by path, not by the credentials reading it.
             let runtime = RuntimeEnvBuilder::from_runtime_env(self.base_state.runtime_env())
                 .with_cache_manager(volley_core::stores::cache_config())
@@ -302,13 +291,24 @@ fn operator_metrics(plan: &Arc<dyn ExecutionPlan>) -> Vec<pb::OperatorMetrics> {
     out
 }
 
-/// Secret values among a task's store options.
-fn task_secrets(def: &pb::TaskDefinition) -> Vec<String> {
+/// The store options a task carries.
+fn task_stores(def: &pb::TaskDefinition) -> Vec<(String, StoreOptions)> {
     def.stores
         .iter()
-        .flat_map(|s| s.options.iter())
-        .filter(|kv| volley_core::stores::options::is_secret_key(&kv.key))
-        .map(|kv| kv.value.clone())
+        .map(volley_core::stores::options::from_proto)
+        .collect()
+}
+
+/// Secret values among a task's store options.
+fn task_secrets(def: &pb::TaskDefinition) -> Vec<String> {
+    task_stores(def)
+        .iter()
+        .flat_map(|(_, options)| {
+            options
+                .secret_values()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 

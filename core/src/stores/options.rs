@@ -86,6 +86,29 @@ impl fmt::Debug for StoreOptions {
     }
 }
 
+/// The options of store `store` as a task carries them.
+pub fn to_proto(store: &str, options: &StoreOptions) -> crate::protobuf::StoreConfig {
+    crate::protobuf::StoreConfig {
+        store: store.to_string(),
+        options: options
+            .pairs()
+            .map(|(key, value)| crate::protobuf::KeyValue {
+                key: key.to_string(),
+                value: value.to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// The store and options a task carries.
+pub fn from_proto(config: &crate::protobuf::StoreConfig) -> (String, StoreOptions) {
+    let pairs = config
+        .options
+        .iter()
+        .map(|kv| (kv.key.as_str(), kv.value.clone()));
+    (config.store.clone(), StoreOptions::from_pairs(pairs))
+}
+
 /// True for a key of `OPTIONS` that configures a store (`aws.region`, `azure.account_key`).
 pub fn is_store_option(key: &str) -> bool {
     let key = key.to_ascii_lowercase();

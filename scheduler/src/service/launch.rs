@@ -92,15 +92,8 @@ impl SchedulerService {
                     stores: t
                         .stores
                         .iter()
-                        .map(|(store, options)| pb::StoreConfig {
-                            store: store.clone(),
-                            options: options
-                                .pairs()
-                                .map(|(key, value)| pb::KeyValue {
-                                    key: key.to_string(),
-                                    value: value.to_string(),
-                                })
-                                .collect(),
+                        .map(|(store, options)| {
+                            volley_core::stores::options::to_proto(store, options)
                         })
                         .collect(),
                 })
