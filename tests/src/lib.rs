@@ -114,3 +114,39 @@ pub fn init_tracing() {
             .try_init();
     });
 }
+
+/// An HTTP `GET` or `POST` (with an optional bearer token) on a blocking thread: (status,
+/// body); a 4xx/5xx status is an answer, not an error. A request that gets no answer at all
+/// is status 0 with the error as body (no assertion on a status accepts it).
+pub async fn http(method: &'static str, url: String, token: Option<&str>) -> (u16, String) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let response = if method == "POST" {
+            let mut request = agent.post(&url);
+            if let Some(auth) = &auth {
+                request = request.header("Authorization", auth);
+            }
+            request.send_empty()
+        } else {
+            let mut request = agent.get(&url);
+            if let Some(auth) = &auth {
+                request = request.header("Authorization", auth);
+            }
+            request.call()
+        };
+        match response {
+            Ok(mut response) => {
+                let status = response.status().as_u16();
+                let body = response.body_mut().read_to_string().unwrap_or_default();
+                (status, body)
+            }
+            Err(e) => (0, format!("{method} {url}: {e}")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| (0, format!("HTTP request thread: {e}")))
+}

@@ -167,16 +167,8 @@ async fn health_probes_answer_without_a_token_and_nothing_else_does() {
         .await
         .unwrap();
     for path in ["/healthz", "/readyz", "/api/jobs"] {
-        let url = format!("{}{path}", cluster.http_url());
-        let status = tokio::task::spawn_blocking(move || {
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .build()
-                .into();
-            agent.get(&url).call().unwrap().status().as_u16()
-        })
-        .await
-        .unwrap();
+        let (status, _) =
+            volley_tests::http("GET", format!("{}{path}", cluster.http_url()), None).await;
         let expected = if path == "/api/jobs" { 401 } else { 200 };
         assert_eq!(status, expected, "{path}");
     }

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use futures::TryStreamExt;
 use volley::VolleyClient;
 use volley_core::protobuf::JobRecord;
-use volley_tests::Hold;
 use volley_tests::compare::{Row, assert_matches_answer, rows};
 use volley_tests::process::{ProcessCluster, ProcessOptions};
 use volley_tests::s3::S3Server;
 use volley_tests::tpch;
+use volley_tests::{Hold, http};
 
 pub(super) const BUCKET: &str = "lake";
 pub(super) const PREFIX: &str = "tpch/sf0.1";
@@ -109,24 +109,6 @@ pub(super) async fn settled_objects(s3: &S3Server, prefix: &str) -> Vec<String> 
     }
 }
 
-/// GET a page of the status server: (status, body).
-pub(super) async fn http_get(url: String) -> (u16, String) {
-    tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut response = agent.get(&url).call().unwrap();
-        let status = response.status().as_u16();
-        (
-            status,
-            response.body_mut().read_to_string().unwrap_or_default(),
-        )
-    })
-    .await
-    .unwrap()
-}
-
 /// Sum of every `key` number anywhere in a JSON document.
 fn sum_of(value: &serde_json::Value, key: &str) -> u64 {
     match value {
@@ -177,7 +159,12 @@ async fn tpch_from_s3_on_three_hosts_matches_duckdb_and_fetches_cross_hosts() {
             0.011,
             &format!("q{q} from S3"),
         );
-        let (status, body) = http_get(format!("{}/api/jobs/{job_id}", cluster.http_url())).await;
+        let (status, body) = http(
+            "GET",
+            format!("{}/api/jobs/{job_id}", cluster.http_url()),
+            None,
+        )
+        .await;
         assert_eq!(status, 200, "{body}");
         flight_fetches += sum_of(&serde_json::from_str(&body).unwrap(), "flight_fetches");
     }
@@ -351,7 +338,7 @@ async fn bad_s3_input_fails_clearly_and_secrets_appear_nowhere() {
     );
 
     // The secret is in no page, API answer or log.
-    let (_, jobs) = http_get(format!("{}/api/jobs", cluster.http_url())).await;
+    let (_, jobs) = http("GET", format!("{}/api/jobs", cluster.http_url()), None).await;
     assert!(jobs.contains("CREATE EXTERNAL TABLE"), "{jobs}");
     let ids: Vec<String> = serde_json::from_str::<serde_json::Value>(&jobs)
         .unwrap()
@@ -367,16 +354,11 @@ async fn bad_s3_input_fails_clearly_and_secrets_appear_nowhere() {
         .collect();
     let mut pages = jobs.clone();
     for id in ids {
-        pages.push_str(
-            &http_get(format!("{}/jobs/{id}", cluster.http_url()))
-                .await
-                .1,
-        );
-        pages.push_str(
-            &http_get(format!("{}/api/jobs/{id}", cluster.http_url()))
-                .await
-                .1,
-        );
+        for page in [format!("/jobs/{id}"), format!("/api/jobs/{id}")] {
+            let (status, body) = http("GET", format!("{}{page}", cluster.http_url()), None).await;
+            assert_eq!(status, 200, "{page}: {body}");
+            pages.push_str(&body);
+        }
     }
     let state = format!("{:?}", client.cluster_state().await.unwrap());
     let logs = logs_of(cluster.log_dir().unwrap());

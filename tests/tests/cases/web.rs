@@ -19,39 +19,10 @@ use volley_core::security::Security;
 use volley_scheduler::SchedulerConfig;
 use volley_tests::Hold;
 use volley_tests::compare::rows;
+use volley_tests::http;
 use volley_tests::process::{ProcessCluster, ProcessOptions, free_port};
 
 const BY_DEPT: &str = "SELECT dept_id, count(*) AS n, sum(salary) AS total FROM emp GROUP BY dept_id ORDER BY dept_id";
-
-/// HTTP request on a blocking thread: (status, body).
-async fn http(method: &'static str, url: String, token: Option<&str>) -> (u16, String) {
-    let auth = token.map(|t| format!("Bearer {t}"));
-    tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut response = if method == "POST" {
-            let mut request = agent.post(&url);
-            if let Some(auth) = &auth {
-                request = request.header("Authorization", auth);
-            }
-            request.send_empty()
-        } else {
-            let mut request = agent.get(&url);
-            if let Some(auth) = &auth {
-                request = request.header("Authorization", auth);
-            }
-            request.call()
-        }
-        .expect("HTTP request");
-        let status = response.status().as_u16();
-        let body = response.body_mut().read_to_string().unwrap_or_default();
-        (status, body)
-    })
-    .await
-    .unwrap()
-}
 
 async fn json(url: String, token: Option<&str>) -> Json {
     let (status, body) = http("GET", url.clone(), token).await;
