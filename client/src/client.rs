@@ -191,6 +191,7 @@ impl VolleyClient {
             .get_job_status(pb::GetJobStatusParams {
                 job_id: job_id.to_string(),
                 wait_ms: 0,
+                session_id: self.session_id.clone(),
             })
             .await
             .map_err(status_error)?
@@ -205,6 +206,7 @@ impl VolleyClient {
                 .get_job_status(pb::GetJobStatusParams {
                     job_id: job_id.to_string(),
                     wait_ms: 1000,
+                    session_id: self.session_id.clone(),
                 })
                 .await
                 .map_err(status_error)?
@@ -230,6 +232,7 @@ impl VolleyClient {
         Ok(scheduler
             .cancel_job(pb::CancelJobParams {
                 job_id: job_id.to_string(),
+                session_id: self.session_id.clone(),
             })
             .await
             .map_err(status_error)?
@@ -313,6 +316,7 @@ impl VolleyClient {
         if let Err(e) = scheduler
             .release_job(pb::ReleaseJobParams {
                 job_id: job_id.to_string(),
+                session_id: self.session_id.clone(),
             })
             .await
         {
@@ -320,11 +324,14 @@ impl VolleyClient {
         }
     }
 
-    /// Jobs, stages, tasks and executors as the scheduler sees them.
+    /// Executors, and jobs with their stages and tasks, as the scheduler sees them: with
+    /// client credentials, only this session's jobs; with the cluster token, every job.
     pub async fn cluster_state(&self) -> Result<pb::GetClusterStateResult> {
         let mut scheduler = self.scheduler.clone();
         Ok(scheduler
-            .get_cluster_state(pb::GetClusterStateParams {})
+            .get_cluster_state(pb::GetClusterStateParams {
+                session_id: self.session_id.clone(),
+            })
             .await
             .map_err(status_error)?
             .into_inner())

@@ -47,6 +47,13 @@ impl ClusterState {
         }
     }
 
+    /// Bind a job to the session that submitted it.
+    pub fn set_job_owner(&mut self, id: &str, session: &str) {
+        if let Some(job) = self.jobs.get_mut(id) {
+            job.owner = Some(session.to_string());
+        }
+    }
+
     /// Add a job whose result the scheduler computed itself.
     pub fn add_inline_job(&mut self, id: String, sql: String, schema: SchemaRef, result: Vec<u8>) {
         let mut job = Job::stageless(id, sql, schema);

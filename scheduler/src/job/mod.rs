@@ -128,9 +128,17 @@ pub struct Job {
     pub waiting: bool,
     /// Tasks done when progress was last seen, and when.
     pub progress_mark: (usize, Instant),
+    /// The session that submitted it: with client credentials only that session may see,
+    /// cancel or fetch it (None: submitted in-process, cluster credentials only).
+    pub owner: Option<String>,
 }
 
 impl Job {
+    /// True when `session` (a non-empty session id) submitted this job.
+    pub fn owned_by(&self, session: &str) -> bool {
+        !session.is_empty() && self.owner.as_deref() == Some(session)
+    }
+
     /// A job planned into `stages`, queued or running.
     pub fn new(
         id: String,
@@ -188,6 +196,7 @@ impl Job {
             span: tracing::Span::none(),
             waiting: false,
             progress_mark: (0, Instant::now()),
+            owner: None,
         }
     }
 

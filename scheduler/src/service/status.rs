@@ -7,12 +7,26 @@ use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 use volley_core::codec::VolleyCodec;
 use volley_core::protobuf::{self as pb, job_status};
+use volley_core::security::{Role, role};
 
 use crate::job::{JobState, TaskState};
 use crate::service::submit::ipc_bytes;
 use crate::service::{MAX_SESSIONS, SESSION_IDLE_TIMEOUT, SchedulerService, new_id};
 
 impl SchedulerService {
+    /// Refuse `job_id` to a caller with client credentials unless `session` submitted it,
+    /// with the answer an unknown job gets: other sessions' job ids cannot be probed.
+    fn check_owner(&self, role: Option<Role>, session: &str, job_id: &str) -> Result<(), Status> {
+        if role == Some(Role::Cluster) {
+            return Ok(());
+        }
+        let state = self.state.lock();
+        match state.job(job_id) {
+            Some(job) if job.owned_by(session) => Ok(()),
+            _ => Err(Status::not_found(format!("unknown job {job_id}"))),
+        }
+    }
+
     fn job_status(&self, job_id: &str) -> Result<pb::JobStatus, Status> {
         let state = self.state.lock();
         let job = state
@@ -69,7 +83,8 @@ impl SchedulerService {
             )));
         }
         let ctx = self.new_session(&request.into_inner().settings)?;
-        let id = new_id();
+        // A session id is the capability to its jobs: 122 random bits, not a short job id.
+        let id = uuid::Uuid::new_v4().simple().to_string();
         self.sessions
             .lock()
             .insert(id.clone(), (ctx, Instant::now()));
@@ -83,6 +98,9 @@ impl SchedulerService {
         let params = request.into_inner();
         let ctx = self.session(&params.session_id)?;
         let job_id = self.submit_redacted(&ctx, &params.sql).await?;
+        self.state
+            .lock()
+            .set_job_owner(&job_id, &params.session_id);
         Ok(Response::new(pb::ExecuteSqlResult { job_id }))
     }
 
@@ -106,6 +124,9 @@ impl SchedulerService {
             .submit_physical(new_id(), &params.description, &ctx, plan, settings)
             .await
             .map_err(|e| self.redacted(&ctx, &params.description, e))?;
+        self.state
+            .lock()
+            .set_job_owner(&job_id, &params.session_id);
         Ok(Response::new(pb::ExecuteSqlResult { job_id }))
     }
 
@@ -113,7 +134,9 @@ impl SchedulerService {
         &self,
         request: Request<pb::GetJobStatusParams>,
     ) -> Result<Response<pb::JobStatus>, Status> {
+        let role = role(&request);
         let params = request.into_inner();
+        self.check_owner(role, &params.session_id, &params.job_id)?;
         let deadline = Instant::now() + Duration::from_millis(u64::from(params.wait_ms));
         let mut rx = {
             let state = self.state.lock();
@@ -146,7 +169,10 @@ impl SchedulerService {
         &self,
         request: Request<pb::CancelJobParams>,
     ) -> Result<Response<pb::CancelJobResult>, Status> {
-        let cancelled = self.cancel(&request.into_inner().job_id).await;
+        let role = role(&request);
+        let params = request.into_inner();
+        self.check_owner(role, &params.session_id, &params.job_id)?;
+        let cancelled = self.cancel(&params.job_id).await;
         Ok(Response::new(pb::CancelJobResult { cancelled }))
     }
 
@@ -154,7 +180,10 @@ impl SchedulerService {
         &self,
         request: Request<pb::ReleaseJobParams>,
     ) -> Result<Response<pb::ReleaseJobResult>, Status> {
-        let job_id = request.into_inner().job_id;
+        let role = role(&request);
+        let params = request.into_inner();
+        self.check_owner(role, &params.session_id, &params.job_id)?;
+        let job_id = params.job_id;
         // Releasing a job that still runs cancels it: its tasks stop and its files go.
         self.state.lock().cancel_job(&job_id);
         self.release(&job_id).await;
@@ -163,8 +192,10 @@ impl SchedulerService {
 
     pub(super) async fn handle_get_cluster_state(
         &self,
-        _request: Request<pb::GetClusterStateParams>,
+        request: Request<pb::GetClusterStateParams>,
     ) -> Result<Response<pb::GetClusterStateResult>, Status> {
+        let everything = role(&request) == Some(Role::Cluster);
+        let session = request.into_inner().session_id;
         let state = self.state.lock();
         let executors = state
             .alive_executors()
@@ -180,6 +211,7 @@ impl SchedulerService {
             .job_order()
             .iter()
             .filter_map(|id| state.job(id))
+            .filter(|job| everything || job.owned_by(&session))
             .map(|job| {
                 let failed = matches!(job.state, JobState::Failed(_));
                 let mut tasks = Vec::new();

@@ -1,7 +1,8 @@
 //! L7: the scheduler's web status page (server-rendered HTML, SVG stage graph), its JSON API under
 //! `/api/` and Prometheus metrics at `/metrics`. When the cluster has an auth token every page
-//! needs it (`Authorization: Bearer`, or `?token=` once, which sets a cookie); cancelling a job
-//! always needs it.
+//! needs the cluster's credential (`Authorization: Bearer`, or `?token=` once, which sets a
+//! cookie): the cluster token, or the only token of a one-token cluster — pages list every
+//! session's jobs, which the client token may not see. Cancelling a job always needs it.
 //!
 //! `/healthz` and `/readyz` (probes) need no token.
 //!
@@ -15,6 +16,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
+use volley_core::security::Role;
 
 use crate::service::SchedulerService;
 
@@ -111,7 +113,18 @@ async fn require_token(
         return next.run(request).await;
     }
     let presented = presented_token(request.headers(), query.token.as_deref());
-    if !security.token_matches(presented.as_deref()) {
+    let role = security.role_of(presented.as_deref());
+    if role == Some(Role::Client) {
+        // Every session's jobs are listed here: client credentials see only their own (gRPC).
+        tracing::warn!(path = %request.uri().path(), "rejected HTTP request with the client token");
+        return (
+            StatusCode::FORBIDDEN,
+            "403 Forbidden: the status page and JSON API need the cluster token \
+             (--cluster-token); the client token may only see its own session's jobs\n",
+        )
+            .into_response();
+    }
+    if role.is_none() {
         tracing::warn!(
             path = %request.uri().path(),
             reason = if presented.is_some() { "wrong auth token" } else { "missing auth token" },

@@ -203,7 +203,7 @@ async fn health_probes_answer_without_a_token_and_nothing_else_does() {
             .unwrap(),
     );
     let refused = scheduler
-        .get_cluster_state(volley_core::protobuf::GetClusterStateParams {})
+        .get_cluster_state(volley_core::protobuf::GetClusterStateParams::default())
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");

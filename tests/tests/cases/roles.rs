@@ -201,6 +201,94 @@ async fn the_client_token_is_not_cluster_root() {
     drop(cluster);
 }
 
+/// Jobs belong to the session that submitted them: another session holding the same client
+/// token cannot see, cancel, release or fetch them, does not find them in the cluster state,
+/// and the status page (which lists every job) needs the cluster token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_belong_to_the_session_that_submitted_them() {
+    volley_tests::init_tracing();
+    const CLUSTER: &str = "cluster-token-for-roles";
+    let options = ProcessOptions {
+        env: vec![
+            ("VOLLEY_AUTH_TOKEN".to_string(), TOKEN.to_string()),
+            ("VOLLEY_CLUSTER_TOKEN".to_string(), CLUSTER.to_string()),
+        ],
+        client: ClientOptions::with_token(TOKEN),
+        ..ProcessOptions::default()
+    };
+    let cluster = ProcessCluster::start_with(1, 1, &[], options)
+        .await
+        .expect("cluster");
+    let alice = cluster.client().await.unwrap();
+    let mallory = cluster.client().await.unwrap();
+    volley_tests::register_emp(&alice).await.unwrap();
+    let job_id = alice.submit(BY_DEPT).await.unwrap();
+    alice.wait(&job_id).await.unwrap();
+
+    // Another session: the job is unknown to it, whatever it tries.
+    let unknown = |what: &str, e: volley_core::VolleyError| {
+        assert!(e.to_string().contains(&format!("unknown job {job_id}")), "{what}: {e}");
+    };
+    unknown("status", mallory.status(&job_id).await.unwrap_err());
+    unknown("cancel", mallory.cancel(&job_id).await.unwrap_err());
+    unknown("fetch", mallory.sql_job_rows(&job_id).await.unwrap_err());
+    let listed = |state: &pb::GetClusterStateResult| state.jobs.iter().any(|j| j.job_id == job_id);
+    assert!(!listed(&mallory.cluster_state().await.unwrap()));
+    assert!(listed(&alice.cluster_state().await.unwrap()));
+    // A hand-built client naming no session (or a made-up one) gets the same answer, and its
+    // release does not touch the job.
+    let scheduler_port: u16 = cluster.url().rsplit(':').next().unwrap().parse().unwrap();
+    let mut raw = SchedulerGrpcClient::new(as_client(scheduler_port).await);
+    for session_id in ["", "0123456789abcdef0123456789abcdef"] {
+        let status = raw
+            .get_job_status(pb::GetJobStatusParams {
+                job_id: job_id.clone(),
+                wait_ms: 0,
+                session_id: session_id.to_string(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status}");
+        let status = raw
+            .release_job(pb::ReleaseJobParams {
+                job_id: job_id.clone(),
+                session_id: session_id.to_string(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status}");
+    }
+    let state = raw
+        .get_cluster_state(pb::GetClusterStateParams::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(state.jobs.is_empty(), "no session, no jobs: {:?}", state.jobs);
+
+    // The status page lists every session's jobs: the client token is refused, the cluster
+    // token sees the job.
+    let api = format!("{}/api/jobs", cluster.http_url());
+    let (status, body) = volley_tests::http("GET", api.clone(), Some(TOKEN)).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("cluster token"), "{body}");
+    let (status, body) = volley_tests::http("GET", api, Some(CLUSTER)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&job_id), "{body}");
+    let operator = volley::VolleyClient::connect_with(cluster.url(), ClientOptions::with_token(CLUSTER))
+        .await
+        .unwrap();
+    assert!(listed(&operator.cluster_state().await.unwrap()));
+
+    // The owner still gets its rows, exact.
+    let batches = alice.sql_job_rows(&job_id).await.unwrap();
+    let expected: Vec<Vec<String>> = [["10", "2"], ["20", "3"], ["30", "2"], ["NULL", "1"]]
+        .iter()
+        .map(|r| r.iter().map(|v| v.to_string()).collect())
+        .collect();
+    assert_eq!(rows(&batches).unwrap(), expected);
+    drop(cluster);
+}
+
 /// An executor refuses to listen beyond loopback without a token (anyone reaching it could
 /// launch tasks), and with a client token the scheduler and executors need a cluster token.
 #[test]

@@ -44,8 +44,13 @@ async fn explained_stages(client: &VolleyClient, sql: &str) -> usize {
 async fn status_page_in_headless_browser() {
     volley_tests::init_tracing();
     let token = "browser-test-token";
+    // The status page lists every session's jobs: it needs the cluster token.
+    let ops = "browser-test-cluster-token";
     let options = ProcessOptions {
-        env: vec![("VOLLEY_AUTH_TOKEN".to_string(), token.to_string())],
+        env: vec![
+            ("VOLLEY_AUTH_TOKEN".to_string(), token.to_string()),
+            ("VOLLEY_CLUSTER_TOKEN".to_string(), ops.to_string()),
+        ],
         client: ClientOptions::with_token(token),
         log_dir: None,
         executor_hosts: Vec::new(),
@@ -73,7 +78,7 @@ async fn status_page_in_headless_browser() {
         .args([cluster.http_url(), &job_id, &stages.to_string()])
         .arg(&out)
         .arg(hold.release_file())
-        .arg(token)
+        .arg(ops)
         .output()
         .await
         .expect("node runs (install with `npm ci --prefix tests/browser`)");
@@ -113,9 +118,13 @@ async fn status_page_in_headless_browser() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_api_numbers_metrics_and_http_auth() {
     volley_tests::init_tracing();
-    let token = "api-test-token";
+    let client_token = "api-test-token";
+    // The status page and API list every session's jobs: they need the cluster token.
+    let token = "api-test-cluster-token";
     let config = SchedulerConfig {
-        security: Security::none().with_token(Some(token.to_string())),
+        security: Security::none()
+            .with_token(Some(client_token.to_string()))
+            .with_cluster_token(Some(token.to_string())),
         enable_test_hooks: true,
         ..SchedulerConfig::default().with_address("127.0.0.1", 0)
     };
@@ -137,6 +146,8 @@ async fn json_api_numbers_metrics_and_http_auth() {
         401
     );
     assert_eq!(http("GET", format!("{base}/metrics"), None).await.0, 401);
+    let (status, body) = http("GET", format!("{base}/api/jobs"), Some(client_token)).await;
+    assert_eq!(status, 403, "the client token sees only its own jobs: {body}");
     let (status, _) = http("POST", format!("{base}/api/jobs/{job_id}/cancel"), None).await;
     assert_eq!(status, 401, "HTTP cancel without token");
     let (status, _) = http("POST", format!("{base}/jobs/{job_id}/cancel"), None).await;
