@@ -1,8 +1,8 @@
 //! L6: the scheduler's service — the only place that does network IO. [`submit`] plans
 //! statements into jobs, [`launch`] sends tasks to executors and releases jobs,
 //! [`housekeeping`] expires executors, results and stuck jobs, [`executors`] handles what
-//! executors report, [`status`] answers clients' questions, and [`grpc`] is the thin gRPC
-//! layer over all of them.
+//! executors report, [`status`] answers clients' questions, [`tables`] keeps `CREATE TABLE AS`
+//! results, and [`grpc`] is the thin gRPC layer over all of them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +29,7 @@ pub mod housekeeping;
 pub mod launch;
 pub mod status;
 pub mod submit;
+pub mod tables;
 
 pub use submit::ipc_bytes;
 

@@ -11,7 +11,7 @@ use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+use datafusion::logical_expr::{CreateMemoryTable, DdlStatement, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use tonic::Status;
@@ -72,9 +72,14 @@ impl SchedulerService {
     pub async fn register_tables(&self, statements: &[String]) -> Result<()> {
         let ctx = self.new_session(&[])?;
         for sql in statements {
-            plan_statement(&ctx, sql, &self.sandbox, "tables")
-                .await
-                .map_err(|e| {
+            let planned = plan_statement(&ctx, sql, &self.sandbox, "tables").await;
+            let planned = planned.and_then(|p| match p {
+                Planned::CreateTable(..) => Err(VolleyError::Config(
+                    "a table of every session is declared with CREATE EXTERNAL TABLE".into(),
+                )),
+                other => Ok(other),
+            });
+            planned.map_err(|e| {
                     VolleyError::Config(format!(
                         "--table ({}): {e}",
                         volley_core::stores::redact::redact_sql(sql)
@@ -170,6 +175,23 @@ impl SchedulerService {
                 let service = self.clone();
                 let outer = job_id.clone();
                 tokio::spawn(async move { service.finish_analyze(&outer, &inner, schema).await });
+                Ok(job_id)
+            }
+            Planned::CreateTable(create, physical, settings) => {
+                let inner = self
+                    .submit_physical(new_id(), sql, ctx, physical, settings)
+                    .await?;
+                self.state.lock().add_waiting_job(
+                    job_id.clone(),
+                    sql.to_string(),
+                    Arc::new(datafusion::arrow::datatypes::Schema::empty()),
+                );
+                let (service, outer, ctx) = (self.clone(), job_id.clone(), ctx.clone());
+                tokio::spawn(async move {
+                    service
+                        .finish_create_table(&outer, &inner, *create, ctx)
+                        .await
+                });
                 Ok(job_id)
             }
             Planned::Physical(physical, settings) => {
@@ -284,11 +306,11 @@ impl SchedulerService {
         Arc::new(resolved)
     }
 
-    /// EXPLAIN ANALYZE: wait for the job running the query, then answer with its stages as
-    /// they ran (tasks, rows, adaptive decisions) and drop its result.
-    async fn finish_analyze(&self, outer: &str, inner: &str, schema: SchemaRef) {
+    /// Wait until the job `inner` that the waiting job `outer` stands for has ended; false
+    /// when `outer` ended first (cancelled): then `inner` is cancelled too.
+    pub(super) async fn wait_inner(&self, outer: &str, inner: &str) -> bool {
         let Some(mut rx) = self.state.lock().job(inner).map(|j| j.version.subscribe()) else {
-            return;
+            return false;
         };
         loop {
             let (inner_final, outer_final) = {
@@ -298,13 +320,21 @@ impl SchedulerService {
             };
             if outer_final && !inner_final {
                 self.cancel(inner).await;
-                return;
+                return false;
             }
             if inner_final {
-                break;
+                return true;
             }
-            // Also wakes up now and then to notice a cancelled EXPLAIN ANALYZE.
+            // Also wakes up now and then to notice a cancelled outer job.
             let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+        }
+    }
+
+    /// EXPLAIN ANALYZE: wait for the job running the query, then answer with its stages as
+    /// they ran (tasks, rows, adaptive decisions) and drop its result.
+    async fn finish_analyze(&self, outer: &str, inner: &str, schema: SchemaRef) {
+        if !self.wait_inner(outer, inner).await {
+            return;
         }
         let result = {
             let state = self.state.lock();
@@ -344,6 +374,12 @@ enum Planned {
     Inline(SchemaRef, Vec<u8>),
     /// Runs on the scheduler (DDL, SET, DESCRIBE).
     Collect(datafusion::dataframe::DataFrame),
+    /// CREATE TABLE AS: this plan of its query runs on the cluster, then the table is kept.
+    CreateTable(
+        Box<CreateMemoryTable>,
+        Arc<dyn ExecutionPlan>,
+        Arc<Vec<(String, String)>>,
+    ),
     /// EXPLAIN ANALYZE of this plan.
     Analyze(Arc<dyn ExecutionPlan>, Arc<Vec<(String, String)>>),
     /// A plan for the executors, with the session settings its tasks run with.
@@ -418,6 +454,17 @@ async fn plan_statement(
         let physical = state.create_physical_plan(&analyze.input).await?;
         let settings = Arc::new(config_to_pairs(state.config()));
         return Ok(Planned::Analyze(physical, settings));
+    }
+    if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) = &logical
+        && super::tables::runs_on_cluster(ctx, create)?
+    {
+        let physical = state.create_physical_plan(&create.input).await?;
+        let settings = Arc::new(config_to_pairs(state.config()));
+        return Ok(Planned::CreateTable(
+            Box::new(create.clone()),
+            physical,
+            settings,
+        ));
     }
     let scheduler_side = matches!(
         logical,

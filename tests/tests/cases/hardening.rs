@@ -252,3 +252,84 @@ async fn a_task_that_kills_executors_fails_its_job_after_two() {
     by_dept_works(&client).await;
     drop(cluster);
 }
+
+/// `CREATE TABLE AS` used to run its query on the scheduler and keep any amount of rows in
+/// scheduler memory, uncancellable. Its query now runs as a job on the executors and the
+/// table it keeps is bounded (half of `--max-message-size`, and the scheduler's memory pool):
+/// a table over the bound is a clear error, nothing is registered, everything keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_table_as_runs_on_executors_and_is_bounded() {
+    volley_tests::init_tracing();
+    let dir = volley_tests::tpch::sf01().unwrap();
+    let cluster = ProcessCluster::start(2, 2, &["--max-message-size", "4194304"])
+        .await
+        .expect("cluster");
+    let client = cluster.client().await.unwrap();
+    volley_tests::register_emp(&client).await.unwrap();
+    let local = datafusion::prelude::SessionContext::new();
+    volley_tests::tpch::register_local(&local, &dir).await.unwrap();
+    for sql in volley_tests::tpch::create_table_statements(&dir) {
+        client.sql(&sql).await.unwrap();
+    }
+
+    let query = "SELECT l_orderkey, sum(l_quantity) AS q FROM lineitem GROUP BY l_orderkey \
+                 ORDER BY q DESC, l_orderkey LIMIT 100";
+    let ctas = format!("CREATE TABLE top AS {query}");
+    client.sql(&ctas).await.expect("CTAS");
+    let (_, batches) = client
+        .sql("SELECT * FROM top ORDER BY q DESC, l_orderkey")
+        .await
+        .unwrap();
+    let oracle = local.sql(query).await.unwrap().collect().await.unwrap();
+    assert_eq!(rows(&batches).unwrap(), rows(&oracle).unwrap());
+    assert_eq!(rows(&batches).unwrap().len(), 100);
+    // Its query ran as a job of several stages on the executors.
+    let state = client.cluster_state().await.unwrap();
+    let job = state
+        .jobs
+        .iter()
+        .find(|j| j.sql == ctas && !j.stages.is_empty())
+        .expect("the CTAS query ran as a job with stages");
+    assert!(job.stages.len() >= 2, "{job:?}");
+    assert!(job.tasks.iter().all(|t| !t.executor_id.is_empty()), "{job:?}");
+
+    // The same name again, IF NOT EXISTS, OR REPLACE: DataFusion's answers.
+    let err = client.sql(&ctas).await.expect_err("exists").to_string();
+    assert!(err.contains("Table 'top' already exists"), "{err}");
+    client
+        .sql(&format!("CREATE TABLE IF NOT EXISTS top AS {query}"))
+        .await
+        .unwrap();
+    client
+        .sql("CREATE OR REPLACE TABLE top AS SELECT count(*) AS n FROM orders")
+        .await
+        .unwrap();
+    let (_, batches) = client.sql("SELECT n FROM top").await.unwrap();
+    assert_eq!(rows(&batches).unwrap(), vec![vec!["150000".to_string()]]);
+    let err = client
+        .sql("INSERT INTO top VALUES (1)")
+        .await
+        .expect_err("insert into a table in scheduler memory")
+        .to_string();
+    assert!(err.contains("scheduler memory"), "{err}");
+
+    // Over the bound: a clear error naming it; no table; the scheduler keeps serving.
+    let err = client
+        .sql("CREATE TABLE big AS SELECT * FROM lineitem")
+        .await
+        .expect_err("a table over the bound")
+        .to_string();
+    assert!(
+        err.contains("CREATE TABLE big AS: the result is over 2.0 MiB")
+            && err.contains("--max-message-size"),
+        "{err}"
+    );
+    let err = client
+        .sql("SELECT count(*) FROM big")
+        .await
+        .expect_err("no table")
+        .to_string();
+    assert!(err.contains("big"), "{err}");
+    by_dept_works(&client).await;
+    drop(cluster);
+}
