@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod functions;
 pub mod grant;
 pub mod ids;
 pub mod plan;

@@ -86,8 +86,13 @@ pub fn volley_session_state_with(
         .with_default_features()
         .with_config(config)
         .with_physical_optimizer_rules(rules);
-    match runtime {
+    let mut state = match runtime {
         Some(runtime) => builder.with_runtime_env(runtime).build(),
         None => builder.build(),
+    };
+    // Registering over built-ins by name cannot fail; a failure leaves DataFusion's own.
+    if let Err(e) = crate::functions::guard_functions(&mut state) {
+        tracing::warn!(error = %e, "cannot guard size-choosing functions");
     }
+    state
 }

@@ -410,10 +410,12 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
     let runtime = runtime
         .build_arc()
         .map_err(|e| VolleyError::Config(format!("executor runtime: {e}")))?;
-    let base_state = SessionStateBuilder::new()
+    let mut base_state = SessionStateBuilder::new()
         .with_default_features()
         .with_runtime_env(runtime)
         .build();
+    // The same size checks as constant folding on the scheduler (plans name functions).
+    volley_core::functions::guard_functions(&mut base_state)?;
     let (reporter, reports) = Reporter::channel();
     let inner = Arc::new(ExecutorInner {
         id: id.clone(),

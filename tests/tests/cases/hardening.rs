@@ -333,3 +333,58 @@ async fn create_table_as_runs_on_executors_and_is_bounded() {
     by_dept_works(&client).await;
     drop(cluster);
 }
+
+/// `array_repeat(1, 1500000000)` used to abort the process that evaluated it: the scheduler
+/// (constant folding, taking the embedded `volley sql` with it) or, with a column argument,
+/// one executor after another. Size-choosing functions now check the size first: the
+/// statement fails naming the function, every process keeps serving, no executor is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runaway_function_sizes_fail_the_statement_not_the_process() {
+    volley_tests::init_tracing();
+    let mut cluster = ProcessCluster::start(2, 1, &[]).await.expect("cluster");
+    let client = cluster.client().await.unwrap();
+    volley_tests::register_emp(&client).await.unwrap();
+    for (sql, name) in [
+        ("SELECT cardinality(array_repeat(1, 1500000000))", "array_repeat"),
+        (
+            "SELECT cardinality(array_repeat(1, x)) FROM (VALUES (1500000000)) t(x)",
+            "array_repeat",
+        ),
+        (
+            "SELECT length(repeat(name, 2000000000)) FROM emp",
+            "repeat",
+        ),
+        ("SELECT cardinality(range(0, 9000000000000))", "range"),
+    ] {
+        let err = client.sql(sql).await.expect_err(sql).to_string();
+        assert!(
+            err.contains(&format!("{name}() would build about")) && err.contains("1024 MiB"),
+            "{sql}: {err}"
+        );
+    }
+    assert!(cluster.scheduler_alive());
+    assert_eq!(client.cluster_state().await.unwrap().executors.len(), 2);
+    let (_, batches) = client
+        .sql("SELECT cardinality(array_repeat(1, 1000)), repeat('ab', 3)")
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&batches).unwrap(),
+        vec![vec!["1000".to_string(), "ababab".to_string()]]
+    );
+    by_dept_works(&client).await;
+    drop(cluster);
+
+    // The embedded cluster of `volley sql` lives in one process: it ends with the error.
+    let output = Command::new(volley_bin().unwrap())
+        .args([
+            "sql",
+            "-c",
+            "SELECT cardinality(array_repeat(1, 1500000000))",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "an error, not a signal: {stderr}");
+    assert!(stderr.contains("array_repeat() would build about"), "{stderr}");
+}
