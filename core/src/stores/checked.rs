@@ -1,5 +1,6 @@
 //! A store whose every request is checked first: each read, listing, write, copy, rename and
-//! delete names a path that must pass a [`PathCheck`] before the inner store is touched. The
+//! delete names a path that must pass a [`PathCheck`] before the inner store is touched, and
+//! listings leave out the entries that do not pass. The
 //! sandbox's local file store and the guard of remote stores are both this wrapper with their
 //! own check.
 
@@ -49,6 +50,31 @@ impl CheckedStore {
 
     fn check_prefix(&self, prefix: Option<&Path>) -> Result<()> {
         self.check(prefix.unwrap_or(&Path::default()))
+    }
+
+    /// A listing whose every entry is checked too: an entry the check refuses (reached
+    /// through a symlink that leads out of the allowed paths) is left out, so not even its
+    /// name and size get out, and a glob or folder beside it still lists the rest.
+    fn checked_entries(
+        &self,
+        entries: BoxStream<'static, Result<ObjectMeta>>,
+    ) -> BoxStream<'static, Result<ObjectMeta>> {
+        let check = Arc::clone(&self.check);
+        entries
+            .filter_map(move |entry| {
+                let kept = match entry {
+                    Ok(meta) => match check.check(&meta.location) {
+                        Ok(()) => Some(Ok(meta)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "listing entry left out");
+                            None
+                        }
+                    },
+                    Err(e) => Some(Err(e)),
+                };
+                futures::future::ready(kept)
+            })
+            .boxed()
     }
 }
 
@@ -105,7 +131,7 @@ impl ObjectStore for CheckedStore {
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
         match self.check_prefix(prefix) {
-            Ok(()) => self.inner.list(prefix),
+            Ok(()) => self.checked_entries(self.inner.list(prefix)),
             Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
         }
     }
@@ -116,14 +142,17 @@ impl ObjectStore for CheckedStore {
         offset: &Path,
     ) -> BoxStream<'static, Result<ObjectMeta>> {
         match self.check_prefix(prefix) {
-            Ok(()) => self.inner.list_with_offset(prefix, offset),
+            Ok(()) => self.checked_entries(self.inner.list_with_offset(prefix, offset)),
             Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
         }
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
         self.check_prefix(prefix)?;
-        self.inner.list_with_delimiter(prefix).await
+        let mut listed = self.inner.list_with_delimiter(prefix).await?;
+        listed.common_prefixes.retain(|p| self.check(p).is_ok());
+        listed.objects.retain(|o| self.check(&o.location).is_ok());
+        Ok(listed)
     }
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
