@@ -30,26 +30,16 @@ fn decode_err(e: impl std::fmt::Display) -> DataFusionError {
 }
 
 impl VolleyCodec {
-    /// Serialize a physical plan to bytes.
+    /// Serialize a physical plan to bytes (a [`crate::flat`] plan: one operator per entry).
     pub fn encode_plan(plan: Arc<dyn ExecutionPlan>) -> DFResult<Vec<u8>> {
-        Ok(
-            datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec(
-                plan,
-                &VolleyCodec,
-            )?
-            .to_vec(),
-        )
+        crate::flat::encode(plan, &VolleyCodec)
     }
 
     /// Deserialize a physical plan from bytes, resolving functions and object stores in `ctx`.
     /// Bytes from the network may be anything: a panic while decoding them is an error.
     pub fn decode_plan(bytes: &[u8], ctx: &TaskContext) -> DFResult<Arc<dyn ExecutionPlan>> {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
-                bytes,
-                ctx,
-                &VolleyCodec,
-            )
+            crate::flat::decode(bytes, ctx, Arc::new(VolleyCodec))
         }))
         .unwrap_or_else(|panic| {
             Err(DataFusionError::Internal(format!(
@@ -189,6 +179,7 @@ impl PhysicalExtensionCodec for VolleyCodec {
                     sink.sink(),
                 )?))
             }
+            Some(Node::ChildSlot(_)) => Err(decode_err("a child slot outside a flat plan")),
             None => Err(decode_err("empty node")),
         }
     }
@@ -250,6 +241,8 @@ impl PhysicalExtensionCodec for VolleyCodec {
                 job_id: c.job_id().to_string(),
                 sink: Self::encode_plan(Arc::new(holder))?,
             })
+        } else if let Some(slot) = node.downcast_ref::<crate::flat::ChildSlot>() {
+            Node::ChildSlot(slot.index())
         } else {
             return Err(DataFusionError::NotImplemented(format!(
                 "Volley cannot send {} to executors",

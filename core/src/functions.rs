@@ -18,8 +18,8 @@ use datafusion::logical_expr::interval_arithmetic::Interval;
 use datafusion::logical_expr::simplify::{ExprSimplifyResult, SimplifyContext};
 use datafusion::logical_expr::sort_properties::{ExprProperties, SortProperties};
 use datafusion::logical_expr::{
-    ColumnarValue, Documentation, Expr, ExpressionPlacement, ReturnFieldArgs,
-    ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    ColumnarValue, Documentation, Expr, ExpressionPlacement, ReturnFieldArgs, ScalarFunctionArgs,
+    ScalarUDF, ScalarUDFImpl, Signature,
 };
 
 /// The most one call of a guarded function may build for one batch.
@@ -92,7 +92,10 @@ pub fn guard_functions(state: &mut SessionState) -> Result<()> {
             if any.is::<Guarded>() {
                 continue;
             }
-            state.register_udf(Arc::new(ScalarUDF::new_from_impl(Guarded { inner, growth })))?;
+            state.register_udf(Arc::new(ScalarUDF::new_from_impl(Guarded {
+                inner,
+                growth,
+            })))?;
         }
     }
     Ok(())
@@ -166,7 +169,8 @@ impl Guarded {
                 let Some(ints) = ints.into_iter().collect::<Option<Vec<_>>>() else {
                     return Ok(0);
                 };
-                let at = |k: usize, r: usize, default: i64| ints.get(k).map_or(default, |a| value(a, r));
+                let at =
+                    |k: usize, r: usize, default: i64| ints.get(k).map_or(default, |a| value(a, r));
                 Ok((0..rows)
                     .map(|r| {
                         let (start, stop, step) = match ints.len() {
@@ -309,15 +313,24 @@ mod tests {
         let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
             .unwrap()
             .to_string();
-        assert!(text.contains("| ababab ") && text.contains("---x"), "{text}");
-        assert!(text.contains("| 1000 ") && text.contains("| 10 ") && text.contains("| 6 "), "{text}");
+        assert!(
+            text.contains("| ababab ") && text.contains("---x"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| 1000 ") && text.contains("| 10 ") && text.contains("| 6 "),
+            "{text}"
+        );
     }
 
     #[tokio::test]
     async fn runaway_sizes_are_errors_naming_the_function() {
         let ctx = ctx().await;
         for (sql, name) in [
-            ("SELECT cardinality(array_repeat(1, 1500000000))", "array_repeat"),
+            (
+                "SELECT cardinality(array_repeat(1, 1500000000))",
+                "array_repeat",
+            ),
             ("SELECT length(repeat('xy', 2000000000))", "repeat"),
             ("SELECT cardinality(range(0, 9000000000000))", "range"),
             ("SELECT length(lpad('a', 2147483647))", "lpad"),
@@ -331,7 +344,10 @@ mod tests {
                 Err(e) => Err(e),
             };
             let err = result.expect_err(sql).to_string();
-            assert!(err.contains(&format!("{name}() would build about")), "{sql}: {err}");
+            assert!(
+                err.contains(&format!("{name}() would build about")),
+                "{sql}: {err}"
+            );
         }
     }
 }

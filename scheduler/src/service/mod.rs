@@ -31,8 +31,6 @@ pub mod status;
 pub mod submit;
 pub mod tables;
 
-pub use submit::ipc_bytes;
-
 /// Shared scheduler service; cheap to clone.
 #[derive(Clone)]
 pub struct SchedulerService {

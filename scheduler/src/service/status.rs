@@ -10,8 +10,8 @@ use volley_core::protobuf::{self as pb, job_status};
 use volley_core::security::{Role, role};
 
 use crate::job::{JobState, TaskState};
-use crate::service::submit::ipc_bytes;
 use crate::service::{MAX_SESSIONS, SESSION_IDLE_TIMEOUT, SchedulerService, new_id};
+use volley_core::shuffle::ipc_bytes;
 
 impl SchedulerService {
     /// Refuse `job_id` to a caller with client credentials unless `session` submitted it,
@@ -98,9 +98,7 @@ impl SchedulerService {
         let params = request.into_inner();
         let ctx = self.session(&params.session_id)?;
         let job_id = self.submit_redacted(&ctx, &params.sql).await?;
-        self.state
-            .lock()
-            .set_job_owner(&job_id, &params.session_id);
+        self.state.lock().set_job_owner(&job_id, &params.session_id);
         Ok(Response::new(pb::ExecuteSqlResult { job_id }))
     }
 
@@ -124,9 +122,7 @@ impl SchedulerService {
             .submit_physical(new_id(), &params.description, &ctx, plan, settings)
             .await
             .map_err(|e| self.redacted(&ctx, &params.description, e))?;
-        self.state
-            .lock()
-            .set_job_owner(&job_id, &params.session_id);
+        self.state.lock().set_job_owner(&job_id, &params.session_id);
         Ok(Response::new(pb::ExecuteSqlResult { job_id }))
     }
 

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{RecordBatch, StringArray};
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -20,6 +19,7 @@ use volley_core::config::{config_to_pairs, volley_session_config};
 use volley_core::protobuf as pb;
 use volley_core::rules::volley_session_state_with;
 use volley_core::sandbox::Sandbox;
+use volley_core::shuffle::ipc_bytes;
 use volley_core::stack::on_deep_stack;
 use volley_core::stores::plan::plan_stores;
 use volley_core::stores::{StoreOptions, StoreScope};
@@ -30,16 +30,6 @@ use crate::graph::scan_balance::balance_parquet_scans;
 use crate::graph::{StagePlan, mark_broadcast_candidates, plan_stages};
 use crate::job::JobState;
 use crate::service::{SchedulerService, new_id};
-
-/// Encode batches as an Arrow IPC stream.
-pub fn ipc_bytes(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
-    let mut writer = StreamWriter::try_new(Vec::new(), schema)?;
-    for batch in batches {
-        writer.write(batch)?;
-    }
-    writer.finish()?;
-    Ok(writer.into_inner()?)
-}
 
 impl SchedulerService {
     pub(super) fn new_session(&self, settings: &[pb::KeyValue]) -> Result<SessionContext> {
@@ -80,11 +70,11 @@ impl SchedulerService {
                 other => Ok(other),
             });
             planned.map_err(|e| {
-                    VolleyError::Config(format!(
-                        "--table ({}): {e}",
-                        volley_core::stores::redact::redact_sql(sql)
-                    ))
-                })?;
+                VolleyError::Config(format!(
+                    "--table ({}): {e}",
+                    volley_core::stores::redact::redact_sql(sql)
+                ))
+            })?;
         }
         let state = ctx.state();
         let options = state.config().options();

@@ -26,7 +26,7 @@ use volley_core::{Result, VolleyError};
 
 use crate::job::JobState;
 use crate::service::SchedulerService;
-use crate::service::submit::ipc_bytes;
+use volley_core::shuffle::ipc_bytes;
 
 /// True when `create` should run its query on the cluster: DataFusion would run it (the
 /// table is new, or replaced). Otherwise (IF NOT EXISTS of an existing table, and every
@@ -163,9 +163,9 @@ impl SchedulerService {
             } else if create.if_not_exists {
                 return Ok(());
             } else {
-                return Err(VolleyError::DataFusion(DataFusionError::Execution(format!(
-                    "Table '{name}' already exists"
-                ))));
+                return Err(VolleyError::DataFusion(DataFusionError::Execution(
+                    format!("Table '{name}' already exists"),
+                )));
             }
         }
         let table = PooledTable {

@@ -212,13 +212,16 @@ fn reader_plan_bytes(node: volley_core::protobuf::ShuffleReaderExecNode) -> Vec<
     let volley = volley_core::protobuf::VolleyPlanNode {
         node: Some(volley_core::protobuf::volley_plan_node::Node::ShuffleReader(node)),
     };
-    PhysicalPlanNode {
+    let root = PhysicalPlanNode {
         physical_plan_type: Some(physical_plan_node::PhysicalPlanType::Extension(
             PhysicalExtensionNode {
                 node: volley.encode_to_vec(),
                 inputs: Vec::new(),
             },
         )),
+    };
+    volley_core::protobuf::FlatPlan {
+        nodes: vec![root.encode_to_vec()],
     }
     .encode_to_vec()
 }
@@ -267,7 +270,9 @@ async fn create_table_as_runs_on_executors_and_is_bounded() {
     let client = cluster.client().await.unwrap();
     volley_tests::register_emp(&client).await.unwrap();
     let local = datafusion::prelude::SessionContext::new();
-    volley_tests::tpch::register_local(&local, &dir).await.unwrap();
+    volley_tests::tpch::register_local(&local, &dir)
+        .await
+        .unwrap();
     for sql in volley_tests::tpch::create_table_statements(&dir) {
         client.sql(&sql).await.unwrap();
     }
@@ -291,7 +296,10 @@ async fn create_table_as_runs_on_executors_and_is_bounded() {
         .find(|j| j.sql == ctas && !j.stages.is_empty())
         .expect("the CTAS query ran as a job with stages");
     assert!(job.stages.len() >= 2, "{job:?}");
-    assert!(job.tasks.iter().all(|t| !t.executor_id.is_empty()), "{job:?}");
+    assert!(
+        job.tasks.iter().all(|t| !t.executor_id.is_empty()),
+        "{job:?}"
+    );
 
     // The same name again, IF NOT EXISTS, OR REPLACE: DataFusion's answers.
     let err = client.sql(&ctas).await.expect_err("exists").to_string();
@@ -345,15 +353,15 @@ async fn runaway_function_sizes_fail_the_statement_not_the_process() {
     let client = cluster.client().await.unwrap();
     volley_tests::register_emp(&client).await.unwrap();
     for (sql, name) in [
-        ("SELECT cardinality(array_repeat(1, 1500000000))", "array_repeat"),
+        (
+            "SELECT cardinality(array_repeat(1, 1500000000))",
+            "array_repeat",
+        ),
         (
             "SELECT cardinality(array_repeat(1, x)) FROM (VALUES (1500000000)) t(x)",
             "array_repeat",
         ),
-        (
-            "SELECT length(repeat(name, 2000000000)) FROM emp",
-            "repeat",
-        ),
+        ("SELECT length(repeat(name, 2000000000)) FROM emp", "repeat"),
         ("SELECT cardinality(range(0, 9000000000000))", "range"),
     ] {
         let err = client.sql(sql).await.expect_err(sql).to_string();
@@ -385,6 +393,42 @@ async fn runaway_function_sizes_fail_the_statement_not_the_process() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "an error, not a signal: {stderr}");
-    assert!(stderr.contains("array_repeat() would build about"), "{stderr}");
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "an error, not a signal: {stderr}"
+    );
+    assert!(
+        stderr.contains("array_repeat() would build about"),
+        "{stderr}"
+    );
+}
+
+/// Executors decoded plans at most 100 protobuf levels deep (prost's limit) while the
+/// scheduler encoded any depth: about 45 broadcast joins in one stage failed every task.
+/// Plans travel as flat lists of operators now: 60 joins in one stage answer exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_of_sixty_broadcast_joins_runs_on_executors() {
+    volley_tests::init_tracing();
+    let (cluster, client) = process_cluster().await;
+    let mut sql = "SELECT count(*) AS n, sum(e0.salary) AS s FROM emp e0".to_string();
+    for i in 1..=60 {
+        sql.push_str(&format!(" JOIN emp e{i} ON e{}.id = e{i}.id", i - 1));
+    }
+    let (_, batches) = client.sql(&sql).await.expect("sixty joins");
+    let local = datafusion::prelude::SessionContext::new();
+    local
+        .sql(&volley_tests::emp_table_sql())
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let oracle = local.sql(&sql).await.unwrap().collect().await.unwrap();
+    assert_eq!(rows(&batches).unwrap(), rows(&oracle).unwrap());
+    // The joins ran in a stage on the executors, not on the scheduler.
+    let explained = client.sql(&format!("EXPLAIN {sql}")).await.unwrap().1;
+    let text = format!("{:?}", rows(&explained).unwrap());
+    assert!(text.contains("HashJoinExec"), "{text}");
+    drop(cluster);
 }

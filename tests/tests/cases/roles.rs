@@ -227,7 +227,10 @@ async fn jobs_belong_to_the_session_that_submitted_them() {
 
     // Another session: the job is unknown to it, whatever it tries.
     let unknown = |what: &str, e: volley_core::VolleyError| {
-        assert!(e.to_string().contains(&format!("unknown job {job_id}")), "{what}: {e}");
+        assert!(
+            e.to_string().contains(&format!("unknown job {job_id}")),
+            "{what}: {e}"
+        );
     };
     unknown("status", mallory.status(&job_id).await.unwrap_err());
     unknown("cancel", mallory.cancel(&job_id).await.unwrap_err());
@@ -263,7 +266,11 @@ async fn jobs_belong_to_the_session_that_submitted_them() {
         .await
         .unwrap()
         .into_inner();
-    assert!(state.jobs.is_empty(), "no session, no jobs: {:?}", state.jobs);
+    assert!(
+        state.jobs.is_empty(),
+        "no session, no jobs: {:?}",
+        state.jobs
+    );
 
     // The status page lists every session's jobs: the client token is refused, the cluster
     // token sees the job.
@@ -274,9 +281,10 @@ async fn jobs_belong_to_the_session_that_submitted_them() {
     let (status, body) = volley_tests::http("GET", api, Some(CLUSTER)).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(&job_id), "{body}");
-    let operator = volley::VolleyClient::connect_with(cluster.url(), ClientOptions::with_token(CLUSTER))
-        .await
-        .unwrap();
+    let operator =
+        volley::VolleyClient::connect_with(cluster.url(), ClientOptions::with_token(CLUSTER))
+            .await
+            .unwrap();
     assert!(listed(&operator.cluster_state().await.unwrap()));
 
     // The owner still gets its rows, exact.

@@ -319,7 +319,10 @@ async fn sandbox_rejects_escapes_and_allows_its_roots() {
     let ok = vec![vec!["ok".to_string()]];
     let (_, batches) = client.sql("SELECT * FROM t").await.unwrap();
     assert_eq!(rows(&batches).unwrap(), ok);
-    client.sql("CREATE TABLE y AS SELECT * FROM t").await.unwrap();
+    client
+        .sql("CREATE TABLE y AS SELECT * FROM t")
+        .await
+        .unwrap();
     let (_, batches) = client.sql("SELECT * FROM y").await.unwrap();
     assert_eq!(rows(&batches).unwrap(), ok);
     client

@@ -147,7 +147,10 @@ async fn json_api_numbers_metrics_and_http_auth() {
     );
     assert_eq!(http("GET", format!("{base}/metrics"), None).await.0, 401);
     let (status, body) = http("GET", format!("{base}/api/jobs"), Some(client_token)).await;
-    assert_eq!(status, 403, "the client token sees only its own jobs: {body}");
+    assert_eq!(
+        status, 403,
+        "the client token sees only its own jobs: {body}"
+    );
     let (status, _) = http("POST", format!("{base}/api/jobs/{job_id}/cancel"), None).await;
     assert_eq!(status, 401, "HTTP cancel without token");
     let (status, _) = http("POST", format!("{base}/jobs/{job_id}/cancel"), None).await;
