@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::datatypes::SchemaRef;
 use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
-use volley::{ClientOptions, EmbeddedCluster, VolleyClient, split_statements};
+use volley::{ClientOptions, EmbeddedCluster, VolleyClient, split_statements_in};
+
+/// DataFusion's SQL dialect of a new session.
+const DEFAULT_DIALECT: &str = "generic";
 use volley_core::sandbox::is_url_root;
 use volley_scheduler::SchedulerConfig;
 
@@ -309,6 +312,20 @@ impl Session<'_> {
     }
 }
 
+/// Append the statements of `text` (split in `dialect`, which they may switch); errors start
+/// with `what`.
+fn split_into(
+    statements: &mut Vec<String>,
+    dialect: &mut String,
+    text: &str,
+    what: &str,
+) -> Result<(), String> {
+    let (more, next) = split_statements_in(text, dialect).map_err(|e| format!("{what}{e}"))?;
+    statements.extend(more);
+    *dialect = next;
+    Ok(())
+}
+
 /// Run `volley sql`.
 pub async fn run(args: SqlArgs) -> Result<(), String> {
     let _telemetry = volley_core::telemetry::init("volley", args.otlp_endpoint.as_deref())
@@ -317,14 +334,22 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
     for spec in &args.tables {
         setup.push(table_statement(spec)?);
     }
+    // Statements are split in the session's dialect (`SET datafusion.sql_parser.dialect`
+    // switches it for what follows), as the scheduler will parse them.
     let mut statements = Vec::new();
+    let mut dialect = DEFAULT_DIALECT.to_string();
     for command in &args.commands {
-        statements.extend(split_statements(command).map_err(|e| e.to_string())?);
+        split_into(&mut statements, &mut dialect, command, "")?;
     }
     for file in &args.files {
         let text = std::fs::read_to_string(file)
             .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-        statements.extend(split_statements(&text).map_err(|e| format!("{}: {e}", file.display()))?);
+        split_into(
+            &mut statements,
+            &mut dialect,
+            &text,
+            &format!("{}: ", file.display()),
+        )?;
     }
     let interactive = statements.is_empty() && std::io::stdin().is_terminal();
     if statements.is_empty() && !interactive {
@@ -332,7 +357,7 @@ pub async fn run(args: SqlArgs) -> Result<(), String> {
         std::io::stdin()
             .read_to_string(&mut text)
             .map_err(|e| format!("cannot read stdin: {e}"))?;
-        statements.extend(split_statements(&text).map_err(|e| format!("stdin: {e}"))?);
+        split_into(&mut statements, &mut dialect, &text, "stdin: ")?;
     }
 
     let options = ClientOptions {
@@ -433,12 +458,14 @@ async fn batch(
 
 async fn repl(session: &mut Session<'_>) -> Result<(), String> {
     let mut editor = Repl::new()?;
+    let mut dialect = DEFAULT_DIALECT.to_string();
     while let Some(input) = editor.next() {
         match input {
             Input::Quit => break,
             Input::Help => println!("{HELP}"),
-            Input::Sql(sql) => match split_statements(&sql) {
-                Ok(statements) => {
+            Input::Sql(sql) => match split_statements_in(&sql, &dialect) {
+                Ok((statements, next)) => {
+                    dialect = next;
                     for statement in statements {
                         if let Err(e) = session.run(&statement).await {
                             note!("error: {e}");

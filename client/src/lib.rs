@@ -13,5 +13,5 @@ pub use context::standalone;
 pub use context::{DistributedExec, context_for, remote, remote_with};
 #[cfg(feature = "embedded")]
 pub use embedded::EmbeddedCluster;
-pub use statements::{ends_statement, split_statements};
+pub use statements::{ends_statement, split_statements, split_statements_in};
 pub use volley_core::{Result, VolleyError};

@@ -3,36 +3,95 @@
 //! (DataFusion's drops `CREATE EXTERNAL TABLE` columns and `OPTIONS`, and unquotes `COPY` paths).
 
 use datafusion::error::DataFusionError;
-use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::dialect::{GenericDialect, dialect_from_str};
 use datafusion::sql::sqlparser::parser::ParserError;
 use datafusion::sql::sqlparser::tokenizer::{Location, Token, Tokenizer};
 use volley_core::{Result, VolleyError};
 
 /// Split a SQL text into single statements, each as written (trimmed, without its `;`).
 /// Semicolons inside strings, quoted identifiers and comments do not split; pieces holding
-/// only whitespace and comments are dropped.
+/// only whitespace and comments are dropped. Tokens are read in DataFusion's default
+/// (generic) dialect; see [`split_statements_in`] for sessions that set another.
 pub fn split_statements(sql: &str) -> Result<Vec<String>> {
-    let tokens = Tokenizer::new(&GenericDialect {}, sql)
-        .tokenize_with_location()
-        .map_err(|e| VolleyError::DataFusion(DataFusionError::from(ParserError::from(e))))?;
-    let offsets = Offsets::new(sql);
+    Ok(split_statements_in(sql, "generic")?.0)
+}
+
+/// [`split_statements`] in `dialect` (named as `datafusion.sql_parser.dialect` names it:
+/// `MySQL`, `PostgreSQL`, ...), where strings, comments and quoting differ (`#` comments and
+/// `\'` escapes in MySQL, say). A `SET datafusion.sql_parser.dialect = '...'` statement
+/// switches the dialect for the text after it; returns the statements and the dialect in
+/// force at the end, for the next input of the same session.
+pub fn split_statements_in(sql: &str, dialect: &str) -> Result<(Vec<String>, String)> {
     let mut statements = Vec::new();
-    let mut start = 0;
-    let mut has_code = false;
-    for token in &tokens {
-        match &token.token {
-            Token::SemiColon => {
-                let end = offsets.byte(token.span.start).unwrap_or(sql.len());
-                push_statement(&mut statements, sql, start, end, has_code);
-                start = (end + 1).min(sql.len());
-                has_code = false;
+    let mut dialect = dialect.to_string();
+    let mut from = 0;
+    loop {
+        let rest = sql.get(from..).unwrap_or_default();
+        let parser_dialect =
+            dialect_from_str(&dialect).unwrap_or_else(|| Box::new(GenericDialect {}));
+        let mut tokens = Vec::new();
+        // Tokens before a tokenizer error are kept: a dialect switch before it still counts.
+        let tokenized = Tokenizer::new(parser_dialect.as_ref(), rest)
+            .tokenize_with_location_into_buf(&mut tokens);
+        let offsets = Offsets::new(rest);
+        let mut start = 0;
+        let mut has_code = false;
+        let mut switch = None;
+        for token in &tokens {
+            match &token.token {
+                Token::SemiColon => {
+                    let end = offsets.byte(token.span.start).unwrap_or(rest.len());
+                    if let Some(text) = statement(rest, start, end, has_code) {
+                        switch = dialect_set_by(&text)
+                            .filter(|next| !next.eq_ignore_ascii_case(&dialect))
+                            .map(|next| (next, from + end + 1));
+                        statements.push(text);
+                    }
+                    start = (end + 1).min(rest.len());
+                    has_code = false;
+                    if switch.is_some() {
+                        break;
+                    }
+                }
+                Token::Whitespace(_) | Token::EOF => {}
+                _ => has_code = true,
             }
-            Token::Whitespace(_) | Token::EOF => {}
-            _ => has_code = true,
         }
+        if let Some((next, resume)) = switch {
+            dialect = next;
+            from = resume.min(sql.len());
+            continue;
+        }
+        tokenized
+            .map_err(|e| VolleyError::DataFusion(DataFusionError::from(ParserError::from(e))))?;
+        if let Some(text) = statement(rest, start, rest.len(), has_code) {
+            if let Some(next) = dialect_set_by(&text) {
+                dialect = next;
+            }
+            statements.push(text);
+        }
+        return Ok((statements, dialect));
     }
-    push_statement(&mut statements, sql, start, sql.len(), has_code);
-    Ok(statements)
+}
+
+/// The dialect a `SET datafusion.sql_parser.dialect = 'X'` (or `TO X`) statement sets.
+fn dialect_set_by(statement: &str) -> Option<String> {
+    let text = statement.trim();
+    let rest = strip_word(text, "set")?;
+    let rest = strip_word(rest, "datafusion.sql_parser.dialect")?;
+    let rest = rest
+        .strip_prefix('=')
+        .or_else(|| strip_word(rest, "to"))?
+        .trim();
+    let value = rest.trim_matches(|c| c == '\'' || c == '"').trim();
+    (!value.is_empty()).then(|| value.to_string())
+}
+
+/// `text` after `word` (case-insensitive) and the whitespace after it.
+fn strip_word<'a>(text: &'a str, word: &str) -> Option<&'a str> {
+    let head = text.get(..word.len())?;
+    head.eq_ignore_ascii_case(word)
+        .then(|| text.get(word.len()..).unwrap_or_default().trim_start())
 }
 
 /// True when `sql` ends with a top-level `;` (after optional whitespace and comments), i.e. an
@@ -48,10 +107,11 @@ pub fn ends_statement(sql: &str) -> bool {
         .is_some_and(|t| *t == Token::SemiColon)
 }
 
-fn push_statement(out: &mut Vec<String>, sql: &str, start: usize, end: usize, has_code: bool) {
-    if has_code && let Some(text) = sql.get(start..end) {
-        out.push(text.trim().to_string());
-    }
+/// The statement between byte offsets `start` and `end` of `sql`, trimmed, if it has code.
+fn statement(sql: &str, start: usize, end: usize, has_code: bool) -> Option<String> {
+    sql.get(start..end)
+        .filter(|_| has_code)
+        .map(|text| text.trim().to_string())
 }
 
 /// Byte offsets of the tokenizer's (line, column) locations: both count from 1, columns in
@@ -105,6 +165,29 @@ mod tests {
         );
         assert!(split_statements("  ;; -- nothing\n").unwrap().is_empty());
         assert!(split_statements("SELECT 'unterminated").is_err());
+    }
+
+    #[test]
+    fn a_session_dialect_decides_what_a_semicolon_is() {
+        // MySQL: `#` starts a comment and `\'` escapes a quote; in the generic dialect
+        // neither, so the same text splits elsewhere (or does not tokenize at all).
+        let sql = "SET datafusion.sql_parser.dialect = 'MySQL';\n\
+                   SELECT 'it\\'s; one' AS s # a comment; still a comment\n;\n\
+                   SET datafusion.sql_parser.dialect TO generic; SELECT 2";
+        let (statements, dialect) = split_statements_in(sql, "generic").unwrap();
+        assert_eq!(
+            statements,
+            [
+                "SET datafusion.sql_parser.dialect = 'MySQL'",
+                "SELECT 'it\\'s; one' AS s # a comment; still a comment",
+                "SET datafusion.sql_parser.dialect TO generic",
+                "SELECT 2",
+            ]
+        );
+        assert_eq!(dialect, "generic");
+        let (mysql, dialect) = split_statements_in("SELECT 1 # x; y\n", "MySQL").unwrap();
+        assert_eq!((mysql.len(), dialect.as_str()), (1, "MySQL"));
+        assert_eq!(split_statements("SELECT 1 # x; y").unwrap().len(), 2);
     }
 
     #[test]

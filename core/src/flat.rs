@@ -174,10 +174,13 @@ fn bad(e: impl fmt::Display) -> DataFusionError {
     DataFusionError::Internal(format!("cannot decode plan: {e}"))
 }
 
+/// Entries decoded so far; `None` once a slot used it.
+type Decoded = Arc<Mutex<Vec<Option<Arc<dyn ExecutionPlan>>>>>;
+
 /// A codec, plus child slots resolved to the entries decoded so far.
 #[derive(Debug)]
 struct SlotCodec {
-    decoded: Arc<Mutex<Vec<Option<Arc<dyn ExecutionPlan>>>>>,
+    decoded: Decoded,
     inner: Arc<dyn PhysicalExtensionCodec>,
 }
 

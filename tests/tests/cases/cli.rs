@@ -426,3 +426,24 @@ fn a_scheduler_that_never_answers_is_an_error_not_a_hang() {
         "{stderr}"
     );
 }
+
+/// `volley sql` split statements in the generic dialect whatever the session used: after
+/// `SET datafusion.sql_parser.dialect = 'MySQL'`, a `\'` escape or a `#` comment holding `;`
+/// was cut in two (or did not tokenize). Statements are split in the session's dialect now,
+/// and the statement after switching back splits in the generic one again.
+#[test]
+fn statements_split_in_the_dialect_the_session_set() {
+    let script = "SET datafusion.sql_parser.dialect = 'MySQL';\n\
+                  SELECT 'it\\'s; one' AS s # a comment; still a comment\n;\n\
+                  SET datafusion.sql_parser.dialect = 'generic';\n\
+                  SELECT 'two' AS s";
+    let output = Command::new(volley_bin().unwrap())
+        .args(["sql", "--format", "csv", "-c", script])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "volley sql failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines, ["s", "it's; one", "s", "two"], "{stdout}");
+}
