@@ -14,6 +14,35 @@ pub struct EmbeddedCluster {
     executors: Vec<ExecutorHandle>,
     work_dir: tempfile::TempDir,
     options: ClientOptions,
+    /// Last, so that it stops after the handles above.
+    _scheduler_runtime: SchedulerRuntime,
+}
+
+/// The scheduler's own threads. The executors' tasks run on the process's runtime and may
+/// keep every one of its workers busy for seconds (CPU-bound operators do not yield); on
+/// threads of its own the scheduler still answers heartbeats and status reports, runs its
+/// housekeeping and plans new statements meanwhile, as a scheduler process would.
+struct SchedulerRuntime(Option<tokio::runtime::Runtime>);
+
+impl SchedulerRuntime {
+    fn new() -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("volley-scheduler")
+            .enable_all()
+            .build()
+            .map_err(VolleyError::Io)?;
+        Ok(Self(Some(runtime)))
+    }
+}
+
+impl Drop for SchedulerRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which an async context may not do.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl EmbeddedCluster {
@@ -67,7 +96,14 @@ impl EmbeddedCluster {
         };
         let test_hooks = config.enable_test_hooks;
         let allowed_paths = config.allowed_paths.clone();
-        let scheduler = start_scheduler(config).await?;
+        let scheduler_runtime = SchedulerRuntime::new()?;
+        let scheduler = match &scheduler_runtime.0 {
+            Some(runtime) => runtime
+                .spawn(start_scheduler(config))
+                .await
+                .map_err(|e| VolleyError::Internal(format!("scheduler did not start: {e}")))??,
+            None => start_scheduler(config).await?,
+        };
         let mut handles = Vec::new();
         for i in 0..executors.max(1) {
             let mut config = ExecutorConfig::new(scheduler.url());
@@ -86,6 +122,7 @@ impl EmbeddedCluster {
             executors: handles,
             work_dir,
             options,
+            _scheduler_runtime: scheduler_runtime,
         })
     }
 

@@ -3,6 +3,10 @@
 //! declares it lost nor re-runs its tasks. (A SIGSTOPped executor is still declared lost:
 //! `cases::faults::sigstop_executor_tasks_retried_elsewhere_rows_counted_once`.)
 
+use std::time::Duration;
+
+use volley::{EmbeddedCluster, VolleyClient};
+use volley_scheduler::SchedulerConfig;
 use volley_tests::compare::rows;
 use volley_tests::process::ProcessCluster;
 
@@ -15,6 +19,57 @@ async fn a_saturated_executor_is_not_declared_lost() {
         .await
         .unwrap();
     let client = cluster.client().await.unwrap();
+    busy_tasks_run_once(&client, slots).await;
+    drop(cluster);
+}
+
+/// The embedded cluster (`volley sql`) runs its executors' tasks on this process's runtime:
+/// with every worker of it busy, a scheduler on the same runtime could neither take
+/// heartbeats nor report progress, and declared its executors lost once the tasks let go.
+/// It has threads of its own now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_embedded_cluster_keeps_its_executors() {
+    volley_tests::init_tracing();
+    let config = SchedulerConfig {
+        executor_timeout: Duration::from_secs(2),
+        enable_test_hooks: true,
+        ..SchedulerConfig::default().with_address("127.0.0.1", 0)
+    };
+    // Two slots: the busy tasks take both workers of this test's runtime.
+    let cluster = EmbeddedCluster::start_with(config, 1, 2).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    // While the tasks hold every worker, the scheduler answers a client at once (from a
+    // thread of the test's own, as another process would ask).
+    let url = cluster.url();
+    let probe = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let start = std::time::Instant::now();
+            let other = VolleyClient::connect(&url).await.unwrap();
+            let state = other.cluster_state().await.unwrap();
+            (
+                start.elapsed(),
+                state.jobs.iter().any(|j| j.state == "running"),
+            )
+        })
+    });
+    busy_tasks_run_once(&client, 2).await;
+    let (answered_in, running) = probe.join().unwrap();
+    assert!(running, "the probe asked while the busy job ran");
+    assert!(
+        answered_in < Duration::from_millis(1000),
+        "the scheduler answered only after {answered_in:?}: starved by the tasks"
+    );
+    cluster.shutdown().await;
+}
+
+/// A job whose first stage keeps every slot busy for 3 s (longer than the executor timeout)
+/// answers exactly, with no task re-run and the same executor registered throughout.
+async fn busy_tasks_run_once(client: &VolleyClient, slots: usize) {
     let dir = tempfile::tempdir().unwrap();
     // Several files: stage 1 gets a task for every slot, all busy at once.
     for i in 0..2 * slots {
@@ -69,5 +124,4 @@ async fn a_saturated_executor_is_not_declared_lost() {
         e.iter().map(|e| e.id.clone()).collect::<Vec<_>>()
     };
     assert_eq!(ids(&after), ids(&before), "the same executor, never lost");
-    drop(cluster);
 }
