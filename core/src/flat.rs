@@ -91,6 +91,23 @@ impl ExecutionPlan for ChildSlot {
     }
 }
 
+/// Why a plan cannot be sent: one of its expressions nests deeper than prost decodes.
+#[derive(Debug)]
+pub struct TooDeep(String);
+
+impl fmt::Display for TooDeep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TooDeep {}
+
+/// True when `e` is [`encode`]'s [`TooDeep`]: the plan is valid but cannot travel.
+pub fn is_too_deep(e: &DataFusionError) -> bool {
+    matches!(e, DataFusionError::External(inner) if inner.is::<TooDeep>())
+}
+
 /// Encode `plan` as a flat plan: children first, each operator alone, through `codec`
 /// (which must encode [`ChildSlot`] as `VolleyPlanNode::child_slot`).
 pub fn encode(
@@ -127,8 +144,17 @@ pub fn encode(
                 ReplaceChildrenOptions::new(ChildrenPropertiesMode::Keep),
             )?
         };
+        let name = alone.name().to_string();
         let bytes =
             datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec(alone, codec)?;
+        // One operator decodes under prost's recursion limit unless an expression of it is
+        // nested too deeply: find out here, not on every executor.
+        if let Err(e) = datafusion_proto::protobuf::PhysicalPlanNode::decode(bytes.as_ref()) {
+            return Err(DataFusionError::External(Box::new(TooDeep(format!(
+                "an expression of {name} is nested too deeply to send to executors (more \
+                 than about 100 protobuf levels): {e}"
+            )))));
+        }
         nodes.push(bytes.to_vec());
         done.push(
             u32::try_from(nodes.len() - 1)

@@ -221,9 +221,21 @@ impl SchedulerService {
             )?;
         }
         adaptive_candidates(&mut stages, &settings);
-        let distributable = stages.iter().all(|s| {
-            VolleyCodec::encode_plan(Arc::clone(&s.plan) as Arc<dyn ExecutionPlan>).is_ok()
-        });
+        let mut distributable = true;
+        for stage in &stages {
+            match VolleyCodec::encode_plan(Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>) {
+                Ok(_) => {}
+                // Executors could not decode it: a clear error now, not failing tasks.
+                Err(e) if volley_core::flat::is_too_deep(&e) => {
+                    return Err(VolleyError::NotAllowed(format!(
+                        "stage {}: {}",
+                        stage.stage_id,
+                        e.find_root()
+                    )));
+                }
+                Err(_) => distributable = false,
+            }
+        }
         if !distributable {
             // System tables and in-memory sources cannot travel; they are small, run them here.
             tracing::info!(

@@ -432,3 +432,45 @@ async fn a_stage_of_sixty_broadcast_joins_runs_on_executors() {
     assert!(text.contains("HashJoinExec"), "{text}");
     drop(cluster);
 }
+
+/// An expression nested deeper than executors decode (prost's ~100 levels) used to be sent
+/// anyway and fail to decode with a protobuf message. SQL cannot nest that deep (the parser
+/// stops at 50; operator chains travel linearized), but the DataFrame API can: such a plan
+/// is refused before it is sent, naming the limit, and the cluster keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expression_too_deep_for_executors_is_refused_up_front() {
+    use datafusion::functions::math::expr_fn::abs;
+    use datafusion::prelude::{CsvReadOptions, col};
+    volley_tests::init_tracing();
+    let (cluster, client) = process_cluster().await;
+    let ctx = volley::context_for(cluster.client().await.unwrap());
+    ctx.register_csv("emp", data_file("emp.csv"), CsvReadOptions::new())
+        .await
+        .unwrap();
+    let nested = (0..120).fold(col("salary"), |e, _| abs(e));
+    let df = ctx
+        .table("emp")
+        .await
+        .unwrap()
+        .select(vec![nested])
+        .unwrap();
+    let err = df.collect().await.expect_err("too deep").to_string();
+    assert!(
+        err.contains("is nested too deeply to send to executors"),
+        "{err}"
+    );
+    // 46 levels, as deep as SQL goes, travel fine.
+    let ok = (0..46).fold(col("salary"), |e, _| abs(e));
+    let df = ctx.table("emp").await.unwrap().select(vec![ok]).unwrap();
+    assert_eq!(
+        df.collect()
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| b.num_rows())
+            .sum::<usize>(),
+        8
+    );
+    by_dept_works(&client).await;
+    drop(cluster);
+}
