@@ -195,11 +195,17 @@ impl Drop for Heartbeat {
 }
 
 fn client(beat: &Beat) -> Result<SchedulerGrpcClient<AuthChannel>> {
-    let channel = beat
-        .security
-        .endpoint(&beat.scheduler_url)?
-        .timeout(Duration::from_secs(10))
-        .connect_lazy();
+    connect(beat, Some(Duration::from_secs(10)))
+}
+
+/// A connection to the scheduler; `timeout` bounds each call (none for the attach stream,
+/// which is open for as long as the executor runs).
+fn connect(beat: &Beat, timeout: Option<Duration>) -> Result<SchedulerGrpcClient<AuthChannel>> {
+    let mut endpoint = beat.security.endpoint(&beat.scheduler_url)?;
+    if let Some(timeout) = timeout {
+        endpoint = endpoint.timeout(timeout);
+    }
+    let channel = endpoint.connect_lazy();
     Ok(SchedulerGrpcClient::new(beat.security.authed(channel)?)
         .max_decoding_message_size(beat.max_message_size)
         .max_encoding_message_size(beat.max_message_size))
@@ -221,6 +227,17 @@ async fn run(mut beat: Beat, mut stopped: oneshot::Receiver<()>) {
             beat.id.clone(),
             secret,
         ));
+    }
+    match connect(&beat, None) {
+        Ok(attach_client) => {
+            tokio::spawn(attach(
+                attach_client,
+                beat.id.clone(),
+                Arc::clone(&beat.secret),
+                beat.interval,
+            ));
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot attach to the scheduler"),
     }
     let mut tick = tokio::time::interval(beat.interval);
     loop {
@@ -255,5 +272,51 @@ async fn run(mut beat: Beat, mut stopped: oneshot::Receiver<()>) {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
+    }
+}
+
+/// Hold an attach stream open for the current registration: when this process dies, its
+/// connection closes and the scheduler knows at once. A new registration (a new secret)
+/// attaches again; a failed or ended stream is retried with backoff.
+async fn attach(
+    mut client: SchedulerGrpcClient<AuthChannel>,
+    executor_id: String,
+    secret: Arc<Mutex<String>>,
+    check: Duration,
+) {
+    let mut failures = 0;
+    loop {
+        let current = secret.lock().clone();
+        if !current.is_empty() {
+            let params = pb::AttachParams {
+                executor_id: executor_id.clone(),
+                secret: current.clone(),
+            };
+            match client.attach(params).await {
+                Ok(response) => {
+                    failures = 0;
+                    let mut stream = response.into_inner();
+                    loop {
+                        tokio::select! {
+                            message = stream.message() => {
+                                if !matches!(message, Ok(Some(_))) {
+                                    break;
+                                }
+                            }
+                            _ = tokio::time::sleep(check) => {
+                                if *secret.lock() != current {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::debug!(error = %e, "cannot attach to the scheduler");
+                }
+            }
+        }
+        tokio::time::sleep(backoff(failures).min(check)).await;
     }
 }

@@ -1,10 +1,12 @@
 //! What executors tell the scheduler: registration (a fresh secret each time), heartbeats
 //! (with reconciliation of attempts the executor no longer holds), draining and task status
-//! reports — each checked to come from the executor it names.
+//! reports — each checked to come from the executor it names — and the attach stream each
+//! executor holds open, whose closed connection declares it lost at once.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use tonic::{Request, Response, Status};
 use volley_core::ids::check_shuffle_path;
 use volley_core::protobuf as pb;
@@ -108,6 +110,26 @@ impl SchedulerService {
             self.schedule();
         }
         Ok(Response::new(pb::HeartbeatResult { reregister: !known }))
+    }
+
+    pub(super) async fn handle_attach(
+        &self,
+        request: Request<pb::AttachParams>,
+    ) -> Result<Response<AttachStream>, Status> {
+        require_cluster(&request, "attaching an executor")?;
+        let params = request.into_inner();
+        self.check_secret(&params.executor_id, &params.secret)?;
+        let attached = Attached {
+            service: self.clone(),
+            executor_id: params.executor_id,
+            secret: params.secret,
+        };
+        // Never yields; dropped (and with it `attached`) when the connection closes.
+        let stream = futures::stream::pending().map(move |event| {
+            let _ = &attached;
+            event
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     pub(super) async fn handle_deregister_executor(
@@ -227,5 +249,44 @@ impl SchedulerService {
         self.finish_jobs(finished).await;
         self.schedule();
         Ok(Response::new(pb::UpdateTaskStatusResult {}))
+    }
+}
+
+/// The stream an executor holds open ([`SchedulerService::handle_attach`]).
+pub type AttachStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::AttachEvent, Status>> + Send>>;
+
+/// An executor's open attach stream: dropped when its connection closes.
+struct Attached {
+    service: SchedulerService,
+    executor_id: String,
+    secret: String,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        // Only the current registration's stream speaks for the executor; a scheduler that is
+        // shutting down (no runtime to schedule on) leaves its executors be.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let lost = {
+            let mut state = self.service.state.lock();
+            let alive = state
+                .executors()
+                .get(&self.executor_id)
+                .is_some_and(|e| e.alive);
+            let current = alive && state.secret_matches(&self.executor_id, &self.secret);
+            if current {
+                state.executor_lost(&self.executor_id);
+            }
+            current
+        };
+        if lost {
+            tracing::warn!(executor_id = %self.executor_id, "executor lost: its connection closed");
+            self.service.clients.lock().remove(&self.executor_id);
+            let service = self.service.clone();
+            runtime.spawn(async move { service.schedule() });
+        }
     }
 }

@@ -8,6 +8,15 @@ use crate::service::SchedulerService;
 
 #[tonic::async_trait]
 impl SchedulerGrpc for SchedulerService {
+    type AttachStream = super::executors::AttachStream;
+
+    async fn attach(
+        &self,
+        request: Request<pb::AttachParams>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        self.handle_attach(request).await
+    }
+
     async fn register_executor(
         &self,
         request: Request<pb::RegisterExecutorParams>,

@@ -125,3 +125,39 @@ async fn busy_tasks_run_once(client: &VolleyClient, slots: usize) {
     };
     assert_eq!(ids(&after), ids(&before), "the same executor, never lost");
 }
+
+/// A killed executor's connection closes: the scheduler declares it lost at once (its attach
+/// stream ended) instead of after the heartbeat timeout (60 s here), and a query right after
+/// runs exactly on the executor that is left. (A SIGSTOPped executor keeps its connection
+/// open and is still found out by the timeout: `cases::faults`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_executor_is_lost_at_once_not_after_the_timeout() {
+    volley_tests::init_tracing();
+    let mut cluster = ProcessCluster::start(2, 1, &["--executor-timeout-secs", "60"])
+        .await
+        .unwrap();
+    let client = cluster.client().await.unwrap();
+    volley_tests::register_emp(&client).await.unwrap();
+    cluster.kill_executor(0).unwrap();
+    let killed = std::time::Instant::now();
+    loop {
+        let alive = client.cluster_state().await.unwrap().executors.len();
+        if alive == 1 {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the killed executor is still listed after {:?}",
+            killed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = killed.elapsed();
+    assert!(seen < Duration::from_secs(5), "lost after {seen:?}");
+    let (_, batches) = client
+        .sql("SELECT dept_id, count(*) AS n FROM emp GROUP BY dept_id ORDER BY dept_id")
+        .await
+        .unwrap();
+    assert_eq!(rows(&batches).unwrap().len(), 4);
+    drop(cluster);
+}
