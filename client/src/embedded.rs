@@ -29,6 +29,7 @@ impl SchedulerRuntime {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("volley-scheduler")
+            .thread_stack_size(volley_core::stack::WORKER_STACK_BYTES)
             .enable_all()
             .build()
             .map_err(VolleyError::Io)?;

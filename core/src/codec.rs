@@ -73,6 +73,41 @@ impl VolleyCodec {
     }
 }
 
+/// A write node's holder plan (a `DataSinkExec` over an empty input): decoded with a codec
+/// that knows no Volley node, so holders cannot nest write nodes (or anything else of ours)
+/// to any depth.
+fn decode_sink(bytes: &[u8], ctx: &TaskContext) -> DFResult<Arc<dyn ExecutionPlan>> {
+    crate::flat::decode(bytes, ctx, Arc::new(NoExtensions))
+}
+
+/// A codec for plans that may hold no extension node.
+#[derive(Debug)]
+struct NoExtensions;
+
+impl PhysicalExtensionCodec for NoExtensions {
+    fn try_decode(
+        &self,
+        _buf: &[u8],
+        _inputs: &[Arc<dyn ExecutionPlan>],
+        _ctx: &TaskContext,
+        _proto_converter: &dyn PhysicalProtoConverterExtension,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        Err(decode_err("a write node's sink holds a Volley node"))
+    }
+
+    fn try_encode(
+        &self,
+        node: Arc<dyn ExecutionPlan>,
+        _buf: &mut Vec<u8>,
+        _proto_converter: &dyn PhysicalProtoConverterExtension,
+    ) -> DFResult<()> {
+        Err(decode_err(format!(
+            "cannot encode {} in a sink",
+            node.name()
+        )))
+    }
+}
+
 /// The file sink carried by a decoded holder plan (`DataSinkExec` over an empty input).
 fn sink_exec(holder: &Arc<dyn ExecutionPlan>) -> DFResult<&DataSinkExec> {
     holder
@@ -157,7 +192,7 @@ impl PhysicalExtensionCodec for VolleyCodec {
                     return Err(decode_err("TaskWriteExec needs exactly one input"));
                 };
                 check_id("task write job id", &w.job_id).map_err(decode_err)?;
-                let holder = Self::decode_plan(&w.sink, ctx)?;
+                let holder = decode_sink(&w.sink, ctx)?;
                 let sink = sink_exec(&holder)?;
                 Ok(Arc::new(TaskWriteExec::try_new(
                     w.job_id,
@@ -171,7 +206,7 @@ impl PhysicalExtensionCodec for VolleyCodec {
                     return Err(decode_err("CommitFilesExec needs exactly one input"));
                 };
                 check_id("commit job id", &c.job_id).map_err(decode_err)?;
-                let holder = Self::decode_plan(&c.sink, ctx)?;
+                let holder = decode_sink(&c.sink, ctx)?;
                 let sink = sink_exec(&holder)?;
                 Ok(Arc::new(CommitFilesExec::try_new(
                     c.job_id,

@@ -2,7 +2,8 @@
 //! is encoded alone, its children replaced by [`ChildSlot`]s that name earlier entries, so no
 //! decode nests deeper than one operator and its expressions. A plan of any depth the
 //! scheduler builds (dozens of joins in one stage) decodes under prost's fixed recursion
-//! limit, and hostile bytes cannot nest operators to exhaust a stack. Both walks are
+//! limit; operator trees deeper than [`MAX_DEPTH`] are refused, so hostile bytes cannot nest
+//! operators to exhaust a stack in the code that walks plans later. Both walks here are
 //! iterative.
 
 use std::fmt;
@@ -24,6 +25,10 @@ use crate::protobuf::{self, volley_plan_node::Node};
 
 /// The most operators one flat plan may hold.
 pub const MAX_NODES: usize = 100_000;
+
+/// The deepest operator tree one flat plan may hold: code that walks plans recursively (stage
+/// cutting, execution, drop) must not exhaust a worker's stack on a hostile plan.
+pub const MAX_DEPTH: usize = 1_000;
 
 /// Stands for child `index` of a flat plan while its parent is encoded alone: the child's
 /// properties (schema, partitioning, ordering), so the parent is rebuilt unchanged. Never
@@ -180,16 +185,24 @@ pub fn decode(
     }
     let codec = SlotCodec {
         decoded: Arc::default(),
+        deepest_child: Arc::default(),
         inner: codec,
     };
     for node in &flat.nodes {
+        *codec.deepest_child.lock() = 0;
         let plan = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
             node, ctx, &codec,
         )?;
-        codec.decoded.lock().push(Some(plan));
+        let depth = *codec.deepest_child.lock() + 1;
+        if depth > MAX_DEPTH {
+            return Err(bad(format!(
+                "operators nested {depth} deep, over the limit of {MAX_DEPTH}"
+            )));
+        }
+        codec.decoded.lock().push(Some((plan, depth)));
     }
     let mut decoded = std::mem::take(&mut *codec.decoded.lock());
-    let root = decoded.pop().flatten().ok_or_else(|| bad("no operators"))?;
+    let (root, _) = decoded.pop().flatten().ok_or_else(|| bad("no operators"))?;
     if decoded.iter().any(Option::is_some) {
         return Err(bad("operators no parent uses"));
     }
@@ -200,13 +213,15 @@ fn bad(e: impl fmt::Display) -> DataFusionError {
     DataFusionError::Internal(format!("cannot decode plan: {e}"))
 }
 
-/// Entries decoded so far; `None` once a slot used it.
-type Decoded = Arc<Mutex<Vec<Option<Arc<dyn ExecutionPlan>>>>>;
+/// Entries decoded so far with their depths; `None` once a slot used it.
+type Decoded = Arc<Mutex<Vec<Option<(Arc<dyn ExecutionPlan>, usize)>>>>;
 
 /// A codec, plus child slots resolved to the entries decoded so far.
 #[derive(Debug)]
 struct SlotCodec {
     decoded: Decoded,
+    /// Depth of the deepest child the entry being decoded took.
+    deepest_child: Arc<Mutex<usize>>,
     inner: Arc<dyn PhysicalExtensionCodec>,
 }
 
@@ -222,15 +237,21 @@ impl PhysicalExtensionCodec for SlotCodec {
         let Some(Node::ChildSlot(index)) = node.node else {
             return self.inner.try_decode(buf, inputs, ctx, proto_converter);
         };
+        if !inputs.is_empty() {
+            return Err(bad("a child slot with inputs"));
+        }
         let mut decoded = self.decoded.lock();
-        decoded
+        let (plan, depth) = decoded
             .get_mut(index as usize)
             .and_then(Option::take)
             .ok_or_else(|| {
                 bad(format!(
                     "child slot {index} names no unused earlier operator"
                 ))
-            })
+            })?;
+        let mut deepest = self.deepest_child.lock();
+        *deepest = (*deepest).max(depth);
+        Ok(plan)
     }
 
     fn try_encode(
@@ -288,6 +309,14 @@ mod tests {
                 displayable(plan.as_ref()).indent(true).to_string()
             );
         }
+    }
+
+    #[test]
+    fn trees_over_the_depth_limit_are_refused() {
+        let ctx = SessionContext::new();
+        let bytes = encode(deep(MAX_DEPTH + 5)).unwrap();
+        let err = decode(&bytes, &ctx.task_ctx()).unwrap_err().to_string();
+        assert!(err.contains("over the limit of 1000"), "{err}");
     }
 
     #[test]

@@ -119,13 +119,19 @@ fn integers(v: &ColumnarValue, rows: usize) -> Result<Option<Int64Array>> {
 }
 
 fn value(a: &Int64Array, i: usize) -> i64 {
-    if a.is_null(i) { 0 } else { a.value(i) }
+    if i >= a.len() || a.is_null(i) {
+        0
+    } else {
+        a.value(i)
+    }
 }
 
 impl Guarded {
     /// About how many bytes the call would build (0 when it cannot tell).
     fn output_bytes(&self, args: &[ColumnarValue], rows: usize) -> Result<u128> {
-        let rows = rows.max(1);
+        if rows == 0 {
+            return Ok(0);
+        }
         match self.growth {
             Growth::Count { count, unit } => {
                 let Some(counts) = args.get(count).map(|c| integers(c, rows)).transpose()? else {
@@ -137,6 +143,12 @@ impl Guarded {
                 let units: Vec<u128> = match unit {
                     Unit::Bytes(b) => vec![b as u128; rows],
                     Unit::LengthOf(i) => match args.get(i) {
+                        // A constant's own length, not a copy of it per row.
+                        Some(ColumnarValue::Scalar(scalar)) => {
+                            let lengths = length(&scalar.to_array()?)?;
+                            let one = integers(&ColumnarValue::Array(lengths), 1)?;
+                            vec![one.map_or(0, |l| value(&l, 0).max(0) as u128); rows]
+                        }
                         Some(arg) => {
                             let lengths = length(&arg.to_array(rows)?)?;
                             match integers(&ColumnarValue::Array(lengths), rows)? {

@@ -73,7 +73,7 @@ impl SchedulerService {
         if !self.wait_inner(outer, inner).await {
             return;
         }
-        let result = self.create_table(inner, &create, &ctx).await;
+        let result = self.create_table(outer, inner, &create, &ctx).await;
         self.release(inner).await;
         let result = result.and_then(|()| ipc_bytes(&Arc::new(Schema::empty()), &[]));
         self.state
@@ -83,6 +83,7 @@ impl SchedulerService {
 
     async fn create_table(
         &self,
+        outer: &str,
         inner: &str,
         create: &CreateMemoryTable,
         ctx: &SessionContext,
@@ -156,6 +157,17 @@ impl SchedulerService {
         let table = MemTable::try_new(schema, partitions)?
             .with_constraints(create.constraints.clone())
             .with_column_defaults(create.column_defaults.iter().cloned().collect());
+        // A statement cancelled meanwhile creates nothing.
+        if self
+            .state
+            .lock()
+            .job(outer)
+            .is_none_or(|j| j.state.is_final())
+        {
+            return Err(VolleyError::JobFailed(format!(
+                "CREATE TABLE {name} was cancelled"
+            )));
+        }
         // Another statement of the session may have created the name in the meantime.
         if ctx.table_exist(name.clone())? {
             if create.or_replace {
@@ -196,7 +208,17 @@ impl Refused {
 
 impl Kept {
     fn keep(&mut self, batch: RecordBatch) -> std::result::Result<RecordBatch, Refused> {
-        let size = batch.get_array_memory_size();
+        // The batch's own data: batches decoded from Flight are slices of shared chunks, whose
+        // whole capacity `get_array_memory_size` would count once per column.
+        let size = batch
+            .columns()
+            .iter()
+            .map(|c| {
+                c.to_data()
+                    .get_slice_memory_size()
+                    .unwrap_or_else(|_| c.get_array_memory_size())
+            })
+            .sum::<usize>();
         self.bytes = self.bytes.saturating_add(size);
         if self.bytes > self.limit {
             return Err(Refused(None));

@@ -94,7 +94,7 @@ async fn require_token(
     next: Next,
 ) -> Response {
     let security = service.security();
-    if security.token().is_none() {
+    if security.token().is_none() && security.cluster_token().is_none() {
         // Without a token the page is meant for this machine: a page of some web site that a
         // browser here visits may not read it by rebinding its DNS name to 127.0.0.1.
         let host = request
