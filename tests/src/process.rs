@@ -167,13 +167,21 @@ impl ProcessCluster {
         for _ in 0..executors {
             cluster.add_executor(slots)?;
         }
-        cluster.wait_for_executors(executors).await?;
+        cluster.wait_for_started(executors, slots).await?;
         Ok(cluster)
     }
 
     /// Start one more executor process.
     pub fn add_executor(&mut self, slots: usize) -> Result<(), BoxError> {
         let n = self.executors.len();
+        let (child, port) = self.spawn_executor(n, slots)?;
+        self.executors.push(child);
+        self.executor_ports.push(port);
+        Ok(())
+    }
+
+    /// Spawn executor number `n` on a free port.
+    fn spawn_executor(&self, n: usize, slots: usize) -> Result<(Child, u16), BoxError> {
         let port = free_port()?;
         let host = match self.executor_hosts.len() {
             0 => "127.0.0.1".to_string(),
@@ -205,9 +213,32 @@ impl ProcessCluster {
                 &format!("executor-{n}.log"),
             )?)
             .spawn()?;
-        self.executors.push(child);
-        self.executor_ports.push(port);
-        Ok(())
+        Ok((child, port))
+    }
+
+    /// Wait until `n` executors are alive, starting again on another port any that exited
+    /// before registering (a free port taken by another process in between: "Address
+    /// already in use").
+    async fn wait_for_started(&mut self, n: usize, slots: usize) -> Result<(), BoxError> {
+        let client = self.client().await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let alive = client.cluster_state().await?.executors.len();
+            if alive >= n {
+                return Ok(());
+            }
+            for i in 0..self.executors.len() {
+                if self.executors[i].try_wait()?.is_some() {
+                    let (child, port) = self.spawn_executor(i, slots)?;
+                    self.executors[i] = child;
+                    self.executor_ports[i] = port;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("only {alive} of {n} executors registered").into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn wait_for_scheduler(&self) -> Result<(), BoxError> {
