@@ -220,13 +220,8 @@ impl ProcessCluster {
     /// before registering (a free port taken by another process in between: "Address
     /// already in use").
     async fn wait_for_started(&mut self, n: usize, slots: usize) -> Result<(), BoxError> {
-        let client = self.client().await?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let alive = client.cluster_state().await?.executors.len();
-            if alive >= n {
-                return Ok(());
-            }
             for i in 0..self.executors.len() {
                 if self.executors[i].try_wait()?.is_some() {
                     let (child, port) = self.spawn_executor(i, slots)?;
@@ -234,10 +229,11 @@ impl ProcessCluster {
                     self.executor_ports[i] = port;
                 }
             }
-            if Instant::now() > deadline {
-                return Err(format!("only {alive} of {n} executors registered").into());
+            match self.wait_alive(n, Duration::from_millis(500)).await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => {}
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -256,8 +252,13 @@ impl ProcessCluster {
 
     /// Wait until `n` executors are alive.
     pub async fn wait_for_executors(&self, n: usize) -> Result<(), BoxError> {
+        self.wait_alive(n, Duration::from_secs(30)).await
+    }
+
+    /// Wait up to `patience` until `n` executors are alive.
+    async fn wait_alive(&self, n: usize, patience: Duration) -> Result<(), BoxError> {
         let client = self.client().await?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + patience;
         loop {
             let alive = client.cluster_state().await?.executors.len();
             if alive >= n {
