@@ -30,8 +30,11 @@ async fn a_saturated_executor_is_not_declared_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_embedded_cluster_keeps_its_executors() {
     volley_tests::init_tracing();
+    // The embedded executors heartbeat every 2 s: a timeout of twice that (a 2 s timeout
+    // was flaky under the full suite's load); the probe below is what a starved scheduler
+    // fails.
     let config = SchedulerConfig {
-        executor_timeout: Duration::from_secs(2),
+        executor_timeout: Duration::from_secs(4),
         enable_test_hooks: true,
         ..SchedulerConfig::default().with_address("127.0.0.1", 0)
     };
