@@ -57,6 +57,11 @@ extensions_options! {
         pub adaptive_skew_factor: u64, default = 4
         /// Adaptive execution: smallest probe-side partition (bytes) ever split as skewed.
         pub adaptive_skew_min_bytes: u64, default = 64 * 1024 * 1024
+        /// A scan stage shuffled into inner joins whose build sides are selective (filtered
+        /// dimensions, broadcast or scanned in the stage) first keeps only the rows whose keys
+        /// are on those build sides, as DataFusion's dynamic join filters do on one node (they
+        /// cannot cross a shuffle).
+        pub key_filters: bool, default = true
     }
 }
 

@@ -37,6 +37,26 @@ pub fn free_port() -> Result<u16, BoxError> {
     Ok(listener.local_addr()?.port())
 }
 
+/// Wait until `child` accepts connections on `port` (true) or exits (false); 30 s at most.
+async fn wait_listening(child: &mut Child, port: u16) -> Result<bool, BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(false);
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the scheduler did not listen on port {port} within 30 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// Scheduler and executor processes; all are killed on drop.
 pub struct ProcessCluster {
     url: String,
@@ -128,27 +148,43 @@ impl ProcessCluster {
         } else {
             "http"
         };
-        let scheduler = Command::new(&bin)
-            .args([
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--http-port",
-                &http_port.to_string(),
-                "--enable-test-hooks",
-            ])
-            .args(if scheduler_args.iter().any(|a| a == "--allowed-path") {
-                &[][..]
+        // A free port may be taken by another process's connection before the scheduler binds
+        // it ("Address already in use"): then it exits, and starts again on other ports.
+        let mut tries = 0;
+        let (scheduler, port, http_port) = loop {
+            let (port, http_port) = if tries == 0 {
+                (port, http_port)
             } else {
-                &sandbox[..]
-            })
-            .args(&scheduler_args)
-            .envs(options.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(stderr_for(options.log_dir.as_ref(), "scheduler.log")?)
-            .spawn()?;
+                (free_port()?, free_port()?)
+            };
+            tries += 1;
+            let mut scheduler = Command::new(&bin)
+                .args([
+                    "scheduler",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--http-port",
+                    &http_port.to_string(),
+                    "--enable-test-hooks",
+                ])
+                .args(if scheduler_args.iter().any(|a| a == "--allowed-path") {
+                    &[][..]
+                } else {
+                    &sandbox[..]
+                })
+                .args(&scheduler_args)
+                .envs(options.env.iter().map(|(k, v)| (k, v)))
+                .stdout(Stdio::null())
+                .stderr(stderr_for(options.log_dir.as_ref(), "scheduler.log")?)
+                .spawn()?;
+            match wait_listening(&mut scheduler, port).await? {
+                true => break (scheduler, port, http_port),
+                false if tries < 4 => continue,
+                false => return Err("the scheduler exited at start four times".into()),
+            }
+        };
         let mut cluster = Self {
             url: format!("{scheme}://127.0.0.1:{port}"),
             http_url: format!("{scheme}://127.0.0.1:{http_port}"),

@@ -3,13 +3,11 @@
 
 use std::sync::Arc;
 
-use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::physical_plan::ExecutionPlan;
-use datafusion::physical_plan::filter::FilterExec;
-use datafusion::physical_plan::joins::HashJoinExec;
-use volley_core::plan::ShuffleReaderExec;
 
-use crate::graph::joins::{ShuffledJoin, filterable_joins, shuffled_join};
+use crate::graph::joins::{
+    ShuffledJoin, filterable_joins, readers_of, restricts_rows, shuffled_join,
+};
 use crate::graph::{StageKind, StagePlan};
 
 /// Mark the stages whose partitioned join may become a broadcast join (or, for left
@@ -79,34 +77,4 @@ pub fn mark_broadcast_candidates(stages: &mut [StagePlan]) {
     for (index, join) in candidates {
         stages[index].adaptive_joins.push(join);
     }
-}
-
-/// True when some operator of `plan` drops rows of its input by their values (a filter or a
-/// hash join), so its keys may be a small part of their table's.
-fn restricts_rows(plan: &Arc<dyn ExecutionPlan>) -> bool {
-    let mut found = false;
-    let _ = plan.apply(|node| {
-        found = node.is::<FilterExec>() || node.is::<HashJoinExec>();
-        Ok(if found {
-            TreeNodeRecursion::Stop
-        } else {
-            TreeNodeRecursion::Continue
-        })
-    });
-    found
-}
-
-/// Shuffle readers of `stage` in `plan`.
-fn readers_of(plan: &Arc<dyn ExecutionPlan>, stage: u32) -> usize {
-    let mut count = 0;
-    let _ = plan.apply(|node| {
-        if node
-            .downcast_ref::<ShuffleReaderExec>()
-            .is_some_and(|r| r.stage_id() == stage)
-        {
-            count += 1;
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-    count
 }

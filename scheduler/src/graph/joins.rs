@@ -256,3 +256,33 @@ fn find_join<'a>(
         node = partition_agnostic_child(node)?;
     }
 }
+
+/// True when some operator of `plan` drops rows of its input by their values (a filter or a
+/// hash join), so its keys may be a small part of their table's.
+pub fn restricts_rows(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let mut found = false;
+    let _ = plan.apply(|node| {
+        found = node.is::<FilterExec>() || node.is::<HashJoinExec>();
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    found
+}
+
+/// Shuffle readers of `stage` in `plan`.
+pub fn readers_of(plan: &Arc<dyn ExecutionPlan>, stage: u32) -> usize {
+    let mut count = 0;
+    let _ = plan.apply(|node| {
+        if node
+            .downcast_ref::<ShuffleReaderExec>()
+            .is_some_and(|r| r.stage_id() == stage)
+        {
+            count += 1;
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    count
+}

@@ -1,6 +1,7 @@
 //! L1: the planned stage DAG, pure plan code. A job's physical plan is cut into stages at its
 //! exchanges ([`cut`]); the joins adaptive execution may change are recognised here
-//! ([`joins`], [`candidates`]); Parquet scans get balanced task shares ([`scan_balance`]);
+//! ([`joins`], [`candidates`]); scan stages are filtered by the selective build sides of the
+//! inner joins they feed ([`key_filters`]); Parquet scans get balanced task shares ([`scan_balance`]);
 //! table writes are split across tasks ([`writes`]).
 //! Nothing here knows about tasks, executors or the network.
 
@@ -11,12 +12,14 @@ use volley_core::plan::ShuffleWriterExec;
 pub mod candidates;
 pub mod cut;
 pub mod joins;
+pub mod key_filters;
 pub mod scan_balance;
 pub mod writes;
 
 pub use candidates::mark_broadcast_candidates;
 pub use cut::plan_stages;
 pub use joins::ShuffledJoin;
+pub use key_filters::add_key_filters;
 
 /// What a stage's output is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -27,7 +27,7 @@ use volley_core::{Result, VolleyError};
 
 use crate::explain::{analyze_lines, explain_stages, plan_schema};
 use crate::graph::scan_balance::balance_parquet_scans;
-use crate::graph::{StagePlan, mark_broadcast_candidates, plan_stages};
+use crate::graph::{StagePlan, add_key_filters, mark_broadcast_candidates, plan_stages};
 use crate::job::JobState;
 use crate::service::{SchedulerService, new_id};
 
@@ -220,7 +220,7 @@ impl SchedulerService {
                 stage.partitions,
             )?;
         }
-        adaptive_candidates(&mut stages, &settings);
+        adaptive_candidates(&mut stages, &settings)?;
         let mut distributable = true;
         for stage in &stages {
             match VolleyCodec::encode_plan(Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>) {
@@ -362,12 +362,17 @@ impl SchedulerService {
     }
 }
 
-/// Mark broadcast-switch candidates when the job's settings enable adaptive execution.
-fn adaptive_candidates(stages: &mut [StagePlan], settings: &[(String, String)]) {
+/// Filter scan stages by the build sides of the joins they feed (unless the settings turn that
+/// off), then mark broadcast-switch candidates when the settings enable adaptive execution.
+fn adaptive_candidates(stages: &mut [StagePlan], settings: &[(String, String)]) -> Result<()> {
     let options = volley_core::config::VolleyOptions::from_pairs(settings);
+    if options.key_filters {
+        add_key_filters(stages)?;
+    }
     if options.adaptive && options.adaptive_broadcast_bytes > 0 {
         mark_broadcast_candidates(stages);
     }
+    Ok(())
 }
 
 /// What planning a statement produced.
@@ -442,7 +447,7 @@ async fn plan_statement(
         let physical = balance_parquet_scans(physical, &state).await?;
         let mut stages = plan_stages(job_id, physical)?;
         let pairs = config_to_pairs(state.config());
-        adaptive_candidates(&mut stages, &pairs);
+        adaptive_candidates(&mut stages, &pairs)?;
         let lines = explain_stages(&stages);
         let schema = plan_schema();
         let batch = RecordBatch::try_new(
