@@ -62,6 +62,10 @@ extensions_options! {
         /// are on those build sides, as DataFusion's dynamic join filters do on one node (they
         /// cannot cross a shuffle).
         pub key_filters: bool, default = true
+        /// A scan on the probe side of a join whose build side is in the same task skips the
+        /// row groups and pages holding no key in the build side's range (the executor's
+        /// per-task form of DataFusion's dynamic join filters).
+        pub runtime_filters: bool, default = true
     }
 }
 

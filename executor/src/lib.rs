@@ -4,6 +4,7 @@
 mod flight;
 mod heartbeat;
 mod runner;
+mod runtime_filters;
 pub mod server;
 mod work_dir;
 

@@ -22,6 +22,8 @@ use volley_core::protobuf as pb;
 use volley_core::stores::redact::redact_values;
 use volley_core::stores::{StoreCache, StoreOptions, StoreScope};
 
+use crate::runtime_filters::{BuildBoundsExec, add_runtime_filters};
+
 /// What an executor needs to run tasks.
 pub struct TaskRunner {
     pub executor_id: String,
@@ -199,7 +201,15 @@ impl TaskRunner {
             partition = task.partition,
             "task start"
         );
-        let plan = with_metadata_cache(VolleyCodec::decode_plan(&def.plan, &ctx)?, &ctx)?;
+        let mut plan = with_metadata_cache(VolleyCodec::decode_plan(&def.plan, &ctx)?, &ctx)?;
+        let options = ctx.session_config().options();
+        if options
+            .extensions
+            .get::<VolleyOptions>()
+            .is_none_or(|o| o.runtime_filters)
+        {
+            plan = add_runtime_filters(plan, options)?;
+        }
         tracing::debug!(
             stage = task.stage_id,
             partition = task.partition,
@@ -271,6 +281,10 @@ fn with_metadata_cache(
 fn operator_metrics(plan: &Arc<dyn ExecutionPlan>) -> Vec<pb::OperatorMetrics> {
     let mut out = Vec::new();
     let _ = plan.apply(|node| {
+        // Not a node of the scheduler's stage plan.
+        if node.is::<BuildBoundsExec>() {
+            return Ok(TreeNodeRecursion::Continue);
+        }
         let metrics = node
             .metrics()
             .map(|set| {

@@ -1,9 +1,11 @@
 //! Volley's execution plans: the two ends of a shuffle, and writing tables from every task
-//! (`write`) with one committing task (`commit`).
+//! (`write`) with one committing task (`commit`), and following a column down to its source
+//! (`trace`).
 
 pub mod commit;
 mod shuffle_reader;
 mod shuffle_writer;
+pub mod trace;
 pub mod write;
 
 pub use commit::CommitFilesExec;

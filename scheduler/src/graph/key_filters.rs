@@ -18,15 +18,11 @@ use datafusion::error::Result;
 use datafusion::logical_expr::JoinType;
 use datafusion::physical_expr::PhysicalExprRef;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
-use datafusion::physical_plan::coop::CooperativeExec;
 use datafusion::physical_plan::expressions::Column;
-use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
-use datafusion::physical_plan::projection::ProjectionExec;
-use datafusion::physical_plan::repartition::RepartitionExec;
-use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use volley_core::plan::ShuffleReaderExec;
+use volley_core::plan::trace::trace_column;
 
 use crate::graph::joins::{readers_of, restricts_rows};
 use crate::graph::{StageKind, StagePlan};
@@ -178,57 +174,14 @@ fn copyable_and_selective(build: &Arc<dyn ExecutionPlan>, stages: &[StagePlan]) 
     copyable && (selective || restricts_rows(build))
 }
 
-/// The shuffle stage and column of its output that column `index` of `plan` is, following
-/// columns down through operators that only drop, reorder or regroup rows and through inner
-/// and semi joins (a row of that stage dropped early is one the path would drop or never join).
+/// The shuffle stage and column of its output that column `index` of `plan` is (see
+/// [`trace_column`]).
 fn trace(plan: &Arc<dyn ExecutionPlan>, index: usize) -> Option<(u32, usize)> {
-    // A limit keeps the first rows: dropping rows below it changes which.
-    if plan.fetch().is_some() {
-        return None;
-    }
-    if let Some(reader) = plan.downcast_ref::<ShuffleReaderExec>() {
-        return reader
-            .hash_partitioned()
-            .then_some((reader.stage_id(), index));
-    }
-    if let Some(projection) = plan.downcast_ref::<ProjectionExec>() {
-        let expr = &projection.expr().get(index)?.expr;
-        let column = expr.downcast_ref::<Column>()?;
-        return trace(projection.input(), column.index());
-    }
-    if let Some(filter) = plan.downcast_ref::<FilterExec>() {
-        let index = match filter.projection() {
-            Some(projection) => *projection.get(index)?,
-            None => index,
-        };
-        return trace(filter.input(), index);
-    }
-    if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
-        if join.null_aware {
-            return None;
-        }
-        let index = match &join.projection {
-            Some(projection) => *projection.get(index)?,
-            None => index,
-        };
-        let left_width = join.left().schema().fields().len();
-        return match join.join_type() {
-            JoinType::Inner if index < left_width => trace(join.left(), index),
-            JoinType::Inner => trace(join.right(), index - left_width),
-            JoinType::LeftSemi => trace(join.left(), index),
-            JoinType::RightSemi => trace(join.right(), index),
-            _ => None,
-        };
-    }
-    let same_rows = plan.is::<RepartitionExec>()
-        || plan.is::<CoalescePartitionsExec>()
-        || plan.is::<SortExec>()
-        || plan.is::<CooperativeExec>()
-        || plan.name() == "CoalesceBatchesExec";
-    match plan.children().as_slice() {
-        [child] if same_rows && child.schema() == plan.schema() => trace(child, index),
-        _ => None,
-    }
+    trace_column(plan, index, &|node, index| {
+        node.downcast_ref::<ShuffleReaderExec>()
+            .filter(|reader| reader.hash_partitioned())
+            .map(|reader| (reader.stage_id(), index))
+    })
 }
 
 fn reader_stages(plan: &Arc<dyn ExecutionPlan>) -> Vec<u32> {

@@ -1,0 +1,390 @@
+//! Runtime join filters inside a task: a scan on the probe side of a `CollectLeft` hash join
+//! learns the range of the join keys on the build side once that side is read, and skips the
+//! row groups and pages (by their statistics) that hold no key in it.
+//!
+//! DataFusion does this on one node with its dynamic join filters, but its build side waits
+//! until every probe partition has reported, and a task runs one partition of its stage: the
+//! others never report. So the scheduler plans with them off, and the executor adds its own per
+//! task after decoding the plan: the build input of each such join is wrapped in a
+//! [`BuildBoundsExec`] that tracks each key's minimum and maximum as the join reads it and then
+//! completes a [`DynamicFilterPhysicalExpr`] that the scans' predicates hold. The join reads its
+//! whole build side before it polls its probe side, so the scans open their files with the
+//! filter complete. The filter only prunes (the join still matches every row), so a filter
+//! that arrives late, or prunes nothing, changes no result.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{DataFusionError, NullEquality, Result, ScalarValue};
+use datafusion::config::ConfigOptions;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream, TaskContext};
+use datafusion::functions_aggregate::min_max::{MaxAccumulator, MinAccumulator};
+use datafusion::logical_expr::{Accumulator, JoinType, Operator};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::expressions::{BinaryExpr, Column, DynamicFilterPhysicalExpr, lit};
+use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
+use datafusion::physical_plan::{
+    ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties,
+    PlanProperties, ReplaceChildrenOptions, replace_children_if_necessary,
+};
+use futures::{Stream, StreamExt};
+use std::collections::HashMap;
+use volley_core::plan::trace::trace_column;
+
+type PlanRef = Arc<dyn ExecutionPlan>;
+type ExprRef = Arc<dyn PhysicalExpr>;
+
+/// Identity of a plan node in the decoded plan (its allocation).
+fn node_id(plan: &PlanRef) -> usize {
+    Arc::as_ptr(plan).cast::<()>() as usize
+}
+
+/// `plan` with runtime filters from its `CollectLeft` joins on the scans below them.
+pub fn add_runtime_filters(plan: PlanRef, config: &ConfigOptions) -> Result<PlanRef> {
+    let mut pending = HashMap::new();
+    rewrite(plan, &mut pending, config)
+}
+
+/// Filters waiting for the scan (by [`node_id`]) they are pushed into.
+type Pending = HashMap<usize, Vec<ExprRef>>;
+
+fn rewrite(plan: PlanRef, pending: &mut Pending, config: &ConfigOptions) -> Result<PlanRef> {
+    if let Some(filters) = pending.remove(&node_id(&plan))
+        && let Some(scan) = plan.downcast_ref::<DataSourceExec>()
+    {
+        let pushed = scan.data_source().try_pushdown_filters(filters, config)?;
+        return Ok(match pushed.updated_node {
+            Some(source) => Arc::new(
+                scan.clone()
+                    .with_data_source(source)
+                    .with_partitioning(plan.output_partitioning().clone()),
+            ),
+            None => plan,
+        });
+    }
+    let targets = plan
+        .downcast_ref::<HashJoinExec>()
+        .map(|join| join_targets(join, pending))
+        .unwrap_or_default();
+    let mut children = plan
+        .children()
+        .into_iter()
+        .map(|child| rewrite(Arc::clone(child), pending, config))
+        .collect::<Result<Vec<_>>>()?;
+    if !targets.is_empty()
+        && let Some(build) = children.first_mut()
+    {
+        *build = Arc::new(BuildBoundsExec::new(Arc::clone(build), targets));
+    }
+    replace_children_if_necessary(plan, children)
+}
+
+/// The filters `join` puts on the scans its probe keys come from (registered in `pending`).
+fn join_targets(join: &HashJoinExec, pending: &mut Pending) -> Vec<Target> {
+    let filters_probe = matches!(
+        join.join_type(),
+        JoinType::Inner | JoinType::LeftSemi | JoinType::RightSemi | JoinType::Left
+    );
+    if *join.partition_mode() != PartitionMode::CollectLeft
+        || !filters_probe
+        || join.null_aware
+        || join.null_equality() != NullEquality::NullEqualsNothing
+        || join.left().output_partitioning().partition_count() != 1
+    {
+        return Vec::new();
+    }
+    let build_schema = join.left().schema();
+    // Keys by the scan they filter: (build key, scan column).
+    let mut by_scan: Vec<(usize, Vec<(ExprRef, ExprRef)>)> = Vec::new();
+    for (build_key, probe_key) in join.on() {
+        let Some(column) = probe_key.downcast_ref::<Column>() else {
+            continue;
+        };
+        let Some((scan, index)) = trace_column(join.right(), column.index(), &|node, index| {
+            node.is::<DataSourceExec>().then(|| (node_id(node), index))
+        }) else {
+            continue;
+        };
+        let Ok(key_type) = build_key.data_type(&build_schema) else {
+            continue;
+        };
+        let Some(scan_field) = scan_field(join.right(), scan, index) else {
+            continue;
+        };
+        if !has_ordered_statistics(&key_type) || scan_field.1 != key_type {
+            continue;
+        }
+        let probe = Arc::new(Column::new(&scan_field.0, index)) as ExprRef;
+        match by_scan.iter_mut().find(|(id, _)| *id == scan) {
+            Some((_, keys)) => keys.push((Arc::clone(build_key), probe)),
+            None => by_scan.push((scan, vec![(Arc::clone(build_key), probe)])),
+        }
+    }
+    by_scan
+        .into_iter()
+        .filter_map(|(scan, keys)| {
+            let filter = Arc::new(DynamicFilterPhysicalExpr::new(
+                keys.iter().map(|(_, probe)| Arc::clone(probe)).collect(),
+                lit(true),
+            ));
+            let keys = keys
+                .into_iter()
+                .map(|(build, probe)| KeyBounds::new(build, probe, &build_schema))
+                .collect::<Result<Vec<_>>>()
+                .ok()?;
+            pending
+                .entry(scan)
+                .or_default()
+                .push(Arc::clone(&filter) as ExprRef);
+            Some(Target { filter, keys })
+        })
+        .collect()
+}
+
+/// Name and type of column `index` of the scan `scan` (by [`node_id`]) below `plan`.
+fn scan_field(plan: &PlanRef, scan: usize, index: usize) -> Option<(String, DataType)> {
+    let mut found = None;
+    let _ = datafusion::common::tree_node::TreeNode::apply(plan, |node| {
+        if node_id(node) == scan {
+            found = node
+                .schema()
+                .fields()
+                .get(index)
+                .map(|f| (f.name().clone(), f.data_type().clone()));
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+/// Types whose min/max statistics order like their values (floats do not: NaN).
+fn has_ordered_statistics(data_type: &DataType) -> bool {
+    data_type.is_integer()
+        || matches!(
+            data_type,
+            DataType::Decimal32(..)
+                | DataType::Decimal64(..)
+                | DataType::Decimal128(..)
+                | DataType::Decimal256(..)
+                | DataType::Date32
+                | DataType::Date64
+                | DataType::Timestamp(..)
+                | DataType::Utf8
+                | DataType::LargeUtf8
+                | DataType::Utf8View
+        )
+}
+
+/// One scan's filter from one join: the keys it bounds.
+struct Target {
+    filter: Arc<DynamicFilterPhysicalExpr>,
+    keys: Vec<KeyBounds>,
+}
+
+/// Minimum and maximum of one build key so far.
+struct KeyBounds {
+    build: ExprRef,
+    probe: ExprRef,
+    min: MinAccumulator,
+    max: MaxAccumulator,
+}
+
+impl fmt::Debug for KeyBounds {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{} -> {}", self.build, self.probe)
+    }
+}
+
+impl KeyBounds {
+    fn new(build: ExprRef, probe: ExprRef, schema: &SchemaRef) -> Result<Self> {
+        let data_type = build.data_type(schema)?;
+        Ok(Self {
+            build,
+            probe,
+            min: MinAccumulator::try_new(&data_type)?,
+            max: MaxAccumulator::try_new(&data_type)?,
+        })
+    }
+
+    fn observe(&mut self, batch: &RecordBatch) -> Result<()> {
+        let values = self.build.evaluate(batch)?.into_array(batch.num_rows())?;
+        self.min.update_batch(std::slice::from_ref(&values))?;
+        self.max.update_batch(&[values])
+    }
+
+    /// `probe BETWEEN min AND max`, or `false` when the build side had no key (no probe row
+    /// can match).
+    fn predicate(&mut self) -> Result<ExprRef> {
+        let (min, max) = (self.min.evaluate()?, self.max.evaluate()?);
+        if min.is_null() || max.is_null() {
+            return Ok(lit(ScalarValue::Boolean(Some(false))));
+        }
+        let at_least = BinaryExpr::new(Arc::clone(&self.probe), Operator::GtEq, lit(min));
+        let at_most = BinaryExpr::new(Arc::clone(&self.probe), Operator::LtEq, lit(max));
+        Ok(Arc::new(BinaryExpr::new(
+            Arc::new(at_least),
+            Operator::And,
+            Arc::new(at_most),
+        )))
+    }
+}
+
+impl Target {
+    fn complete(&mut self) -> Result<()> {
+        let mut predicate: Option<ExprRef> = None;
+        for key in &mut self.keys {
+            let next = key.predicate()?;
+            predicate = Some(match predicate {
+                Some(p) => Arc::new(BinaryExpr::new(p, Operator::And, next)),
+                None => next,
+            });
+        }
+        if let Some(predicate) = predicate {
+            self.filter.update(predicate)?;
+        }
+        self.filter.mark_complete();
+        Ok(())
+    }
+}
+
+/// The build input of a join, passed through while its keys' bounds are tracked; at its end
+/// the scans' filters are completed. Not part of the stage plan the scheduler knows (the
+/// executor's operator metrics skip it).
+#[derive(Debug)]
+pub struct BuildBoundsExec {
+    input: PlanRef,
+    /// Taken by the one stream of the (single-partition) build side.
+    targets: parking_lot::Mutex<Vec<Target>>,
+    properties: Arc<PlanProperties>,
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.debug_list().entries(&self.keys).finish()
+    }
+}
+
+impl BuildBoundsExec {
+    fn new(input: PlanRef, targets: Vec<Target>) -> Self {
+        let properties = Arc::clone(input.properties());
+        Self {
+            input,
+            targets: parking_lot::Mutex::new(targets),
+            properties,
+        }
+    }
+}
+
+impl DisplayAs for BuildBoundsExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "BuildBoundsExec: {:?}", self.targets.lock())
+    }
+}
+
+impl ExecutionPlan for BuildBoundsExec {
+    fn name(&self) -> &str {
+        "BuildBoundsExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&PlanRef> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        f: &mut dyn FnMut(&ExprRef) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        for target in self.targets.lock().iter() {
+            for key in &target.keys {
+                if f(&key.build)? == TreeNodeRecursion::Stop {
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        children: Vec<PlanRef>,
+        _options: ReplaceChildrenOptions,
+    ) -> Result<PlanRef> {
+        let [input]: [PlanRef; 1] = children.try_into().map_err(|_| {
+            DataFusionError::Internal("BuildBoundsExec takes exactly one child".to_string())
+        })?;
+        let targets = std::mem::take(&mut *self.targets.lock());
+        Ok(Arc::new(Self::new(input, targets)))
+    }
+
+    fn with_new_children(self: Arc<Self>, children: Vec<PlanRef>) -> Result<PlanRef> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+        )
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let input = self.input.execute(partition, context)?;
+        Ok(Box::pin(BoundsStream {
+            input,
+            targets: std::mem::take(&mut *self.targets.lock()),
+        }))
+    }
+}
+
+struct BoundsStream {
+    input: SendableRecordBatchStream,
+    targets: Vec<Target>,
+}
+
+impl BoundsStream {
+    fn observe(&mut self, batch: &RecordBatch) -> Result<()> {
+        for target in &mut self.targets {
+            for key in &mut target.keys {
+                key.observe(batch)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self) -> Result<()> {
+        for mut target in std::mem::take(&mut self.targets) {
+            target.complete()?;
+        }
+        Ok(())
+    }
+}
+
+impl Stream for BoundsStream {
+    type Item = Result<RecordBatch>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let polled = futures::ready!(self.input.poll_next_unpin(cx));
+        Poll::Ready(match polled {
+            Some(Ok(batch)) => Some(self.observe(&batch).map(|()| batch)),
+            Some(Err(e)) => Some(Err(e)),
+            None => self.complete().err().map(Err),
+        })
+    }
+}
+
+impl RecordBatchStream for BoundsStream {
+    fn schema(&self) -> SchemaRef {
+        self.input.schema()
+    }
+}
