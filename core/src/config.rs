@@ -66,6 +66,10 @@ extensions_options! {
         /// row groups and pages holding no key in the build side's range (the executor's
         /// per-task form of DataFusion's dynamic join filters).
         pub runtime_filters: bool, default = true
+        /// A `CollectLeft` join's build side that only scans files runs in each join task
+        /// instead of as a broadcast stage when its files' bytes times the join's task count
+        /// are at most this (0: always a broadcast stage).
+        pub inline_build_bytes: u64, default = 16 * 1024 * 1024
     }
 }
 

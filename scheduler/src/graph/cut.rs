@@ -5,7 +5,7 @@
 //! * `CoalescePartitionsExec` and `SortPreservingMergeExec` over several partitions stay in the
 //!   consumer stage, reading every map task's single file (passthrough mode);
 //! * the build side of a `CollectLeft` hash join is such a passthrough read by every join task:
-//!   a broadcast stage;
+//!   a broadcast stage (unless it only scans a few small files: see [`inline_build_side`]);
 //! * the root ends in a result stage whose files the client fetches directly.
 
 use std::sync::Arc;
@@ -23,14 +23,26 @@ use datafusion::physical_plan::{
 use volley_core::plan::{CommitFilesExec, ShuffleReaderExec, ShuffleWriterExec};
 use volley_core::rules::emits_build_rows_at_end;
 
+use crate::graph::inline::inline_build_side;
 use crate::graph::writes::split_writes;
 use crate::graph::{StageKind, StagePlan};
 
 /// Split `plan` into stages; the last one is the result stage.
 pub fn plan_stages(job_id: &str, plan: Arc<dyn ExecutionPlan>) -> Result<Vec<StagePlan>> {
+    plan_stages_inlining(job_id, plan, 0)
+}
+
+/// [`plan_stages`], keeping small scanned build sides in their joins' stages (see
+/// [`inline_build_side`]; `inline_bytes` is its budget).
+pub fn plan_stages_inlining(
+    job_id: &str,
+    plan: Arc<dyn ExecutionPlan>,
+    inline_bytes: u64,
+) -> Result<Vec<StagePlan>> {
     let mut cutter = Cutter {
         job_id: job_id.to_string(),
         stages: Vec::new(),
+        inline_bytes,
     };
     let root = cutter.cut(split_writes(job_id, plan)?)?;
     cutter.add_stage(root, None, StageKind::Result);
@@ -40,6 +52,7 @@ pub fn plan_stages(job_id: &str, plan: Arc<dyn ExecutionPlan>) -> Result<Vec<Sta
 struct Cutter {
     job_id: String,
     stages: Vec<StagePlan>,
+    inline_bytes: u64,
 }
 
 impl Cutter {
@@ -81,10 +94,17 @@ impl Cutter {
     }
 
     fn cut(&mut self, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+        let inline_build = plan
+            .downcast_ref::<HashJoinExec>()
+            .is_some_and(|join| inline_build_side(join, self.inline_bytes));
         let children = plan
             .children()
             .into_iter()
-            .map(|child| self.cut(Arc::clone(child)))
+            .enumerate()
+            .map(|(i, child)| match i {
+                0 if inline_build => Ok(Arc::clone(child)),
+                _ => self.cut(Arc::clone(child)),
+            })
             .collect::<Result<Vec<_>>>()?;
         let plan = if children.is_empty() {
             plan

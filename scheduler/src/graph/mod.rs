@@ -1,5 +1,5 @@
 //! L1: the planned stage DAG, pure plan code. A job's physical plan is cut into stages at its
-//! exchanges ([`cut`]); the joins adaptive execution may change are recognised here
+//! exchanges ([`cut`]), keeping small scanned build sides in their joins' stages ([`inline`]); the joins adaptive execution may change are recognised here
 //! ([`joins`], [`candidates`]); scan stages are filtered by the selective build sides of the
 //! inner joins they feed ([`key_filters`]); Parquet scans get balanced task shares ([`scan_balance`]);
 //! table writes are split across tasks ([`writes`]).
@@ -11,6 +11,7 @@ use volley_core::plan::ShuffleWriterExec;
 
 pub mod candidates;
 pub mod cut;
+pub mod inline;
 pub mod joins;
 pub mod key_filters;
 pub mod scan_balance;

@@ -15,7 +15,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use tonic::Status;
 use volley_core::codec::VolleyCodec;
-use volley_core::config::{config_to_pairs, volley_session_config};
+use volley_core::config::{VolleyOptions, config_to_pairs, volley_session_config};
 use volley_core::protobuf as pb;
 use volley_core::rules::volley_session_state_with;
 use volley_core::sandbox::Sandbox;
@@ -26,8 +26,9 @@ use volley_core::stores::{StoreOptions, StoreScope};
 use volley_core::{Result, VolleyError};
 
 use crate::explain::{analyze_lines, explain_stages, plan_schema};
+use crate::graph::cut::plan_stages_inlining;
 use crate::graph::scan_balance::balance_parquet_scans;
-use crate::graph::{StagePlan, add_key_filters, mark_broadcast_candidates, plan_stages};
+use crate::graph::{StagePlan, add_key_filters, mark_broadcast_candidates};
 use crate::job::JobState;
 use crate::service::{SchedulerService, new_id};
 
@@ -209,7 +210,8 @@ impl SchedulerService {
             None => Vec::new(),
         });
         let schema = physical.schema();
-        let mut stages = plan_stages(&job_id, Arc::clone(&physical))?;
+        let inline_bytes = VolleyOptions::from_pairs(&settings).inline_build_bytes;
+        let mut stages = plan_stages_inlining(&job_id, Arc::clone(&physical), inline_bytes)?;
         let temporary = stages
             .last()
             .and_then(|s| temporary_of(&(Arc::clone(&s.plan) as Arc<dyn ExecutionPlan>)));
@@ -275,7 +277,7 @@ impl SchedulerService {
         if self.config.enable_test_hooks {
             return Ok(());
         }
-        let options = volley_core::config::VolleyOptions::from_pairs(settings);
+        let options = VolleyOptions::from_pairs(settings);
         match options.test_hooks_set().first() {
             Some(hook) => Err(VolleyError::NotAllowed(format!(
                 "{hook} is a test hook: it works only on a cluster started with --enable-test-hooks"
@@ -365,7 +367,7 @@ impl SchedulerService {
 /// Filter scan stages by the build sides of the joins they feed (unless the settings turn that
 /// off), then mark broadcast-switch candidates when the settings enable adaptive execution.
 fn adaptive_candidates(stages: &mut [StagePlan], settings: &[(String, String)]) -> Result<()> {
-    let options = volley_core::config::VolleyOptions::from_pairs(settings);
+    let options = VolleyOptions::from_pairs(settings);
     if options.key_filters {
         add_key_filters(stages)?;
     }
@@ -445,8 +447,9 @@ async fn plan_statement(
     {
         let physical = state.create_physical_plan(&explain.plan).await?;
         let physical = balance_parquet_scans(physical, &state).await?;
-        let mut stages = plan_stages(job_id, physical)?;
         let pairs = config_to_pairs(state.config());
+        let inline_bytes = VolleyOptions::from_pairs(&pairs).inline_build_bytes;
+        let mut stages = plan_stages_inlining(job_id, physical, inline_bytes)?;
         adaptive_candidates(&mut stages, &pairs)?;
         let lines = explain_stages(&stages);
         let schema = plan_schema();

@@ -86,6 +86,20 @@ async fn memory_capped_executors_spill_and_stay_exact() {
     cluster.shutdown().await;
 }
 
+/// EXPLAIN's stage lines for `sql`.
+async fn explain_lines(client: &volley::VolleyClient, sql: &str) -> Vec<String> {
+    let (_, explain) = client.sql(&format!("EXPLAIN {sql}")).await.unwrap();
+    rows(&explain)
+        .unwrap()
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect()
+}
+
+/// The build side of the join (two months of `orders`, 6 MB of files at SF0.1) is small: by
+/// default each join task scans it itself (no broadcast stage: one stage barrier, task launch
+/// and file round trip fewer); with `volley.inline_build_bytes = 0` it is a broadcast stage
+/// read whole by every task of the join stage. Both answers equal DataFusion's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_build_side_is_broadcast() {
     volley_tests::init_tracing();
@@ -95,22 +109,36 @@ async fn small_build_side_is_broadcast() {
     for statement in tpch::create_table_statements(&dir) {
         client.sql(&statement).await.unwrap();
     }
-    let (_, explain) = client
-        .sql(&format!("EXPLAIN {SMALL_BUILD_JOIN}"))
+    let expected = local(SMALL_BUILD_JOIN).await;
+    let lines = explain_lines(&client, SMALL_BUILD_JOIN).await;
+    assert!(
+        !lines.iter().any(|l| l.contains("kind=broadcast")),
+        "{lines:#?}"
+    );
+    let job_id = client.submit(SMALL_BUILD_JOIN).await.unwrap();
+    let result = rows(&client.sql_job_rows(&job_id).await.unwrap()).unwrap();
+    assert_eq!(result, expected);
+    let stages = cluster.scheduler().service().with_state(|s| {
+        let job = views::job_detail(s, &job_id).unwrap();
+        job.stages
+            .iter()
+            .map(|s| s.kind.clone())
+            .collect::<Vec<_>>()
+    });
+    assert!(!stages.iter().any(|k| k == "broadcast"), "{stages:?}");
+
+    client
+        .sql("SET volley.inline_build_bytes = 0")
         .await
         .unwrap();
-    let lines: Vec<String> = rows(&explain)
-        .unwrap()
-        .into_iter()
-        .map(|r| r[0].clone())
-        .collect();
+    let lines = explain_lines(&client, SMALL_BUILD_JOIN).await;
     assert!(
         lines.iter().any(|l| l.contains("kind=broadcast")),
         "{lines:#?}"
     );
     let job_id = client.submit(SMALL_BUILD_JOIN).await.unwrap();
     let result = rows(&client.sql_job_rows(&job_id).await.unwrap()).unwrap();
-    assert_eq!(result, local(SMALL_BUILD_JOIN).await);
+    assert_eq!(result, expected);
     // The job really ran a broadcast stage, read whole by every task of the join stage.
     let job = cluster
         .scheduler()
