@@ -10,6 +10,7 @@ use crate::cluster::ClusterState;
 use crate::cluster::executors::ExecutorInfo;
 use crate::cluster::placement::pick_executor;
 use crate::config::LoadBalancing;
+use crate::graph::trim::ResolvedPlan;
 use crate::job::{Job, JobState, StagePhase, TaskLaunch, TaskState};
 
 /// Tasks to launch, by executor.
@@ -89,7 +90,7 @@ impl Placement<'_> {
         mut self,
         job: &mut Job,
         stage_id: u32,
-        plan: Arc<Vec<u8>>,
+        plan: ResolvedPlan,
         assigned: &mut Assigned,
     ) -> bool {
         let job_span = job.span.clone();
@@ -129,7 +130,7 @@ impl Placement<'_> {
                 stage_id,
                 partition: u32::try_from(partition).unwrap_or(u32::MAX),
                 attempt: task.attempt,
-                plan: Arc::clone(&plan),
+                plan: plan.for_partition(partition),
                 settings: Arc::clone(&settings),
                 stores: Arc::clone(&stores),
                 span: stage_span.clone(),

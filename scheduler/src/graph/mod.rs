@@ -2,7 +2,8 @@
 //! exchanges ([`cut`]), keeping small scanned build sides in their joins' stages ([`inline`]); the joins adaptive execution may change are recognised here
 //! ([`joins`], [`candidates`]); scan stages are filtered by the selective build sides of the
 //! inner joins they feed ([`key_filters`]); Parquet scans get balanced task shares ([`scan_balance`]);
-//! table writes are split across tasks ([`writes`]).
+//! table writes are split across tasks ([`writes`]); each task gets a plan with only its own
+//! files when a scan has many ([`trim`]).
 //! Nothing here knows about tasks, executors or the network.
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ pub mod inline;
 pub mod joins;
 pub mod key_filters;
 pub mod scan_balance;
+pub mod trim;
 pub mod writes;
 
 pub use candidates::mark_broadcast_candidates;

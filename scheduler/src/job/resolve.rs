@@ -1,5 +1,6 @@
 //! Plan resolution: a stage's shuffle readers pointed at the files its producers wrote (as the
-//! stage's adaptive regrouping says each task reads them), encoded once for all its tasks.
+//! stage's adaptive regrouping says each task reads them), encoded once for all its tasks (or
+//! per task, with only the task's own files, for scans of many files).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,11 +8,11 @@ use std::sync::Arc;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::physical_plan::{ExecutionPlan, Partitioning};
-use volley_core::codec::VolleyCodec;
 use volley_core::plan::ShuffleReaderExec;
 use volley_core::shuffle::PartitionLocation;
 
 use crate::graph::StageKind;
+use crate::graph::trim::ResolvedPlan;
 use crate::job::Job;
 use crate::job::edit::TaskRead;
 use crate::job::stage::StageState;
@@ -96,13 +97,13 @@ fn resolve_reader(
 impl Job {
     /// The stage's plan with every reader pointed at its producer's files, encoded (and kept
     /// until an input changes).
-    pub fn resolved_plan(&mut self, stage_id: u32) -> Result<Arc<Vec<u8>>> {
+    pub fn resolved_plan(&mut self, stage_id: u32) -> Result<ResolvedPlan> {
         let stage = self
             .stages
             .get(&stage_id)
             .ok_or_else(|| DataFusionError::Internal(format!("no stage {stage_id}")))?;
         if let Some(plan) = &stage.resolved {
-            return Ok(Arc::clone(plan));
+            return Ok(plan.clone());
         }
         let plan: Arc<dyn ExecutionPlan> = Arc::clone(&stage.plan.plan) as Arc<dyn ExecutionPlan>;
         let reads = stage.reads.as_ref();
@@ -117,11 +118,11 @@ impl Job {
                 ))
             })?
             .data;
-        let bytes = Arc::new(VolleyCodec::encode_plan(resolved)?);
+        let plan = ResolvedPlan::new(resolved)?;
         if let Some(stage) = self.stages.get_mut(&stage_id) {
-            stage.resolved = Some(Arc::clone(&bytes));
+            stage.resolved = Some(plan.clone());
         }
-        Ok(bytes)
+        Ok(plan)
     }
 
     /// Shuffle bytes partition `partition` of a stage reads from its input stages.

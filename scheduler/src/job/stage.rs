@@ -9,7 +9,6 @@
 //! is derived from it once, by [`StageState::status`].
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Instant;
 
 use crate::graph::{ShuffledJoin, StagePlan};
@@ -75,7 +74,7 @@ pub struct StageState {
     /// Per-partition tasks.
     pub tasks: Vec<TaskInfo>,
     /// The stage's plan with resolved shuffle locations, encoded once for all its tasks.
-    pub resolved: Option<Arc<Vec<u8>>>,
+    pub resolved: Option<crate::graph::trim::ResolvedPlan>,
     /// Times the stage was (re)started.
     pub attempts: u32,
     /// DataFusion metrics per operator (pre-order), summed over successful tasks.
