@@ -270,20 +270,25 @@ impl Drop for Attached {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let lost = {
+        let (lost, draining) = {
             let mut state = self.service.state.lock();
-            let alive = state
+            let (alive, draining) = state
                 .executors()
                 .get(&self.executor_id)
-                .is_some_and(|e| e.alive);
+                .map_or((false, false), |e| (e.alive, e.draining));
             let current = alive && state.secret_matches(&self.executor_id, &self.secret);
             if current {
                 state.executor_lost(&self.executor_id);
             }
-            current
+            (current, draining)
         };
         if lost {
-            tracing::warn!(executor_id = %self.executor_id, "executor lost: its connection closed");
+            // A draining executor closing its connection is leaving as it said it would.
+            if draining {
+                tracing::info!(executor_id = %self.executor_id, "drained executor left");
+            } else {
+                tracing::warn!(executor_id = %self.executor_id, "executor lost: its connection closed");
+            }
             self.service.clients.lock().remove(&self.executor_id);
             let service = self.service.clone();
             runtime.spawn(async move { service.schedule() });

@@ -28,6 +28,11 @@ fn sql_on_embedded_cluster_prints_csv_and_explain_stages() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "volley sql failed: {stderr}");
+    // The embedded executors drain and leave at exit: no warning that they were lost.
+    assert!(
+        !stderr.contains("WARN") && !stderr.contains("executor lost"),
+        "{stderr}"
+    );
     let stdout = String::from_utf8(output.stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
