@@ -140,6 +140,12 @@ impl TaskRunner {
                 tracing::debug!(key = %kv.key, error = %e, "ignoring setting");
             }
         }
+        // A task runs one partition: a scan that stole its siblings' files would read them
+        // twice across the stage's tasks, whatever the session set.
+        config
+            .options_mut()
+            .execution
+            .enable_file_stream_work_stealing = false;
         let config = config.with_extension(Arc::new(TaskEnv {
             executor_id: self.executor_id.clone(),
             host: self.host.clone(),

@@ -58,7 +58,14 @@ fn rewrite(plan: PlanRef, pending: &mut Pending, config: &ConfigOptions) -> Resu
     if let Some(filters) = pending.remove(&node_id(&plan))
         && let Some(scan) = plan.downcast_ref::<DataSourceExec>()
     {
-        let pushed = scan.data_source().try_pushdown_filters(filters, config)?;
+        // A scan that cannot take the filter is read whole: the filter only saves work.
+        let pushed = match scan.data_source().try_pushdown_filters(filters, config) {
+            Ok(pushed) => pushed,
+            Err(e) => {
+                tracing::debug!(error = %e, "runtime filter not pushed into a scan");
+                return Ok(plan);
+            }
+        };
         return Ok(match pushed.updated_node {
             Some(source) => Arc::new(
                 scan.clone()
@@ -305,11 +312,16 @@ impl ExecutionPlan for BuildBoundsExec {
         &self,
         f: &mut dyn FnMut(&ExprRef) -> Result<TreeNodeRecursion>,
     ) -> Result<TreeNodeRecursion> {
-        for target in self.targets.lock().iter() {
-            for key in &target.keys {
-                if f(&key.build)? == TreeNodeRecursion::Stop {
-                    return Ok(TreeNodeRecursion::Stop);
-                }
+        // Copied out first: `f` may display this node, which takes the lock.
+        let keys: Vec<ExprRef> = self
+            .targets
+            .lock()
+            .iter()
+            .flat_map(|t| t.keys.iter().map(|k| Arc::clone(&k.build)))
+            .collect();
+        for key in &keys {
+            if f(key)? == TreeNodeRecursion::Stop {
+                return Ok(TreeNodeRecursion::Stop);
             }
         }
         Ok(TreeNodeRecursion::Continue)

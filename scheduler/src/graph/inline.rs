@@ -2,6 +2,9 @@
 //! files (no exchange below it) and whose files are small reads them in every join task
 //! instead of from a broadcast stage of its own.
 //!
+//! Not for build sides with a limit or a volatile function (`random()`): each task would see
+//! other rows or values, where a broadcast stage writes one build side for all.
+//!
 //! A broadcast stage costs a stage barrier, a task launch per partition, a file written and
 //! read back per consumer task: for a filtered date dimension (TPC-DS SF1 `date_dim`, 2.5 MB)
 //! that is several milliseconds on the critical path of a query DataFusion answers in 20, and
@@ -14,6 +17,7 @@ use std::sync::Arc;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::physical_plan::FileScanConfig;
 use datafusion::datasource::source::DataSourceExec;
+use datafusion::physical_expr_common::physical_expr::is_volatile;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
 use datafusion::physical_plan::repartition::RepartitionExec;
@@ -30,6 +34,11 @@ pub fn inline_build_side(join: &HashJoinExec, budget: u64) -> bool {
     let Some(coalesce) = join.left().downcast_ref::<CoalescePartitionsExec>() else {
         return false;
     };
+    // A limit keeps whichever rows arrive first, and a volatile function gives other values
+    // each time: every task must see the one build side a broadcast stage would have written.
+    if coalesce.fetch().is_some() {
+        return false;
+    }
     let Some(bytes) = scanned_bytes(coalesce.input()) else {
         return false;
     };
@@ -48,7 +57,12 @@ fn scanned_bytes(plan: &Arc<dyn ExecutionPlan>) -> Option<u64> {
         let volley = node.is::<ShuffleReaderExec>()
             || node.is::<CommitFilesExec>()
             || node.is::<TaskWriteExec>();
-        if exchange || volley {
+        let mut volatile = false;
+        let _ = node.apply_expressions(&mut |expr| {
+            volatile |= is_volatile(expr);
+            Ok(TreeNodeRecursion::Continue)
+        });
+        if exchange || volley || volatile || node.fetch().is_some() {
             plain = false;
             return Ok(TreeNodeRecursion::Stop);
         }

@@ -254,3 +254,72 @@ async fn a_stalled_job_fails_naming_its_stuck_tasks() {
     assert_eq!(rows(&batches).unwrap(), [["8".to_string()]]);
     cluster.shutdown().await;
 }
+
+/// Runs `SELECT count(*), sum(a)` over 20 CSV files (20 scan tasks, each sent a plan with only
+/// its own file) with task 7 of the scan stage failing its first attempt; returns the rows.
+async fn many_files_first_attempt_fails(
+    task_max_attempts: u32,
+) -> Result<Vec<Vec<String>>, String> {
+    let dir = tempfile::tempdir().unwrap();
+    for file in 0..20 {
+        let body: String = (0..5).map(|i| format!("{}\n", file * 5 + i)).collect();
+        std::fs::write(
+            dir.path().join(format!("{file:02}.csv")),
+            format!("a\n{body}"),
+        )
+        .unwrap();
+    }
+    let config = SchedulerConfig {
+        task_max_attempts,
+        enable_test_hooks: true,
+        ..SchedulerConfig::default()
+            .with_address("127.0.0.1", 0)
+            .with_target_partitions(20)
+    };
+    let cluster = EmbeddedCluster::start_with(config, 2, 2).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client
+        .sql(&format!(
+            "CREATE EXTERNAL TABLE t (a BIGINT) STORED AS CSV LOCATION '{}/' \
+             OPTIONS ('format.has_header' 'true')",
+            dir.path().display()
+        ))
+        .await
+        .unwrap();
+    client
+        .sql("SET volley.test_fail_task = '1:7:1'")
+        .await
+        .unwrap();
+    let job_id = client
+        .submit("SELECT count(*), sum(a) FROM t")
+        .await
+        .unwrap();
+    let outcome = client.sql_job_rows(&job_id).await;
+    let scan_tasks = cluster
+        .scheduler()
+        .service()
+        .with_state(|s| s.jobs()[&job_id].stages[&1].tasks.len());
+    cluster.shutdown().await;
+    assert_eq!(scan_tasks, 20, "one scan task per file");
+    outcome
+        .map(|batches| rows(&batches).unwrap())
+        .map_err(|e| e.to_string())
+}
+
+/// The retry of a task whose plan holds only its own files reads that file again: the answer
+/// counts each of the 100 rows once. Without retries the same fault fails the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_task_with_its_own_files_counts_each_row_once() {
+    volley_tests::init_tracing();
+    let rows = many_files_first_attempt_fails(3)
+        .await
+        .expect("retry succeeds");
+    assert_eq!(rows, vec![vec!["100".to_string(), "4950".to_string()]]);
+    let err = many_files_first_attempt_fails(1)
+        .await
+        .expect_err("without retries the fault fails the job");
+    assert!(
+        err.contains("task 7 of stage 1 failed after 1 attempts") && err.contains("injected fault"),
+        "{err}"
+    );
+}
