@@ -461,3 +461,42 @@ async fn work_stealing_set_by_a_session_reads_no_row_twice() {
     );
     cluster.shutdown().await;
 }
+
+/// A broadcast build side ending in a `LIMIT` is limited once, by a one-task broadcast stage
+/// whose 10 rows every join task reads, not in each join task (which could each keep other
+/// rows: the first to arrive).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_build_side_is_limited_once_for_all_join_tasks() {
+    volley_tests::init_tracing();
+    let dir = tpch::sf01().unwrap();
+    let cluster = EmbeddedCluster::start(2, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    for statement in tpch::create_table_statements(&dir) {
+        client.sql(&statement).await.unwrap();
+    }
+    let sql = "SELECT count(*) FROM lineitem JOIN (SELECT o_orderkey FROM orders LIMIT 10) o \
+               ON l_orderkey = o_orderkey";
+    let lines = explain_lines(&client, sql).await;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("kind=broadcast partitions=1")
+                && l.contains("CoalescePartitionsExec <- ShuffleReaderExec")),
+        "{lines:#?}"
+    );
+    let job_id = client.submit(sql).await.unwrap();
+    let result = rows(&client.sql_job_rows(&job_id).await.unwrap()).unwrap();
+    let n: u64 = result[0][0].parse().unwrap();
+    // 10 orders of 1 to 7 lines each.
+    assert!((10..=70).contains(&n), "{n}");
+    let broadcast = cluster.scheduler().service().with_state(|s| {
+        let job = views::job_detail(s, &job_id).unwrap();
+        job.stages
+            .iter()
+            .filter(|st| st.kind == "broadcast")
+            .map(|st| (st.partitions, st.rows_out))
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(broadcast, vec![(1, 10)], "one task writes the 10 rows");
+    cluster.shutdown().await;
+}
