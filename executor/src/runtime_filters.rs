@@ -113,21 +113,25 @@ fn join_targets(join: &HashJoinExec, pending: &mut Pending) -> Vec<Target> {
         let Some(column) = probe_key.downcast_ref::<Column>() else {
             continue;
         };
-        let Some((scan, index)) = trace_column(join.right(), column.index(), &|node, index| {
-            node.is::<DataSourceExec>().then(|| (node_id(node), index))
-        }) else {
+        // The scan, and the name and type of its column the key is.
+        let Some((scan, index, field)) =
+            trace_column(join.right(), column.index(), &|node, index| {
+                if !node.is::<DataSourceExec>() {
+                    return None;
+                }
+                let field = node.schema().fields().get(index).cloned()?;
+                Some((node_id(node), index, field))
+            })
+        else {
             continue;
         };
         let Ok(key_type) = build_key.data_type(&build_schema) else {
             continue;
         };
-        let Some(scan_field) = scan_field(join.right(), scan, index) else {
-            continue;
-        };
-        if !has_ordered_statistics(&key_type) || scan_field.1 != key_type {
+        if !has_ordered_statistics(&key_type) || *field.data_type() != key_type {
             continue;
         }
-        let probe = Arc::new(Column::new(&scan_field.0, index)) as ExprRef;
+        let probe = Arc::new(Column::new(field.name(), index)) as ExprRef;
         match by_scan.iter_mut().find(|(id, _)| *id == scan) {
             Some((_, keys)) => keys.push((Arc::clone(build_key), probe)),
             None => by_scan.push((scan, vec![(Arc::clone(build_key), probe)])),
@@ -152,23 +156,6 @@ fn join_targets(join: &HashJoinExec, pending: &mut Pending) -> Vec<Target> {
             Some(Target { filter, keys })
         })
         .collect()
-}
-
-/// Name and type of column `index` of the scan `scan` (by [`node_id`]) below `plan`.
-fn scan_field(plan: &PlanRef, scan: usize, index: usize) -> Option<(String, DataType)> {
-    let mut found = None;
-    let _ = datafusion::common::tree_node::TreeNode::apply(plan, |node| {
-        if node_id(node) == scan {
-            found = node
-                .schema()
-                .fields()
-                .get(index)
-                .map(|f| (f.name().clone(), f.data_type().clone()));
-            return Ok(TreeNodeRecursion::Stop);
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-    found
 }
 
 /// Types whose min/max statistics order like their values (floats do not: NaN).

@@ -168,32 +168,32 @@ impl Cutter {
             return self.cut(fixed);
         }
 
-        // A build side that ends in a limit over several partitions keeps the first rows to
-        // arrive: applied in every join task, each could keep other rows. It is applied once,
-        // in a one-task broadcast stage of its own.
         if let Some(join) = plan.downcast_ref::<HashJoinExec>()
             && *join.partition_mode() == PartitionMode::CollectLeft
-            && let Some(coalesce) = join.left().downcast_ref::<CoalescePartitionsExec>()
-            && coalesce.fetch().is_some()
-            && coalesce.input().is::<ShuffleReaderExec>()
         {
-            let left = Arc::clone(join.left());
-            let schema = left.schema();
-            let stage_id = self.add_stage(left, None, StageKind::Broadcast);
-            let reader: Arc<dyn ExecutionPlan> = Arc::new(ShuffleReaderExec::new(
-                stage_id,
-                schema,
-                Partitioning::UnknownPartitioning(1),
-                false,
-            ));
-            let right = Arc::clone(join.right());
-            return replace_children_if_necessary(plan, vec![reader, right]);
-        }
-        if let Some(join) = plan.downcast_ref::<HashJoinExec>()
-            && *join.partition_mode() == PartitionMode::CollectLeft
-            && let Some(stage_id) = first_reader_stage(join.left())
-        {
-            self.mark(stage_id, StageKind::Broadcast);
+            // A build side that ends in a limit over several partitions keeps the first rows
+            // to arrive: applied in every join task, each could keep other rows. It is applied
+            // once, in a one-task broadcast stage of its own.
+            let limited = join
+                .left()
+                .downcast_ref::<CoalescePartitionsExec>()
+                .is_some_and(|c| c.fetch().is_some() && c.input().is::<ShuffleReaderExec>());
+            if limited {
+                let left = Arc::clone(join.left());
+                let schema = left.schema();
+                let stage_id = self.add_stage(left, None, StageKind::Broadcast);
+                let reader: Arc<dyn ExecutionPlan> = Arc::new(ShuffleReaderExec::new(
+                    stage_id,
+                    schema,
+                    Partitioning::UnknownPartitioning(1),
+                    false,
+                ));
+                let right = Arc::clone(join.right());
+                return replace_children_if_necessary(plan, vec![reader, right]);
+            }
+            if let Some(stage_id) = first_reader_stage(join.left()) {
+                self.mark(stage_id, StageKind::Broadcast);
+            }
         }
         Ok(plan)
     }

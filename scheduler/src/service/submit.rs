@@ -210,8 +210,9 @@ impl SchedulerService {
             None => Vec::new(),
         });
         let schema = physical.schema();
-        let inline_bytes = VolleyOptions::from_pairs(&settings).inline_build_bytes;
-        let mut stages = plan_stages_inlining(&job_id, Arc::clone(&physical), inline_bytes)?;
+        let options = VolleyOptions::from_pairs(&settings);
+        let mut stages =
+            plan_stages_inlining(&job_id, Arc::clone(&physical), options.inline_build_bytes)?;
         let temporary = stages
             .last()
             .and_then(|s| temporary_of(&(Arc::clone(&s.plan) as Arc<dyn ExecutionPlan>)));
@@ -222,7 +223,7 @@ impl SchedulerService {
                 stage.partitions,
             )?;
         }
-        adaptive_candidates(&mut stages, &settings)?;
+        adaptive_candidates(&mut stages, &options)?;
         let mut distributable = true;
         for stage in &stages {
             match VolleyCodec::encode_plan(Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>) {
@@ -366,8 +367,7 @@ impl SchedulerService {
 
 /// Filter scan stages by the build sides of the joins they feed (unless the settings turn that
 /// off), then mark broadcast-switch candidates when the settings enable adaptive execution.
-fn adaptive_candidates(stages: &mut [StagePlan], settings: &[(String, String)]) -> Result<()> {
-    let options = VolleyOptions::from_pairs(settings);
+fn adaptive_candidates(stages: &mut [StagePlan], options: &VolleyOptions) -> Result<()> {
     if options.key_filters {
         add_key_filters(stages)?;
     }
@@ -447,10 +447,9 @@ async fn plan_statement(
     {
         let physical = state.create_physical_plan(&explain.plan).await?;
         let physical = balance_parquet_scans(physical, &state).await?;
-        let pairs = config_to_pairs(state.config());
-        let inline_bytes = VolleyOptions::from_pairs(&pairs).inline_build_bytes;
-        let mut stages = plan_stages_inlining(job_id, physical, inline_bytes)?;
-        adaptive_candidates(&mut stages, &pairs)?;
+        let options = VolleyOptions::from_pairs(&config_to_pairs(state.config()));
+        let mut stages = plan_stages_inlining(job_id, physical, options.inline_build_bytes)?;
+        adaptive_candidates(&mut stages, &options)?;
         let lines = explain_stages(&stages);
         let schema = plan_schema();
         let batch = RecordBatch::try_new(

@@ -27,6 +27,16 @@ async fn local(sql: &str) -> Vec<Vec<String>> {
     rows(&ctx.sql(sql).await.unwrap().collect().await.unwrap()).unwrap()
 }
 
+/// A cluster of 2 executors x 1 slot with the tables of `statements` registered.
+async fn cluster_with(statements: Vec<String>) -> (EmbeddedCluster, volley::VolleyClient) {
+    let cluster = EmbeddedCluster::start(2, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    for statement in statements {
+        client.sql(&statement).await.unwrap();
+    }
+    (cluster, client)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_capped_executors_spill_and_stay_exact() {
     volley_tests::init_tracing();
@@ -104,11 +114,7 @@ async fn explain_lines(client: &volley::VolleyClient, sql: &str) -> Vec<String> 
 async fn small_build_side_is_broadcast() {
     volley_tests::init_tracing();
     let dir = tpch::sf01().unwrap();
-    let cluster = EmbeddedCluster::start(2, 1).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    for statement in tpch::create_table_statements(&dir) {
-        client.sql(&statement).await.unwrap();
-    }
+    let (cluster, client) = cluster_with(tpch::create_table_statements(&dir)).await;
     let expected = local(SMALL_BUILD_JOIN).await;
     let lines = explain_lines(&client, SMALL_BUILD_JOIN).await;
     assert!(
@@ -241,11 +247,7 @@ async fn parquet_scan_tasks_get_balanced_row_groups() {
 async fn a_star_joins_filtered_dimensions_filter_the_shuffled_fact_table() {
     volley_tests::init_tracing();
     let dir = tpcds::sf01().unwrap();
-    let cluster = EmbeddedCluster::start(2, 1).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    for statement in tpcds::create_table_statements(&dir) {
-        client.sql(&statement).await.unwrap();
-    }
+    let (cluster, client) = cluster_with(tpcds::create_table_statements(&dir)).await;
     client
         .sql("SET datafusion.optimizer.hash_join_single_partition_threshold = 4000000")
         .await
@@ -403,11 +405,7 @@ async fn a_broadcast_join_prunes_the_row_groups_of_its_probe_scan() {
     for statement in &tables {
         ctx.sql(statement).await.unwrap();
     }
-    let cluster = EmbeddedCluster::start(2, 1).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    for statement in &tables {
-        client.sql(statement).await.unwrap();
-    }
+    let (cluster, client) = cluster_with(tables.clone()).await;
     for (sql, expected_read) in queries {
         let expected = rows(&ctx.sql(sql).await.unwrap().collect().await.unwrap()).unwrap();
         let mut read = Vec::new();
@@ -469,11 +467,7 @@ async fn work_stealing_set_by_a_session_reads_no_row_twice() {
 async fn a_limited_build_side_is_limited_once_for_all_join_tasks() {
     volley_tests::init_tracing();
     let dir = tpch::sf01().unwrap();
-    let cluster = EmbeddedCluster::start(2, 1).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    for statement in tpch::create_table_statements(&dir) {
-        client.sql(&statement).await.unwrap();
-    }
+    let (cluster, client) = cluster_with(tpch::create_table_statements(&dir)).await;
     let sql = "SELECT count(*) FROM lineitem JOIN (SELECT o_orderkey FROM orders LIMIT 10) o \
                ON l_orderkey = o_orderkey";
     let lines = explain_lines(&client, sql).await;
