@@ -132,6 +132,10 @@ struct ExecutorArgs {
     /// spill to disk beyond it (default: no limit).
     #[arg(long, env = "VOLLEY_MEMORY_LIMIT", value_parser = parse_bytes)]
     memory_limit: Option<usize>,
+    /// Memory for small shuffle outputs kept instead of files (a task's whole output up to
+    /// `volley.shuffle_memory_task_bytes`), e.g. 256M; 0 writes every output to a file.
+    #[arg(long, env = "VOLLEY_SHUFFLE_MEMORY", value_parser = parse_bytes, default_value = "256M")]
+    shuffle_memory: usize,
     /// Folder or object-store URL prefix (`s3://bucket/prefix`) tasks may read and write table
     /// files under (repeatable; default: the working directory). Give executors the
     /// scheduler's --allowed-path roots.
@@ -262,6 +266,7 @@ async fn run_executor(args: ExecutorArgs) -> Result<(), String> {
     config.insecure = args.insecure;
     config.max_message_size = args.security.max_message_size;
     config.memory_limit = args.memory_limit;
+    config.shuffle_memory = args.shuffle_memory;
     config.enable_test_hooks = args.enable_test_hooks;
     config.allowed_paths = Some(args.allowed_paths);
     let handle = start_executor(config).await.map_err(|e| e.to_string())?;

@@ -277,6 +277,7 @@ impl VolleyClient {
                     volley_core::security::is_loopback_host(&location.host).then(|| LocalReads {
                         executor_id: String::new(),
                         host: location.host.clone(),
+                        memory: None,
                     });
                 read_partition_location(location, local, 0, security.clone())
             })

@@ -142,6 +142,11 @@ impl EmbeddedCluster {
         self.executors.iter().map(|e| e.id().to_string()).collect()
     }
 
+    /// Shuffle outputs the executors hold in memory now (see `--shuffle-memory`).
+    pub fn outputs_in_memory(&self) -> usize {
+        self.executors.iter().map(|e| e.outputs_in_memory()).sum()
+    }
+
     /// Root of the executors' work dirs (one folder per executor).
     pub fn work_dir(&self) -> &std::path::Path {
         self.work_dir.path()

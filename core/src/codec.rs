@@ -358,6 +358,7 @@ mod tests {
             num_rows: 10 + u64::from(map),
             num_bytes: 1000,
             grant: String::new(),
+            in_memory: map == 1,
         };
         let hash = Partitioning::Hash(vec![Arc::new(Column::new("a", 0))], 2);
         let reader = Arc::new(ShuffleReaderExec::with_locations(

@@ -70,6 +70,10 @@ extensions_options! {
         /// instead of as a broadcast stage when its files' bytes times the join's task count
         /// are at most this (0: always a broadcast stage).
         pub inline_build_bytes: u64, default = 16 * 1024 * 1024
+        /// A map task whose whole output (Arrow IPC bytes, all buckets) is at most this is
+        /// kept in its executor's memory (up to the executor's `--shuffle-memory`) instead of
+        /// files (0: always files).
+        pub shuffle_memory_task_bytes: u64, default = 4 * 1024 * 1024
     }
 }
 
@@ -212,6 +216,8 @@ pub struct TaskEnv {
     pub security: crate::security::Security,
     /// The executor honours `volley.test_*` hooks (`--enable-test-hooks`).
     pub test_hooks: bool,
+    /// The executor's in-memory shuffle outputs (None: every output is a file).
+    pub memory: Option<std::sync::Arc<crate::shuffle::MemoryShuffle>>,
 }
 
 /// The session configuration Volley plans and executes with.

@@ -1,8 +1,10 @@
-//! Arrow Flight `do_get` serving shuffle files from the work dir.
+//! Arrow Flight `do_get` serving shuffle files from the work dir and the outputs held in
+//! memory.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::{
@@ -14,6 +16,7 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use volley_core::grant::{grant_matches, parse_ticket};
 use volley_core::security::{Role, role};
+use volley_core::shuffle::MemoryShuffle;
 
 /// Bytes of a shuffle file per Flight message.
 const CHUNK_BYTES: usize = 1024 * 1024;
@@ -30,20 +33,34 @@ pub struct ShuffleFlightService {
     work_dir: PathBuf,
     chunk_bytes: usize,
     cluster_token: Option<String>,
+    memory: Arc<MemoryShuffle>,
+}
+
+/// What a ticket reads.
+enum Source {
+    File(PathBuf),
+    Memory(Bytes),
 }
 
 impl ShuffleFlightService {
-    pub fn new(work_dir: PathBuf, max_message_size: usize, cluster_token: Option<String>) -> Self {
+    pub fn new(
+        work_dir: PathBuf,
+        max_message_size: usize,
+        cluster_token: Option<String>,
+        memory: Arc<MemoryShuffle>,
+    ) -> Self {
         Self {
             work_dir,
             chunk_bytes: CHUNK_BYTES.min(max_message_size / 2).max(4096),
             cluster_token,
+            memory,
         }
     }
 
-    /// The file a ticket may read. Every refusal reads the same, whether the file is missing,
-    /// outside the work dir or not granted, so a caller learns nothing about other paths.
-    fn checked_path(&self, ticket: &[u8], role: Option<Role>) -> Result<PathBuf, Status> {
+    /// The output a ticket may read: held in memory under its path, or the file. Every
+    /// refusal reads the same, whether the output is missing, outside the work dir or not
+    /// granted, so a caller learns nothing about other paths.
+    fn checked_source(&self, ticket: &[u8], role: Option<Role>) -> Result<Source, Status> {
         let refused = || Status::not_found("no such shuffle file for this ticket");
         let (path, grant) = parse_ticket(ticket).ok_or_else(refused)?;
         let allowed = match role {
@@ -57,6 +74,9 @@ impl ShuffleFlightService {
         if !allowed {
             return Err(refused());
         }
+        if let Some(bytes) = self.memory.get(path) {
+            return Ok(Source::Memory(bytes));
+        }
         let path = Path::new(path);
         let canonical = path.canonicalize().map_err(|_| refused())?;
         let root = self
@@ -66,7 +86,7 @@ impl ShuffleFlightService {
         if !canonical.starts_with(&root) || !canonical.is_file() {
             return Err(refused());
         }
-        Ok(canonical)
+        Ok(Source::File(canonical))
     }
 }
 
@@ -85,11 +105,25 @@ impl FlightService for ShuffleFlightService {
         request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
         let role = role(&request);
-        let path = self.checked_path(&request.into_inner().ticket, role)?;
+        let chunk_bytes = self.chunk_bytes;
+        let path = match self.checked_source(&request.into_inner().ticket, role)? {
+            Source::File(path) => path,
+            Source::Memory(bytes) => {
+                // Already an Arrow IPC stream: its bytes go out in chunks, as a file's do.
+                let chunks = (0..bytes.len().div_ceil(chunk_bytes)).map(move |i| {
+                    let end = ((i + 1) * chunk_bytes).min(bytes.len());
+                    Ok(FlightData {
+                        app_metadata: Bytes::from_static(IPC_CHUNK),
+                        data_body: bytes.slice(i * chunk_bytes..end),
+                        ..FlightData::default()
+                    })
+                });
+                return Ok(Response::new(futures::stream::iter(chunks).boxed()));
+            }
+        };
         // The file already is an Arrow IPC stream: send its bytes as they are, in chunks,
         // instead of decoding and re-encoding every batch. The reader feeds them to an IPC
         // stream decoder.
-        let chunk_bytes = self.chunk_bytes;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<FlightData, Status>>(4);
         tokio::task::spawn_blocking(move || {
             let mut file = match File::open(&path) {

@@ -19,6 +19,7 @@ use volley_core::codec::VolleyCodec;
 use volley_core::config::{TaskEnv, VolleyOptions, base_session_config};
 use volley_core::plan::ShuffleWriterExec;
 use volley_core::protobuf as pb;
+use volley_core::shuffle::MemoryShuffle;
 use volley_core::stores::redact::redact_values;
 use volley_core::stores::{StoreCache, StoreOptions, StoreScope};
 
@@ -37,6 +38,8 @@ pub struct TaskRunner {
     pub security: volley_core::security::Security,
     /// Honour the `volley.test_*` hooks (`--enable-test-hooks`).
     pub test_hooks: bool,
+    /// Small shuffle outputs held in memory (see [`MemoryShuffle`]).
+    pub memory: Arc<MemoryShuffle>,
 }
 
 /// Longest a task waits for a test hold to be released: only a guard against a test that
@@ -153,6 +156,7 @@ impl TaskRunner {
             attempt: task.attempt,
             security: self.security.clone(),
             test_hooks: self.test_hooks,
+            memory: Some(Arc::clone(&self.memory)),
         }));
         let mut ctx = TaskContext::from(&self.base_state);
         if !def.stores.is_empty() {
@@ -240,6 +244,7 @@ impl TaskRunner {
                 path: w.path.display().to_string(),
                 num_rows: w.num_rows,
                 num_bytes: w.num_bytes,
+                in_memory: w.in_memory,
             })
             .collect();
         Ok((partitions, operator_metrics(&plan)))

@@ -24,6 +24,7 @@ use volley_core::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
 use volley_core::protobuf::{self as pb};
 use volley_core::sandbox::Sandbox;
 use volley_core::security::{AuthChannel, Security, require_cluster};
+use volley_core::shuffle::MemoryShuffle;
 use volley_core::stores::{StoreCache, StoreScope};
 use volley_core::{Result, VolleyError};
 
@@ -31,6 +32,9 @@ use crate::flight::ShuffleFlightService;
 use crate::heartbeat::{AttemptKey, Beat, Heartbeat, Reporter, backoff};
 use crate::runner::TaskRunner;
 use crate::work_dir::WorkDir;
+
+/// Default cap on the shuffle outputs an executor holds in memory.
+pub const DEFAULT_SHUFFLE_MEMORY: usize = 256 * 1024 * 1024;
 
 /// How long a graceful shutdown waits for running tasks.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -64,6 +68,8 @@ pub struct ExecutorConfig {
     pub allowed_paths: Option<Vec<String>>,
     /// Allow a non-loopback address without a token.
     pub insecure: bool,
+    /// Most bytes of small shuffle outputs held in memory instead of files (0: none).
+    pub shuffle_memory: usize,
 }
 
 impl ExecutorConfig {
@@ -82,6 +88,7 @@ impl ExecutorConfig {
             enable_test_hooks: false,
             allowed_paths: None,
             insecure: false,
+            shuffle_memory: DEFAULT_SHUFFLE_MEMORY,
         }
     }
 }
@@ -299,6 +306,7 @@ impl ExecutorGrpc for ExecutorService {
             return Err(Status::invalid_argument(format!("bad job id {job_id:?}")));
         }
         let dir = self.inner.work_dir.path().join(&job_id);
+        self.inner.runner.memory.remove_under(&dir);
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -326,6 +334,11 @@ pub struct ExecutorHandle {
 }
 
 impl ExecutorHandle {
+    /// Shuffle outputs this executor holds in memory now.
+    pub fn outputs_in_memory(&self) -> usize {
+        self.inner.runner.memory.len()
+    }
+
     /// Executor id.
     pub fn id(&self) -> &str {
         &self.id
@@ -417,6 +430,7 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
     // The same size checks as constant folding on the scheduler (plans name functions).
     volley_core::functions::guard_functions(&mut base_state)?;
     let (reporter, reports) = Reporter::channel();
+    let memory = MemoryShuffle::new(config.shuffle_memory);
     let inner = Arc::new(ExecutorInner {
         id: id.clone(),
         work_dir,
@@ -429,6 +443,7 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
             stores,
             security: config.security.clone(),
             test_hooks: config.enable_test_hooks,
+            memory: Arc::clone(&memory),
         },
         slots: Arc::new(Semaphore::new(config.slots.max(1))),
         running: Mutex::new(HashMap::new()),
@@ -456,6 +471,7 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
             work_path,
             config.max_message_size,
             config.security.cluster_token().map(str::to_string),
+            memory,
         ))
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size),

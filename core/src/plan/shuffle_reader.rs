@@ -183,18 +183,28 @@ impl ExecutionPlan for ShuffleReaderExec {
         let local = env.as_ref().map(|env| LocalReads {
             executor_id: env.executor_id.clone(),
             host: env.host.clone(),
+            memory: env.memory.clone(),
         });
         let security = env.map(|env| env.security.clone()).unwrap_or_default();
-        let on_disk = locations
-            .iter()
-            .filter(|l| local.as_ref().is_some_and(|local| local.reads_from_disk(l)))
-            .count();
+        let count = |read: fn(&LocalReads, &PartitionLocation) -> bool| {
+            locations
+                .iter()
+                .filter(|l| local.as_ref().is_some_and(|local| read(local, l)))
+                .count()
+        };
+        let (on_disk, in_memory) = (
+            count(LocalReads::reads_from_disk),
+            count(LocalReads::reads_from_memory),
+        );
         MetricBuilder::new(&self.metrics)
             .counter("disk_reads", partition)
             .add(on_disk);
         MetricBuilder::new(&self.metrics)
+            .counter("memory_reads", partition)
+            .add(in_memory);
+        MetricBuilder::new(&self.metrics)
             .counter("flight_fetches", partition)
-            .add(locations.len() - on_disk);
+            .add(locations.len() - on_disk - in_memory);
         let stage_id = self.stage_id;
         let stream = futures::stream::iter(locations)
             .map(move |location| {

@@ -18,7 +18,7 @@ use datafusion::physical_plan::{
 };
 
 use crate::config::{TaskEnv, VolleyOptions};
-use crate::shuffle::{ShuffleFileWriter, WrittenPartition};
+use crate::shuffle::{MemoryBudget, ShuffleFileWriter, WrittenPartition};
 use crate::{Result, VolleyError};
 
 /// Writes partition `p` of its input to shuffle files: hash/round-robin split into buckets when
@@ -123,15 +123,18 @@ impl ShuffleWriterExec {
             .join(self.stage_id.to_string())
             .join(format!("{partition}-{}", env.attempt));
         let batch_size = context.session_config().batch_size();
-        let compression = match context
+        let options = context
             .session_config()
             .options()
             .extensions
             .get::<VolleyOptions>()
-        {
-            Some(options) => options.compression()?,
-            None => VolleyOptions::default().compression()?,
-        };
+            .cloned()
+            .unwrap_or_default();
+        let compression = options.compression()?;
+        let memory = env.memory.as_ref().map(|store| MemoryBudget {
+            store: Arc::clone(store),
+            task_bytes: usize::try_from(options.shuffle_memory_task_bytes).unwrap_or(usize::MAX),
+        });
         let stream = self.input.execute(partition, Arc::clone(&context))?;
         let writer = ShuffleFileWriter::try_new(
             dir,
@@ -141,7 +144,8 @@ impl ShuffleWriterExec {
             self.input.output_partitioning().partition_count(),
             batch_size,
             compression,
-        )?;
+        )?
+        .with_memory(memory);
         writer.write_stream(stream).await
     }
 

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::path::PathBuf;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use arrow_flight::Ticket;
@@ -18,6 +18,7 @@ use futures::{StreamExt, TryStreamExt};
 use tonic::transport::Channel;
 
 use super::PartitionLocation;
+use super::memory::MemoryShuffle;
 use crate::security::Security;
 use crate::{Result, VolleyError};
 
@@ -317,14 +318,35 @@ pub struct LocalReads {
     /// when this process provably shares the producer's file system (the producer's marker
     /// is in the file's work dir), over Flight otherwise.
     pub host: String,
+    /// Its in-memory shuffle outputs: its own ones are read from there.
+    pub memory: Option<Arc<MemoryShuffle>>,
 }
 
 impl LocalReads {
     /// True when `location` is read from disk rather than fetched over Flight.
     pub fn reads_from_disk(&self, location: &PartitionLocation) -> bool {
-        self.executor_id == location.executor_id
-            || (self.host == location.host && super::location::written_here(location))
+        !location.in_memory
+            && (self.executor_id == location.executor_id
+                || (self.host == location.host && super::location::written_here(location)))
     }
+
+    /// True when `location` is this executor's own output held in its memory.
+    pub fn reads_from_memory(&self, location: &PartitionLocation) -> bool {
+        location.in_memory && self.executor_id == location.executor_id && self.memory.is_some()
+    }
+}
+
+/// The batches of an output held in `store`; one that is gone (its job's data was removed)
+/// is an error like a missing file.
+fn read_memory(
+    store: &MemoryShuffle,
+    path: &str,
+) -> Result<BoxStream<'static, Result<RecordBatch>>> {
+    let bytes = store
+        .get(path)
+        .ok_or_else(|| VolleyError::Internal(format!("shuffle output {path} is not held here")))?;
+    let batches = super::memory::decode_stream(bytes)?;
+    Ok(futures::stream::iter(batches.into_iter().map(Ok)).boxed())
 }
 
 /// Batches of one shuffle file; files on this host are read without the network.
@@ -346,9 +368,14 @@ pub fn read_partition_location(
             }))
         }
     };
-    let is_local = local.is_some_and(|local| local.reads_from_disk(&location));
+    let is_local = local.as_ref().is_some_and(|l| l.reads_from_disk(&location));
+    let memory = local
+        .filter(|l| l.reads_from_memory(&location))
+        .and_then(|l| l.memory);
     let stream = async move {
-        if is_local {
+        if let Some(store) = memory {
+            read_memory(&store, &location.path)
+        } else if is_local {
             Ok(read_local_file(PathBuf::from(&location.path)))
         } else {
             fetch_remote(&location, &security).await

@@ -41,6 +41,8 @@ pub struct PartitionLocation {
     pub num_bytes: u64,
     /// The scheduler's grant for a client to read this result file (empty between stages).
     pub grant: String,
+    /// Held in the producer's memory, not in a file: read from its store or over Flight.
+    pub in_memory: bool,
 }
 
 impl From<&PartitionLocation> for protobuf::PartitionLocation {
@@ -55,6 +57,7 @@ impl From<&PartitionLocation> for protobuf::PartitionLocation {
             num_rows: l.num_rows,
             num_bytes: l.num_bytes,
             grant: l.grant.clone(),
+            in_memory: l.in_memory,
         }
     }
 }
@@ -79,6 +82,7 @@ impl TryFrom<&protobuf::PartitionLocation> for PartitionLocation {
             num_rows: l.num_rows,
             num_bytes: l.num_bytes,
             grant: l.grant.clone(),
+            in_memory: l.in_memory,
         })
     }
 }

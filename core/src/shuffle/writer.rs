@@ -1,11 +1,13 @@
 //! Writes one map task's output as compressed Arrow IPC stream files, one per output bucket.
 //!
 //! Partitioning and IPC encoding are CPU-bound, so they run on rayon's pool and the tokio
-//! threads only pull batches from the input stream.
+//! threads only pull batches from the input stream. A task whose whole output stays under its
+//! memory budget writes no file: its buckets go to the executor's [`MemoryShuffle`].
 
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::compute::BatchCoalescer;
@@ -17,6 +19,7 @@ use datafusion::physical_plan::repartition::BatchPartitioner;
 use datafusion::physical_plan::{Partitioning, SendableRecordBatchStream};
 use futures::StreamExt;
 
+use super::memory::MemoryShuffle;
 use crate::{Result, VolleyError};
 
 /// One file written by a map task.
@@ -28,14 +31,57 @@ pub struct WrittenPartition {
     pub path: PathBuf,
     /// Rows written.
     pub num_rows: u64,
-    /// Bytes on disk.
+    /// Bytes on disk (or in memory).
     pub num_bytes: u64,
+    /// Held in the executor's memory, not in a file.
+    pub in_memory: bool,
+}
+
+/// Where a bucket's IPC stream goes: memory until the task's budget is spent, then its file.
+enum Sink {
+    Memory(Vec<u8>),
+    File(BufWriter<File>),
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::Memory(bytes) => bytes.write(buf),
+            Sink::File(file) => file.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Memory(_) => Ok(()),
+            Sink::File(file) => file.flush(),
+        }
+    }
+}
+
+impl Sink {
+    fn buffered(&self) -> usize {
+        match self {
+            Sink::Memory(bytes) => bytes.len(),
+            Sink::File(_) => 0,
+        }
+    }
+}
+
+/// Open the file at `path` (creating its folder) with `head` already written to it.
+fn spill(path: &Path, head: &[u8]) -> Result<BufWriter<File>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = BufWriter::with_capacity(256 * 1024, private_file(path)?);
+    file.write_all(head)?;
+    Ok(file)
 }
 
 struct Bucket {
     path: PathBuf,
     coalescer: BatchCoalescer,
-    writer: StreamWriter<BufWriter<File>>,
+    writer: StreamWriter<Sink>,
     num_rows: u64,
 }
 
@@ -49,24 +95,70 @@ impl Bucket {
         Ok(())
     }
 
-    fn finish(mut self, output_partition: u32) -> Result<WrittenPartition> {
+    /// Move what is buffered in memory to the bucket's file.
+    fn spill(&mut self) -> Result<()> {
+        let sink = self.writer.get_mut();
+        if let Sink::Memory(bytes) = sink {
+            *sink = Sink::File(spill(&self.path, bytes)?);
+        }
+        Ok(())
+    }
+
+    fn finish(
+        mut self,
+        output_partition: u32,
+        memory: Option<&MemoryShuffle>,
+    ) -> Result<WrittenPartition> {
         self.coalescer.finish_buffered_batch()?;
         while let Some(done) = self.coalescer.next_completed_batch() {
             self.writer.write(&done)?;
         }
         self.writer.finish()?;
+        let file = match self.writer.into_inner()? {
+            Sink::Memory(bytes) => {
+                let num_bytes = bytes.len() as u64;
+                let refused = match memory {
+                    Some(store) => store.try_insert(&self.path, bytes),
+                    None => Err(bytes),
+                };
+                match refused {
+                    Ok(()) => {
+                        return Ok(WrittenPartition {
+                            output_partition,
+                            path: self.path,
+                            num_rows: self.num_rows,
+                            num_bytes,
+                            in_memory: true,
+                        });
+                    }
+                    // The store is full: the bytes go to the file after all.
+                    Err(bytes) => spill(&self.path, &bytes)?,
+                }
+            }
+            Sink::File(file) => file,
+        };
         // No fsync: shuffle files only need to outlive this executor process, and a crashed
         // machine loses its executor (and its output) anyway.
-        let mut file = self.writer.into_inner()?;
-        std::io::Write::flush(&mut file)?;
+        let mut file = file;
+        file.flush()?;
         let num_bytes = std::fs::metadata(&self.path)?.len();
         Ok(WrittenPartition {
             output_partition,
             path: self.path,
             num_rows: self.num_rows,
             num_bytes,
+            in_memory: false,
         })
     }
+}
+
+/// A task's memory budget for its output and the store it goes to.
+#[derive(Debug, Clone)]
+pub struct MemoryBudget {
+    /// The executor's store.
+    pub store: Arc<MemoryShuffle>,
+    /// Most bytes of IPC output (all buckets together) a task keeps in memory.
+    pub task_bytes: usize,
 }
 
 /// Splits a map task's batches into buckets and writes each bucket to its own file.
@@ -77,10 +169,13 @@ pub struct ShuffleFileWriter {
     buckets: Vec<Option<Bucket>>,
     batch_size: usize,
     compression: Option<CompressionType>,
+    /// Where output under budget goes; None (or spent) writes files.
+    memory: Option<MemoryBudget>,
 }
 
 impl ShuffleFileWriter {
-    /// A writer into `dir`. `partitioning` None writes everything to bucket 0.
+    /// A writer into `dir` (created when the first file is). `partitioning` None writes
+    /// everything to bucket 0.
     pub fn try_new(
         dir: PathBuf,
         schema: SchemaRef,
@@ -103,7 +198,6 @@ impl ShuffleFileWriter {
             }
             None => (None, 1),
         };
-        std::fs::create_dir_all(&dir)?;
         Ok(Self {
             dir,
             schema,
@@ -111,7 +205,34 @@ impl ShuffleFileWriter {
             buckets: (0..count).map(|_| None).collect(),
             batch_size: batch_size.max(1),
             compression,
+            memory: None,
         })
+    }
+
+    /// Keep output in `budget.store` while all buckets together stay under its budget.
+    pub fn with_memory(mut self, budget: Option<MemoryBudget>) -> Self {
+        self.memory = budget.filter(|b| b.task_bytes > 0);
+        self
+    }
+
+    /// Once the buckets buffered in memory pass the budget, all of them go to files.
+    fn check_budget(&mut self) -> Result<()> {
+        let Some(budget) = &self.memory else {
+            return Ok(());
+        };
+        let buffered: usize = self
+            .buckets
+            .iter()
+            .flatten()
+            .map(|b| b.writer.get_ref().buffered())
+            .sum();
+        if buffered > budget.task_bytes {
+            self.memory = None;
+            for bucket in self.buckets.iter_mut().flatten() {
+                bucket.spill()?;
+            }
+        }
+        Ok(())
     }
 
     fn bucket(&mut self, index: usize) -> Result<&mut Bucket> {
@@ -122,8 +243,11 @@ impl ShuffleFileWriter {
         if slot.is_none() {
             let path = self.dir.join(format!("part-{index}.arrow"));
             let options = IpcWriteOptions::default().try_with_compression(self.compression)?;
-            let file = BufWriter::with_capacity(256 * 1024, private_file(&path)?);
-            let writer = StreamWriter::try_new_with_options(file, &self.schema, options)?;
+            let sink = match self.memory {
+                Some(_) => Sink::Memory(Vec::new()),
+                None => Sink::File(spill(&path, &[])?),
+            };
+            let writer = StreamWriter::try_new_with_options(sink, &self.schema, options)?;
             *slot = Some(Bucket {
                 path,
                 coalescer: BatchCoalescer::new(
@@ -144,7 +268,7 @@ impl ShuffleFileWriter {
             return Ok(());
         }
         match self.partitioner.take() {
-            None => self.bucket(0)?.push(batch),
+            None => self.bucket(0)?.push(batch)?,
             Some(mut partitioner) => {
                 let mut pieces = Vec::new();
                 let result = partitioner.partition(batch, |index, piece| {
@@ -158,19 +282,20 @@ impl ShuffleFileWriter {
                         self.bucket(index)?.push(piece)?;
                     }
                 }
-                Ok(())
             }
         }
+        self.check_budget()
     }
 
     /// Flush every bucket; returns the files written (buckets with no rows write no file).
     pub fn finish(self) -> Result<Vec<WrittenPartition>> {
         let mut written = Vec::new();
+        let memory = self.memory.as_ref().map(|b| b.store.as_ref());
         for (index, bucket) in self.buckets.into_iter().enumerate() {
             if let Some(bucket) = bucket {
                 let index = u32::try_from(index)
                     .map_err(|_| VolleyError::Internal("too many buckets".to_string()))?;
-                written.push(bucket.finish(index)?);
+                written.push(bucket.finish(index, memory)?);
             }
         }
         Ok(written)

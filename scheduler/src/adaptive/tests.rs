@@ -67,6 +67,7 @@ fn finish(
                 num_rows: 1,
                 num_bytes: bytes(map, bucket),
                 grant: String::new(),
+                in_memory: false,
             })
             .collect();
         task.state = TaskState::Succeeded {

@@ -70,7 +70,13 @@ fn running(state: &ClusterState, stage: u32, partition: usize) -> (String, u32) 
 
 fn succeeded() -> TaskOutcome {
     TaskOutcome::Succeeded {
-        outputs: vec![(0, "j/1/0/data.arrow".into(), 10, 100)],
+        outputs: vec![crate::job::TaskOutput {
+            output_partition: 0,
+            path: "j/1/0/data.arrow".into(),
+            num_rows: 10,
+            num_bytes: 100,
+            in_memory: false,
+        }],
         elapsed: Duration::from_millis(5),
         metrics: Vec::new(),
     }

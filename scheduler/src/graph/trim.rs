@@ -26,13 +26,17 @@ use volley_core::plan::ShuffleWriterExec;
 pub struct ResolvedPlan {
     /// The whole stage plan, encoded.
     pub bytes: Arc<Vec<u8>>,
-    per_task: Option<Arc<dyn ExecutionPlan>>,
+    /// The whole plan and its hollow copy (see [`hollow`]), when trimmed per task.
+    per_task: Option<(Arc<dyn ExecutionPlan>, Arc<dyn ExecutionPlan>)>,
 }
 
 impl ResolvedPlan {
     /// Encode `plan` (and keep it when its scans list many files: see [`worth_trimming`]).
     pub fn new(plan: Arc<dyn ExecutionPlan>) -> Result<Self> {
-        let per_task = worth_trimming(&plan).then(|| Arc::clone(&plan));
+        let per_task = match worth_trimming(&plan) {
+            true => Some((Arc::clone(&plan), hollow(&plan)?)),
+            false => None,
+        };
         Ok(Self {
             bytes: Arc::new(VolleyCodec::encode_plan(plan)?),
             per_task,
@@ -42,10 +46,10 @@ impl ResolvedPlan {
     /// The encoded plan task `partition` runs (the whole stage plan if a copy of its own fails
     /// to build, which it should not: the whole plan encoded).
     pub fn for_partition(&self, partition: usize) -> Arc<Vec<u8>> {
-        let Some(plan) = &self.per_task else {
+        let Some((plan, hollow)) = &self.per_task else {
             return Arc::clone(&self.bytes);
         };
-        match to_partition(plan, partition).and_then(VolleyCodec::encode_plan) {
+        match fill(plan, hollow, partition).and_then(VolleyCodec::encode_plan) {
             Ok(bytes) => Arc::new(bytes),
             Err(e) => {
                 tracing::warn!(partition, error = %e, "cannot trim a task's plan; sending the stage's");
@@ -74,21 +78,19 @@ pub fn to_partition(
     plan: &Arc<dyn ExecutionPlan>,
     partition: usize,
 ) -> Result<Arc<dyn ExecutionPlan>> {
+    fill(plan, &hollow(plan)?, partition)
+}
+
+/// `plan` with every trimmed scan's file groups emptied (same count): built once per stage,
+/// so each task's copy clones empty groups, not the whole file list.
+pub fn hollow(plan: &Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
     if let Some(scan) = file_scan(plan) {
-        if scan.file_groups.len() < MIN_GROUPS || partition >= scan.file_groups.len() {
+        if scan.file_groups.len() < MIN_GROUPS {
             return Ok(Arc::clone(plan));
         }
-        let mut own = scan.clone();
-        own.file_groups = scan
-            .file_groups
-            .iter()
-            .enumerate()
-            .map(|(i, group)| match i == partition {
-                true => group.clone(),
-                false => FileGroup::new(Vec::new()),
-            })
-            .collect();
-        let exec = Arc::unwrap_or_clone(DataSourceExec::from_data_source(own))
+        let mut empty = scan.clone();
+        empty.file_groups = vec![FileGroup::new(Vec::new()); scan.file_groups.len()];
+        let exec = Arc::unwrap_or_clone(DataSourceExec::from_data_source(empty))
             .with_partitioning(plan.output_partitioning().clone());
         return Ok(Arc::new(exec));
     }
@@ -101,9 +103,49 @@ pub fn to_partition(
         .into_iter()
         .enumerate()
         .map(|(i, child)| match follow.contains(&i) {
-            true => to_partition(child, partition),
+            true => hollow(child),
             false => Ok(Arc::clone(child)),
         })
+        .collect::<Result<Vec<_>>>()?;
+    replace_children_if_necessary(Arc::clone(plan), children)
+}
+
+/// The hollow copy of `plan` with partition `partition`'s file groups put back.
+fn fill(
+    plan: &Arc<dyn ExecutionPlan>,
+    hollow: &Arc<dyn ExecutionPlan>,
+    partition: usize,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    if let (Some(scan), Some(empty)) = (file_scan(plan), file_scan(hollow)) {
+        if scan.file_groups.len() < MIN_GROUPS || partition >= scan.file_groups.len() {
+            return Ok(Arc::clone(plan));
+        }
+        let mut own = empty.clone();
+        if let (Some(slot), Some(group)) = (
+            own.file_groups.get_mut(partition),
+            scan.file_groups.get(partition),
+        ) {
+            *slot = group.clone();
+        }
+        let exec = Arc::unwrap_or_clone(DataSourceExec::from_data_source(own))
+            .with_partitioning(plan.output_partitioning().clone());
+        return Ok(Arc::new(exec));
+    }
+    let follow = followed(plan);
+    if follow.is_empty() {
+        return Ok(Arc::clone(plan));
+    }
+    let hollow_children = hollow.children();
+    let children = plan
+        .children()
+        .into_iter()
+        .enumerate()
+        .map(
+            |(i, child)| match (follow.contains(&i), hollow_children.get(i)) {
+                (true, Some(empty)) => fill(child, empty, partition),
+                _ => Ok(Arc::clone(child)),
+            },
+        )
         .collect::<Result<Vec<_>>>()?;
     replace_children_if_necessary(Arc::clone(plan), children)
 }

@@ -40,7 +40,9 @@ pub mod task;
 
 pub use edit::{Decision, StageEdit, TaskRead};
 pub use stage::{StagePhase, StageStatus};
-pub use task::{MAX_TASK_CRASHES, Requeue, TaskInfo, TaskLaunch, TaskOutcome, TaskState};
+pub use task::{
+    MAX_TASK_CRASHES, Requeue, TaskInfo, TaskLaunch, TaskOutcome, TaskOutput, TaskState,
+};
 
 /// Longest statement text a job record keeps (history of 1,000 jobs of megabyte statements
 /// would otherwise hold gigabytes and make `/api/jobs` answers huge).

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use volley_core::shuffle::PartitionLocation;
 
 use crate::config::SchedulerPolicy;
-use crate::job::task::{Requeue, TaskOutcome, TaskState};
+use crate::job::task::{Requeue, TaskOutcome, TaskOutput, TaskState};
 use crate::job::{Job, JobState};
 
 /// Where the executor that ran an attempt serves its files.
@@ -101,7 +101,7 @@ impl Job {
         origin: Origin<'_>,
         stage_id: u32,
         partition: u32,
-        outputs: Vec<(u32, String, u64, u64)>,
+        outputs: Vec<TaskOutput>,
         metrics: Vec<Vec<(String, u64)>>,
         elapsed: std::time::Duration,
     ) -> bool {
@@ -126,19 +126,18 @@ impl Job {
         }
         let outputs = outputs
             .into_iter()
-            .map(
-                |(output_partition, path, num_rows, num_bytes)| PartitionLocation {
-                    executor_id: origin.executor_id.to_string(),
-                    host: origin.host.to_string(),
-                    flight_port: origin.port,
-                    path,
-                    map_partition: partition,
-                    output_partition,
-                    num_rows,
-                    num_bytes,
-                    grant: String::new(),
-                },
-            )
+            .map(|o| PartitionLocation {
+                executor_id: origin.executor_id.to_string(),
+                host: origin.host.to_string(),
+                flight_port: origin.port,
+                path: o.path,
+                map_partition: partition,
+                output_partition: o.output_partition,
+                num_rows: o.num_rows,
+                num_bytes: o.num_bytes,
+                grant: String::new(),
+                in_memory: o.in_memory,
+            })
             .collect();
         if let Some(task) = stage.tasks.get_mut(partition as usize) {
             task.spilled_bytes = spilled;

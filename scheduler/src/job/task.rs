@@ -169,13 +169,28 @@ pub struct TaskLaunch {
     pub span: tracing::Span,
 }
 
+/// One shuffle output a task reported.
+#[derive(Debug, Clone)]
+pub struct TaskOutput {
+    /// Output bucket.
+    pub output_partition: u32,
+    /// Path of the file (or of the output held in the executor's memory).
+    pub path: String,
+    /// Rows.
+    pub num_rows: u64,
+    /// Bytes.
+    pub num_bytes: u64,
+    /// Held in the executor's memory, not a file.
+    pub in_memory: bool,
+}
+
 /// How a task attempt ended, as reported by its executor.
 #[derive(Debug, Clone)]
 pub enum TaskOutcome {
-    /// It wrote these files.
+    /// It wrote these outputs.
     Succeeded {
-        /// Files written: (output partition, path, rows, bytes).
-        outputs: Vec<(u32, String, u64, u64)>,
+        /// Outputs written.
+        outputs: Vec<TaskOutput>,
         /// Duration.
         elapsed: Duration,
         /// Operator metrics (pre-order): name, value.

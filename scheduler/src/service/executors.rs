@@ -13,7 +13,7 @@ use volley_core::protobuf as pb;
 use volley_core::security::require_cluster;
 
 use crate::cluster::AttemptKey;
-use crate::job::TaskOutcome;
+use crate::job::{TaskOutcome, TaskOutput};
 use crate::service::{RECONCILE_GRACE, SchedulerService, new_id, speaks_for};
 
 impl SchedulerService {
@@ -208,7 +208,13 @@ impl SchedulerService {
                             outputs: s
                                 .partitions
                                 .into_iter()
-                                .map(|p| (p.output_partition, p.path, p.num_rows, p.num_bytes))
+                                .map(|p| TaskOutput {
+                                    output_partition: p.output_partition,
+                                    path: p.path,
+                                    num_rows: p.num_rows,
+                                    num_bytes: p.num_bytes,
+                                    in_memory: p.in_memory,
+                                })
                                 .collect(),
                             elapsed: Duration::from_millis(s.elapsed_ms),
                             metrics: s

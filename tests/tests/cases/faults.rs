@@ -221,9 +221,20 @@ async fn sigkill_executor_during_shuffle_stage_keeps_exact_answer() {
     exact_with_retries_fails_without(kill_in_map_stage, "q3 after SIGKILL", "was lost").await;
 }
 
-/// SIGKILL the executor holding finished map output while the consumer stage waits to read it.
-async fn kill_after_map_output(retries: bool) -> Result<(Vec<Row>, u32), String> {
+/// SIGKILL the executor holding finished map output while the consumer stage waits to read it
+/// (with its work dir too when `disk`). `memory` false writes every map output to a file.
+async fn kill_after_map_output(
+    retries: bool,
+    disk: bool,
+    memory: bool,
+) -> Result<(Vec<Row>, u32), String> {
     let (mut cluster, client) = cluster(3, retries).await;
+    if !memory {
+        client
+            .sql("SET volley.shuffle_memory_task_bytes = 0")
+            .await
+            .unwrap();
+    }
     // Stage 2 is held until stage 1's output is gone.
     let hold = Hold::new(2).unwrap();
     client.sql(&hold.set_sql()).await.unwrap();
@@ -242,8 +253,13 @@ async fn kill_after_map_output(retries: bool) -> Result<(Vec<Row>, u32), String>
         .map(|t| t.executor_id.clone())
         .unwrap();
     let index = cluster.executor_index(&holder).await.unwrap();
-    // Killing the process alone leaves its files readable by executors on this host.
-    cluster.kill_executor_and_disk(index).unwrap();
+    // Killing the process alone leaves its files readable by executors on this host (not
+    // the outputs it held in memory).
+    if disk {
+        cluster.kill_executor_and_disk(index).unwrap();
+    } else {
+        cluster.kill_executor(index).unwrap();
+    }
     hold.release().unwrap();
     let rows = result(&client, job_id.clone()).await?;
     let attempts = job(&client, &job_id)
@@ -260,14 +276,36 @@ async fn kill_after_map_output(retries: bool) -> Result<(Vec<Row>, u32), String>
 async fn sigkill_executor_holding_map_output_reruns_the_map_stage() {
     volley_tests::init_tracing();
     let (expected, floats) = expected().await;
-    let (actual, attempts) = kill_after_map_output(true)
+    let (actual, attempts) = kill_after_map_output(true, true, false)
         .await
         .expect("query survives the kill");
     assert_same_rows(&expected, &actual, &floats, "q3 after losing map output");
     assert!(attempts >= 2, "stage 1 ran again (attempts = {attempts})");
-    let err = kill_after_map_output(false)
+    let err = kill_after_map_output(false, true, false)
         .await
         .expect_err("without retries the lost output fails the job");
+    assert!(err.contains("lost"), "{err}");
+}
+
+/// Map output held in the executor's memory (the default for small outputs) goes with its
+/// process although its disk survives: the map stage runs again and the answer is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_executor_holding_in_memory_map_output_reruns_the_map_stage() {
+    volley_tests::init_tracing();
+    let (expected, floats) = expected().await;
+    let (actual, attempts) = kill_after_map_output(true, false, true)
+        .await
+        .expect("query survives the kill");
+    assert_same_rows(
+        &expected,
+        &actual,
+        &floats,
+        "q3 after losing in-memory output",
+    );
+    assert!(attempts >= 2, "stage 1 ran again (attempts = {attempts})");
+    let err = kill_after_map_output(false, false, true)
+        .await
+        .expect_err("without retries the lost in-memory output fails the job");
     assert!(err.contains("lost"), "{err}");
 }
 

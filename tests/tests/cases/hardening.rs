@@ -130,6 +130,7 @@ async fn submitted_plans_cannot_carry_shuffle_nodes() {
         num_rows: 1,
         num_bytes: 1,
         grant: String::new(),
+        in_memory: false,
     };
     let hostile = [
         ShuffleReaderExec::new(

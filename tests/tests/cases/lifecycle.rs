@@ -28,6 +28,11 @@ async fn cluster(task_max_attempts: u32) -> (EmbeddedCluster, volley::VolleyClie
     (cluster, client)
 }
 
+/// Shuffle outputs the cluster holds: files in the work dirs and outputs kept in memory.
+fn held(cluster: &EmbeddedCluster) -> usize {
+    volley_tests::files_under(cluster.work_dir()) + cluster.outputs_in_memory()
+}
+
 const QUERY: &str = "SELECT region, count(*) AS n, sum(amount) AS total FROM sales GROUP BY region ORDER BY region NULLS LAST";
 
 fn expected() -> Vec<Vec<String>> {
@@ -141,8 +146,8 @@ async fn cancel_stops_tasks_frees_slots_and_removes_files() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Stage 1 wrote shuffle files by now.
-    let files_before = volley_tests::files_under(cluster.work_dir());
-    assert!(files_before > 0, "stage 1 wrote shuffle files");
+    let files_before = held(&cluster);
+    assert!(files_before > 0, "stage 1 wrote shuffle output");
 
     let cancelled_at = Instant::now();
     assert!(client.cancel(&job_id).await.unwrap());
@@ -159,13 +164,13 @@ async fn cancel_stops_tasks_frees_slots_and_removes_files() {
                 (f + e.free_slots, t + e.slots, r + e.reported_running)
             })
         });
-        if free == slots && reported == 0 && volley_tests::files_under(cluster.work_dir()) == 0 {
+        if free == slots && reported == 0 && held(&cluster) == 0 {
             break;
         }
         assert!(
             cancelled_at.elapsed() < Duration::from_secs(5),
-            "after cancel: free {free}/{slots}, executors report {reported} running, {} files",
-            volley_tests::files_under(cluster.work_dir())
+            "after cancel: free {free}/{slots}, executors report {reported} running, {} outputs",
+            held(&cluster)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -204,11 +209,11 @@ async fn a_failed_job_leaves_no_files() {
         .with_state(|s| s.jobs()[&job_id].stages[&1].output_size().1);
     assert!(wrote > 0, "stage 1 wrote shuffle files");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while volley_tests::files_under(cluster.work_dir()) > 0 {
+    while held(&cluster) > 0 {
         assert!(
             Instant::now() < deadline,
-            "{} files left after the job failed",
-            volley_tests::files_under(cluster.work_dir())
+            "{} outputs left after the job failed",
+            held(&cluster)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -322,4 +327,66 @@ async fn a_retried_task_with_its_own_files_counts_each_row_once() {
         err.contains("task 7 of stage 1 failed after 1 attempts") && err.contains("injected fault"),
         "{err}"
     );
+}
+
+/// A small map output is handed to its consumers from the executor's memory: no file is
+/// written, the answer is the same as with files, and the outputs go with the job. With
+/// `volley.shuffle_memory_task_bytes = 0` the same stage writes files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_shuffle_outputs_stay_in_memory_and_leave_with_their_job() {
+    volley_tests::init_tracing();
+    let (cluster, client) = cluster(1).await;
+    let service = cluster.scheduler().service().clone();
+    let outputs_of_last_job = || {
+        service.with_state(|s| {
+            let job = &s.jobs()[s.job_order().last().unwrap()];
+            job.stages
+                .values()
+                .flat_map(|stage| stage.tasks.iter())
+                .flat_map(|t| match &t.state {
+                    TaskState::Succeeded { outputs, .. } => outputs.clone(),
+                    _ => Vec::new(),
+                })
+                .map(|o| o.in_memory)
+                .collect::<Vec<bool>>()
+        })
+    };
+    for (setting, in_memory) in [("4194304", true), ("0", false)] {
+        client
+            .sql(&format!("SET volley.shuffle_memory_task_bytes = {setting}"))
+            .await
+            .unwrap();
+        let hold = Hold::new(2).unwrap();
+        client.sql(&hold.set_sql()).await.unwrap();
+        let job_id = client.submit(QUERY).await.unwrap();
+        // Stage 2 is held: stage 1's output is where it was put.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !service.with_state(|s| s.jobs()[&job_id].stages[&1].is_complete()) {
+            assert!(Instant::now() < deadline, "stage 1 never finished");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let kinds = outputs_of_last_job();
+        assert!(!kinds.is_empty(), "stage 1 reported outputs");
+        assert!(
+            kinds.iter().all(|&k| k == in_memory),
+            "{setting}: {kinds:?}"
+        );
+        let files = volley_tests::files_under(cluster.work_dir());
+        assert_eq!(cluster.outputs_in_memory() > 0, in_memory, "{setting}");
+        assert_eq!(files > 0, !in_memory, "{setting}: {files} files");
+        hold.release().unwrap();
+        let batches = client.sql_job_rows(&job_id).await.unwrap();
+        assert_eq!(rows(&batches).unwrap(), expected(), "{setting}");
+        client.sql(Hold::clear_sql()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while held(&cluster) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{setting}: {} outputs left",
+                held(&cluster)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    cluster.shutdown().await;
 }

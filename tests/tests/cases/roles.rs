@@ -121,6 +121,7 @@ async fn the_client_token_is_not_cluster_root() {
                 path: "/etc/shadow".to_string(),
                 num_rows: 1,
                 num_bytes: 1,
+                in_memory: false,
             }],
             ..Default::default()
         })),
