@@ -35,6 +35,11 @@ impl VolleyCodec {
         crate::flat::encode(plan, &VolleyCodec)
     }
 
+    /// The entries of `plan`'s encoding, one per operator (see [`crate::flat::encode_entries`]).
+    pub fn encode_entries(plan: Arc<dyn ExecutionPlan>) -> DFResult<Vec<Vec<u8>>> {
+        crate::flat::encode_entries(plan, &VolleyCodec)
+    }
+
     /// Deserialize a physical plan from bytes, resolving functions and object stores in `ctx`.
     /// Bytes from the network may be anything: a panic while decoding them is an error.
     pub fn decode_plan(bytes: &[u8], ctx: &TaskContext) -> DFResult<Arc<dyn ExecutionPlan>> {

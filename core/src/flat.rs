@@ -119,6 +119,38 @@ pub fn encode(
     plan: Arc<dyn ExecutionPlan>,
     codec: &dyn PhysicalExtensionCodec,
 ) -> DFResult<Vec<u8>> {
+    Ok(assemble(encode_entries(plan, codec)?))
+}
+
+/// A flat plan of these entries (see [`encode_entries`]).
+pub fn assemble(nodes: Vec<Vec<u8>>) -> Vec<u8> {
+    protobuf::FlatPlan { nodes }.encode_to_vec()
+}
+
+/// The operators of `plan` in the order of a flat plan's entries: each after its children,
+/// children left to right.
+pub fn post_order(plan: &Arc<dyn ExecutionPlan>) -> Vec<Arc<dyn ExecutionPlan>> {
+    let mut out = Vec::new();
+    let mut stack = vec![(Arc::clone(plan), false)];
+    while let Some((node, expanded)) = stack.pop() {
+        let children: Vec<Arc<dyn ExecutionPlan>> = node.children().into_iter().cloned().collect();
+        if !expanded && !children.is_empty() {
+            stack.push((node, true));
+            stack.extend(children.into_iter().rev().map(|c| (c, false)));
+            continue;
+        }
+        out.push(node);
+    }
+    out
+}
+
+/// The entries of `plan`'s flat plan, entry `i` the operator `i` of [`post_order`]: an entry
+/// names its children by index only, so a caller may swap one leaf's entry for another
+/// leaf's (the same operator with other files) and [`assemble`] the result.
+pub fn encode_entries(
+    plan: Arc<dyn ExecutionPlan>,
+    codec: &dyn PhysicalExtensionCodec,
+) -> DFResult<Vec<Vec<u8>>> {
     let mut nodes: Vec<Vec<u8>> = Vec::new();
     // Indices of encoded subtrees whose parent is not encoded yet, in order.
     let mut done: Vec<u32> = Vec::new();
@@ -166,7 +198,7 @@ pub fn encode(
                 .map_err(|_| DataFusionError::Internal("plan too large".into()))?,
         );
     }
-    Ok(protobuf::FlatPlan { nodes }.encode_to_vec())
+    Ok(nodes)
 }
 
 /// Decode a flat plan, extension nodes through `codec`; each child slot is used exactly

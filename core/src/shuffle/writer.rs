@@ -312,13 +312,27 @@ impl ShuffleFileWriter {
         mut stream: SendableRecordBatchStream,
     ) -> Result<Vec<WrittenPartition>> {
         let mut writer = self;
+        let mut rows = 0;
         while let Some(batch) = stream.next().await {
             let batch = batch?;
-            writer = run_on_rayon(move || writer.write(batch).map(|()| writer)).await??;
+            rows += batch.num_rows();
+            if batch.num_rows() < INLINE_ROWS {
+                // Handing a few rows to rayon costs more (a worker woken, spinning, a task
+                // switch back) than partitioning and encoding them here.
+                writer.write(batch)?;
+            } else {
+                writer = run_on_rayon(move || writer.write(batch).map(|()| writer)).await??;
+            }
+        }
+        if rows < INLINE_ROWS {
+            return writer.finish();
         }
         run_on_rayon(move || writer.finish()).await?
     }
 }
+
+/// Batches (and whole outputs) of fewer rows are written on the calling thread.
+const INLINE_ROWS: usize = 1024;
 
 /// Run CPU-bound work on rayon's pool and await its result from async code.
 pub async fn run_on_rayon<T: Send + 'static>(

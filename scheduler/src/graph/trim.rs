@@ -21,20 +21,34 @@ use volley_core::codec::VolleyCodec;
 use volley_core::plan::ShuffleWriterExec;
 
 /// A stage's plan with its readers resolved, encoded for all its tasks; a plan whose scans
-/// list many files also kept decoded, to give each task a copy with only its own files.
+/// list many files also kept as the entries of its hollow copy, to give each task a plan with
+/// only its own files.
 #[derive(Debug, Clone)]
 pub struct ResolvedPlan {
     /// The whole stage plan, encoded.
     pub bytes: Arc<Vec<u8>>,
-    /// The whole plan and its hollow copy (see [`hollow`]), when trimmed per task.
-    per_task: Option<(Arc<dyn ExecutionPlan>, Arc<dyn ExecutionPlan>)>,
+    per_task: Option<Arc<PerTask>>,
+}
+
+/// A trimmed scan and its hollow copy.
+type ScanPair = (Arc<dyn ExecutionPlan>, Arc<dyn ExecutionPlan>);
+
+/// What a task's own plan is made of: the flat entries of the stage's hollow plan (see
+/// [`hollow`]) and, for each trimmed scan, its entry there with the scan and its hollow copy.
+/// A task's plan is those entries with each trimmed scan's entry encoded again holding the
+/// task's files: one leaf encoded per task, not the whole plan.
+#[derive(Debug)]
+struct PerTask {
+    entries: Vec<Vec<u8>>,
+    scans: Vec<(usize, ScanPair)>,
 }
 
 impl ResolvedPlan {
-    /// Encode `plan` (and keep it when its scans list many files: see [`worth_trimming`]).
+    /// Encode `plan` (and prepare per-task plans when its scans list many files: see
+    /// [`worth_trimming`]).
     pub fn new(plan: Arc<dyn ExecutionPlan>) -> Result<Self> {
         let per_task = match worth_trimming(&plan) {
-            true => Some((Arc::clone(&plan), hollow(&plan)?)),
+            true => Some(Arc::new(PerTask::new(&plan)?)),
             false => None,
         };
         Ok(Self {
@@ -46,16 +60,52 @@ impl ResolvedPlan {
     /// The encoded plan task `partition` runs (the whole stage plan if a copy of its own fails
     /// to build, which it should not: the whole plan encoded).
     pub fn for_partition(&self, partition: usize) -> Arc<Vec<u8>> {
-        let Some((plan, hollow)) = &self.per_task else {
+        let Some(per_task) = &self.per_task else {
             return Arc::clone(&self.bytes);
         };
-        match fill(plan, hollow, partition).and_then(VolleyCodec::encode_plan) {
+        match per_task.encode(partition) {
             Ok(bytes) => Arc::new(bytes),
             Err(e) => {
                 tracing::warn!(partition, error = %e, "cannot trim a task's plan; sending the stage's");
                 Arc::clone(&self.bytes)
             }
         }
+    }
+}
+
+impl PerTask {
+    fn new(plan: &Arc<dyn ExecutionPlan>) -> Result<Self> {
+        let mut pairs = Vec::new();
+        let empty = hollow_collecting(plan, &mut pairs)?;
+        let order = volley_core::flat::post_order(&empty);
+        let scans = pairs
+            .into_iter()
+            .filter_map(|(scan, hollow)| {
+                let entry = order.iter().position(|node| Arc::ptr_eq(node, &hollow))?;
+                Some((entry, (scan, hollow)))
+            })
+            .collect();
+        Ok(Self {
+            entries: VolleyCodec::encode_entries(empty)?,
+            scans,
+        })
+    }
+
+    fn encode(&self, partition: usize) -> Result<Vec<u8>> {
+        let mut entries = self.entries.clone();
+        for (entry, (scan, hollow)) in &self.scans {
+            let own = fill(scan, hollow, partition)?;
+            let mut leaf = VolleyCodec::encode_entries(own)?;
+            match (entries.get_mut(*entry), leaf.pop()) {
+                (Some(slot), Some(bytes)) if leaf.is_empty() => *slot = bytes,
+                _ => {
+                    return Err(datafusion::error::DataFusionError::Internal(
+                        "a trimmed scan is not one entry of its plan".to_string(),
+                    ));
+                }
+            }
+        }
+        Ok(volley_core::flat::assemble(entries))
     }
 }
 
@@ -84,15 +134,26 @@ pub fn to_partition(
 /// `plan` with every trimmed scan's file groups emptied (same count): built once per stage,
 /// so each task's copy clones empty groups, not the whole file list.
 pub fn hollow(plan: &Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    hollow_collecting(plan, &mut Vec::new())
+}
+
+/// [`hollow`], also listing each trimmed scan with its hollow copy.
+fn hollow_collecting(
+    plan: &Arc<dyn ExecutionPlan>,
+    scans: &mut Vec<ScanPair>,
+) -> Result<Arc<dyn ExecutionPlan>> {
     if let Some(scan) = file_scan(plan) {
         if scan.file_groups.len() < MIN_GROUPS {
             return Ok(Arc::clone(plan));
         }
         let mut empty = scan.clone();
         empty.file_groups = vec![FileGroup::new(Vec::new()); scan.file_groups.len()];
-        let exec = Arc::unwrap_or_clone(DataSourceExec::from_data_source(empty))
-            .with_partitioning(plan.output_partitioning().clone());
-        return Ok(Arc::new(exec));
+        let exec: Arc<dyn ExecutionPlan> = Arc::new(
+            Arc::unwrap_or_clone(DataSourceExec::from_data_source(empty))
+                .with_partitioning(plan.output_partitioning().clone()),
+        );
+        scans.push((Arc::clone(plan), Arc::clone(&exec)));
+        return Ok(exec);
     }
     let follow = followed(plan);
     if follow.is_empty() {
@@ -103,7 +164,7 @@ pub fn hollow(plan: &Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
         .into_iter()
         .enumerate()
         .map(|(i, child)| match follow.contains(&i) {
-            true => hollow(child),
+            true => hollow_collecting(child, scans),
             false => Ok(Arc::clone(child)),
         })
         .collect::<Result<Vec<_>>>()?;
@@ -258,6 +319,13 @@ mod tests {
         };
         let (full, trimmed) = (rows(&scan).await, rows(&own).await);
         assert_eq!(full, trimmed);
+        // What a task is sent: the hollow plan's entries with its own scan's swapped in.
+        let sent = ResolvedPlan::new(Arc::clone(&scan))
+            .unwrap()
+            .for_partition(3);
+        let sent = VolleyCodec::decode_plan(&sent, &ctx.task_ctx()).unwrap();
+        assert_eq!(groups_read(&sent), vec![1]);
+        assert_eq!(rows(&sent).await, trimmed);
         assert_eq!(trimmed.iter().map(|b| b.num_rows()).sum::<usize>(), 3);
 
         // The build side of a broadcast join is read whole by every task: not trimmed.
@@ -278,5 +346,17 @@ mod tests {
         let all = collect(Arc::clone(&join), ctx.task_ctx()).await.unwrap();
         assert_eq!(all.iter().map(|b| b.num_rows()).sum::<usize>(), 20);
         assert_eq!(rows(&join).await, rows(&own).await);
+        let sent = ResolvedPlan::new(Arc::clone(&join))
+            .unwrap()
+            .for_partition(3);
+        let sent = VolleyCodec::decode_plan(&sent, &ctx.task_ctx()).unwrap();
+        let mut read = groups_read(&sent);
+        read.sort_unstable();
+        assert_eq!(
+            read,
+            vec![1, 20],
+            "sent: probe scan trimmed, build scan whole"
+        );
+        assert_eq!(rows(&sent).await, rows(&own).await);
     }
 }
