@@ -154,14 +154,8 @@ pub fn encode_entries(
     let mut nodes: Vec<Vec<u8>> = Vec::new();
     // Indices of encoded subtrees whose parent is not encoded yet, in order.
     let mut done: Vec<u32> = Vec::new();
-    let mut stack = vec![(plan, false)];
-    while let Some((node, expanded)) = stack.pop() {
+    for node in post_order(&plan) {
         let children: Vec<Arc<dyn ExecutionPlan>> = node.children().into_iter().cloned().collect();
-        if !expanded && !children.is_empty() {
-            stack.push((node, true));
-            stack.extend(children.into_iter().rev().map(|c| (c, false)));
-            continue;
-        }
         let ids = done.split_off(done.len().saturating_sub(children.len()));
         let alone = if children.is_empty() {
             node
