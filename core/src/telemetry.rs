@@ -117,3 +117,20 @@ pub fn set_parent_from(span: &tracing::Span, metadata: &MetadataMap) {
     let parent = TraceContextPropagator::new().extract(&MetadataExtractor(metadata));
     let _ = span.set_parent(parent);
 }
+
+/// `span`'s W3C `traceparent`, or an empty string when it has no trace context.
+pub fn traceparent(span: &tracing::Span) -> String {
+    let mut fields = std::collections::HashMap::new();
+    TraceContextPropagator::new().inject_context(&span.context(), &mut fields);
+    fields.remove("traceparent").unwrap_or_default()
+}
+
+/// Make `span` a child of a W3C `traceparent` (see [`traceparent`]); empty leaves it be.
+pub fn set_parent_from_traceparent(span: &tracing::Span, traceparent: &str) {
+    if traceparent.is_empty() {
+        return;
+    }
+    let fields =
+        std::collections::HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+    let _ = span.set_parent(TraceContextPropagator::new().extract(&fields));
+}

@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -45,7 +46,14 @@ pub struct Beat {
     pub reports: Option<mpsc::UnboundedReceiver<Report>>,
     /// Called (on the heartbeat thread) when the scheduler does not know this executor.
     pub reregister: Box<dyn Fn() + Send + Sync>,
+    /// The executor is shutting down: its reports take no new tasks.
+    pub draining: Arc<AtomicBool>,
+    /// Runs the tasks handed out in the answer to a status report (called on this thread).
+    pub launch: Launch,
 }
+
+/// Starts tasks on the executor's runtime.
+pub type Launch = Arc<dyn Fn(Vec<pb::TaskDefinition>) + Send + Sync>;
 
 /// A task status to deliver, and who waits for its delivery.
 pub type Report = (pb::TaskStatus, oneshot::Sender<()>);
@@ -98,54 +106,89 @@ fn permanent(status: &Status) -> bool {
     )
 }
 
-/// Deliver a task's status. A lost report would leave its job waiting for the task, so it is
-/// retried (with backoff) until the scheduler has it; only an answer saying the report itself
-/// is wrong, or [`REPORT_LIMIT`] of trying (by then the scheduler declared this executor lost
-/// and re-ran its tasks), ends the attempts.
-async fn deliver(
-    mut client: SchedulerGrpcClient<AuthChannel>,
+/// Statuses delivered in one report at most.
+const BATCH: usize = 64;
+
+/// Where reports go, and what their answers start.
+#[derive(Clone)]
+struct Delivery {
+    client: SchedulerGrpcClient<AuthChannel>,
     id: String,
     secret: Arc<Mutex<String>>,
-    status: pb::TaskStatus,
-) {
-    let started = std::time::Instant::now();
-    let mut attempt = 0;
-    loop {
-        let secret = secret.lock().clone();
-        let result = client
-            .update_task_status(pb::UpdateTaskStatusParams {
-                statuses: vec![status.clone()],
-                executor_id: id.clone(),
-                secret,
-            })
-            .await;
-        match result {
-            Ok(_) => return,
-            Err(e) if permanent(&e) || started.elapsed() > REPORT_LIMIT => {
-                tracing::error!(attempt, error = %e, "task status not delivered; giving up");
-                return;
+    draining: Arc<AtomicBool>,
+    launch: Launch,
+}
+
+impl Delivery {
+    /// Deliver task statuses in one report, and start the tasks its answer hands out. A lost
+    /// report would leave its job waiting for the tasks, so it is retried (with backoff) until
+    /// the scheduler has it; only an answer saying the report itself is wrong, or
+    /// [`REPORT_LIMIT`] of trying (by then the scheduler declared this executor lost and re-ran
+    /// its tasks), ends the attempts. A report of several statuses refused as wrong is tried
+    /// again one status at a time, so that one bad status loses no other.
+    async fn deliver(&self, statuses: Vec<pb::TaskStatus>) {
+        if !self.send(&statuses).await && statuses.len() > 1 {
+            for status in statuses {
+                self.send(std::slice::from_ref(&status)).await;
             }
-            Err(e) => {
-                tracing::warn!(attempt, error = %e, "cannot report task status; retrying");
-                tokio::time::sleep(backoff(attempt)).await;
-                attempt += 1;
+        }
+    }
+
+    /// One report, retried; false when it was refused as wrong.
+    async fn send(&self, statuses: &[pb::TaskStatus]) -> bool {
+        let started = std::time::Instant::now();
+        let mut attempt = 0;
+        let mut client = self.client.clone();
+        loop {
+            let secret = self.secret.lock().clone();
+            let result = client
+                .update_task_status(pb::UpdateTaskStatusParams {
+                    statuses: statuses.to_vec(),
+                    executor_id: self.id.clone(),
+                    secret,
+                    take_tasks: !self.draining.load(Ordering::SeqCst),
+                })
+                .await;
+            match result {
+                Ok(answer) => {
+                    let tasks = answer.into_inner().tasks;
+                    if !tasks.is_empty() {
+                        (self.launch)(tasks);
+                    }
+                    return true;
+                }
+                Err(e) if permanent(&e) || started.elapsed() > REPORT_LIMIT => {
+                    tracing::error!(attempt, error = %e, "task status not delivered; giving up");
+                    return !permanent(&e);
+                }
+                Err(e) => {
+                    tracing::warn!(attempt, error = %e, "cannot report task status; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                }
             }
         }
     }
 }
 
-/// Deliver every report on this (the heartbeat) thread's runtime, each on its own.
-async fn deliver_all(
-    mut reports: mpsc::UnboundedReceiver<Report>,
-    client: SchedulerGrpcClient<AuthChannel>,
-    id: String,
-    secret: Arc<Mutex<String>>,
-) {
-    while let Some((status, done)) = reports.recv().await {
-        let (client, id, secret) = (client.clone(), id.clone(), Arc::clone(&secret));
+/// Deliver every report on this (the heartbeat) thread's runtime: the statuses waiting
+/// together go in one report (up to [`BATCH`]), each report on its own.
+async fn deliver_all(mut reports: mpsc::UnboundedReceiver<Report>, delivery: Delivery) {
+    while let Some(first) = reports.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match reports.try_recv() {
+                Ok(report) => batch.push(report),
+                Err(_) => break,
+            }
+        }
+        let delivery = delivery.clone();
         tokio::spawn(async move {
-            deliver(client, id, secret, status).await;
-            let _ = done.send(());
+            let (statuses, waiting): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            delivery.deliver(statuses).await;
+            for done in waiting {
+                let _ = done.send(());
+            }
         });
     }
 }
@@ -220,13 +263,14 @@ async fn run(mut beat: Beat, mut stopped: oneshot::Receiver<()>) {
         }
     };
     if let Some(reports) = beat.reports.take() {
-        let secret = Arc::clone(&beat.secret);
-        tokio::spawn(deliver_all(
-            reports,
-            client.clone(),
-            beat.id.clone(),
-            secret,
-        ));
+        let delivery = Delivery {
+            client: client.clone(),
+            id: beat.id.clone(),
+            secret: Arc::clone(&beat.secret),
+            draining: Arc::clone(&beat.draining),
+            launch: Arc::clone(&beat.launch),
+        };
+        tokio::spawn(deliver_all(reports, delivery));
     }
     match connect(&beat, None) {
         Ok(attach_client) => {

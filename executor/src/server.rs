@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::{AbortHandle, JoinHandle};
+use tonic::metadata::MetadataMap;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
@@ -108,7 +109,7 @@ struct ExecutorInner {
     scheduler: SchedulerGrpcClient<AuthChannel>,
     /// Delivers task statuses from the heartbeat thread (never starved by task work).
     reporter: Reporter,
-    draining: AtomicBool,
+    draining: Arc<AtomicBool>,
     /// A re-registration is under way (heartbeats ask for one every beat until it is done).
     registering: AtomicBool,
 }
@@ -198,6 +199,65 @@ impl ExecutorInner {
         }
     }
 
+    /// Run `tasks` (launched by the scheduler, or handed out in the answer to a status
+    /// report), each once a slot is free; `metadata` is the launch request's, with the trace
+    /// context of the tasks' stage.
+    fn start_tasks(
+        self: &Arc<Self>,
+        tasks: Vec<pb::TaskDefinition>,
+        metadata: Option<&MetadataMap>,
+    ) {
+        for def in tasks {
+            let task = def.task.clone().unwrap_or_default();
+            let job_id = task.job_id.clone();
+            // The scheduler's stage span is the parent of this task's span.
+            let span = tracing::info_span!(
+                "task",
+                job_id = %task.job_id,
+                stage_id = task.stage_id,
+                partition = task.partition,
+                attempt = task.attempt,
+                executor_id = %self.id,
+            );
+            match metadata {
+                Some(metadata) => volley_core::telemetry::set_parent_from(&span, metadata),
+                None => {
+                    volley_core::telemetry::set_parent_from_traceparent(&span, &def.traceparent)
+                }
+            }
+            let inner = Arc::clone(self);
+            let job = job_id.clone();
+            let key = (
+                task.job_id.clone(),
+                task.stage_id,
+                task.partition,
+                task.attempt,
+            );
+            self.attempts.lock().insert(key.clone());
+            let guard = AttemptGuard {
+                attempts: Arc::clone(&self.attempts),
+                key,
+            };
+            let handle = tokio::spawn(
+                async move {
+                    let _guard = guard;
+                    let Ok(_permit) = Arc::clone(&inner.slots).acquire_owned().await else {
+                        return;
+                    };
+                    let status = inner.runner.run(def).await;
+                    inner.reporter.report(status).await;
+                    inner.remove_finished(&job);
+                }
+                .instrument(span),
+            );
+            self.running
+                .lock()
+                .entry(job_id)
+                .or_default()
+                .push(handle.abort_handle());
+        }
+    }
+
     fn remove_finished(&self, job_id: &str) {
         let mut running = self.running.lock();
         if let Some(handles) = running.get_mut(job_id) {
@@ -223,51 +283,7 @@ impl ExecutorGrpc for ExecutorService {
             )));
         }
         let (metadata, _, params) = request.into_parts();
-        for def in params.tasks {
-            let task = def.task.clone().unwrap_or_default();
-            let job_id = task.job_id.clone();
-            // The scheduler's stage span is the parent of this task's span.
-            let span = tracing::info_span!(
-                "task",
-                job_id = %task.job_id,
-                stage_id = task.stage_id,
-                partition = task.partition,
-                attempt = task.attempt,
-                executor_id = %self.inner.id,
-            );
-            volley_core::telemetry::set_parent_from(&span, &metadata);
-            let inner = Arc::clone(&self.inner);
-            let job = job_id.clone();
-            let key = (
-                task.job_id.clone(),
-                task.stage_id,
-                task.partition,
-                task.attempt,
-            );
-            self.inner.attempts.lock().insert(key.clone());
-            let guard = AttemptGuard {
-                attempts: Arc::clone(&self.inner.attempts),
-                key,
-            };
-            let handle = tokio::spawn(
-                async move {
-                    let _guard = guard;
-                    let Ok(_permit) = Arc::clone(&inner.slots).acquire_owned().await else {
-                        return;
-                    };
-                    let status = inner.runner.run(def).await;
-                    inner.reporter.report(status).await;
-                    inner.remove_finished(&job);
-                }
-                .instrument(span),
-            );
-            self.inner
-                .running
-                .lock()
-                .entry(job_id)
-                .or_default()
-                .push(handle.abort_handle());
-        }
+        self.inner.start_tasks(params.tasks, Some(&metadata));
         Ok(Response::new(pb::LaunchTasksResult {}))
     }
 
@@ -453,7 +469,7 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
         scheduler,
         reporter,
         config: config.clone(),
-        draining: AtomicBool::new(false),
+        draining: Arc::new(AtomicBool::new(false)),
     });
 
     let (tx, rx) = oneshot::channel::<()>();
@@ -507,6 +523,8 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
     tracing::info!(executor_id = %id, %addr, slots = config.slots, "executor registered");
 
     let main = tokio::runtime::Handle::current();
+    let runs = Arc::clone(&inner);
+    let launch_on = main.clone();
     let again = Arc::clone(&inner);
     let heartbeat = Heartbeat::start(Beat {
         id: id.clone(),
@@ -519,6 +537,11 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
         security: config.security.clone(),
         max_message_size: config.max_message_size,
         reports: Some(reports),
+        draining: Arc::clone(&inner.draining),
+        launch: Arc::new(move |tasks| {
+            let _runtime = launch_on.enter();
+            runs.start_tasks(tasks, None);
+        }),
         reregister: Box::new(move || {
             if again.registering.swap(true, Ordering::SeqCst) {
                 return;

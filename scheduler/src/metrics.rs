@@ -24,6 +24,9 @@ pub struct SchedulerMetrics {
     pub shuffle_bytes_fetched: IntCounter,
     /// Failed RPCs by method.
     pub rpc_errors: IntCounterVec,
+    /// Task attempts launched, by how they reached their executor: a LaunchTasks request
+    /// (`launch_request`) or the answer to the executor's status report (`status_answer`).
+    pub tasks_launched: IntCounterVec,
     jobs: IntGaugeVec,
     running_tasks: IntGauge,
     executors_alive: IntGauge,
@@ -65,6 +68,14 @@ impl SchedulerMetrics {
             &["method"],
         )
         .map_err(err)?;
+        let tasks_launched = IntCounterVec::new(
+            Opts::new(
+                "volley_tasks_launched_total",
+                "Task attempts launched, by the message that carried them",
+            ),
+            &["via"],
+        )
+        .map_err(err)?;
         let jobs =
             IntGaugeVec::new(Opts::new("volley_jobs", "Jobs by state"), &["state"]).map_err(err)?;
         let running_tasks =
@@ -77,6 +88,7 @@ impl SchedulerMetrics {
             Box::new(shuffle_bytes_written.clone()),
             Box::new(shuffle_bytes_fetched.clone()),
             Box::new(rpc_errors.clone()),
+            Box::new(tasks_launched.clone()),
             Box::new(jobs.clone()),
             Box::new(running_tasks.clone()),
             Box::new(executors_alive.clone()),
@@ -90,6 +102,7 @@ impl SchedulerMetrics {
             shuffle_bytes_written,
             shuffle_bytes_fetched,
             rpc_errors,
+            tasks_launched,
             jobs,
             running_tasks,
             executors_alive,

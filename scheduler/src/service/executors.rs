@@ -156,7 +156,7 @@ impl SchedulerService {
         request: Request<pb::UpdateTaskStatusParams>,
     ) -> Result<Response<pb::UpdateTaskStatusResult>, Status> {
         require_cluster(&request, "a task status report")?;
-        let params = request.into_inner();
+        let mut params = request.into_inner();
         // Only the executor itself reports its tasks.
         self.check_secret(&params.executor_id, &params.secret)?;
         if let Some(other) = params
@@ -169,7 +169,7 @@ impl SchedulerService {
                 params.executor_id, other.executor_id
             )));
         }
-        let statuses = params.statuses;
+        let statuses = std::mem::take(&mut params.statuses);
         // Output a task reports must be shuffle files of that very task's job and stage: a
         // report naming any other file (say /etc/shadow) is refused whole.
         for status in &statuses {
@@ -253,8 +253,9 @@ impl SchedulerService {
             }
         }
         self.finish_jobs(finished).await;
-        self.schedule();
-        Ok(Response::new(pb::UpdateTaskStatusResult {}))
+        let tasks =
+            self.schedule_answering(params.take_tasks.then_some(params.executor_id.as_str()));
+        Ok(Response::new(pb::UpdateTaskStatusResult { tasks }))
     }
 }
 

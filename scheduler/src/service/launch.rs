@@ -13,11 +13,44 @@ use crate::service::{MESSAGE_OVERHEAD, SchedulerService};
 impl SchedulerService {
     /// Hand pending tasks to executors with free slots.
     pub fn schedule(&self) {
+        self.schedule_answering(None);
+    }
+
+    /// [`Self::schedule`], answering a status report of executor `reporter` (which takes
+    /// tasks in its answer): its own tasks are returned for the answer, up to the message size
+    /// limit, instead of sent in a LaunchTasks request of their own.
+    pub(crate) fn schedule_answering(&self, reporter: Option<&str>) -> Vec<pb::TaskDefinition> {
         let assignments = self.state.lock().assign_tasks();
-        for (executor, tasks) in assignments {
+        let mut answer = Vec::new();
+        for (executor, mut tasks) in assignments {
+            if Some(executor.id.as_str()) == reporter {
+                let mut bytes = 0;
+                let fits = tasks
+                    .iter()
+                    .take_while(|t| {
+                        bytes += t.plan.len() + MESSAGE_OVERHEAD;
+                        bytes < self.config.max_message_size
+                    })
+                    .count();
+                answer = tasks
+                    .drain(..fits)
+                    .map(|t| {
+                        let traceparent = volley_core::telemetry::traceparent(&t.span);
+                        definition(&t, traceparent)
+                    })
+                    .collect();
+                self.metrics
+                    .tasks_launched
+                    .with_label_values(&["status_answer"])
+                    .inc_by(answer.len() as u64);
+                if tasks.is_empty() {
+                    continue;
+                }
+            }
             let this = self.clone();
             tokio::spawn(async move { this.launch(executor, tasks).await });
         }
+        answer
     }
 
     async fn launch(&self, executor: ExecutorInfo, tasks: Vec<TaskLaunch>) {
@@ -71,39 +104,17 @@ impl SchedulerService {
     async fn launch_batch(&self, executor: &ExecutorInfo, tasks: Vec<TaskLaunch>) {
         tracing::debug!(executor_id = %executor.id, tasks = tasks.len(), stage = tasks.first().map(|t| t.stage_id), "launching");
         let request = pb::LaunchTasksParams {
-            tasks: tasks
-                .iter()
-                .map(|t| pb::TaskDefinition {
-                    task: Some(pb::TaskId {
-                        job_id: t.job_id.clone(),
-                        stage_id: t.stage_id,
-                        partition: t.partition,
-                        attempt: t.attempt,
-                    }),
-                    plan: t.plan.as_ref().clone(),
-                    settings: t
-                        .settings
-                        .iter()
-                        .map(|(key, value)| pb::KeyValue {
-                            key: key.clone(),
-                            value: value.clone(),
-                        })
-                        .collect(),
-                    stores: t
-                        .stores
-                        .iter()
-                        .map(|(store, options)| {
-                            volley_core::stores::options::to_proto(store, options)
-                        })
-                        .collect(),
-                })
-                .collect(),
+            tasks: tasks.iter().map(|t| definition(t, String::new())).collect(),
         };
         // One stage per request: its span's trace context rides in the request metadata.
         let mut request = tonic::Request::new(request);
         if let Some(first) = tasks.first() {
             volley_core::telemetry::inject(&first.span, request.metadata_mut());
         }
+        self.metrics
+            .tasks_launched
+            .with_label_values(&["launch_request"])
+            .inc_by(tasks.len() as u64);
         let result = match self.client(executor) {
             Ok(mut client) => client
                 .launch_tasks(request)
@@ -238,5 +249,33 @@ impl SchedulerService {
             self.release(job_id).await;
         }
         cancelled
+    }
+}
+
+/// A task as its executor receives it; `traceparent` is its stage span's trace context when
+/// the request's metadata cannot carry it.
+fn definition(t: &TaskLaunch, traceparent: String) -> pb::TaskDefinition {
+    pb::TaskDefinition {
+        task: Some(pb::TaskId {
+            job_id: t.job_id.clone(),
+            stage_id: t.stage_id,
+            partition: t.partition,
+            attempt: t.attempt,
+        }),
+        plan: t.plan.as_ref().clone(),
+        settings: t
+            .settings
+            .iter()
+            .map(|(key, value)| pb::KeyValue {
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+        stores: t
+            .stores
+            .iter()
+            .map(|(store, options)| volley_core::stores::options::to_proto(store, options))
+            .collect(),
+        traceparent,
     }
 }

@@ -16,6 +16,11 @@ async fn cluster(task_max_attempts: u32) -> (EmbeddedCluster, volley::VolleyClie
     };
     let cluster = EmbeddedCluster::start_with(config, 2, 2).await.unwrap();
     let client = cluster.client().await.unwrap();
+    create_sales(&client).await;
+    (cluster, client)
+}
+
+async fn create_sales(client: &volley::VolleyClient) {
     let data = volley_tests::workspace_root().join("tests/slt/data/sales.csv");
     client
         .sql(&format!(
@@ -25,7 +30,6 @@ async fn cluster(task_max_attempts: u32) -> (EmbeddedCluster, volley::VolleyClie
         ))
         .await
         .unwrap();
-    (cluster, client)
 }
 
 /// Shuffle outputs the cluster holds: files in the work dirs and outputs kept in memory.
@@ -388,5 +392,49 @@ async fn small_shuffle_outputs_stay_in_memory_and_leave_with_their_job() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    cluster.shutdown().await;
+}
+
+/// The count `via` of `volley_tasks_launched_total` in a Prometheus text exposition.
+fn launched(metrics: &str, via: &str) -> u64 {
+    let prefix = format!("volley_tasks_launched_total{{via=\"{via}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// A slot's next task rides in the answer to the status report that freed it (one round trip
+/// per task, not a report and a launch): on one executor with one slot, every task but a
+/// job's first comes that way, and the rows are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freed_slot_gets_its_next_task_in_the_status_answer() {
+    volley_tests::init_tracing();
+    let config = SchedulerConfig::default().with_address("127.0.0.1", 0);
+    let cluster = EmbeddedCluster::start_with(config, 1, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    create_sales(&client).await;
+    let batches = client.sql(QUERY).await.unwrap();
+    assert_eq!(rows(&batches.1).unwrap(), expected());
+    let service = cluster.scheduler().service().clone();
+    let (tasks, jobs_with_tasks) = service.with_state(|s| {
+        let per_job: Vec<usize> = s
+            .jobs()
+            .values()
+            .map(|job| job.stages.values().map(|stage| stage.tasks.len()).sum())
+            .collect();
+        (
+            per_job.iter().sum::<usize>() as u64,
+            per_job.iter().filter(|&&n| n > 0).count() as u64,
+        )
+    });
+    assert!(tasks >= 3, "{tasks} tasks");
+    let metrics = service.render_metrics();
+    let (requested, answered) = (
+        launched(&metrics, "launch_request"),
+        launched(&metrics, "status_answer"),
+    );
+    assert_eq!(requested + answered, tasks, "{metrics}");
+    assert_eq!(requested, jobs_with_tasks, "{metrics}");
     cluster.shutdown().await;
 }

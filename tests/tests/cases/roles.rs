@@ -132,6 +132,7 @@ async fn the_client_token_is_not_cluster_root() {
                 statuses: vec![forged],
                 executor_id: executors[0].id.clone(),
                 secret: String::new(),
+                take_tasks: true,
             })
             .await,
         "status report",
