@@ -94,6 +94,13 @@ struct SchedulerArgs {
     /// an object-store URL such as s3://bucket/prefix/; repeatable).
     #[arg(long = "table", value_name = "NAME=PATH")]
     tables: Vec<String>,
+    /// Keep the scheduler's state (the history of finished jobs) in DIR/scheduler.redb, so
+    /// it survives restarts (default: in memory).
+    #[arg(long, env = "VOLLEY_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Start with an empty state: remove the --state-dir file first.
+    #[arg(long, requires = "state_dir")]
+    state_reset: bool,
     #[command(flatten)]
     sandbox: security::SandboxArgs,
     #[command(flatten)]
@@ -229,6 +236,8 @@ async fn run_scheduler(args: SchedulerArgs) -> Result<(), String> {
         http_port: (!args.no_http).then_some(args.http_port),
         enable_test_hooks: args.enable_test_hooks,
         memory_limit: args.memory_limit,
+        state_dir: args.state_dir,
+        state_reset: args.state_reset,
         stall_timeout: (args.stall_timeout_secs > 0)
             .then(|| Duration::from_secs(args.stall_timeout_secs)),
         ..SchedulerConfig::default()

@@ -60,6 +60,10 @@ pub struct SchedulerConfig {
     /// Memory for everything that runs on the scheduler itself (DDL, `CREATE TABLE AS`, plans
     /// that cannot be sent to executors); beyond it, operators spill or fail.
     pub memory_limit: usize,
+    /// Where the durable state lives (`DIR/scheduler.redb`); None keeps it in memory.
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Remove the state file at start instead of reading it.
+    pub state_reset: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -84,6 +88,8 @@ impl Default for SchedulerConfig {
             enable_test_hooks: false,
             stall_timeout: Some(Duration::from_secs(3600)),
             memory_limit: 2 << 30,
+            state_dir: None,
+            state_reset: false,
         }
     }
 }

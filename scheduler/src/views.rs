@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::physical_plan::{ExecutionPlan, displayable};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterState;
 use crate::cluster::executors::ExecutorInfo;
@@ -16,8 +16,8 @@ use crate::graph::StageKind;
 use crate::job::stage::StageState;
 use crate::job::{Job, JobState, TaskState};
 
-/// A job in the jobs list.
-#[derive(Debug, Clone, Serialize)]
+/// A job in the jobs list (also what the state store keeps of a finished job).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobSummary {
     /// Job id.
     pub id: String,
@@ -41,6 +41,9 @@ pub struct JobSummary {
     pub tasks_total: usize,
     /// Rows of the result (once done).
     pub rows_out: u64,
+    /// A statement that changes the session (DDL, SET): hidden from the list by default.
+    #[serde(default)]
+    pub ddl: bool,
 }
 
 /// One operator of a stage plan with its metrics summed over the stage's tasks.
@@ -199,18 +202,28 @@ pub fn job_summary(job: &Job) -> JobSummary {
         } else {
             0
         },
+        ddl: job.ddl,
     }
 }
 
-/// All jobs, newest first.
-pub fn jobs(state: &ClusterState) -> Vec<JobSummary> {
-    state
+/// All jobs, newest first: those in `state`, then the finished ones of `history` (oldest
+/// first, from the state store) it no longer holds; DDL and SET only with `ddl`.
+pub fn jobs(state: &ClusterState, history: &[JobSummary], ddl: bool) -> Vec<JobSummary> {
+    let live: Vec<JobSummary> = state
         .job_order()
         .iter()
         .rev()
         .filter_map(|id| state.job(id))
         .map(job_summary)
-        .collect()
+        .collect();
+    let older = history
+        .iter()
+        .rev()
+        .filter(|h| state.job(&h.id).is_none())
+        .cloned();
+    let mut all: Vec<JobSummary> = live.into_iter().chain(older).collect();
+    all.retain(|j| ddl || !j.ddl);
+    all
 }
 
 fn plan_view(

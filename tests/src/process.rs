@@ -62,6 +62,9 @@ pub struct ProcessCluster {
     url: String,
     http_url: String,
     scheduler: Child,
+    /// The scheduler's arguments, to start it again on the same ports.
+    scheduler_command: Vec<String>,
+    restarts: usize,
     executors: Vec<Child>,
     executor_ports: Vec<u16>,
     work_dir: tempfile::TempDir,
@@ -86,6 +89,20 @@ pub struct ProcessOptions {
     /// Addresses executors bind and advertise, one per executor in turn (default 127.0.0.1):
     /// `127.0.0.2`, `127.0.0.3` make them separate "hosts" (each has its own work dir).
     pub executor_hosts: Vec<String>,
+}
+
+/// A scheduler process with `args`, stderr to `log` in the options' log dir.
+fn spawn_scheduler(
+    args: &[String],
+    options: &ProcessOptions,
+    log: &str,
+) -> Result<Child, BoxError> {
+    Ok(Command::new(volley_bin()?)
+        .args(args)
+        .envs(options.env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(stderr_for(options.log_dir.as_ref(), log)?)
+        .spawn()?)
 }
 
 fn stderr_for(log_dir: Option<&PathBuf>, name: &str) -> Result<Stdio, BoxError> {
@@ -115,7 +132,6 @@ impl ProcessCluster {
     ) -> Result<Self, BoxError> {
         let port = free_port()?;
         let http_port = free_port()?;
-        let bin = volley_bin()?;
         // With a client token the cluster's processes need a cluster token of their own,
         // which the harness's clients never hold.
         let mut options = options;
@@ -151,36 +167,33 @@ impl ProcessCluster {
         // A free port may be taken by another process's connection before the scheduler binds
         // it ("Address already in use"): then it exits, and starts again on other ports.
         let mut tries = 0;
-        let (scheduler, port, http_port) = loop {
+        let (scheduler, scheduler_command, port, http_port) = loop {
             let (port, http_port) = if tries == 0 {
                 (port, http_port)
             } else {
                 (free_port()?, free_port()?)
             };
             tries += 1;
-            let mut scheduler = Command::new(&bin)
-                .args([
-                    "scheduler",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--http-port",
-                    &http_port.to_string(),
-                    "--enable-test-hooks",
-                ])
-                .args(if scheduler_args.iter().any(|a| a == "--allowed-path") {
-                    &[][..]
-                } else {
-                    &sandbox[..]
-                })
-                .args(&scheduler_args)
-                .envs(options.env.iter().map(|(k, v)| (k, v)))
-                .stdout(Stdio::null())
-                .stderr(stderr_for(options.log_dir.as_ref(), "scheduler.log")?)
-                .spawn()?;
+            let mut command: Vec<String> = [
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--http-port",
+                &http_port.to_string(),
+                "--enable-test-hooks",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if !scheduler_args.iter().any(|a| a == "--allowed-path") {
+                command.extend(sandbox.iter().cloned());
+            }
+            command.extend(scheduler_args.iter().cloned());
+            let mut scheduler = spawn_scheduler(&command, &options, "scheduler.log")?;
             match wait_listening(&mut scheduler, port).await? {
-                true => break (scheduler, port, http_port),
+                true => break (scheduler, command, port, http_port),
                 false if tries < 4 => continue,
                 false => return Err("the scheduler exited at start four times".into()),
             }
@@ -189,6 +202,8 @@ impl ProcessCluster {
             url: format!("{scheme}://127.0.0.1:{port}"),
             http_url: format!("{scheme}://127.0.0.1:{http_port}"),
             scheduler,
+            scheduler_command,
+            restarts: 0,
             executors: Vec::new(),
             executor_ports: Vec::new(),
             work_dir: tempfile::Builder::new().prefix("volley-test-").tempdir()?,
@@ -385,6 +400,35 @@ impl ProcessCluster {
         } else {
             Err(format!("kill -{signal} {pid} failed").into())
         }
+    }
+
+    /// SIGKILL the scheduler and start it again with the same arguments and ports; the
+    /// executors keep running and register again.
+    pub async fn restart_scheduler(&mut self) -> Result<(), BoxError> {
+        self.scheduler.kill()?;
+        self.scheduler.wait()?;
+        self.restarts += 1;
+        let options = ProcessOptions {
+            env: self.env.clone(),
+            log_dir: self.log_dir.clone(),
+            ..ProcessOptions::default()
+        };
+        let log = format!("scheduler-{}.log", self.restarts);
+        let port: u16 = self
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or("scheduler URL without a port")?;
+        // The old process's port may linger briefly: try a few times.
+        for _ in 0..20 {
+            self.scheduler = spawn_scheduler(&self.scheduler_command, &options, &log)?;
+            if wait_listening(&mut self.scheduler, port).await? {
+                return self.wait_for_scheduler().await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Err("the restarted scheduler did not listen on its port".into())
     }
 
     /// The scheduler process, to check it still runs.

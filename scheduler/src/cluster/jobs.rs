@@ -61,6 +61,32 @@ impl ClusterState {
         self.insert(job);
     }
 
+    /// Mark job `id` as a statement that changes the session (see [`Job::ddl`]).
+    pub fn mark_ddl(&mut self, id: &str) {
+        if let Some(job) = self.jobs.get_mut(id) {
+            job.ddl = true;
+        }
+    }
+
+    /// Finished jobs not yet recorded in the state store, marked recorded now.
+    pub fn take_unrecorded(&mut self) -> Vec<&Job> {
+        self.jobs
+            .values_mut()
+            .filter(|j| j.state.is_final() && !j.recorded)
+            .map(|j| {
+                j.recorded = true;
+                &*j
+            })
+            .collect()
+    }
+
+    /// Job `id` must be recorded again (its record could not be written).
+    pub fn mark_unrecorded(&mut self, id: &str) {
+        if let Some(job) = self.jobs.get_mut(id) {
+            job.recorded = false;
+        }
+    }
+
     /// Add a running job whose result another job produces (EXPLAIN ANALYZE); finish it with
     /// [`ClusterState::finish_waiting_job`].
     pub fn add_waiting_job(&mut self, id: String, sql: String, schema: SchemaRef) {

@@ -128,6 +128,11 @@ pub struct Job {
     /// Its result comes from another job (EXPLAIN ANALYZE): it has no stages of its own and
     /// does not count against `max_concurrent_jobs`.
     pub waiting: bool,
+    /// A statement answered on the scheduler that changes the session (DDL, SET): hidden from
+    /// the jobs list unless asked for.
+    pub ddl: bool,
+    /// Its summary went to the state store's history.
+    pub recorded: bool,
     /// Tasks done when progress was last seen, and when.
     pub progress_mark: (usize, Instant),
     /// The session that submitted it: with client credentials only that session may see,
@@ -197,6 +202,8 @@ impl Job {
             submitted_at: SystemTime::now(),
             span: tracing::Span::none(),
             waiting: false,
+            ddl: false,
+            recorded: false,
             progress_mark: (0, Instant::now()),
             owner: None,
         }

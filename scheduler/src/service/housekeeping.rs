@@ -1,6 +1,7 @@
 //! Housekeeping, every 500 ms: silent executors are declared lost, unreleased results expire,
 //! stuck jobs and jobs without executors fail, old jobs, executors and idle sessions are
-//! forgotten, and waiting tasks are placed again.
+//! forgotten, finished jobs are recorded in the state store, and waiting tasks are placed
+//! again.
 
 use std::time::{Duration, Instant};
 
@@ -29,9 +30,12 @@ impl SchedulerService {
         if let Some(handle) = self.background.lock().take() {
             handle.abort();
         }
+        self.record_history();
     }
 
     async fn housekeeping(&self, no_executors_since: &mut Option<Instant>) {
+        // Before old jobs are forgotten below.
+        self.record_history();
         let (lost, expired, failed, pending) = {
             let mut state = self.state.lock();
             let lost = state.expire_executors(self.config.executor_timeout);

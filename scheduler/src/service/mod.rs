@@ -22,6 +22,8 @@ use crate::cluster::ClusterState;
 use crate::cluster::executors::ExecutorInfo;
 use crate::config::SchedulerConfig;
 use crate::metrics::SchedulerMetrics;
+use crate::store::{HISTORY_LIMIT, StateStore};
+use crate::views::{self, JobSummary};
 
 pub mod executors;
 pub mod grpc;
@@ -49,6 +51,10 @@ pub struct SchedulerService {
     stores: Arc<StoreCache>,
     /// Tables of `--table`, registered at start and seen by every session.
     tables: Arc<Mutex<Vec<SharedTable>>>,
+    /// Durable state: the history of finished jobs.
+    store: Arc<dyn StateStore>,
+    /// The finished jobs recorded in [`Self::store`], oldest first (read once at start).
+    history: Arc<Mutex<Vec<JobSummary>>>,
 }
 
 /// A table of `--table`: its name and provider.
@@ -92,6 +98,8 @@ impl SchedulerService {
         metrics: SchedulerMetrics,
     ) -> Result<Self> {
         let state = ClusterState::new(config.policy());
+        let store = crate::store::open(config.state_dir.as_deref(), config.state_reset)?;
+        let history = store.finished_jobs()?;
         // Files DDL, `CREATE TABLE AS` and scheduler-side plans touch stay in the sandbox too.
         let stores = StoreCache::new(sandbox.clone());
         let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
@@ -112,7 +120,49 @@ impl SchedulerService {
             sandbox,
             metrics,
             background: Arc::new(Mutex::new(None)),
+            store,
+            history: Arc::new(Mutex::new(history)),
         })
+    }
+
+    /// Jobs for the list, newest first: those held now, then the recorded history (DDL and
+    /// SET statements only with `ddl`).
+    pub fn jobs(&self, ddl: bool) -> Vec<JobSummary> {
+        let history = self.history.lock().clone();
+        self.with_state(|state| views::jobs(state, &history, ddl))
+    }
+
+    /// A job only the history still knows.
+    pub fn recorded_job(&self, job_id: &str) -> Option<JobSummary> {
+        self.history.lock().iter().find(|j| j.id == job_id).cloned()
+    }
+
+    /// Record the jobs that finished since the last call in the state store (one
+    /// transaction); a store that cannot write is logged, and the jobs are tried again.
+    pub fn record_history(&self) {
+        let finished: Vec<JobSummary> = {
+            let mut state = self.state.lock();
+            state
+                .take_unrecorded()
+                .into_iter()
+                .map(views::job_summary)
+                .collect()
+        };
+        if finished.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.record_finished(&finished) {
+            tracing::warn!(store = %self.store.location(), error = %e, "cannot record finished jobs");
+            let mut state = self.state.lock();
+            for job in &finished {
+                state.mark_unrecorded(&job.id);
+            }
+            return;
+        }
+        let mut history = self.history.lock();
+        history.extend(finished);
+        let excess = history.len().saturating_sub(HISTORY_LIMIT);
+        history.drain(..excess);
     }
 
     /// Refuse a call that names `executor_id` without its registration secret.

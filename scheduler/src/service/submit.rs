@@ -144,13 +144,15 @@ impl SchedulerService {
                     .add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
                 Ok(job_id)
             }
-            Planned::Collect(df) => {
+            Planned::Collect(df, ddl) => {
                 let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
                 let batches = df.collect().await?;
                 let bytes = ipc_bytes(&schema, &batches)?;
-                self.state
-                    .lock()
-                    .add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
+                let mut state = self.state.lock();
+                state.add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
+                if ddl {
+                    state.mark_ddl(&job_id);
+                }
                 Ok(job_id)
             }
             Planned::Analyze(physical, settings) => {
@@ -381,8 +383,9 @@ fn adaptive_candidates(stages: &mut [StagePlan], options: &VolleyOptions) -> Res
 enum Planned {
     /// Answered while planning (EXPLAIN): the result as IPC bytes.
     Inline(SchemaRef, Vec<u8>),
-    /// Runs on the scheduler (DDL, SET, DESCRIBE).
-    Collect(datafusion::dataframe::DataFrame),
+    /// Runs on the scheduler (DDL, SET, DESCRIBE); true when it changes the session (DDL,
+    /// SET), not when it answers a question (DESCRIBE).
+    Collect(datafusion::dataframe::DataFrame, bool),
     /// CREATE TABLE AS: this plan of its query runs on the cluster, then the table is kept.
     CreateTable(
         Box<CreateMemoryTable>,
@@ -475,13 +478,11 @@ async fn plan_statement(
             settings,
         ));
     }
-    let scheduler_side = matches!(
-        logical,
-        LogicalPlan::Ddl(_) | LogicalPlan::Statement(_) | LogicalPlan::DescribeTable(_)
-    );
+    let ddl = matches!(logical, LogicalPlan::Ddl(_) | LogicalPlan::Statement(_));
+    let scheduler_side = ddl || matches!(logical, LogicalPlan::DescribeTable(_));
     let df = ctx.execute_logical_plan(logical).await?;
     if scheduler_side {
-        return Ok(Planned::Collect(df));
+        return Ok(Planned::Collect(df, ddl));
     }
     let physical = df.create_physical_plan().await?;
     let settings = Arc::new(config_to_pairs(&state.config().clone()));

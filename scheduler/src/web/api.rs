@@ -9,13 +9,17 @@ use crate::service::SchedulerService;
 use crate::views;
 use crate::web::html::not_found;
 
-/// `?limit=N&offset=M` of `/api/jobs` (newest first; limit at most 1000, default 100).
+/// `?limit=N&offset=M&ddl=true` of `/api/jobs` (newest first; limit at most 1000, default 100;
+/// DDL and SET statements only with `ddl=true`).
 #[derive(Deserialize)]
 pub struct Page {
     /// Jobs per page (default 100, at most 1000).
     pub limit: Option<usize>,
     /// Jobs to skip.
     pub offset: Option<usize>,
+    /// List DDL and SET statements too (hidden by default).
+    #[serde(default)]
+    pub ddl: bool,
 }
 
 pub async fn api_jobs(
@@ -25,7 +29,7 @@ pub async fn api_jobs(
     let limit = page.limit.unwrap_or(100).min(1000);
     let offset = page.offset.unwrap_or(0);
     let jobs: Vec<_> = service
-        .with_state(views::jobs)
+        .jobs(page.ddl)
         .into_iter()
         .skip(offset)
         .take(limit)
@@ -37,7 +41,16 @@ pub async fn api_job(
     State(service): State<SchedulerService>,
     Path(job_id): Path<String>,
 ) -> Response {
-    match service.with_state(|s| views::job_detail(s, &job_id)) {
+    // A job from before a restart is known by its recorded summary only.
+    let detail = service
+        .with_state(|s| views::job_detail(s, &job_id))
+        .or_else(|| {
+            service.recorded_job(&job_id).map(|job| views::JobDetail {
+                job,
+                stages: Vec::new(),
+            })
+        });
+    match detail {
         Some(job) => axum::Json(job).into_response(),
         None => not_found(&format!("job {job_id}")),
     }

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 
 use crate::fmt::{bytes, duration};
@@ -39,8 +39,23 @@ fn job_rows(jobs: &[JobSummary]) -> String {
     html
 }
 
-pub async fn jobs_page(State(service): State<SchedulerService>) -> Html<String> {
-    let jobs = service.with_state(views::jobs);
+/// `/?ddl=true` lists DDL and SET statements too.
+#[derive(serde::Deserialize)]
+pub struct JobsQuery {
+    #[serde(default)]
+    ddl: bool,
+}
+
+pub async fn jobs_page(
+    State(service): State<SchedulerService>,
+    Query(query): Query<JobsQuery>,
+) -> Html<String> {
+    let jobs = service.jobs(query.ddl);
+    let hidden = if query.ddl {
+        0
+    } else {
+        service.jobs(true).len() - jobs.len()
+    };
     let active = |s: &str| s == "running" || s == "queued";
     let refresh = jobs.iter().any(|j| active(&j.state));
     let mut body = String::new();
@@ -58,6 +73,14 @@ pub async fn jobs_page(State(service): State<SchedulerService>) -> Html<String> 
         if !group.is_empty() {
             body.push_str(&job_rows(&group));
         }
+    }
+    if query.ddl {
+        body.push_str("<p><a href=\"/\">hide DDL and SET statements</a></p>");
+    } else if hidden > 0 {
+        let _ = write!(
+            body,
+            "<p><a href=\"/?ddl=true\">show {hidden} DDL and SET statements</a></p>"
+        );
     }
     body.push_str(LOCAL_TIMES);
     page("Jobs", refresh, &body)

@@ -17,6 +17,7 @@ mod s3_dataframe;
 mod security;
 mod slt;
 mod soak;
+mod state;
 mod tpcds;
 mod tpch;
 mod web;

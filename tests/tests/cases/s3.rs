@@ -338,7 +338,12 @@ async fn bad_s3_input_fails_clearly_and_secrets_appear_nowhere() {
     );
 
     // The secret is in no page, API answer or log.
-    let (_, jobs) = http("GET", format!("{}/api/jobs", cluster.http_url()), None).await;
+    let (_, jobs) = http(
+        "GET",
+        format!("{}/api/jobs?ddl=true", cluster.http_url()),
+        None,
+    )
+    .await;
     assert!(jobs.contains("CREATE EXTERNAL TABLE"), "{jobs}");
     let ids: Vec<String> = serde_json::from_str::<serde_json::Value>(&jobs)
         .unwrap()

@@ -1,0 +1,118 @@
+//! L1: the file backend of [`super::StateStore`]: one redb database, `DIR/scheduler.redb`.
+//! Every batch of records is one ACID transaction, so a process killed mid-write loses no
+//! committed record; the file's own format version is checked when it opens.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use volley_core::{Result, VolleyError};
+
+use super::{FORMAT_VERSION, HISTORY_LIMIT, StateStore, decode, encode, key};
+use crate::views::JobSummary;
+
+/// Name of the state file in the state directory.
+pub const FILE_NAME: &str = "scheduler.redb";
+
+const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
+const FINISHED: TableDefinition<&str, &[u8]> = TableDefinition::new("finished_jobs");
+
+/// State in a redb file.
+pub struct FileStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl FileStore {
+    /// Open (or create) `dir/scheduler.redb`; `reset` removes it first.
+    pub fn open(dir: &Path, reset: bool) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            VolleyError::Config(format!("cannot create state dir {}: {e}", dir.display()))
+        })?;
+        let path = dir.join(FILE_NAME);
+        if reset && path.exists() {
+            std::fs::remove_file(&path).map_err(|e| {
+                VolleyError::Config(format!("cannot reset state file {}: {e}", path.display()))
+            })?;
+        }
+        let db = Database::create(&path).map_err(|e| {
+            VolleyError::Config(format!(
+                "cannot open state file {}: {e} (start empty with --state-reset)",
+                path.display()
+            ))
+        })?;
+        let store = Self { db, path };
+        store.check_version()?;
+        // Every record must decode now: a corrupt one is an error at start, not later.
+        store.finished_jobs()?;
+        Ok(store)
+    }
+
+    fn err(&self, e: impl Into<redb::Error>) -> VolleyError {
+        VolleyError::Internal(format!("state file {}: {}", self.path.display(), e.into()))
+    }
+
+    /// Stamp a new file with [`FORMAT_VERSION`]; refuse a file of a newer one.
+    fn check_version(&self) -> Result<()> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            let found = meta
+                .get("format_version")
+                .map_err(|e| self.err(e))?
+                .map(|v| v.value());
+            match found {
+                Some(version) if version > FORMAT_VERSION => {
+                    return Err(VolleyError::Config(format!(
+                        "state file {} has format version {version}, newer than this scheduler's {FORMAT_VERSION}: run a newer volley, or start empty with --state-reset",
+                        self.path.display()
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("format_version", FORMAT_VERSION)
+                        .map_err(|e| self.err(e))?;
+                }
+            }
+            txn.open_table(FINISHED).map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+}
+
+impl StateStore for FileStore {
+    fn record_finished(&self, jobs: &[JobSummary]) -> Result<()> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = txn.open_table(FINISHED).map_err(|e| self.err(e))?;
+            for job in jobs {
+                table
+                    .insert(key(job).as_str(), encode(job)?.as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
+            let len = table.len().map_err(|e| self.err(e))?;
+            for _ in HISTORY_LIMIT as u64..len {
+                table.pop_first().map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn finished_jobs(&self) -> Result<Vec<JobSummary>> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(FINISHED).map_err(|e| self.err(e))?;
+        let location = self.location();
+        let mut jobs = Vec::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (_, value) = entry.map_err(|e| self.err(e))?;
+            jobs.push(decode(value.value(), &location)?);
+        }
+        Ok(jobs)
+    }
+
+    fn location(&self) -> String {
+        format!("file {}", self.path.display())
+    }
+}

@@ -1,0 +1,134 @@
+use std::path::Path;
+
+use redb::{Database, TableDefinition};
+
+use super::file::{FILE_NAME, FileStore};
+use super::*;
+
+fn job(i: u64) -> JobSummary {
+    JobSummary {
+        id: format!("job{i:04}"),
+        sql: format!("SELECT {i}"),
+        state: "succeeded".to_string(),
+        error: None,
+        submitted_at_ms: 1_700_000_000_000 + i,
+        duration_ms: i,
+        stages_done: 1,
+        stages_total: 1,
+        tasks_done: 2,
+        tasks_total: 2,
+        rows_out: i,
+        ddl: i.is_multiple_of(2),
+    }
+}
+
+fn ids(jobs: &[JobSummary]) -> Vec<String> {
+    jobs.iter().map(|j| j.id.clone()).collect()
+}
+
+#[test]
+fn the_file_store_keeps_finished_jobs_across_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = FileStore::open(dir.path(), false).unwrap();
+        store.record_finished(&[job(2), job(1)]).unwrap();
+        store.record_finished(&[job(3)]).unwrap();
+    }
+    let store = FileStore::open(dir.path(), false).unwrap();
+    let jobs = store.finished_jobs().unwrap();
+    assert_eq!(ids(&jobs), ["job0001", "job0002", "job0003"]);
+    assert_eq!(jobs[1].sql, "SELECT 2");
+    assert!(jobs[1].ddl);
+    assert_eq!(jobs[2].rows_out, 3);
+    // --state-reset starts empty.
+    drop(store);
+    let store = FileStore::open(dir.path(), true).unwrap();
+    assert!(store.finished_jobs().unwrap().is_empty());
+}
+
+#[test]
+fn history_keeps_the_newest_jobs_up_to_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(dir.path(), false).unwrap();
+    let memory = MemoryStore::default();
+    let all: Vec<JobSummary> = (0..HISTORY_LIMIT as u64 + 5).map(job).collect();
+    for chunk in all.chunks(100) {
+        store.record_finished(chunk).unwrap();
+        memory.record_finished(chunk).unwrap();
+    }
+    for kept in [
+        store.finished_jobs().unwrap(),
+        memory.finished_jobs().unwrap(),
+    ] {
+        assert_eq!(kept.len(), HISTORY_LIMIT);
+        assert_eq!(kept[0].id, "job0005");
+        assert_eq!(
+            kept[HISTORY_LIMIT - 1].id,
+            format!("job{:04}", HISTORY_LIMIT + 4)
+        );
+    }
+}
+
+fn open_error(dir: &Path) -> String {
+    match FileStore::open(dir, false) {
+        Ok(_) => panic!("opened"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_newer_or_corrupt_state_file_is_refused_naming_the_file() {
+    // A file of a newer format.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(FILE_NAME);
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn
+                .open_table(TableDefinition::<&str, u32>::new("meta"))
+                .unwrap();
+            meta.insert("format_version", FORMAT_VERSION + 1).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let message = open_error(dir.path());
+    assert!(message.contains(&path.display().to_string()), "{message}");
+    assert!(message.contains("newer"), "{message}");
+    assert!(message.contains("--state-reset"), "{message}");
+
+    // A record of a newer format.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(FILE_NAME);
+    {
+        let store = FileStore::open(dir.path(), false).unwrap();
+        store.record_finished(&[job(1)]).unwrap();
+    }
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn
+                .open_table(TableDefinition::<&str, &[u8]>::new("finished_jobs"))
+                .unwrap();
+            table
+                .insert("x", br#"{"version": 9, "job": {}}"#.as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let message = open_error(dir.path());
+    assert!(message.contains(&path.display().to_string()), "{message}");
+    assert!(message.contains("format version 9"), "{message}");
+
+    // Not a state file at all.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(FILE_NAME);
+    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+    let message = open_error(dir.path());
+    assert!(message.contains(&path.display().to_string()), "{message}");
+    assert!(message.contains("--state-reset"), "{message}");
+    // --state-reset starts over.
+    let store = FileStore::open(dir.path(), true).unwrap();
+    assert!(store.finished_jobs().unwrap().is_empty());
+}

@@ -1,0 +1,159 @@
+//! The scheduler's durable state (`volley scheduler --state-dir`): the job history survives a
+//! SIGKILL and restart, DDL and SET statements are hidden from the job list unless asked for,
+//! and a state file the scheduler cannot read is refused at start, naming the file.
+
+use std::time::Duration;
+
+use serde_json::Value as Json;
+use volley_tests::compare::rows;
+use volley_tests::http;
+use volley_tests::process::{ProcessCluster, volley_bin};
+
+const QUERY: &str =
+    "SELECT region, count(*) AS n FROM sales GROUP BY region ORDER BY region NULLS LAST";
+
+fn expected() -> Vec<Vec<String>> {
+    [
+        ["east", "2"],
+        ["north", "3"],
+        ["south", "3"],
+        ["west", "1"],
+        ["NULL", "1"],
+    ]
+    .iter()
+    .map(|r| r.iter().map(|v| v.to_string()).collect())
+    .collect()
+}
+
+async fn jobs(base: &str, ddl: bool) -> Vec<Json> {
+    let url = format!("{base}/api/jobs{}", if ddl { "?ddl=true" } else { "" });
+    let (status, body) = http("GET", url.clone(), None).await;
+    assert_eq!(status, 200, "{url}: {body}");
+    serde_json::from_str::<Json>(&body)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn find<'a>(jobs: &'a [Json], id: &str) -> Option<&'a Json> {
+    jobs.iter().find(|j| j["id"] == id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_history_survives_a_scheduler_restart_and_ddl_is_hidden() {
+    volley_tests::init_tracing();
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().display().to_string();
+    let mut cluster = ProcessCluster::start(1, 2, &["--state-dir", &dir])
+        .await
+        .unwrap();
+    let client = cluster.client().await.unwrap();
+    let data = volley_tests::workspace_root().join("tests/slt/data/sales.csv");
+    let create = format!(
+        "CREATE EXTERNAL TABLE sales (sale_id INT, emp_id INT, amount DECIMAL(10,2), region VARCHAR, day DATE) \
+         STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true')",
+        data.display()
+    );
+    client.sql(&create).await.unwrap();
+    client
+        .sql("SET datafusion.execution.batch_size = 4096")
+        .await
+        .unwrap();
+    let job_id = client.submit(QUERY).await.unwrap();
+    let batches = client.sql_job_rows(&job_id).await.unwrap();
+    assert_eq!(rows(&batches).unwrap(), expected());
+
+    let base = cluster.http_url().to_string();
+    let listed = jobs(&base, false).await;
+    let all = jobs(&base, true).await;
+    let query = find(&listed, &job_id).expect("the query is listed").clone();
+    assert_eq!(query["state"], "succeeded");
+    assert_eq!(query["sql"], QUERY);
+    assert_eq!(query["rows_out"], 5);
+    assert!(listed.iter().all(|j| j["ddl"] == false), "{listed:?}");
+    let ddl: Vec<&Json> = all.iter().filter(|j| j["ddl"] == true).collect();
+    assert_eq!(ddl.len(), 2, "the CREATE and the SET: {all:?}");
+    assert_eq!(all.len(), listed.len() + 2);
+    // The status page says how many it hides.
+    let (_, page) = http("GET", format!("{base}/"), None).await;
+    assert!(page.contains("show 2 DDL and SET statements"), "{page}");
+
+    // Finished jobs are recorded within a housekeeping tick (500 ms); then SIGKILL.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.restart_scheduler().await.unwrap();
+    let after = jobs(&base, false).await;
+    let recorded = find(&after, &job_id).expect("the query survives the restart");
+    for field in ["state", "sql", "rows_out", "submitted_at_ms", "tasks_total"] {
+        assert_eq!(recorded[field], query[field], "{field}");
+    }
+    assert_eq!(jobs(&base, true).await.len(), all.len());
+    let (status, detail) = http("GET", format!("{base}/api/jobs/{job_id}"), None).await;
+    assert_eq!(status, 200, "{detail}");
+    assert!(detail.contains(QUERY), "{detail}");
+
+    // The cluster works on: the executor registers again and a new session runs the query.
+    cluster.wait_for_executors(1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.sql(&create).await.unwrap();
+    let (_, batches) = client.sql(QUERY).await.unwrap();
+    assert_eq!(rows(&batches).unwrap(), expected());
+}
+
+/// `volley scheduler --state-dir DIR` with the given extra arguments: its exit status and
+/// stderr, or None when it was still running after 3 s (then it is killed).
+fn start_scheduler(dir: &str, extra: &[&str]) -> Option<(bool, String)> {
+    let port = volley_tests::process::free_port().unwrap().to_string();
+    let mut child = std::process::Command::new(volley_bin().unwrap())
+        .args([
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--no-http",
+            "--state-dir",
+            dir,
+        ])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            return Some((status.success(), stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    None
+}
+
+#[test]
+fn a_state_file_that_is_not_one_is_refused_at_start_naming_it() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().display().to_string();
+    let file = state.path().join("scheduler.redb");
+    std::fs::write(&file, vec![0x5a; 8192]).unwrap();
+    let (ok, stderr) = start_scheduler(&dir, &[]).expect("the scheduler refuses to start");
+    assert!(!ok);
+    assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+    assert!(stderr.contains("--state-reset"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // The file is left as it was: no silent reset.
+    assert_eq!(std::fs::read(&file).unwrap(), vec![0x5a; 8192]);
+    // --state-reset starts empty and serves.
+    assert_eq!(start_scheduler(&dir, &["--state-reset"]), None);
+    assert_ne!(std::fs::read(&file).unwrap(), vec![0x5a; 8192]);
+}
