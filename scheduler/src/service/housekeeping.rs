@@ -63,9 +63,17 @@ impl SchedulerService {
             }
             (lost, expired, failed, pending)
         };
-        self.sessions
-            .lock()
-            .retain(|_, (_, used)| used.elapsed() < SESSION_IDLE_TIMEOUT);
+        let idle: Vec<String> = {
+            let mut sessions = self.sessions.lock();
+            let idle = sessions
+                .iter()
+                .filter(|(_, (_, used))| used.elapsed() >= SESSION_IDLE_TIMEOUT)
+                .map(|(id, _)| id.clone())
+                .collect();
+            sessions.retain(|_, (_, used)| used.elapsed() < SESSION_IDLE_TIMEOUT);
+            idle
+        };
+        self.forget_sessions(&idle);
         for id in &lost {
             tracing::warn!(executor_id = %id, "executor lost: no heartbeat");
             self.clients.lock().remove(id);

@@ -22,13 +22,14 @@ use crate::cluster::ClusterState;
 use crate::cluster::executors::ExecutorInfo;
 use crate::config::SchedulerConfig;
 use crate::metrics::SchedulerMetrics;
-use crate::store::{HISTORY_LIMIT, StateStore};
+use crate::store::{HISTORY_LIMIT, StateStore, StoredSession};
 use crate::views::{self, JobSummary};
 
 pub mod executors;
 pub mod grpc;
 pub mod housekeeping;
 pub mod launch;
+pub mod sessions;
 pub mod status;
 pub mod submit;
 pub mod tables;
@@ -55,6 +56,8 @@ pub struct SchedulerService {
     store: Arc<dyn StateStore>,
     /// The finished jobs recorded in [`Self::store`], oldest first (read once at start).
     history: Arc<Mutex<Vec<JobSummary>>>,
+    /// Each open session as [`Self::store`] keeps it.
+    session_records: Arc<Mutex<HashMap<String, StoredSession>>>,
 }
 
 /// A table of `--table`: its name and provider.
@@ -122,6 +125,7 @@ impl SchedulerService {
             background: Arc::new(Mutex::new(None)),
             store,
             history: Arc::new(Mutex::new(history)),
+            session_records: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 

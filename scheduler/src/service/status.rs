@@ -85,6 +85,7 @@ impl SchedulerService {
         let ctx = self.new_session(&request.into_inner().settings)?;
         // A session id is the capability to its jobs: 122 random bits, not a short job id.
         let id = uuid::Uuid::new_v4().simple().to_string();
+        self.remember_session(&id, &ctx);
         self.sessions
             .lock()
             .insert(id.clone(), (ctx, Instant::now()));
@@ -98,7 +99,16 @@ impl SchedulerService {
         let params = request.into_inner();
         let ctx = self.session(&params.session_id)?;
         let job_id = self.submit_redacted(&ctx, &params.sql).await?;
-        self.state.lock().set_job_owner(&job_id, &params.session_id);
+        let changed_session = {
+            let mut state = self.state.lock();
+            state.set_job_owner(&job_id, &params.session_id);
+            state
+                .job(&job_id)
+                .is_some_and(|j| j.ddl && j.state == JobState::Succeeded)
+        };
+        if changed_session {
+            self.remember_statement(&params.session_id, &params.sql);
+        }
         Ok(Response::new(pb::ExecuteSqlResult { job_id }))
     }
 

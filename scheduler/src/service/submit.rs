@@ -380,7 +380,7 @@ fn adaptive_candidates(stages: &mut [StagePlan], options: &VolleyOptions) -> Res
 }
 
 /// What planning a statement produced.
-enum Planned {
+pub(super) enum Planned {
     /// Answered while planning (EXPLAIN): the result as IPC bytes.
     Inline(SchemaRef, Vec<u8>),
     /// Runs on the scheduler (DDL, SET, DESCRIBE); true when it changes the session (DDL,
@@ -435,7 +435,7 @@ fn take_store_options(ctx: &SessionContext, logical: LogicalPlan) -> Result<Logi
 }
 
 /// Parse, check and plan one statement (on a deep-stack thread; see [`on_deep_stack`]).
-async fn plan_statement(
+pub(super) async fn plan_statement(
     ctx: &SessionContext,
     sql: &str,
     sandbox: &Sandbox,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use volley_core::{Result, VolleyError};
 
-use super::{FORMAT_VERSION, HISTORY_LIMIT, StateStore, decode, encode, key};
+use super::{FORMAT_VERSION, HISTORY_LIMIT, StateStore, StoredSession, decode, encode, key};
 use crate::views::JobSummary;
 
 /// Name of the state file in the state directory.
@@ -15,6 +15,7 @@ pub const FILE_NAME: &str = "scheduler.redb";
 
 const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
 const FINISHED: TableDefinition<&str, &[u8]> = TableDefinition::new("finished_jobs");
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 
 /// State in a redb file.
 pub struct FileStore {
@@ -40,10 +41,12 @@ impl FileStore {
                 path.display()
             ))
         })?;
+        owner_only(&path)?;
         let store = Self { db, path };
         store.check_version()?;
         // Every record must decode now: a corrupt one is an error at start, not later.
         store.finished_jobs()?;
+        store.sessions()?;
         Ok(store)
     }
 
@@ -74,6 +77,7 @@ impl FileStore {
                 }
             }
             txn.open_table(FINISHED).map_err(|e| self.err(e))?;
+            txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
         }
         txn.commit().map_err(|e| self.err(e))
     }
@@ -89,7 +93,10 @@ impl StateStore for FileStore {
             let mut table = txn.open_table(FINISHED).map_err(|e| self.err(e))?;
             for job in jobs {
                 table
-                    .insert(key(job).as_str(), encode(job)?.as_slice())
+                    .insert(
+                        key(job).as_str(),
+                        encode(job, &format!("job {}", job.id))?.as_slice(),
+                    )
                     .map_err(|e| self.err(e))?;
             }
             let len = table.len().map_err(|e| self.err(e))?;
@@ -112,7 +119,60 @@ impl StateStore for FileStore {
         Ok(jobs)
     }
 
+    fn save_session(&self, id: &str, session: &StoredSession) -> Result<()> {
+        let bytes = encode(session, &format!("session {id}"))?;
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.open_table(SESSIONS)
+            .map_err(|e| self.err(e))?
+            .insert(id, bytes.as_slice())
+            .map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn forget_sessions(&self, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+            for id in ids {
+                table.remove(id.as_str()).map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn sessions(&self) -> Result<Vec<(String, StoredSession)>> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        let location = self.location();
+        let mut sessions = Vec::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (id, value) = entry.map_err(|e| self.err(e))?;
+            sessions.push((id.value().to_string(), decode(value.value(), &location)?));
+        }
+        Ok(sessions)
+    }
+
     fn location(&self) -> String {
         format!("file {}", self.path.display())
     }
+}
+
+/// The state file holds sessions' statements, credentials included: its owner only may read it.
+fn owner_only(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+            VolleyError::Config(format!(
+                "cannot make state file {} private: {e}",
+                path.display()
+            ))
+        })?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }

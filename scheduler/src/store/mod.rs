@@ -1,6 +1,7 @@
-//! L2: the scheduler's durable state behind one trait, [`StateStore`]. What it keeps today:
+//! L5: the scheduler's durable state behind one trait, [`StateStore`]. What it keeps today:
 //! the summaries of finished jobs (the newest [`HISTORY_LIMIT`]), so the status page and
-//! `/api/jobs` show history across restarts. Two backends: in memory (the embedded default;
+//! `/api/jobs` show history across restarts, and the sessions (their settings and the
+//! statements that changed them, replayed at start), so a client's session outlives a restart. Two backends: in memory (the embedded default;
 //! history lives as long as the process) and a file (`volley scheduler --state-dir DIR`, an
 //! ACID redb database, [`file::FileStore`]). Records carry a format version: a newer one, or a
 //! file that is not a state file, is an error at start naming the file, never a silent reset
@@ -30,8 +31,25 @@ pub trait StateStore: Send + Sync {
     fn record_finished(&self, jobs: &[JobSummary]) -> Result<()>;
     /// The finished jobs recorded, oldest first.
     fn finished_jobs(&self) -> Result<Vec<JobSummary>>;
+    /// Save session `id` as it is now.
+    fn save_session(&self, id: &str, session: &StoredSession) -> Result<()>;
+    /// Forget sessions (expired).
+    fn forget_sessions(&self, ids: &[String]) -> Result<()>;
+    /// The sessions saved.
+    fn sessions(&self) -> Result<Vec<(String, StoredSession)>>;
     /// Where the state is, for messages ("memory" or the file's path).
     fn location(&self) -> String;
+}
+
+/// A session as stored: the settings it was created with and the statements that changed it
+/// (DDL, SET), in order. Statements are kept as given (an object store's credentials in
+/// `OPTIONS` included: replaying needs them), so the state file is readable by its owner only.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoredSession {
+    /// Settings at creation.
+    pub settings: Vec<(String, String)>,
+    /// Statements that changed it, in order.
+    pub statements: Vec<String>,
 }
 
 /// The store for a scheduler's settings: a file under `state_dir` (removed first with
@@ -43,24 +61,24 @@ pub fn open(state_dir: Option<&Path>, reset: bool) -> Result<Arc<dyn StateStore>
     }
 }
 
-/// One stored record: its format version and the job.
+/// One stored record: its format version and its value.
 #[derive(Serialize, Deserialize)]
-struct Record {
+struct Record<T> {
     version: u32,
-    job: JobSummary,
+    value: T,
 }
 
-/// A finished job as stored.
-fn encode(job: &JobSummary) -> Result<Vec<u8>> {
+/// A record as stored; `what` names it in errors.
+fn encode<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>> {
     serde_json::to_vec(&Record {
         version: FORMAT_VERSION,
-        job: job.clone(),
+        value,
     })
-    .map_err(|e| VolleyError::Internal(format!("cannot encode job {}: {e}", job.id)))
+    .map_err(|e| VolleyError::Internal(format!("cannot encode {what}: {e}")))
 }
 
 /// A stored record read back; `location` names the store in errors.
-fn decode(bytes: &[u8], location: &str) -> Result<JobSummary> {
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], location: &str) -> Result<T> {
     #[derive(Deserialize)]
     struct Version {
         version: u32,
@@ -73,8 +91,8 @@ fn decode(bytes: &[u8], location: &str) -> Result<JobSummary> {
             "state {location}: a record has format version {version}, newer than this scheduler's {FORMAT_VERSION}: run a newer volley, or start empty with --state-reset"
         )));
     }
-    serde_json::from_slice::<Record>(bytes)
-        .map(|r| r.job)
+    serde_json::from_slice::<Record<T>>(bytes)
+        .map(|r| r.value)
         .map_err(|e| VolleyError::Config(format!("state {location}: a record is corrupt: {e}")))
 }
 
@@ -87,6 +105,7 @@ fn key(job: &JobSummary) -> String {
 #[derive(Default)]
 pub struct MemoryStore {
     jobs: Mutex<VecDeque<JobSummary>>,
+    sessions: Mutex<std::collections::BTreeMap<String, StoredSession>>,
 }
 
 impl StateStore for MemoryStore {
@@ -103,6 +122,28 @@ impl StateStore for MemoryStore {
         let mut jobs: Vec<JobSummary> = self.jobs.lock().iter().cloned().collect();
         jobs.sort_by_key(key);
         Ok(jobs)
+    }
+
+    fn save_session(&self, id: &str, session: &StoredSession) -> Result<()> {
+        self.sessions.lock().insert(id.to_string(), session.clone());
+        Ok(())
+    }
+
+    fn forget_sessions(&self, ids: &[String]) -> Result<()> {
+        let mut sessions = self.sessions.lock();
+        for id in ids {
+            sessions.remove(id);
+        }
+        Ok(())
+    }
+
+    fn sessions(&self) -> Result<Vec<(String, StoredSession)>> {
+        Ok(self
+            .sessions
+            .lock()
+            .iter()
+            .map(|(id, s)| (id.clone(), s.clone()))
+            .collect())
     }
 
     fn location(&self) -> String {

@@ -47,6 +47,41 @@ fn the_file_store_keeps_finished_jobs_across_reopening() {
 }
 
 #[test]
+fn sessions_are_saved_replaced_and_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let session = |n: usize| StoredSession {
+        settings: vec![("datafusion.execution.target_partitions".into(), "4".into())],
+        statements: (0..n).map(|i| format!("SET x.y = {i}")).collect(),
+    };
+    {
+        let store = FileStore::open(dir.path(), false).unwrap();
+        store.save_session("a", &session(1)).unwrap();
+        store.save_session("b", &session(1)).unwrap();
+        store.save_session("a", &session(3)).unwrap();
+    }
+    let store = FileStore::open(dir.path(), false).unwrap();
+    assert_eq!(
+        store.sessions().unwrap(),
+        vec![("a".to_string(), session(3)), ("b".to_string(), session(1))]
+    );
+    store.forget_sessions(&["a".to_string()]).unwrap();
+    assert_eq!(
+        store.sessions().unwrap(),
+        vec![("b".to_string(), session(1))]
+    );
+    // The file holds statements with credentials: its owner only reads it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(FILE_NAME))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
+
+#[test]
 fn history_keeps_the_newest_jobs_up_to_the_limit() {
     let dir = tempfile::tempdir().unwrap();
     let store = FileStore::open(dir.path(), false).unwrap();

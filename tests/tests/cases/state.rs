@@ -1,5 +1,6 @@
-//! The scheduler's durable state (`volley scheduler --state-dir`): the job history survives a
-//! SIGKILL and restart, DDL and SET statements are hidden from the job list unless asked for,
+//! The scheduler's durable state (`volley scheduler --state-dir`): the job history and the
+//! sessions (their tables) survive a SIGKILL and restart, DDL and SET statements are hidden
+//! from the job list unless asked for,
 //! and a state file the scheduler cannot read is refused at start, naming the file.
 
 use std::time::Duration;
@@ -41,7 +42,7 @@ fn find<'a>(jobs: &'a [Json], id: &str) -> Option<&'a Json> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn job_history_survives_a_scheduler_restart_and_ddl_is_hidden() {
+async fn job_history_and_sessions_survive_a_scheduler_restart_and_ddl_is_hidden() {
     volley_tests::init_tracing();
     let state = tempfile::tempdir().unwrap();
     let dir = state.path().display().to_string();
@@ -92,8 +93,11 @@ async fn job_history_survives_a_scheduler_restart_and_ddl_is_hidden() {
     assert_eq!(status, 200, "{detail}");
     assert!(detail.contains(QUERY), "{detail}");
 
-    // The cluster works on: the executor registers again and a new session runs the query.
+    // The client's session survives too: its table was replayed from the state file.
     cluster.wait_for_executors(1).await.unwrap();
+    let (_, batches) = client.sql(QUERY).await.unwrap();
+    assert_eq!(rows(&batches).unwrap(), expected());
+    // And a new session runs the query.
     let client = cluster.client().await.unwrap();
     client.sql(&create).await.unwrap();
     let (_, batches) = client.sql(QUERY).await.unwrap();

@@ -1,0 +1,102 @@
+//! Sessions in the state store: each session's settings and the statements that changed it
+//! (DDL, SET) are saved as they happen and replayed when the scheduler starts, so a client's
+//! session — its tables, views and settings — outlives a restart. Expired sessions are
+//! forgotten there too.
+
+use std::time::Instant;
+
+use datafusion::prelude::SessionContext;
+use volley_core::Result;
+use volley_core::protobuf as pb;
+
+use crate::service::SchedulerService;
+use crate::service::submit::{Planned, plan_statement};
+use crate::store::StoredSession;
+
+/// The setting a session's partition count is kept under: a restored session keeps the count
+/// it was created with, not the count of a cluster whose executors have not registered yet.
+const TARGET_PARTITIONS: &str = "datafusion.execution.target_partitions";
+
+impl SchedulerService {
+    /// Save new session `id` (its settings as created).
+    pub(super) fn remember_session(&self, id: &str, ctx: &SessionContext) {
+        let target = ctx.state().config().target_partitions().to_string();
+        let session = StoredSession {
+            settings: vec![(TARGET_PARTITIONS.to_string(), target)],
+            statements: Vec::new(),
+        };
+        self.save_session(id, session);
+    }
+
+    /// Add `sql`, which changed session `id`, to its saved statements.
+    pub(super) fn remember_statement(&self, id: &str, sql: &str) {
+        let session = {
+            let mut records = self.session_records.lock();
+            let Some(session) = records.get_mut(id) else {
+                return;
+            };
+            session.statements.push(sql.to_string());
+            session.clone()
+        };
+        self.save_session(id, session);
+    }
+
+    fn save_session(&self, id: &str, session: StoredSession) {
+        if let Err(e) = self.store.save_session(id, &session) {
+            tracing::warn!(store = %self.store.location(), error = %e, "cannot save a session");
+        }
+        self.session_records.lock().insert(id.to_string(), session);
+    }
+
+    /// Forget expired sessions in the store.
+    pub(super) fn forget_sessions(&self, ids: &[String]) {
+        if ids.is_empty() {
+            return;
+        }
+        {
+            let mut records = self.session_records.lock();
+            for id in ids {
+                records.remove(id);
+            }
+        }
+        if let Err(e) = self.store.forget_sessions(ids) {
+            tracing::warn!(store = %self.store.location(), error = %e, "cannot forget sessions");
+        }
+    }
+
+    /// Open the saved sessions again, replaying their statements in order. A statement that
+    /// fails now (its file is gone, say) is logged and skipped; the session opens without it.
+    pub async fn restore_sessions(&self) -> Result<()> {
+        for (id, session) in self.store.sessions()? {
+            let settings: Vec<pb::KeyValue> = session
+                .settings
+                .iter()
+                .map(|(key, value)| pb::KeyValue {
+                    key: key.clone(),
+                    value: value.clone(),
+                })
+                .collect();
+            let ctx = self.new_session(&settings)?;
+            for (n, sql) in session.statements.iter().enumerate() {
+                if let Err(e) = self.replay(&ctx, sql).await {
+                    tracing::warn!(session = %id, statement = n + 1, error = %e, "a saved statement of a session could not be replayed");
+                }
+            }
+            self.session_records.lock().insert(id.clone(), session);
+            self.sessions.lock().insert(id, (ctx, Instant::now()));
+        }
+        Ok(())
+    }
+
+    async fn replay(&self, ctx: &SessionContext, sql: &str) -> Result<()> {
+        match plan_statement(ctx, sql, &self.sandbox, "restore").await? {
+            Planned::Collect(df, _) => {
+                df.collect().await?;
+                Ok(())
+            }
+            _ => Err(volley_core::VolleyError::Internal(
+                "only DDL and SET statements are saved".to_string(),
+            )),
+        }
+    }
+}
