@@ -71,6 +71,18 @@ impl Drop for ReleaseOnDrop {
     }
 }
 
+/// How long a client waiting for a job keeps asking a scheduler it cannot reach.
+pub const RECONNECT_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Pause before asking an unreachable scheduler again: 100 ms doubling to 2 s, with jitter.
+fn reconnect_backoff(attempt: u32) -> std::time::Duration {
+    let base = std::time::Duration::from_millis(100)
+        .saturating_mul(1 << attempt.min(5))
+        .min(std::time::Duration::from_secs(2));
+    let jitter = (uuid::Uuid::new_v4().as_u128() % 50) as u32;
+    base + base * jitter / 100
+}
+
 fn status_error(status: tonic::Status) -> VolleyError {
     let message = status.message();
     if message.contains("message length too large") {
@@ -198,19 +210,39 @@ impl VolleyClient {
             .into_inner())
     }
 
-    /// Wait for a job to end; returns its final status.
+    /// Wait for a job to end; returns its final status. A scheduler that cannot be reached
+    /// (restarting) is asked again with backoff for up to [`RECONNECT_LIMIT`]: one started on
+    /// its state again resumes the job.
     pub async fn wait(&self, job_id: &str) -> Result<pb::CompletedJob> {
         let mut scheduler = self.scheduler.clone();
+        let mut unreachable_since: Option<std::time::Instant> = None;
+        let mut attempt = 0u32;
         loop {
-            let status = scheduler
+            let answer = scheduler
                 .get_job_status(pb::GetJobStatusParams {
                     job_id: job_id.to_string(),
                     wait_ms: 1000,
                     session_id: self.session_id.clone(),
                 })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+                .await;
+            let status = match answer {
+                Ok(answer) => answer.into_inner(),
+                Err(e) if e.code() == tonic::Code::Unavailable => {
+                    let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > RECONNECT_LIMIT {
+                        return Err(VolleyError::Internal(format!(
+                            "the scheduler was unreachable for {} s while job {job_id} ran: {}",
+                            RECONNECT_LIMIT.as_secs(),
+                            e.message()
+                        )));
+                    }
+                    tokio::time::sleep(reconnect_backoff(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+                Err(e) => return Err(status_error(e)),
+            };
+            (unreachable_since, attempt) = (None, 0);
             match status.status {
                 Some(job_status::Status::Completed(done)) => return Ok(done),
                 Some(job_status::Status::Failed(message)) => {

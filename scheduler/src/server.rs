@@ -134,6 +134,7 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
     let service = SchedulerService::new(Arc::new(config.clone()), sandbox, metrics)?;
     service.register_tables(&config.tables).await?;
     service.restore_sessions().await?;
+    service.resume_jobs().await?;
     service.start_background();
     let (tx, rx) = oneshot::channel::<()>();
     let (http_tx, http_rx) = oneshot::channel::<()>();

@@ -61,6 +61,13 @@ impl ClusterState {
         self.insert(job);
     }
 
+    /// Add job `id` failed with `message` (a job that could not be resumed).
+    pub fn add_failed_job(&mut self, id: String, sql: String, message: String) {
+        let mut job = Job::stageless(id, sql, Arc::new(arrow::datatypes::Schema::empty()));
+        job.fail(message);
+        self.insert(job);
+    }
+
     /// Mark job `id` as a statement that changes the session (see [`Job::ddl`]).
     pub fn mark_ddl(&mut self, id: &str) {
         if let Some(job) = self.jobs.get_mut(id) {

@@ -155,6 +155,10 @@ impl SchedulerService {
         if finished.is_empty() {
             return;
         }
+        let ids: Vec<String> = finished.iter().map(|j| j.id.clone()).collect();
+        if let Err(e) = self.store.forget_running(&ids) {
+            tracing::warn!(store = %self.store.location(), error = %e, "cannot forget finished jobs");
+        }
         if let Err(e) = self.store.record_finished(&finished) {
             tracing::warn!(store = %self.store.location(), error = %e, "cannot record finished jobs");
             let mut state = self.state.lock();

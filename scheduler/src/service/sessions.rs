@@ -11,7 +11,7 @@ use volley_core::protobuf as pb;
 
 use crate::service::SchedulerService;
 use crate::service::submit::{Planned, plan_statement};
-use crate::store::StoredSession;
+use crate::store::{RunningJob, StoredSession};
 
 /// The setting a session's partition count is kept under: a restored session keeps the count
 /// it was created with, not the count of a cluster whose executors have not registered yet.
@@ -84,6 +84,55 @@ impl SchedulerService {
             }
             self.session_records.lock().insert(id.clone(), session);
             self.sessions.lock().insert(id, (ctx, Instant::now()));
+        }
+        Ok(())
+    }
+
+    /// Save job `id` of `session`, submitted and running, to run it again after a restart.
+    pub(super) fn remember_running(&self, id: &str, session: &str, sql: &str) {
+        let job = RunningJob {
+            session: session.to_string(),
+            sql: sql.to_string(),
+        };
+        if let Err(e) = self.store.save_running(id, &job) {
+            tracing::warn!(store = %self.store.location(), error = %e, "cannot save a running job");
+        }
+    }
+
+    /// Run again, under their ids, the jobs that were running when the scheduler stopped: a
+    /// client waiting for one gets its result. Each runs from the start (its stages' outputs
+    /// are not taken over yet). A job whose session is gone, or that no longer plans, is
+    /// listed as failed with the reason.
+    pub async fn resume_jobs(&self) -> Result<()> {
+        for (id, job) in self.store.running_jobs()? {
+            let ctx = self
+                .sessions
+                .lock()
+                .get(&job.session)
+                .map(|(c, _)| c.clone());
+            let resumed = match ctx {
+                Some(ctx) => self.submit_as(&ctx, &job.sql, id.clone()).await,
+                None => Err(volley_core::VolleyError::Internal(
+                    "its session is gone".to_string(),
+                )),
+            };
+            let mut state = self.state.lock();
+            match resumed {
+                Ok(_) => {
+                    tracing::info!(job_id = %id, "job resumed after a restart");
+                    state.set_job_owner(&id, &job.session);
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %id, error = %e, "job not resumed after a restart");
+                    let sql = volley_core::stores::redact::redact_sql(&job.sql);
+                    state.add_failed_job(
+                        id.clone(),
+                        sql,
+                        format!("job {id} could not be resumed after the scheduler restarted: {e}"),
+                    );
+                    state.set_job_owner(&id, &job.session);
+                }
+            }
         }
         Ok(())
     }

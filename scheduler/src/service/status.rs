@@ -99,15 +99,20 @@ impl SchedulerService {
         let params = request.into_inner();
         let ctx = self.session(&params.session_id)?;
         let job_id = self.submit_redacted(&ctx, &params.sql).await?;
-        let changed_session = {
+        let (changed_session, running) = {
             let mut state = self.state.lock();
             state.set_job_owner(&job_id, &params.session_id);
-            state
-                .job(&job_id)
-                .is_some_and(|j| j.ddl && j.state == JobState::Succeeded)
+            let job = state.job(&job_id);
+            (
+                job.is_some_and(|j| j.ddl && j.state == JobState::Succeeded),
+                job.is_some_and(|j| !j.state.is_final()),
+            )
         };
         if changed_session {
             self.remember_statement(&params.session_id, &params.sql);
+        }
+        if running {
+            self.remember_running(&job_id, &params.session_id, &params.sql);
         }
         Ok(Response::new(pb::ExecuteSqlResult { job_id }))
     }

@@ -128,7 +128,16 @@ impl SchedulerService {
     /// Plan `sql` in session `ctx` and submit it; returns the job id. Planning runs on a
     /// deep-stack thread: a deeply nested statement cannot overflow a worker's stack.
     pub async fn submit(&self, ctx: &SessionContext, sql: &str) -> Result<String> {
-        let job_id = new_id();
+        self.submit_as(ctx, sql, new_id()).await
+    }
+
+    /// [`Self::submit`] under a given job id (a job resumed after a restart keeps its id).
+    pub(super) async fn submit_as(
+        &self,
+        ctx: &SessionContext,
+        sql: &str,
+        job_id: String,
+    ) -> Result<String> {
         let planned = {
             let (ctx, sql, sandbox) = (ctx.clone(), sql.to_string(), self.sandbox.clone());
             let id = job_id.clone();

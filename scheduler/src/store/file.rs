@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use volley_core::{Result, VolleyError};
 
-use super::{FORMAT_VERSION, HISTORY_LIMIT, StateStore, StoredSession, decode, encode, key};
+use super::{
+    FORMAT_VERSION, HISTORY_LIMIT, RunningJob, StateStore, StoredSession, decode, encode, key,
+};
 use crate::views::JobSummary;
 
 /// Name of the state file in the state directory.
@@ -16,6 +18,7 @@ pub const FILE_NAME: &str = "scheduler.redb";
 const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
 const FINISHED: TableDefinition<&str, &[u8]> = TableDefinition::new("finished_jobs");
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+const RUNNING: TableDefinition<&str, &[u8]> = TableDefinition::new("running_jobs");
 
 /// State in a redb file.
 pub struct FileStore {
@@ -47,6 +50,7 @@ impl FileStore {
         // Every record must decode now: a corrupt one is an error at start, not later.
         store.finished_jobs()?;
         store.sessions()?;
+        store.running_jobs()?;
         Ok(store)
     }
 
@@ -78,8 +82,51 @@ impl FileStore {
             }
             txn.open_table(FINISHED).map_err(|e| self.err(e))?;
             txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+            txn.open_table(RUNNING).map_err(|e| self.err(e))?;
         }
         txn.commit().map_err(|e| self.err(e))
+    }
+}
+
+type Records = TableDefinition<'static, &'static str, &'static [u8]>;
+
+impl FileStore {
+    /// Put one record (one transaction).
+    fn put(&self, table: Records, id: &str, bytes: &[u8]) -> Result<()> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.open_table(table)
+            .map_err(|e| self.err(e))?
+            .insert(id, bytes)
+            .map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Remove records (one transaction).
+    fn remove(&self, table: Records, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = txn.open_table(table).map_err(|e| self.err(e))?;
+            for id in ids {
+                table.remove(id.as_str()).map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Every record of a table, by key.
+    fn all<T: serde::de::DeserializeOwned>(&self, table: Records) -> Result<Vec<(String, T)>> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(table).map_err(|e| self.err(e))?;
+        let location = self.location();
+        let mut records = Vec::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (id, value) = entry.map_err(|e| self.err(e))?;
+            records.push((id.value().to_string(), decode(value.value(), &location)?));
+        }
+        Ok(records)
     }
 }
 
@@ -108,51 +155,35 @@ impl StateStore for FileStore {
     }
 
     fn finished_jobs(&self) -> Result<Vec<JobSummary>> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(FINISHED).map_err(|e| self.err(e))?;
-        let location = self.location();
-        let mut jobs = Vec::new();
-        for entry in table.iter().map_err(|e| self.err(e))? {
-            let (_, value) = entry.map_err(|e| self.err(e))?;
-            jobs.push(decode(value.value(), &location)?);
-        }
-        Ok(jobs)
+        Ok(self
+            .all::<JobSummary>(FINISHED)?
+            .into_iter()
+            .map(|(_, job)| job)
+            .collect())
     }
 
     fn save_session(&self, id: &str, session: &StoredSession) -> Result<()> {
-        let bytes = encode(session, &format!("session {id}"))?;
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        txn.open_table(SESSIONS)
-            .map_err(|e| self.err(e))?
-            .insert(id, bytes.as_slice())
-            .map_err(|e| self.err(e))?;
-        txn.commit().map_err(|e| self.err(e))
+        self.put(SESSIONS, id, &encode(session, &format!("session {id}"))?)
     }
 
     fn forget_sessions(&self, ids: &[String]) -> Result<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut table = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
-            for id in ids {
-                table.remove(id.as_str()).map_err(|e| self.err(e))?;
-            }
-        }
-        txn.commit().map_err(|e| self.err(e))
+        self.remove(SESSIONS, ids)
     }
 
     fn sessions(&self) -> Result<Vec<(String, StoredSession)>> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
-        let location = self.location();
-        let mut sessions = Vec::new();
-        for entry in table.iter().map_err(|e| self.err(e))? {
-            let (id, value) = entry.map_err(|e| self.err(e))?;
-            sessions.push((id.value().to_string(), decode(value.value(), &location)?));
-        }
-        Ok(sessions)
+        self.all(SESSIONS)
+    }
+
+    fn save_running(&self, id: &str, job: &RunningJob) -> Result<()> {
+        self.put(RUNNING, id, &encode(job, &format!("job {id}"))?)
+    }
+
+    fn forget_running(&self, ids: &[String]) -> Result<()> {
+        self.remove(RUNNING, ids)
+    }
+
+    fn running_jobs(&self) -> Result<Vec<(String, RunningJob)>> {
+        self.all(RUNNING)
     }
 
     fn location(&self) -> String {

@@ -37,8 +37,23 @@ pub trait StateStore: Send + Sync {
     fn forget_sessions(&self, ids: &[String]) -> Result<()>;
     /// The sessions saved.
     fn sessions(&self) -> Result<Vec<(String, StoredSession)>>;
+    /// Save job `id`, submitted and not finished.
+    fn save_running(&self, id: &str, job: &RunningJob) -> Result<()>;
+    /// Forget jobs that finished (ids not saved are ignored).
+    fn forget_running(&self, ids: &[String]) -> Result<()>;
+    /// The jobs saved as running.
+    fn running_jobs(&self) -> Result<Vec<(String, RunningJob)>>;
     /// Where the state is, for messages ("memory" or the file's path).
     fn location(&self) -> String;
+}
+
+/// A job that was submitted and has not finished, as stored: run again after a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunningJob {
+    /// The session that submitted it.
+    pub session: String,
+    /// Its statement.
+    pub sql: String,
 }
 
 /// A session as stored: the settings it was created with and the statements that changed it
@@ -106,6 +121,7 @@ fn key(job: &JobSummary) -> String {
 pub struct MemoryStore {
     jobs: Mutex<VecDeque<JobSummary>>,
     sessions: Mutex<std::collections::BTreeMap<String, StoredSession>>,
+    running: Mutex<std::collections::BTreeMap<String, RunningJob>>,
 }
 
 impl StateStore for MemoryStore {
@@ -143,6 +159,28 @@ impl StateStore for MemoryStore {
             .lock()
             .iter()
             .map(|(id, s)| (id.clone(), s.clone()))
+            .collect())
+    }
+
+    fn save_running(&self, id: &str, job: &RunningJob) -> Result<()> {
+        self.running.lock().insert(id.to_string(), job.clone());
+        Ok(())
+    }
+
+    fn forget_running(&self, ids: &[String]) -> Result<()> {
+        let mut running = self.running.lock();
+        for id in ids {
+            running.remove(id);
+        }
+        Ok(())
+    }
+
+    fn running_jobs(&self) -> Result<Vec<(String, RunningJob)>> {
+        Ok(self
+            .running
+            .lock()
+            .iter()
+            .map(|(id, j)| (id.clone(), j.clone()))
             .collect())
     }
 

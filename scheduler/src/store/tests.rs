@@ -47,7 +47,7 @@ fn the_file_store_keeps_finished_jobs_across_reopening() {
 }
 
 #[test]
-fn sessions_are_saved_replaced_and_forgotten() {
+fn sessions_and_running_jobs_are_saved_replaced_and_forgotten() {
     let dir = tempfile::tempdir().unwrap();
     let session = |n: usize| StoredSession {
         settings: vec![("datafusion.execution.target_partitions".into(), "4".into())],
@@ -63,6 +63,21 @@ fn sessions_are_saved_replaced_and_forgotten() {
     assert_eq!(
         store.sessions().unwrap(),
         vec![("a".to_string(), session(3)), ("b".to_string(), session(1))]
+    );
+    let running = RunningJob {
+        session: "a".to_string(),
+        sql: "SELECT 1".to_string(),
+    };
+    store.save_running("j1", &running).unwrap();
+    store.save_running("j2", &running).unwrap();
+    store
+        .forget_running(&["j1".to_string(), "never-saved".to_string()])
+        .unwrap();
+    drop(store);
+    let store = FileStore::open(dir.path(), false).unwrap();
+    assert_eq!(
+        store.running_jobs().unwrap(),
+        vec![("j2".to_string(), running)]
     );
     store.forget_sessions(&["a".to_string()]).unwrap();
     assert_eq!(

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use serde_json::Value as Json;
+use volley_tests::Hold;
 use volley_tests::compare::rows;
 use volley_tests::http;
 use volley_tests::process::{ProcessCluster, volley_bin};
@@ -24,6 +25,15 @@ fn expected() -> Vec<Vec<String>> {
     .iter()
     .map(|r| r.iter().map(|v| v.to_string()).collect())
     .collect()
+}
+
+fn create_sales() -> String {
+    let data = volley_tests::workspace_root().join("tests/slt/data/sales.csv");
+    format!(
+        "CREATE EXTERNAL TABLE sales (sale_id INT, emp_id INT, amount DECIMAL(10,2), region VARCHAR, day DATE) \
+         STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true')",
+        data.display()
+    )
 }
 
 async fn jobs(base: &str, ddl: bool) -> Vec<Json> {
@@ -50,12 +60,7 @@ async fn job_history_and_sessions_survive_a_scheduler_restart_and_ddl_is_hidden(
         .await
         .unwrap();
     let client = cluster.client().await.unwrap();
-    let data = volley_tests::workspace_root().join("tests/slt/data/sales.csv");
-    let create = format!(
-        "CREATE EXTERNAL TABLE sales (sale_id INT, emp_id INT, amount DECIMAL(10,2), region VARCHAR, day DATE) \
-         STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true')",
-        data.display()
-    );
+    let create = create_sales();
     client.sql(&create).await.unwrap();
     client
         .sql("SET datafusion.execution.batch_size = 4096")
@@ -160,4 +165,59 @@ fn a_state_file_that_is_not_one_is_refused_at_start_naming_it() {
     // --state-reset starts empty and serves.
     assert_eq!(start_scheduler(&dir, &["--state-reset"]), None);
     assert_ne!(std::fs::read(&file).unwrap(), vec![0x5a; 8192]);
+}
+
+/// A query running when the scheduler is SIGKILLed completes after the scheduler restarts on
+/// its state: the client waits through the restart (asking again with backoff) and gets the
+/// exact rows. Without `--state-dir` the same crash loses the job (the fault fired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_running_at_a_scheduler_crash_completes_after_the_restart() {
+    volley_tests::init_tracing();
+    for durable in [true, false] {
+        let state = tempfile::tempdir().unwrap();
+        let dir = state.path().display().to_string();
+        let args: Vec<&str> = if durable {
+            vec!["--state-dir", &dir]
+        } else {
+            Vec::new()
+        };
+        let mut cluster = ProcessCluster::start(2, 1, &args).await.unwrap();
+        let client = cluster.client().await.unwrap();
+        client.sql(&create_sales()).await.unwrap();
+        let hold = Hold::new(2).unwrap();
+        client.sql(&hold.set_sql()).await.unwrap();
+        let job_id = client.submit(QUERY).await.unwrap();
+        // Stage 1 done, stage 2 held: the job is mid-run when the scheduler dies.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let cluster_state = client.cluster_state().await.unwrap();
+            let stage_one_done = cluster_state
+                .jobs
+                .iter()
+                .filter(|j| j.job_id == job_id)
+                .flat_map(|j| j.stages.iter())
+                .any(|s| s.stage_id == 1 && s.state == "succeeded");
+            if stage_one_done {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stage 1 never finished"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cluster.restart_scheduler().await.unwrap();
+        hold.release().unwrap();
+        let result = client.sql_job_rows(&job_id).await;
+        if durable {
+            assert_eq!(rows(&result.unwrap()).unwrap(), expected());
+            let listed = jobs(cluster.http_url(), false).await;
+            let job = find(&listed, &job_id).expect("the resumed job is listed");
+            assert_eq!(job["state"], "succeeded");
+            assert_eq!(job["sql"], QUERY);
+        } else {
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains(&format!("unknown job {job_id}")), "{err}");
+        }
+    }
 }
