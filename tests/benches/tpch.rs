@@ -4,7 +4,10 @@
 //!
 //! `cargo bench -p volley-tests --bench tpch -- [--suite tpch|tpcds] [--sf 1] [--executors 2] [--slots 1]
 //!  [--query N] [--iterations 1] [--data DIR] [--compression lz4|zstd|none] [--json FILE]
-//!  [--baseline default|volley] [--memory-limit BYTES-per-executor]`
+//!  [--baseline default|volley] [--memory-limit BYTES-per-executor] [--state-dir DIR]`
+//!
+//! `--state-dir DIR` runs Volley's scheduler with its durable state in DIR (started empty), to
+//! measure what saving jobs and sessions costs against a run without it.
 //!
 //! `--data s3://BUCKET/PREFIX` also runs every query on Volley with the tables in S3: the bench
 //! starts the tests' S3 server (moto, see `volley_tests::s3`), uploads the generated data there
@@ -46,6 +49,8 @@ struct Args {
     baseline_settings: Vec<(String, String)>,
     /// Settings for Volley's session (`--set key=value`, sent as `SET` statements).
     volley_settings: Vec<(String, String)>,
+    /// The scheduler's `--state-dir`.
+    state_dir: Option<PathBuf>,
 }
 
 fn key_value(pair: &str) -> Result<(String, String), BoxError> {
@@ -69,6 +74,7 @@ fn parse_args() -> Result<Args, BoxError> {
         compression: None,
         json: None,
         volley_baseline: false,
+        state_dir: None,
         memory_limit: None,
         stages: false,
         baseline_settings: Vec::new(),
@@ -111,6 +117,7 @@ fn parse_args() -> Result<Args, BoxError> {
             "--stages" => args.stages = true,
             "--baseline-set" => args.baseline_settings.push(key_value(&value()?)?),
             "--set" => args.volley_settings.push(key_value(&value()?)?),
+            "--state-dir" => args.state_dir = Some(PathBuf::from(value()?)),
             "--bench" => {}
             other => return Err(format!("unknown argument {other}").into()),
         }
@@ -151,9 +158,13 @@ async fn main() -> Result<(), BoxError> {
     let partitions = args.executors * args.slots;
     let boot = Instant::now();
     let cluster = EmbeddedCluster::start_with_memory(
-        SchedulerConfig::default()
-            .with_address("127.0.0.1", 0)
-            .with_target_partitions(partitions),
+        SchedulerConfig {
+            state_dir: args.state_dir.clone(),
+            state_reset: true,
+            ..SchedulerConfig::default()
+                .with_address("127.0.0.1", 0)
+                .with_target_partitions(partitions)
+        },
         args.executors,
         args.slots,
         args.memory_limit,
