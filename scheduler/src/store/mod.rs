@@ -120,8 +120,41 @@ fn key(job: &JobSummary) -> String {
 #[derive(Default)]
 pub struct MemoryStore {
     jobs: Mutex<VecDeque<JobSummary>>,
-    sessions: Mutex<std::collections::BTreeMap<String, StoredSession>>,
-    running: Mutex<std::collections::BTreeMap<String, RunningJob>>,
+    sessions: Keyed<StoredSession>,
+    running: Keyed<RunningJob>,
+}
+
+/// Records of one kind in memory, by id.
+struct Keyed<T>(Mutex<std::collections::BTreeMap<String, T>>);
+
+impl<T> Default for Keyed<T> {
+    fn default() -> Self {
+        Self(Mutex::new(std::collections::BTreeMap::new()))
+    }
+}
+
+impl<T: Clone> Keyed<T> {
+    fn put(&self, id: &str, value: &T) -> Result<()> {
+        self.0.lock().insert(id.to_string(), value.clone());
+        Ok(())
+    }
+
+    fn remove(&self, ids: &[String]) -> Result<()> {
+        let mut records = self.0.lock();
+        for id in ids {
+            records.remove(id);
+        }
+        Ok(())
+    }
+
+    fn all(&self) -> Result<Vec<(String, T)>> {
+        Ok(self
+            .0
+            .lock()
+            .iter()
+            .map(|(id, v)| (id.clone(), v.clone()))
+            .collect())
+    }
 }
 
 impl StateStore for MemoryStore {
@@ -141,47 +174,27 @@ impl StateStore for MemoryStore {
     }
 
     fn save_session(&self, id: &str, session: &StoredSession) -> Result<()> {
-        self.sessions.lock().insert(id.to_string(), session.clone());
-        Ok(())
+        self.sessions.put(id, session)
     }
 
     fn forget_sessions(&self, ids: &[String]) -> Result<()> {
-        let mut sessions = self.sessions.lock();
-        for id in ids {
-            sessions.remove(id);
-        }
-        Ok(())
+        self.sessions.remove(ids)
     }
 
     fn sessions(&self) -> Result<Vec<(String, StoredSession)>> {
-        Ok(self
-            .sessions
-            .lock()
-            .iter()
-            .map(|(id, s)| (id.clone(), s.clone()))
-            .collect())
+        self.sessions.all()
     }
 
     fn save_running(&self, id: &str, job: &RunningJob) -> Result<()> {
-        self.running.lock().insert(id.to_string(), job.clone());
-        Ok(())
+        self.running.put(id, job)
     }
 
     fn forget_running(&self, ids: &[String]) -> Result<()> {
-        let mut running = self.running.lock();
-        for id in ids {
-            running.remove(id);
-        }
-        Ok(())
+        self.running.remove(ids)
     }
 
     fn running_jobs(&self) -> Result<Vec<(String, RunningJob)>> {
-        Ok(self
-            .running
-            .lock()
-            .iter()
-            .map(|(id, j)| (id.clone(), j.clone()))
-            .collect())
+        self.running.all()
     }
 
     fn location(&self) -> String {
