@@ -101,6 +101,16 @@ struct SchedulerArgs {
     /// Start with an empty state: remove the --state-dir file first.
     #[arg(long, requires = "state_dir")]
     state_reset: bool,
+    /// Keep the state in etcd, shared with standby schedulers:
+    /// etcd://HOST:PORT[,HOST:PORT][/NAME]. The scheduler serves only while it leads; a
+    /// standby waits, and takes over (resuming the running jobs) when the leader is gone.
+    #[arg(
+        long = "state",
+        env = "VOLLEY_STATE",
+        value_name = "URL",
+        conflicts_with = "state_dir"
+    )]
+    state_url: Option<String>,
     #[command(flatten)]
     sandbox: security::SandboxArgs,
     #[command(flatten)]
@@ -109,7 +119,8 @@ struct SchedulerArgs {
 
 #[derive(clap::Args, Debug)]
 struct ExecutorArgs {
-    /// Scheduler URL.
+    /// Scheduler URL, or a comma-separated list (a leader and its standbys: the executor
+    /// registers with the one that serves, and follows a takeover).
     #[arg(
         long,
         env = "VOLLEY_SCHEDULER",
@@ -238,6 +249,7 @@ async fn run_scheduler(args: SchedulerArgs) -> Result<(), String> {
         memory_limit: args.memory_limit,
         state_dir: args.state_dir,
         state_reset: args.state_reset,
+        state_url: args.state_url,
         stall_timeout: (args.stall_timeout_secs > 0)
             .then(|| Duration::from_secs(args.stall_timeout_secs)),
         ..SchedulerConfig::default()
@@ -245,12 +257,18 @@ async fn run_scheduler(args: SchedulerArgs) -> Result<(), String> {
     let _telemetry =
         volley_core::telemetry::init("volley-scheduler", args.otlp_endpoint.as_deref())
             .map_err(|e| e.to_string())?;
-    let handle = start_scheduler(config).await.map_err(|e| e.to_string())?;
+    let mut handle = start_scheduler(config).await.map_err(|e| e.to_string())?;
     note!("volley scheduler listening on {}", handle.url());
     if let Some(url) = handle.http_url() {
         note!("status page: {url}");
     }
-    wait_for_signal().await;
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        _ = handle.leadership_lost() => {
+            // Another scheduler may lead now: stop at once rather than risk two leaders.
+            return Err("this scheduler lost its leadership in etcd (it could not renew its lease, or another scheduler took over); stopping: start it again to stand by".to_string());
+        }
+    }
     handle.shutdown().await;
     Ok(())
 }

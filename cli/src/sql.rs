@@ -20,7 +20,8 @@ use crate::repl::{HELP, Input, Repl};
 /// Arguments of `volley sql`.
 #[derive(clap::Args, Debug)]
 pub struct SqlArgs {
-    /// Scheduler URL; without it an embedded cluster is started.
+    /// Scheduler URL, or a comma-separated list (a leader and its standbys: the one that
+    /// serves is used); without it an embedded cluster is started.
     #[arg(long, env = "VOLLEY_SCHEDULER")]
     scheduler: Option<String>,
     /// Seconds each call to the scheduler may take before it is an error (a scheduler that

@@ -1,6 +1,8 @@
 //! A connection to a scheduler with its own session.
 
 use std::io::Cursor;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
@@ -13,13 +15,43 @@ use volley_core::security::{AuthChannel, Security};
 use volley_core::shuffle::{LocalReads, PartitionLocation, read_partition_location};
 use volley_core::{Result, VolleyError};
 
-/// A client session on a Volley scheduler.
+/// A client session on a Volley scheduler (the leader among several, when given a list).
 #[derive(Clone, Debug)]
 pub struct VolleyClient {
-    scheduler: SchedulerGrpcClient<AuthChannel>,
+    scheduler: Arc<Mutex<SchedulerGrpcClient<AuthChannel>>>,
+    schedulers: Arc<Schedulers>,
     session_id: String,
     security: Security,
     max_message_size: usize,
+}
+
+/// The schedulers a client may talk to (standbys sharing state in etcd serve nothing until
+/// they lead) and the one it talks to now.
+#[derive(Debug)]
+struct Schedulers {
+    urls: Vec<String>,
+    options: ClientOptions,
+    current: AtomicUsize,
+}
+
+/// A gRPC client of the scheduler at `url`, connected now.
+async fn connect_one(
+    url: &str,
+    options: &ClientOptions,
+) -> Result<SchedulerGrpcClient<AuthChannel>> {
+    let security = &options.security;
+    let channel = security
+        .endpoint(url)?
+        .timeout(options.rpc_timeout)
+        .connect()
+        .await
+        .map_err(|e| VolleyError::Connect {
+            address: url.to_string(),
+            message: format!("scheduler unreachable: {}", error_chain(&e)),
+        })?;
+    Ok(SchedulerGrpcClient::new(security.authed(channel)?)
+        .max_decoding_message_size(options.max_message_size)
+        .max_encoding_message_size(options.max_message_size))
 }
 
 /// How a client connects: token, TLS and message size limit.
@@ -83,6 +115,50 @@ fn reconnect_backoff(attempt: u32) -> std::time::Duration {
     base + base * jitter / 100
 }
 
+/// True when a call never reached the scheduler (no connection could be made): sending it
+/// again cannot run it twice.
+fn never_sent(status: &tonic::Status) -> bool {
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let mut text = status.message().to_ascii_lowercase();
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        text.push_str(&cause.to_string().to_ascii_lowercase());
+        source = cause.source();
+    }
+    text.contains("connect") || text.contains("connection refused")
+}
+
+/// Asking an unreachable scheduler again: backoff with jitter, for up to [`RECONNECT_LIMIT`].
+#[derive(Default)]
+struct Reconnect {
+    since: Option<std::time::Instant>,
+    attempt: u32,
+}
+
+impl Reconnect {
+    /// Wait before the next try; an error naming `what` once the limit is reached.
+    async fn pause(&mut self, what: &str, status: &tonic::Status) -> Result<()> {
+        let since = *self.since.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() > RECONNECT_LIMIT {
+            return Err(VolleyError::Internal(format!(
+                "the scheduler was unreachable for {} s {what}: {}",
+                RECONNECT_LIMIT.as_secs(),
+                status.message()
+            )));
+        }
+        tokio::time::sleep(reconnect_backoff(self.attempt)).await;
+        self.attempt += 1;
+        Ok(())
+    }
+
+    /// The scheduler answered.
+    fn reached(&mut self) {
+        *self = Self::default();
+    }
+}
+
 fn status_error(status: tonic::Status) -> VolleyError {
     let message = status.message();
     if message.contains("message length too large") {
@@ -104,33 +180,73 @@ impl VolleyClient {
         Self::connect_with(url, ClientOptions::default()).await
     }
 
-    /// Connect with a token, TLS and message limits.
+    /// Connect with a token, TLS and message limits. `url` may list several schedulers
+    /// (comma-separated, e.g. a leader and its standbys): the first that answers is used, and
+    /// when it becomes unreachable the client moves on to one of the others.
     pub async fn connect_with(url: &str, options: ClientOptions) -> Result<Self> {
-        let security = options.security;
-        let channel = security
-            .endpoint(url)?
-            .timeout(options.rpc_timeout)
-            .connect()
-            .await
-            .map_err(|e| VolleyError::Connect {
-                address: url.to_string(),
-                message: format!("scheduler unreachable: {}", error_chain(&e)),
-            })?;
-        let mut scheduler = SchedulerGrpcClient::new(security.authed(channel)?)
-            .max_decoding_message_size(options.max_message_size)
-            .max_encoding_message_size(options.max_message_size);
-        let session_id = scheduler
-            .create_session(pb::CreateSessionParams { settings: vec![] })
-            .await
-            .map_err(status_error)?
-            .into_inner()
-            .session_id;
-        Ok(Self {
-            scheduler,
-            session_id,
-            security,
-            max_message_size: options.max_message_size,
-        })
+        let urls: Vec<String> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect();
+        let mut last = VolleyError::Config(format!("no scheduler URL in {url:?}"));
+        for (index, url) in urls.iter().enumerate() {
+            let mut scheduler = match connect_one(url, &options).await {
+                Ok(scheduler) => scheduler,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let session_id = scheduler
+                .create_session(pb::CreateSessionParams { settings: vec![] })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .session_id;
+            return Ok(Self {
+                scheduler: Arc::new(Mutex::new(scheduler)),
+                schedulers: Arc::new(Schedulers {
+                    urls: urls.clone(),
+                    options: options.clone(),
+                    current: AtomicUsize::new(index),
+                }),
+                session_id,
+                security: options.security,
+                max_message_size: options.max_message_size,
+            });
+        }
+        Err(last)
+    }
+
+    /// The gRPC client of the scheduler in use.
+    fn grpc(&self) -> SchedulerGrpcClient<AuthChannel> {
+        match self.scheduler.lock() {
+            Ok(client) => client.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The scheduler in use cannot be reached: use the next of the others that can (its
+    /// session lives on in the shared state). Nothing changes with one URL.
+    async fn fail_over(&self) {
+        let urls = &self.schedulers.urls;
+        if urls.len() < 2 {
+            return;
+        }
+        let current = self.schedulers.current.load(Ordering::SeqCst);
+        for offset in 1..=urls.len() {
+            let index = (current + offset) % urls.len();
+            if let Ok(client) = connect_one(&urls[index], &self.schedulers.options).await {
+                match self.scheduler.lock() {
+                    Ok(mut slot) => *slot = client,
+                    Err(poisoned) => *poisoned.into_inner() = client,
+                }
+                self.schedulers.current.store(index, Ordering::SeqCst);
+                return;
+            }
+        }
     }
 
     /// The largest message this client sends or accepts.
@@ -140,7 +256,7 @@ impl VolleyClient {
 
     /// The raw gRPC client, for cluster inspection.
     pub fn scheduler(&self) -> SchedulerGrpcClient<AuthChannel> {
-        self.scheduler.clone()
+        self.grpc()
     }
 
     fn check_size(&self, what: &str, bytes: usize) -> Result<()> {
@@ -153,19 +269,32 @@ impl VolleyClient {
         Ok(())
     }
 
-    /// Submit one statement; returns its job id.
+    /// Submit one statement; returns its job id. A scheduler that cannot be connected to
+    /// (restarting) is asked again with backoff for up to [`RECONNECT_LIMIT`] (a statement
+    /// is sent again only when it never reached the scheduler).
     pub async fn submit(&self, sql: &str) -> Result<String> {
         self.check_size("the SQL text", sql.len())?;
-        let mut scheduler = self.scheduler.clone();
-        Ok(scheduler
-            .execute_sql(pb::ExecuteSqlParams {
-                session_id: self.session_id.clone(),
-                sql: sql.to_string(),
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner()
-            .job_id)
+        let mut scheduler = self.grpc();
+        let mut reconnect = Reconnect::default();
+        loop {
+            let answer = scheduler
+                .execute_sql(pb::ExecuteSqlParams {
+                    session_id: self.session_id.clone(),
+                    sql: sql.to_string(),
+                })
+                .await;
+            match answer {
+                Ok(answer) => return Ok(answer.into_inner().job_id),
+                Err(e) if never_sent(&e) => {
+                    reconnect
+                        .pause("while a statement was submitted", &e)
+                        .await?;
+                    self.fail_over().await;
+                    scheduler = self.grpc();
+                }
+                Err(e) => return Err(status_error(e)),
+            }
+        }
     }
 
     /// Submit a physical plan (encoded with the Volley codec); returns its job id.
@@ -176,7 +305,7 @@ impl VolleyClient {
         settings: &[(String, String)],
     ) -> Result<String> {
         self.check_size("the plan", plan.len())?;
-        let mut scheduler = self.scheduler.clone();
+        let mut scheduler = self.grpc();
         Ok(scheduler
             .execute_plan(pb::ExecutePlanParams {
                 session_id: self.session_id.clone(),
@@ -198,7 +327,7 @@ impl VolleyClient {
 
     /// A job's current status (progress counters included).
     pub async fn status(&self, job_id: &str) -> Result<pb::JobStatus> {
-        let mut scheduler = self.scheduler.clone();
+        let mut scheduler = self.grpc();
         Ok(scheduler
             .get_job_status(pb::GetJobStatusParams {
                 job_id: job_id.to_string(),
@@ -214,9 +343,8 @@ impl VolleyClient {
     /// (restarting) is asked again with backoff for up to [`RECONNECT_LIMIT`]: one started on
     /// its state again resumes the job.
     pub async fn wait(&self, job_id: &str) -> Result<pb::CompletedJob> {
-        let mut scheduler = self.scheduler.clone();
-        let mut unreachable_since: Option<std::time::Instant> = None;
-        let mut attempt = 0u32;
+        let mut scheduler = self.grpc();
+        let mut reconnect = Reconnect::default();
         loop {
             let answer = scheduler
                 .get_job_status(pb::GetJobStatusParams {
@@ -228,21 +356,16 @@ impl VolleyClient {
             let status = match answer {
                 Ok(answer) => answer.into_inner(),
                 Err(e) if e.code() == tonic::Code::Unavailable => {
-                    let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
-                    if since.elapsed() > RECONNECT_LIMIT {
-                        return Err(VolleyError::Internal(format!(
-                            "the scheduler was unreachable for {} s while job {job_id} ran: {}",
-                            RECONNECT_LIMIT.as_secs(),
-                            e.message()
-                        )));
-                    }
-                    tokio::time::sleep(reconnect_backoff(attempt)).await;
-                    attempt += 1;
+                    reconnect
+                        .pause(&format!("while job {job_id} ran"), &e)
+                        .await?;
+                    self.fail_over().await;
+                    scheduler = self.grpc();
                     continue;
                 }
                 Err(e) => return Err(status_error(e)),
             };
-            (unreachable_since, attempt) = (None, 0);
+            reconnect.reached();
             match status.status {
                 Some(job_status::Status::Completed(done)) => return Ok(done),
                 Some(job_status::Status::Failed(message)) => {
@@ -260,7 +383,7 @@ impl VolleyClient {
 
     /// Cancel a job.
     pub async fn cancel(&self, job_id: &str) -> Result<bool> {
-        let mut scheduler = self.scheduler.clone();
+        let mut scheduler = self.grpc();
         Ok(scheduler
             .cancel_job(pb::CancelJobParams {
                 job_id: job_id.to_string(),
@@ -345,7 +468,7 @@ impl VolleyClient {
     }
 
     async fn release(&self, job_id: &str) {
-        let mut scheduler = self.scheduler.clone();
+        let mut scheduler = self.grpc();
         if let Err(e) = scheduler
             .release_job(pb::ReleaseJobParams {
                 job_id: job_id.to_string(),
@@ -360,7 +483,7 @@ impl VolleyClient {
     /// Executors, and jobs with their stages and tasks, as the scheduler sees them: with
     /// client credentials, only this session's jobs; with the cluster token, every job.
     pub async fn cluster_state(&self) -> Result<pb::GetClusterStateResult> {
-        let mut scheduler = self.scheduler.clone();
+        let mut scheduler = self.grpc();
         Ok(scheduler
             .get_cluster_state(pb::GetClusterStateParams {
                 session_id: self.session_id.clone(),

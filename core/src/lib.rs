@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod failover;
 pub mod flat;
 pub mod functions;
 pub mod grant;

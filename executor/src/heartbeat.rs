@@ -14,6 +14,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::Status;
+use volley_core::failover::SchedulerUrls;
 use volley_core::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
 use volley_core::protobuf::{self as pb};
 use volley_core::security::{AuthChannel, Security};
@@ -36,8 +37,8 @@ pub struct Beat {
     pub total_slots: u32,
     /// Period.
     pub interval: Duration,
-    /// Scheduler URL, and how to reach it.
-    pub scheduler_url: String,
+    /// The schedulers (a leader and its standbys) and the one in use.
+    pub schedulers: Arc<SchedulerUrls>,
     /// Token and TLS for the connection.
     pub security: Security,
     /// Largest gRPC message.
@@ -112,7 +113,7 @@ const BATCH: usize = 64;
 /// Where reports go, and what their answers start.
 #[derive(Clone)]
 struct Delivery {
-    client: SchedulerGrpcClient<AuthChannel>,
+    clients: Clients,
     id: String,
     secret: Arc<Mutex<String>>,
     draining: Arc<AtomicBool>,
@@ -138,8 +139,8 @@ impl Delivery {
     async fn send(&self, statuses: &[pb::TaskStatus]) -> bool {
         let started = std::time::Instant::now();
         let mut attempt = 0;
-        let mut client = self.client.clone();
         loop {
+            let mut client = self.clients.current();
             let secret = self.secret.lock().clone();
             let result = client
                 .update_task_status(pb::UpdateTaskStatusParams {
@@ -237,25 +238,48 @@ impl Drop for Heartbeat {
     }
 }
 
-fn client(beat: &Beat) -> Result<SchedulerGrpcClient<AuthChannel>> {
+/// A client of each scheduler of the list; calls go to the one in use.
+#[derive(Clone)]
+struct Clients {
+    clients: Vec<SchedulerGrpcClient<AuthChannel>>,
+    urls: Arc<SchedulerUrls>,
+}
+
+impl Clients {
+    /// The client of the scheduler in use.
+    fn current(&self) -> SchedulerGrpcClient<AuthChannel> {
+        self.clients[self.urls.current() % self.clients.len()].clone()
+    }
+}
+
+fn client(beat: &Beat) -> Result<Clients> {
     connect(beat, Some(Duration::from_secs(10)))
 }
 
-/// A connection to the scheduler; `timeout` bounds each call (none for the attach stream,
+/// Connections to the schedulers; `timeout` bounds each call (none for the attach stream,
 /// which is open for as long as the executor runs).
-fn connect(beat: &Beat, timeout: Option<Duration>) -> Result<SchedulerGrpcClient<AuthChannel>> {
-    let mut endpoint = beat.security.endpoint(&beat.scheduler_url)?;
-    if let Some(timeout) = timeout {
-        endpoint = endpoint.timeout(timeout);
+fn connect(beat: &Beat, timeout: Option<Duration>) -> Result<Clients> {
+    let mut clients = Vec::new();
+    for url in beat.schedulers.urls() {
+        let mut endpoint = beat.security.endpoint(url)?;
+        if let Some(timeout) = timeout {
+            endpoint = endpoint.timeout(timeout);
+        }
+        let channel = endpoint.connect_lazy();
+        clients.push(
+            SchedulerGrpcClient::new(beat.security.authed(channel)?)
+                .max_decoding_message_size(beat.max_message_size)
+                .max_encoding_message_size(beat.max_message_size),
+        );
     }
-    let channel = endpoint.connect_lazy();
-    Ok(SchedulerGrpcClient::new(beat.security.authed(channel)?)
-        .max_decoding_message_size(beat.max_message_size)
-        .max_encoding_message_size(beat.max_message_size))
+    Ok(Clients {
+        clients,
+        urls: Arc::clone(&beat.schedulers),
+    })
 }
 
 async fn run(mut beat: Beat, mut stopped: oneshot::Receiver<()>) {
-    let mut client = match client(&beat) {
+    let clients = match client(&beat) {
         Ok(client) => client,
         Err(e) => {
             tracing::error!(error = %e, "cannot connect heartbeats to the scheduler");
@@ -264,7 +288,7 @@ async fn run(mut beat: Beat, mut stopped: oneshot::Receiver<()>) {
     };
     if let Some(reports) = beat.reports.take() {
         let delivery = Delivery {
-            client: client.clone(),
+            clients: clients.clone(),
             id: beat.id.clone(),
             secret: Arc::clone(&beat.secret),
             draining: Arc::clone(&beat.draining),
@@ -308,12 +332,18 @@ async fn run(mut beat: Beat, mut stopped: oneshot::Receiver<()>) {
             running_tasks: beat.total_slots.saturating_sub(free),
             attempts,
         };
-        match client.heartbeat(params).await {
+        let index = beat.schedulers.current();
+        match clients.current().heartbeat(params).await {
             Ok(resp) if resp.get_ref().reregister => {
                 tracing::warn!("scheduler does not know this executor; registering again");
                 (beat.reregister)();
             }
             Ok(_) => {}
+            Err(e) if e.code() == tonic::Code::Unavailable && beat.schedulers.advance(index) => {
+                // Gone, or a standby: register with the next scheduler of the list.
+                tracing::warn!(error = %e, scheduler = %beat.schedulers.urls()[index], "scheduler unreachable; trying the next one");
+                (beat.reregister)();
+            }
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
     }
@@ -323,7 +353,7 @@ async fn run(mut beat: Beat, mut stopped: oneshot::Receiver<()>) {
 /// connection closes and the scheduler knows at once. A new registration (a new secret)
 /// attaches again; a failed or ended stream is retried with backoff.
 async fn attach(
-    mut client: SchedulerGrpcClient<AuthChannel>,
+    clients: Clients,
     executor_id: String,
     secret: Arc<Mutex<String>>,
     check: Duration,
@@ -336,7 +366,7 @@ async fn attach(
                 executor_id: executor_id.clone(),
                 secret: current.clone(),
             };
-            match client.attach(params).await {
+            match clients.current().attach(params).await {
                 Ok(response) => {
                     failures = 0;
                     let mut stream = response.into_inner();

@@ -20,6 +20,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
+use volley_core::failover::SchedulerUrls;
 use volley_core::protobuf::executor_grpc_server::{ExecutorGrpc, ExecutorGrpcServer};
 use volley_core::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
 use volley_core::protobuf::{self as pb};
@@ -43,7 +44,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Executor settings.
 #[derive(Debug, Clone)]
 pub struct ExecutorConfig {
-    /// `http://host:port` of the scheduler.
+    /// `http://host:port` of the scheduler, or a comma-separated list of them (a leader and
+    /// its standbys).
     pub scheduler_url: String,
     /// Address to bind and to advertise.
     pub host: String,
@@ -106,7 +108,10 @@ struct ExecutorInner {
     secret: Arc<Mutex<String>>,
     /// Attempts held (waiting for a slot, running or reporting), listed in heartbeats.
     attempts: Arc<Mutex<HashSet<AttemptKey>>>,
-    scheduler: SchedulerGrpcClient<AuthChannel>,
+    /// A client of each scheduler of `--scheduler` (a leader and its standbys).
+    schedulers: Vec<SchedulerGrpcClient<AuthChannel>>,
+    /// Their URLs and the one in use.
+    urls: Arc<SchedulerUrls>,
     /// Delivers task statuses from the heartbeat thread (never starved by task work).
     reporter: Reporter,
     draining: Arc<AtomicBool>,
@@ -146,15 +151,36 @@ impl ExecutorInner {
 
     /// Register; then drop the folders of jobs the scheduler no longer runs (left from before
     /// a scheduler restart or while this executor was cut off and declared lost).
+    /// The client of the scheduler in use, and its index.
+    fn scheduler(&self) -> (usize, SchedulerGrpcClient<AuthChannel>) {
+        let index = self.urls.current();
+        (
+            index,
+            self.schedulers[index % self.schedulers.len()].clone(),
+        )
+    }
+
     async fn register(&self) -> Result<()> {
-        let mut client = self.scheduler.clone();
+        let (index, mut client) = self.scheduler();
         let asked = std::time::SystemTime::now();
-        let answer = client
+        let mut held_outputs = self.work_dir.files();
+        held_outputs.extend(self.runner.memory.paths());
+        let answer = match client
             .register_executor(pb::RegisterExecutorParams {
                 metadata: Some(self.metadata()),
+                held_outputs,
             })
-            .await?
-            .into_inner();
+            .await
+        {
+            Ok(answer) => answer.into_inner(),
+            Err(e) => {
+                // Gone, or a standby: the next try goes to the next scheduler of the list.
+                if e.code() == tonic::Code::Unavailable {
+                    self.urls.advance(index);
+                }
+                return Err(e.into());
+            }
+        };
         *self.secret.lock() = answer.secret;
         let active: std::collections::HashSet<String> = answer.active_jobs.into_iter().collect();
         let swept = self.work_dir.sweep_jobs(&active, asked);
@@ -174,7 +200,8 @@ impl ExecutorInner {
             match self.register().await {
                 Ok(()) => return Ok(()),
                 Err(VolleyError::Grpc(status))
-                    if status.code() == tonic::Code::Unavailable && attempt < 8 =>
+                    if status.code() == tonic::Code::Unavailable
+                        && attempt < 8 + self.schedulers.len() as u32 =>
                 {
                     tokio::time::sleep(backoff(attempt)).await;
                     attempt += 1;
@@ -185,7 +212,7 @@ impl ExecutorInner {
     }
 
     async fn deregister(&self, draining: bool) {
-        let mut client = self.scheduler.clone();
+        let (_, mut client) = self.scheduler();
         let secret = self.secret.lock().clone();
         if let Err(e) = client
             .deregister_executor(pb::DeregisterExecutorParams {
@@ -256,6 +283,20 @@ impl ExecutorInner {
                 .or_default()
                 .push(handle.abort_handle());
         }
+    }
+
+    /// Stop every task: the scheduler asking this executor to register again no longer counts
+    /// on them (it restarted, or declared this executor lost and launched them elsewhere).
+    fn abort_all(&self) -> usize {
+        let handles: Vec<AbortHandle> = self.running.lock().drain().flat_map(|(_, h)| h).collect();
+        let mut aborted = 0;
+        for handle in handles {
+            if !handle.is_finished() {
+                handle.abort();
+                aborted += 1;
+            }
+        }
+        aborted
     }
 
     fn remove_finished(&self, job_id: &str) {
@@ -415,14 +456,20 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
             message: format!("cannot bind executor: {e}"),
         })?;
     let addr = listener.local_addr()?;
-    let channel = config
-        .security
-        .endpoint(&config.scheduler_url)?
-        .timeout(Duration::from_secs(10))
-        .connect_lazy();
-    let scheduler = SchedulerGrpcClient::new(config.security.authed(channel)?)
-        .max_decoding_message_size(config.max_message_size)
-        .max_encoding_message_size(config.max_message_size);
+    let urls = Arc::new(SchedulerUrls::parse(&config.scheduler_url)?);
+    let mut schedulers = Vec::new();
+    for url in urls.urls() {
+        let channel = config
+            .security
+            .endpoint(url)?
+            .timeout(Duration::from_secs(10))
+            .connect_lazy();
+        schedulers.push(
+            SchedulerGrpcClient::new(config.security.authed(channel)?)
+                .max_decoding_message_size(config.max_message_size)
+                .max_encoding_message_size(config.max_message_size),
+        );
+    }
     // Every table file a task opens, lists or writes must be under the allowed roots, however
     // the task names it (the scheduler checked the plan too; this holds for any task).
     let sandbox = match &config.allowed_paths {
@@ -466,7 +513,8 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
         attempts: Arc::new(Mutex::new(HashSet::new())),
         secret: Arc::new(Mutex::new(String::new())),
         registering: AtomicBool::new(false),
-        scheduler,
+        schedulers,
+        urls: Arc::clone(&urls),
         reporter,
         config: config.clone(),
         draining: Arc::new(AtomicBool::new(false)),
@@ -533,7 +581,7 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
         slots: Arc::clone(&inner.slots),
         total_slots: u32::try_from(config.slots).unwrap_or(u32::MAX),
         interval: config.heartbeat_interval,
-        scheduler_url: config.scheduler_url.clone(),
+        schedulers: Arc::clone(&urls),
         security: config.security.clone(),
         max_message_size: config.max_message_size,
         reports: Some(reports),
@@ -548,6 +596,10 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
             }
             let inner = Arc::clone(&again);
             main.spawn(async move {
+                let aborted = inner.abort_all();
+                if aborted > 0 {
+                    tracing::info!(aborted, "stopped the tasks of the previous registration");
+                }
                 if let Err(e) = inner.register().await {
                     tracing::warn!(error = %e, "re-registration failed");
                 }

@@ -56,6 +56,28 @@ impl WorkDir {
         &self.path
     }
 
+    /// Paths of every file under the folder's job folders (the shuffle outputs it holds).
+    pub fn files(&self) -> Vec<String> {
+        let mut files = Vec::new();
+        let mut dirs = vec![self.path.clone()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                match entry.file_type() {
+                    Ok(kind) if kind.is_dir() => dirs.push(path),
+                    Ok(kind) if kind.is_file() && dir != self.path => {
+                        files.push(path.display().to_string());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        files
+    }
+
     /// Remove the folders of jobs not in `active` (their jobs ended while this executor was
     /// cut off from the scheduler, or the scheduler restarted) last changed before `asked`,
     /// when the scheduler was asked (a folder of a job submitted since is kept). Returns how

@@ -64,6 +64,9 @@ pub struct SchedulerConfig {
     pub state_dir: Option<std::path::PathBuf>,
     /// Remove the state file at start instead of reading it.
     pub state_reset: bool,
+    /// Keep the durable state in etcd (`etcd://host:2379[,host:2379][/name]`) shared with
+    /// standby schedulers: this one serves only while it leads (see [`crate::store::etcd`]).
+    pub state_url: Option<String>,
 }
 
 impl Default for SchedulerConfig {
@@ -90,6 +93,7 @@ impl Default for SchedulerConfig {
             memory_limit: 2 << 30,
             state_dir: None,
             state_reset: false,
+            state_url: None,
         }
     }
 }

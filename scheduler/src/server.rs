@@ -3,9 +3,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
@@ -16,6 +17,8 @@ use volley_core::{Result, VolleyError};
 use crate::config::SchedulerConfig;
 use crate::metrics::SchedulerMetrics;
 use crate::service::SchedulerService;
+use crate::store::StateStore;
+use crate::store::etcd::{Campaign, EtcdStore};
 
 /// A running scheduler; dropping it does not stop it, call [`SchedulerHandle::shutdown`].
 pub struct SchedulerHandle {
@@ -27,6 +30,8 @@ pub struct SchedulerHandle {
     join: Option<JoinHandle<()>>,
     http_shutdown: Option<oneshot::Sender<()>>,
     http: Option<JoinHandle<()>>,
+    /// Turns true when this scheduler loses its leadership (state in etcd).
+    lost: Option<watch::Receiver<bool>>,
 }
 
 impl SchedulerHandle {
@@ -50,6 +55,18 @@ impl SchedulerHandle {
         &self.service
     }
 
+    /// Returns once this scheduler lost its leadership of the schedulers sharing its state in
+    /// etcd (its lease could not be renewed, or another one took over); never otherwise. A
+    /// scheduler that lost it must stop: the new leader runs its jobs.
+    pub async fn leadership_lost(&mut self) {
+        match self.lost.as_mut() {
+            Some(lost) => {
+                let _ = lost.wait_for(|lost| *lost).await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
     /// Stop serving and wait for the server to end.
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -59,6 +76,7 @@ impl SchedulerHandle {
             let _ = tx.send(());
         }
         self.service.stop_background();
+        self.service.resign();
         if let Some(join) = self.join.take() {
             let _ = join.await;
         }
@@ -123,6 +141,9 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
         None => Sandbox::unrestricted(config.allow_ddl),
     };
     let server = config.security.server()?;
+    // A standby waits here, before binding, until it leads: clients and executors reach only
+    // the leader.
+    let (store, lost) = open_state(&config).await?;
     let listener = TcpListener::bind((config.host.as_str(), config.port))
         .await
         .map_err(|e| VolleyError::Connect {
@@ -131,7 +152,7 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
         })?;
     let addr = listener.local_addr()?;
     let metrics = SchedulerMetrics::new()?;
-    let service = SchedulerService::new(Arc::new(config.clone()), sandbox, metrics)?;
+    let service = SchedulerService::new(Arc::new(config.clone()), sandbox, metrics, store)?;
     service.register_tables(&config.tables).await?;
     service.restore_sessions().await?;
     service.resume_jobs().await?;
@@ -180,5 +201,53 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
         service,
         shutdown: Some(tx),
         join: Some(join),
+        lost,
     })
+}
+
+/// The state store of `config`: etcd (after winning the leadership: a standby waits for it
+/// here, campaigning again every second), a file, or memory.
+async fn open_state(
+    config: &SchedulerConfig,
+) -> Result<(Arc<dyn StateStore>, Option<watch::Receiver<bool>>)> {
+    let Some(url) = config.state_url.clone() else {
+        let store = crate::store::open(config.state_dir.as_deref(), config.state_reset)?;
+        return Ok((store, None));
+    };
+    let me = format!(
+        "{}://{}:{}",
+        config.security.scheme(),
+        config.host,
+        config.port
+    );
+    let etcd = tokio::task::spawn_blocking(move || EtcdStore::connect(&url))
+        .await
+        .map_err(|e| VolleyError::Internal(format!("connecting to etcd: {e}")))??;
+    let mut announced = None;
+    loop {
+        match etcd.campaign(&me) {
+            Ok(Campaign::Leader(lost)) => {
+                tracing::info!(scheduler = %me, store = %etcd.location(), "this scheduler leads");
+                return Ok((Arc::new(etcd), Some(lost)));
+            }
+            Ok(Campaign::Standby(leader)) => {
+                let seen = Some(leader.clone().unwrap_or_default());
+                if announced != seen {
+                    tracing::info!(
+                        leader = leader.as_deref().unwrap_or("none"),
+                        "standby: another scheduler leads; waiting to take over"
+                    );
+                    announced = seen;
+                }
+            }
+            // etcd went away after the start: stand by until it is back.
+            Err(e) => {
+                if announced.as_deref() != Some("") {
+                    tracing::warn!(error = %e, "standby: cannot campaign for the leadership; trying again");
+                    announced = Some(String::new());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }

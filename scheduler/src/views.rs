@@ -88,6 +88,8 @@ pub struct StageSummary {
     pub duration_ms: u64,
     /// Times it ran (more than 1 after lost shuffle output).
     pub attempts: u32,
+    /// It completed before a scheduler restart and was taken over, not run again.
+    pub resumed: bool,
     /// The stage plan with per-operator metrics once tasks finished.
     pub plan: Vec<OperatorView>,
     /// Adaptive execution decisions (broadcast switch, coalescing, skew split), in order.
@@ -316,6 +318,7 @@ pub fn stage_summary(job: &Job, stage: &StageState) -> StageSummary {
         spilled_bytes: stage.tasks.iter().map(|t| t.spilled_bytes).sum(),
         duration_ms: ms(duration),
         attempts: stage.attempts,
+        resumed: stage.resumed,
         plan: plan_view(&plan, &stage.operator_metrics),
         adaptive: stage.adaptive.iter().map(|d| d.to_string()).collect(),
     }

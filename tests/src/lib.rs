@@ -2,6 +2,7 @@
 //! comparison against oracles, and a sqllogictest runner for local and cluster modes.
 
 pub mod compare;
+pub mod etcd;
 pub mod layout;
 pub mod process;
 pub mod s3;

@@ -79,6 +79,11 @@ impl MemoryShuffle {
         before - held.outputs.len()
     }
 
+    /// Paths of the outputs held now.
+    pub fn paths(&self) -> Vec<String> {
+        self.held.lock().outputs.keys().cloned().collect()
+    }
+
     /// Bytes held now.
     pub fn held_bytes(&self) -> usize {
         self.held.lock().bytes

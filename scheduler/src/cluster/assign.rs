@@ -9,9 +9,13 @@ use crate::adaptive;
 use crate::cluster::ClusterState;
 use crate::cluster::executors::ExecutorInfo;
 use crate::cluster::placement::pick_executor;
+use crate::cluster::resume::emit;
 use crate::config::LoadBalancing;
 use crate::graph::trim::ResolvedPlan;
+use crate::job::journal::{JournalWrite, Step};
 use crate::job::{Job, JobState, StagePhase, TaskLaunch, TaskState};
+
+type Journal = std::sync::mpsc::Sender<JournalWrite>;
 
 /// Tasks to launch, by executor.
 type Assigned = BTreeMap<String, Vec<TaskLaunch>>;
@@ -21,6 +25,7 @@ impl ClusterState {
     pub fn assign_tasks(&mut self) -> Vec<(ExecutorInfo, Vec<TaskLaunch>)> {
         self.promote_queued();
         let slots = self.total_slots();
+        let journal = self.journal.clone();
         let mut assigned = Assigned::new();
         let order = self.job_order.clone();
         'jobs: for job_id in order {
@@ -32,7 +37,7 @@ impl ClusterState {
             }
             let stage_ids: Vec<u32> = job.stages.keys().copied().collect();
             for stage_id in stage_ids {
-                if !prepare_stage(job, stage_id, slots) {
+                if !prepare_stage(job, stage_id, slots, journal.as_ref()) {
                     continue;
                 }
                 let plan = match job.resolved_plan(stage_id) {
@@ -43,6 +48,7 @@ impl ClusterState {
                     }
                 };
                 let placement = Placement {
+                    journal: journal.as_ref(),
                     executors: &mut self.executors,
                     cursor: (self.policy.load_balancing == LoadBalancing::RoundRobin)
                         .then_some(&mut self.rr_cursor),
@@ -60,8 +66,8 @@ impl ClusterState {
 }
 
 /// True when stage `stage_id` has tasks to launch now: not complete and everything it reads
-/// is done. A stage becoming ready is regrouped by adaptive execution first.
-fn prepare_stage(job: &mut Job, stage_id: u32, slots: usize) -> bool {
+/// is done. A stage becoming ready is regrouped by adaptive execution first (journaled).
+fn prepare_stage(job: &mut Job, stage_id: u32, slots: usize, journal: Option<&Journal>) -> bool {
     let Some(stage) = job.stages.get(&stage_id) else {
         return false;
     };
@@ -74,12 +80,19 @@ fn prepare_stage(job: &mut Job, stage_id: u32, slots: usize) -> bool {
         if let Some(stage) = job.stages.get_mut(&stage_id) {
             stage.mark_ready();
         }
+        emit(journal, &job.id, || {
+            Some(Step::Prepared {
+                stage: stage_id,
+                slots,
+            })
+        });
     }
     true
 }
 
 /// Executors to place tasks on, and the round-robin cursor when that is the policy.
 struct Placement<'a> {
+    journal: Option<&'a Journal>,
     executors: &'a mut BTreeMap<String, ExecutorInfo>,
     cursor: Option<&'a mut usize>,
 }
@@ -108,7 +121,12 @@ impl Placement<'_> {
                 partitions = stage.tasks.len()
             ));
         }
-        stage.mark_launched();
+        if matches!(stage.phase, StagePhase::Waiting | StagePhase::Ready) {
+            stage.mark_launched();
+            emit(self.journal, &job.id, || {
+                Some(Step::Launched { stage: stage_id })
+            });
+        }
         let stage_span = stage.span.clone().unwrap_or_else(tracing::Span::none);
         for (partition, task) in stage.tasks.iter_mut().enumerate() {
             if !matches!(task.state, TaskState::Pending) {

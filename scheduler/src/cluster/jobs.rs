@@ -30,7 +30,10 @@ impl ClusterState {
     ) {
         let limit = self.policy.max_concurrent_jobs;
         let queued = limit > 0 && self.running_jobs() >= limit;
-        self.insert(Job::new(id, sql, settings, stages, schema, span, queued));
+        let mut job = Job::new(id, sql, settings, stages, schema, span, queued);
+        self.take_over(&mut job);
+        self.emit(&job.id, || Some(job.planned_step()));
+        self.insert(job);
     }
 
     /// Give job `id` the object store options its tasks carry and its table write's temporary

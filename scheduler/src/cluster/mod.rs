@@ -1,6 +1,7 @@
 //! L4: the cluster — executors and jobs together. [`ClusterState`] owns both, places tasks
 //! ([`assign`], [`placement`]), applies status reports and calls the adaptive layer on
-//! them ([`report`]), and admits, ends and forgets jobs ([`jobs`]). All methods are
+//! them ([`report`]), admits, ends and forgets jobs ([`jobs`]), and journals jobs and takes
+//! them over after a restart ([`resume`]). All methods are
 //! synchronous and run under the service's one lock; RPCs happen outside of it, driven by what
 //! these methods return.
 
@@ -16,6 +17,7 @@ pub mod executors;
 pub mod jobs;
 pub mod placement;
 pub mod report;
+pub mod resume;
 
 pub use executors::Breaker;
 
@@ -32,6 +34,12 @@ pub struct ClusterState {
     policy: SchedulerPolicy,
     /// Next executor index for round-robin placement.
     rr_cursor: usize,
+    /// Where stage transitions are journaled (a durable state store).
+    journal: Option<std::sync::mpsc::Sender<crate::job::journal::JournalWrite>>,
+    /// Jobs to take over from their journals when they are added.
+    resuming: HashMap<String, resume::Resume>,
+    /// Executors holding outputs of resumed jobs, not registered again yet, since when.
+    awaited: BTreeMap<String, Instant>,
 }
 
 /// One task attempt: (job, stage, partition, attempt).
@@ -180,6 +188,8 @@ impl ClusterState {
         for id in &lost {
             self.executor_lost(id);
         }
+        let mut lost = lost;
+        lost.extend(self.expire_awaited(timeout));
         lost
     }
 

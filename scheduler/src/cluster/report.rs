@@ -5,6 +5,7 @@ use datafusion::error::Result;
 
 use crate::adaptive;
 use crate::cluster::ClusterState;
+use crate::cluster::resume::emit;
 use crate::job::report::{Origin, Reported};
 use crate::job::{Job, TaskOutcome};
 
@@ -56,6 +57,7 @@ impl ClusterState {
         match reported {
             Reported::JobEnded | Reported::Stale => return None,
             Reported::Succeeded { stage_done: true } => {
+                emit(self.journal.as_ref(), job_id, || job.done_step(stage_id));
                 if let Err(e) = after_stage(job, stage_id) {
                     job.fail(format!("adaptive re-planning after stage {stage_id}: {e}"));
                 }

@@ -38,10 +38,21 @@ fn stage(id: u32, inputs: Vec<u32>, partitions: usize, kind: StageKind) -> Stage
 /// Executors `a` and `b` (2 slots each) and job `j`: stage 1 (2 tasks) feeding stage 2 (1).
 fn cluster(policy: SchedulerPolicy) -> ClusterState {
     let mut state = ClusterState::new(policy);
+    register(&mut state);
+    add_job(&mut state);
+    state
+}
+
+/// Executors `a` and `b`, 2 slots each.
+fn register(state: &mut ClusterState) {
     for (port, id) in ["a", "b"].iter().enumerate() {
         let port = u16::try_from(port).unwrap() + 1;
         state.register_executor(id.to_string(), "127.0.0.1".into(), port, 2, String::new());
     }
+}
+
+/// Job `j`: stage 1 (2 tasks) feeding stage 2 (1).
+fn add_job(state: &mut ClusterState) {
     let stages = vec![
         stage(1, vec![], 2, StageKind::Merge),
         stage(2, vec![1], 1, StageKind::Result),
@@ -56,7 +67,6 @@ fn cluster(policy: SchedulerPolicy) -> ClusterState {
         schema,
         span,
     );
-    state
 }
 
 /// (executor, attempt) of a running task.
@@ -324,4 +334,77 @@ fn queued_jobs_start_when_a_slot_frees() {
     state.cancel_job("j");
     state.assign_tasks();
     assert_eq!(state.job("k").unwrap().state, JobState::Running);
+}
+
+#[test]
+fn a_journal_replayed_after_a_restart_takes_over_completed_stages() {
+    use crate::job::journal::{JournalWrite, Step};
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut state = ClusterState::new(SchedulerPolicy::default());
+    state.set_journal(tx);
+    register(&mut state);
+    add_job(&mut state);
+    finish_stage_one(&mut state);
+    let steps: Vec<Step> = rx
+        .try_iter()
+        .map(|write| match write {
+            JournalWrite::Step(job, step) if job == "j" => step,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    let kinds: Vec<String> = steps
+        .iter()
+        .map(|s| {
+            format!("{s:?}")
+                .split([' ', '{'])
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "Planned", "Prepared", "Launched", "Done", "Prepared", "Launched"
+        ]
+    );
+
+    // A new scheduler: the job is planned again and takes its journal over.
+    let mut state = ClusterState::new(SchedulerPolicy::default());
+    state.prepare_resume("j".into(), steps, 1);
+    add_job(&mut state);
+    let job = state.job("j").unwrap();
+    let done = &job.stages[&1];
+    assert!(done.resumed && done.is_complete() && done.attempts == 1);
+    assert_eq!(job.output_executors().len(), 2);
+    let next = &job.stages[&2];
+    assert!(!next.resumed && matches!(next.phase, StagePhase::Running { .. }));
+    assert_eq!(
+        next.tasks[0].attempt, 1000,
+        "attempts after a resume start at 1000"
+    );
+    // Nothing runs before executors register; `a` still holds its output, `b` lost it.
+    assert!(state.assign_tasks().is_empty());
+    let executor_of = |state: &ClusterState, partition: usize| match &state.job("j").unwrap().stages
+        [&1]
+        .tasks[partition]
+        .state
+    {
+        TaskState::Succeeded { executor_id, .. } => executor_id.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        (executor_of(&state, 0), executor_of(&state, 1)),
+        ("a".into(), "b".into())
+    );
+    // Executors register again: `a` still holds its output, `b` (restarted) holds none.
+    let held: std::collections::HashSet<String> = ["j/1/0/data.arrow".to_string()].into();
+    state.executor_holds("a", &held);
+    state.executor_holds("b", &Default::default());
+    register(&mut state);
+    let stage = &state.job("j").unwrap().stages[&1];
+    assert!(stage.tasks[0].is_done());
+    assert!(!stage.tasks[1].is_done(), "b's output runs again");
+    assert_eq!(stage.attempts, 2);
+    assert_eq!(stage.tasks[1].attempt, 1000);
 }

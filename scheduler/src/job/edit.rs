@@ -180,6 +180,7 @@ impl Job {
                 add_inputs,
                 partitions,
             } => {
+                let floor = self.attempt_floor;
                 let Some(stage) = self.stages.get_mut(&stage) else {
                     return;
                 };
@@ -192,7 +193,7 @@ impl Job {
                 }
                 if let Some(partitions) = partitions {
                     stage.plan.partitions = partitions;
-                    stage.tasks = vec![TaskInfo::pending(); partitions];
+                    stage.tasks = vec![TaskInfo::pending_at(floor); partitions];
                 }
                 stage.resolved = None;
             }
@@ -212,8 +213,9 @@ impl Job {
                 }
             }
             StageEdit::Regroup(stage, reads) => {
+                let floor = self.attempt_floor;
                 if let Some(stage) = self.stages.get_mut(&stage) {
-                    stage.tasks = vec![TaskInfo::pending(); reads.len()];
+                    stage.tasks = vec![TaskInfo::pending_at(floor); reads.len()];
                     stage.reads = Some(reads);
                     stage.resolved = None;
                 }

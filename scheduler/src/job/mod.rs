@@ -17,7 +17,8 @@
 //! ```
 //! [`stage`] and [`task`] hold the stage and task lifecycles; [`report`] applies status
 //! reports; [`recovery`] handles lost executors and lost shuffle output; [`resolve`] points a
-//! stage's readers at its producers' files; [`edit`] applies adaptive edits.
+//! stage's readers at its producers' files; [`edit`] applies adaptive edits; [`journal`] holds
+//! the transitions a restarted scheduler replays.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use crate::graph::StagePlan;
 use crate::job::stage::StageState;
 
 pub mod edit;
+pub mod journal;
 pub mod recovery;
 pub mod report;
 pub mod resolve;
@@ -138,6 +140,9 @@ pub struct Job {
     /// The session that submitted it: with client credentials only that session may see,
     /// cancel or fetch it (None: submitted in-process, cluster credentials only).
     pub owner: Option<String>,
+    /// First attempt number of tasks created from now on (raised when a job is resumed, see
+    /// [`journal::RESUME_ATTEMPT_STRIDE`]).
+    pub attempt_floor: u32,
 }
 
 impl Job {
@@ -206,6 +211,7 @@ impl Job {
             recorded: false,
             progress_mark: (0, Instant::now()),
             owner: None,
+            attempt_floor: 0,
         }
     }
 

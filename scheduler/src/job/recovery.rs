@@ -2,6 +2,8 @@
 //! produced again where a stage still needs it; a failed fetch re-runs the producer's lost
 //! map tasks; a stage that loses its output too often fails the job.
 
+use std::collections::HashSet;
+
 use crate::config::SchedulerPolicy;
 use crate::job::task::{MAX_TASK_CRASHES, Requeue, TaskLaunch, TaskState};
 use crate::job::{Job, JobState};
@@ -30,6 +32,7 @@ impl Job {
             return;
         }
         let needed = self.needed_outputs();
+        let floor = self.attempt_floor;
         let mut lost_stages = Vec::new();
         let mut exhausted = None;
         for (stage_id, stage) in self.stages.iter_mut() {
@@ -58,6 +61,7 @@ impl Job {
                         if e == executor_id && output_needed =>
                     {
                         task.requeue(Requeue::OutputLost);
+                        task.attempt = task.attempt.max(floor);
                         lost_output = true;
                     }
                     _ => {}
@@ -71,6 +75,50 @@ impl Job {
         if let Some(message) = exhausted {
             self.fail(message);
         }
+        self.outputs_lost(lost_stages, policy);
+    }
+
+    /// Executor `executor_id` registered (again) holding the outputs at `held`: its finished
+    /// tasks whose output is gone (after a restart of the scheduler, or of the executor under
+    /// the same id) and still needed run again.
+    pub fn outputs_missing(
+        &mut self,
+        executor_id: &str,
+        held: &HashSet<String>,
+        policy: &SchedulerPolicy,
+    ) {
+        if self.state.is_final() {
+            return;
+        }
+        let needed = self.needed_outputs();
+        let floor = self.attempt_floor;
+        let mut lost_stages = Vec::new();
+        for (stage_id, stage) in self.stages.iter_mut() {
+            if !needed.contains(stage_id) {
+                continue;
+            }
+            let mut lost_output = false;
+            for task in stage.tasks.iter_mut() {
+                let gone = matches!(&task.state, TaskState::Succeeded { executor_id: e, outputs, .. }
+                    if e == executor_id && outputs.iter().any(|o| !held.contains(&o.path)));
+                if gone {
+                    task.requeue(Requeue::OutputLost);
+                    task.attempt = task.attempt.max(floor);
+                    lost_output = true;
+                }
+            }
+            if lost_output {
+                tracing::warn!(job_id = %self.id, stage_id, executor_id, "an executor registered without output it had written; re-running its tasks");
+                stage.reopen();
+                lost_stages.push((*stage_id, stage.attempts));
+            }
+        }
+        self.outputs_lost(lost_stages, policy);
+    }
+
+    /// Stages that lost output (with their attempt counts now): their readers resolve again;
+    /// a stage past its attempts fails the job.
+    fn outputs_lost(&mut self, lost_stages: Vec<(u32, u32)>, policy: &SchedulerPolicy) {
         for (stage_id, attempts) in lost_stages {
             if attempts > policy.stage_max_attempts {
                 self.fail(format!(
@@ -93,6 +141,7 @@ impl Job {
         lost_executor: &str,
         policy: &SchedulerPolicy,
     ) {
+        let floor = self.attempt_floor;
         let Some(stage) = self.stages.get_mut(&producer) else {
             return;
         };
@@ -101,6 +150,7 @@ impl Job {
             let lost = matches!(&task.state, TaskState::Succeeded { executor_id, .. } if executor_id == lost_executor);
             if lost || index == map_partition as usize && task.is_done() {
                 task.requeue(Requeue::OutputLost);
+                task.attempt = task.attempt.max(floor);
                 changed = true;
             }
         }

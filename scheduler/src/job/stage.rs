@@ -92,6 +92,8 @@ pub struct StageState {
     pub reads: Option<Vec<TaskRead>>,
     /// Adaptive execution decisions, in order.
     pub adaptive: Vec<Decision>,
+    /// Completed before a scheduler restart and taken over from the journal (not run again).
+    pub resumed: bool,
 }
 
 impl StageState {
@@ -114,6 +116,7 @@ impl StageState {
             join_switch,
             wait_for: Vec::new(),
             reads: None,
+            resumed: false,
         }
     }
 

@@ -97,6 +97,14 @@ impl TaskInfo {
         }
     }
 
+    /// A task not launched yet whose first attempt is `attempt`.
+    pub fn pending_at(attempt: u32) -> Self {
+        TaskInfo {
+            attempt,
+            ..Self::pending()
+        }
+    }
+
     /// Pending -> Running on `executor_id`.
     pub fn launch(&mut self, executor_id: &str) {
         self.state = TaskState::Running {

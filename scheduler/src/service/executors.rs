@@ -22,8 +22,9 @@ impl SchedulerService {
         request: Request<pb::RegisterExecutorParams>,
     ) -> Result<Response<pb::RegisterExecutorResult>, Status> {
         require_cluster(&request, "registering an executor")?;
-        let meta = request
-            .into_inner()
+        let params = request.into_inner();
+        let held: HashSet<String> = params.held_outputs.into_iter().collect();
+        let meta = params
             .metadata
             .ok_or_else(|| Status::invalid_argument("executor metadata missing"))?;
         let port = u16::try_from(meta.grpc_port)
@@ -38,6 +39,7 @@ impl SchedulerService {
         let secret = format!("{}{}", new_id(), new_id());
         let active_jobs = {
             let mut state = self.state.lock();
+            state.executor_holds(&meta.id, &held);
             state.register_executor(meta.id, meta.host, port, meta.slots, secret.clone());
             // Jobs whose files executors must keep; an executor removes the others' folders.
             state.unreleased_jobs()

@@ -99,9 +99,12 @@ impl SchedulerService {
         config: Arc<SchedulerConfig>,
         sandbox: Sandbox,
         metrics: SchedulerMetrics,
+        store: Arc<dyn StateStore>,
     ) -> Result<Self> {
-        let state = ClusterState::new(config.policy());
-        let store = crate::store::open(config.state_dir.as_deref(), config.state_reset)?;
+        let mut state = ClusterState::new(config.policy());
+        if store.durable() {
+            state.set_journal(crate::store::spawn_writer(Arc::clone(&store))?);
+        }
         let history = store.finished_jobs()?;
         // Files DDL, `CREATE TABLE AS` and scheduler-side plans touch stay in the sandbox too.
         let stores = StoreCache::new(sandbox.clone());
@@ -144,19 +147,27 @@ impl SchedulerService {
     /// Record the jobs that finished since the last call in the state store (one
     /// transaction); a store that cannot write is logged, and the jobs are tried again.
     pub fn record_history(&self) {
-        let finished: Vec<JobSummary> = {
+        let (finished, journaled) = {
             let mut state = self.state.lock();
-            state
+            let finished: Vec<JobSummary> = state
                 .take_unrecorded()
                 .into_iter()
                 .map(views::job_summary)
-                .collect()
+                .collect();
+            let ids: Vec<String> = finished.iter().map(|j| j.id.clone()).collect();
+            // After the finished jobs' last steps, in the journal's order.
+            if state.journaling() && !ids.is_empty() {
+                state.journal(crate::store::JournalWrite::Forget(ids));
+                (finished, true)
+            } else {
+                (finished, false)
+            }
         };
         if finished.is_empty() {
             return;
         }
         let ids: Vec<String> = finished.iter().map(|j| j.id.clone()).collect();
-        if let Err(e) = self.store.forget_running(&ids) {
+        if !journaled && let Err(e) = self.store.forget_running(&ids) {
             tracing::warn!(store = %self.store.location(), error = %e, "cannot forget finished jobs");
         }
         if let Err(e) = self.store.record_finished(&finished) {
@@ -171,6 +182,11 @@ impl SchedulerService {
         history.extend(finished);
         let excess = history.len().saturating_sub(HISTORY_LIMIT);
         history.drain(..excess);
+    }
+
+    /// Stop leading the schedulers sharing the state (graceful stop).
+    pub fn resign(&self) {
+        self.store.resign();
     }
 
     /// Refuse a call that names `executor_id` without its registration secret.

@@ -11,7 +11,7 @@ use volley_core::protobuf as pb;
 
 use crate::service::SchedulerService;
 use crate::service::submit::{Planned, plan_statement};
-use crate::store::{RunningJob, StoredSession};
+use crate::store::{JournalWrite, RunningJob, StoredSession};
 
 /// The setting a session's partition count is kept under: a restored session keeps the count
 /// it was created with, not the count of a cluster whose executors have not registered yet.
@@ -88,21 +88,36 @@ impl SchedulerService {
         Ok(())
     }
 
-    /// Save job `id` of `session`, submitted and running, to run it again after a restart.
+    /// Save job `id` of `session`, submitted and running, to take it over after a restart.
     pub(super) fn remember_running(&self, id: &str, session: &str, sql: &str) {
         let job = RunningJob {
             session: session.to_string(),
             sql: sql.to_string(),
+            resumes: 0,
+            steps: Vec::new(),
         };
+        self.save_running(id, job);
+    }
+
+    /// Save a running job: through the journal (after its steps so far) when there is one.
+    fn save_running(&self, id: &str, job: RunningJob) {
+        {
+            let state = self.state.lock();
+            if state.journaling() {
+                state.journal(JournalWrite::Save(id.to_string(), job));
+                return;
+            }
+        }
         if let Err(e) = self.store.save_running(id, &job) {
             tracing::warn!(store = %self.store.location(), error = %e, "cannot save a running job");
         }
     }
 
-    /// Run again, under their ids, the jobs that were running when the scheduler stopped: a
-    /// client waiting for one gets its result. Each runs from the start (its stages' outputs
-    /// are not taken over yet). A job whose session is gone, or that no longer plans, is
-    /// listed as failed with the reason.
+    /// Take over, under their ids, the jobs that were running when the scheduler stopped: each
+    /// is planned again and its journal replayed, so stages that completed keep their outputs
+    /// (where their executors still hold them) and the rest runs; a client waiting for one
+    /// gets its result. A job whose session is gone, or that no longer plans, is listed as
+    /// failed with the reason.
     pub async fn resume_jobs(&self) -> Result<()> {
         for (id, job) in self.store.running_jobs()? {
             let ctx = self
@@ -110,12 +125,25 @@ impl SchedulerService {
                 .lock()
                 .get(&job.session)
                 .map(|(c, _)| c.clone());
+            let resumes = job.resumes + 1;
+            self.state
+                .lock()
+                .prepare_resume(id.clone(), job.steps.clone(), resumes);
             let resumed = match ctx {
                 Some(ctx) => self.submit_as(&ctx, &job.sql, id.clone()).await,
                 None => Err(volley_core::VolleyError::Internal(
                     "its session is gone".to_string(),
                 )),
             };
+            self.state.lock().cancel_resume(&id);
+            if resumed.is_ok() {
+                let again = RunningJob {
+                    resumes,
+                    steps: Vec::new(),
+                    ..job.clone()
+                };
+                self.save_running(&id, again);
+            }
             let mut state = self.state.lock();
             match resumed {
                 Ok(_) => {

@@ -2,14 +2,20 @@
 //! Every batch of records is one ACID transaction, so a process killed mid-write loses no
 //! committed record; the file's own format version is checked when it opens.
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use volley_core::{Result, VolleyError};
 
 use super::{
     FORMAT_VERSION, HISTORY_LIMIT, RunningJob, StateStore, StoredSession, decode, encode, key,
 };
+use crate::job::journal::{JournalWrite, Step};
 use crate::views::JobSummary;
 
 /// Name of the state file in the state directory.
@@ -19,11 +25,15 @@ const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
 const FINISHED: TableDefinition<&str, &[u8]> = TableDefinition::new("finished_jobs");
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const RUNNING: TableDefinition<&str, &[u8]> = TableDefinition::new("running_jobs");
+/// Journal steps of running jobs by (job id, sequence number).
+const STEPS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("job_steps");
 
 /// State in a redb file.
 pub struct FileStore {
     db: Database,
     path: PathBuf,
+    /// Sequence number of the next journal step (steps of a job read back in this order).
+    next_step: AtomicU64,
 }
 
 impl FileStore {
@@ -45,13 +55,62 @@ impl FileStore {
             ))
         })?;
         owner_only(&path)?;
-        let store = Self { db, path };
+        let store = Self {
+            db,
+            path,
+            next_step: AtomicU64::new(0),
+        };
         store.check_version()?;
         // Every record must decode now: a corrupt one is an error at start, not later.
         store.finished_jobs()?;
         store.sessions()?;
         store.running_jobs()?;
+        store.drop_orphan_steps()?;
         Ok(store)
+    }
+
+    /// Remove the steps of jobs not saved as running (the process died between writing a
+    /// job's first steps and the job itself); continue the step sequence after the last one.
+    fn drop_orphan_steps(&self) -> Result<()> {
+        let running: HashSet<String> = self
+            .all::<RunningJob>(RUNNING)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = txn.open_table(STEPS).map_err(|e| self.err(e))?;
+            let mut orphans = Vec::new();
+            let mut last = 0;
+            for entry in table.iter().map_err(|e| self.err(e))? {
+                let (key, _) = entry.map_err(|e| self.err(e))?;
+                let (job, seq) = key.value();
+                last = last.max(seq + 1);
+                if !running.contains(job) {
+                    orphans.push((job.to_string(), seq));
+                }
+            }
+            for (job, seq) in &orphans {
+                table
+                    .remove((job.as_str(), *seq))
+                    .map_err(|e| self.err(e))?;
+            }
+            self.next_step.store(last, Ordering::SeqCst);
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Remove job `id` and its steps in `txn`.
+    fn forget_in(&self, txn: &WriteTransaction, id: &str) -> Result<()> {
+        txn.open_table(RUNNING)
+            .map_err(|e| self.err(e))?
+            .remove(id)
+            .map_err(|e| self.err(e))?;
+        let mut steps = txn.open_table(STEPS).map_err(|e| self.err(e))?;
+        steps
+            .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> VolleyError {
@@ -83,6 +142,7 @@ impl FileStore {
             txn.open_table(FINISHED).map_err(|e| self.err(e))?;
             txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
             txn.open_table(RUNNING).map_err(|e| self.err(e))?;
+            txn.open_table(STEPS).map_err(|e| self.err(e))?;
         }
         txn.commit().map_err(|e| self.err(e))
     }
@@ -174,16 +234,55 @@ impl StateStore for FileStore {
         self.all(SESSIONS)
     }
 
-    fn save_running(&self, id: &str, job: &RunningJob) -> Result<()> {
-        self.put(RUNNING, id, &encode(job, &format!("job {id}"))?)
-    }
-
-    fn forget_running(&self, ids: &[String]) -> Result<()> {
-        self.remove(RUNNING, ids)
+    fn journal(&self, writes: &[JournalWrite]) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        for write in writes {
+            match write {
+                JournalWrite::Save(id, job) => {
+                    let bytes = encode(job, &format!("job {id}"))?;
+                    txn.open_table(RUNNING)
+                        .map_err(|e| self.err(e))?
+                        .insert(id.as_str(), bytes.as_slice())
+                        .map_err(|e| self.err(e))?;
+                }
+                JournalWrite::Step(id, step) => {
+                    let bytes = encode(step, &format!("a step of job {id}"))?;
+                    let seq = self.next_step.fetch_add(1, Ordering::SeqCst);
+                    txn.open_table(STEPS)
+                        .map_err(|e| self.err(e))?
+                        .insert((id.as_str(), seq), bytes.as_slice())
+                        .map_err(|e| self.err(e))?;
+                }
+                JournalWrite::Forget(ids) => {
+                    for id in ids {
+                        self.forget_in(&txn, id)?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
     }
 
     fn running_jobs(&self) -> Result<Vec<(String, RunningJob)>> {
-        self.all(RUNNING)
+        let mut jobs: BTreeMap<String, RunningJob> = self.all(RUNNING)?.into_iter().collect();
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(STEPS).map_err(|e| self.err(e))?;
+        let location = self.location();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (key, value) = entry.map_err(|e| self.err(e))?;
+            let (id, _) = key.value();
+            if let Some(job) = jobs.get_mut(id) {
+                job.steps.push(decode::<Step>(value.value(), &location)?);
+            }
+        }
+        Ok(jobs.into_iter().collect())
+    }
+
+    fn durable(&self) -> bool {
+        true
     }
 
     fn location(&self) -> String {

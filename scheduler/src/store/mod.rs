@@ -1,12 +1,15 @@
 //! L5: the scheduler's durable state behind one trait, [`StateStore`]. What it keeps today:
 //! the summaries of finished jobs (the newest [`HISTORY_LIMIT`]), so the status page and
-//! `/api/jobs` show history across restarts, and the sessions (their settings and the
-//! statements that changed them, replayed at start), so a client's session outlives a restart. Two backends: in memory (the embedded default;
-//! history lives as long as the process) and a file (`volley scheduler --state-dir DIR`, an
-//! ACID redb database, [`file::FileStore`]). Records carry a format version: a newer one, or a
+//! `/api/jobs` show history across restarts; the sessions (their settings and the statements
+//! that changed them, replayed at start), so a client's session outlives a restart; and the
+//! running jobs with their journals ([`crate::job::journal`]), written by one thread
+//! ([`spawn_writer`]) in batches, so a restarted scheduler takes them over. Two backends: in
+//! memory (the embedded default; history lives as long as the process) and a file
+//! (`volley scheduler --state-dir DIR`, an ACID redb database, [`file::FileStore`]). Records carry a format version: a newer one, or a
 //! file that is not a state file, is an error at start naming the file, never a silent reset
 //! (`--state-reset` starts empty on purpose).
 
+pub mod etcd;
 pub mod file;
 
 use std::collections::VecDeque;
@@ -17,6 +20,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use volley_core::{Result, VolleyError};
 
+use crate::job::journal::Step;
+pub use crate::job::journal::{JournalWrite, RunningJob};
 use crate::views::JobSummary;
 
 /// Finished jobs a store keeps; older ones are dropped as new ones arrive.
@@ -37,23 +42,51 @@ pub trait StateStore: Send + Sync {
     fn forget_sessions(&self, ids: &[String]) -> Result<()>;
     /// The sessions saved.
     fn sessions(&self) -> Result<Vec<(String, StoredSession)>>;
+    /// Apply running jobs' journal writes in order, in one transaction.
+    fn journal(&self, writes: &[JournalWrite]) -> Result<()>;
     /// Save job `id`, submitted and not finished.
-    fn save_running(&self, id: &str, job: &RunningJob) -> Result<()>;
-    /// Forget jobs that finished (ids not saved are ignored).
-    fn forget_running(&self, ids: &[String]) -> Result<()>;
-    /// The jobs saved as running.
+    fn save_running(&self, id: &str, job: &RunningJob) -> Result<()> {
+        self.journal(&[JournalWrite::Save(id.to_string(), job.clone())])
+    }
+    /// Forget jobs that finished and their steps (ids not saved are ignored).
+    fn forget_running(&self, ids: &[String]) -> Result<()> {
+        self.journal(&[JournalWrite::Forget(ids.to_vec())])
+    }
+    /// The jobs saved as running, each with its journal steps in order.
     fn running_jobs(&self) -> Result<Vec<(String, RunningJob)>>;
+    /// True when the state outlives the process (journal steps are worth writing).
+    fn durable(&self) -> bool;
     /// Where the state is, for messages ("memory" or the file's path).
     fn location(&self) -> String;
+    /// Give up leading the schedulers sharing this state (a graceful stop: a standby takes
+    /// over at once instead of after the lease expires).
+    fn resign(&self) {}
 }
 
-/// A job that was submitted and has not finished, as stored: run again after a restart.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunningJob {
-    /// The session that submitted it.
-    pub session: String,
-    /// Its statement.
-    pub sql: String,
+/// A thread that applies journal writes to `store` in the order sent, batching what arrived
+/// meanwhile into one transaction; it ends when every sender is gone. A write that fails is
+/// logged (its job may run more of itself again after a restart).
+pub fn spawn_writer(store: Arc<dyn StateStore>) -> Result<std::sync::mpsc::Sender<JournalWrite>> {
+    const BATCH: usize = 1024;
+    let (tx, rx) = std::sync::mpsc::channel::<JournalWrite>();
+    std::thread::Builder::new()
+        .name("volley-journal".to_string())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(more) => batch.push(more),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = store.journal(&batch) {
+                    tracing::warn!(store = %store.location(), error = %e, writes = batch.len(), "cannot write the journal");
+                }
+            }
+        })
+        .map_err(|e| VolleyError::Internal(format!("cannot start the journal writer: {e}")))?;
+    Ok(tx)
 }
 
 /// A session as stored: the settings it was created with and the statements that changed it
@@ -122,6 +155,7 @@ pub struct MemoryStore {
     jobs: Mutex<VecDeque<JobSummary>>,
     sessions: Keyed<StoredSession>,
     running: Keyed<RunningJob>,
+    steps: Keyed<Vec<Step>>,
 }
 
 /// Records of one kind in memory, by id.
@@ -185,16 +219,38 @@ impl StateStore for MemoryStore {
         self.sessions.all()
     }
 
-    fn save_running(&self, id: &str, job: &RunningJob) -> Result<()> {
-        self.running.put(id, job)
-    }
-
-    fn forget_running(&self, ids: &[String]) -> Result<()> {
-        self.running.remove(ids)
+    fn journal(&self, writes: &[JournalWrite]) -> Result<()> {
+        for write in writes {
+            match write {
+                JournalWrite::Save(id, job) => self.running.put(id, job)?,
+                JournalWrite::Step(id, step) => {
+                    self.steps
+                        .0
+                        .lock()
+                        .entry(id.clone())
+                        .or_default()
+                        .push(step.clone());
+                }
+                JournalWrite::Forget(ids) => {
+                    self.running.remove(ids)?;
+                    self.steps.remove(ids)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn running_jobs(&self) -> Result<Vec<(String, RunningJob)>> {
-        self.running.all()
+        let steps = self.steps.0.lock();
+        let mut jobs = self.running.all()?;
+        for (id, job) in &mut jobs {
+            job.steps = steps.get(id).cloned().unwrap_or_default();
+        }
+        Ok(jobs)
+    }
+
+    fn durable(&self) -> bool {
+        false
     }
 
     fn location(&self) -> String {

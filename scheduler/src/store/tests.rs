@@ -67,6 +67,8 @@ fn sessions_and_running_jobs_are_saved_replaced_and_forgotten() {
     let running = RunningJob {
         session: "a".to_string(),
         sql: "SELECT 1".to_string(),
+        resumes: 0,
+        steps: Vec::new(),
     };
     store.save_running("j1", &running).unwrap();
     store.save_running("j2", &running).unwrap();
@@ -181,4 +183,59 @@ fn a_newer_or_corrupt_state_file_is_refused_naming_the_file() {
     // --state-reset starts over.
     let store = FileStore::open(dir.path(), true).unwrap();
     assert!(store.finished_jobs().unwrap().is_empty());
+}
+
+#[test]
+fn journals_are_kept_in_order_forgotten_with_their_job_and_orphans_dropped() {
+    use crate::job::journal::Step;
+    let dir = tempfile::tempdir().unwrap();
+    let running = |resumes| RunningJob {
+        session: "s".to_string(),
+        sql: "SELECT 1".to_string(),
+        resumes,
+        steps: Vec::new(),
+    };
+    let launched = |stage| Step::Launched { stage };
+    let step = |job: &str, stage| JournalWrite::Step(job.to_string(), launched(stage));
+    {
+        let store = FileStore::open(dir.path(), false).unwrap();
+        store
+            .journal(&[
+                step("j1", 1),
+                JournalWrite::Save("j1".into(), running(0)),
+                step("j2", 7),
+                step("j1", 2),
+                JournalWrite::Save("j2".into(), running(0)),
+                // Steps of a job never saved (the process died before its record was written).
+                step("orphan", 3),
+            ])
+            .unwrap();
+        store
+            .journal(&[step("j1", 3), JournalWrite::Save("j1".into(), running(1))])
+            .unwrap();
+    }
+    for _ in 0..2 {
+        let store = FileStore::open(dir.path(), false).unwrap();
+        let jobs = store.running_jobs().unwrap();
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(jobs[0].0, "j1");
+        assert_eq!(jobs[0].1.resumes, 1);
+        assert_eq!(jobs[0].1.steps, [launched(1), launched(2), launched(3)]);
+        assert_eq!(jobs[1].1.steps, [launched(7)]);
+    }
+    let store = FileStore::open(dir.path(), false).unwrap();
+    // Steps written after reopening follow the earlier ones.
+    store.journal(&[step("j2", 8)]).unwrap();
+    store.forget_running(&["j1".to_string()]).unwrap();
+    let jobs = store.running_jobs().unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].1.steps, [launched(7), launched(8)]);
+    // The memory store keeps journals the same way.
+    let memory = MemoryStore::default();
+    memory
+        .journal(&[JournalWrite::Save("j".into(), running(0)), step("j", 4)])
+        .unwrap();
+    assert_eq!(memory.running_jobs().unwrap()[0].1.steps, [launched(4)]);
+    memory.forget_running(&["j".to_string()]).unwrap();
+    assert!(memory.running_jobs().unwrap().is_empty());
 }

@@ -94,6 +94,7 @@ async fn the_client_token_is_not_cluster_root() {
         scheduler
             .register_executor(pb::RegisterExecutorParams {
                 metadata: Some(executors[0].clone()),
+                held_outputs: Vec::new(),
             })
             .await,
         "register",
