@@ -127,7 +127,21 @@ fn never_sent(status: &tonic::Status) -> bool {
         text.push_str(&cause.to_string().to_ascii_lowercase());
         source = cause.source();
     }
-    text.contains("connect") || text.contains("connection refused")
+    text.contains("connect") || text.contains("connection refused") || not_the_leader(status)
+}
+
+/// True when a standby scheduler refused the call (it ran nothing).
+fn not_the_leader(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable && status.message().starts_with("not the leader")
+}
+
+/// The leader a standby's refusal names.
+fn leader_hint(status: &tonic::Status) -> Option<String> {
+    status
+        .metadata()
+        .get("volley-leader")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// Asking an unreachable scheduler again: backoff with jitter, for up to [`RECONNECT_LIMIT`].
@@ -199,12 +213,18 @@ impl VolleyClient {
                     continue;
                 }
             };
-            let session_id = scheduler
+            let session_id = match scheduler
                 .create_session(pb::CreateSessionParams { settings: vec![] })
                 .await
-                .map_err(status_error)?
-                .into_inner()
-                .session_id;
+            {
+                Ok(answer) => answer.into_inner().session_id,
+                // A standby: try the others.
+                Err(e) if not_the_leader(&e) => {
+                    last = status_error(e);
+                    continue;
+                }
+                Err(e) => return Err(status_error(e)),
+            };
             return Ok(Self {
                 scheduler: Arc::new(Mutex::new(scheduler)),
                 schedulers: Arc::new(Schedulers {
@@ -228,16 +248,20 @@ impl VolleyClient {
         }
     }
 
-    /// The scheduler in use cannot be reached: use the next of the others that can (its
-    /// session lives on in the shared state). Nothing changes with one URL.
-    async fn fail_over(&self) {
+    /// The scheduler in use cannot be reached or is a standby: use the leader it named
+    /// (`hint`), or the next of the others that can be reached (the session lives on in the
+    /// shared state). Nothing changes with one URL.
+    async fn fail_over(&self, hint: Option<String>) {
         let urls = &self.schedulers.urls;
         if urls.len() < 2 {
             return;
         }
         let current = self.schedulers.current.load(Ordering::SeqCst);
-        for offset in 1..=urls.len() {
-            let index = (current + offset) % urls.len();
+        let hinted = hint.and_then(|h| urls.iter().position(|u| u.trim_end_matches('/') == h));
+        let order = hinted
+            .into_iter()
+            .chain((1..=urls.len()).map(|offset| (current + offset) % urls.len()));
+        for index in order {
             if let Ok(client) = connect_one(&urls[index], &self.schedulers.options).await {
                 match self.scheduler.lock() {
                     Ok(mut slot) => *slot = client,
@@ -289,7 +313,7 @@ impl VolleyClient {
                     reconnect
                         .pause("while a statement was submitted", &e)
                         .await?;
-                    self.fail_over().await;
+                    self.fail_over(leader_hint(&e)).await;
                     scheduler = self.grpc();
                 }
                 Err(e) => return Err(status_error(e)),
@@ -359,7 +383,7 @@ impl VolleyClient {
                     reconnect
                         .pause(&format!("while job {job_id} ran"), &e)
                         .await?;
-                    self.fail_over().await;
+                    self.fail_over(leader_hint(&e)).await;
                     scheduler = self.grpc();
                     continue;
                 }

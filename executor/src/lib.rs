@@ -1,6 +1,7 @@
 //! Volley executor: registers with the scheduler, runs tasks with DataFusion, writes shuffle
 //! files and serves them over Arrow Flight.
 
+mod config;
 mod flight;
 mod heartbeat;
 mod runner;

@@ -2,7 +2,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -25,7 +24,7 @@ use volley_core::protobuf::executor_grpc_server::{ExecutorGrpc, ExecutorGrpcServ
 use volley_core::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
 use volley_core::protobuf::{self as pb};
 use volley_core::sandbox::Sandbox;
-use volley_core::security::{AuthChannel, Security, require_cluster};
+use volley_core::security::{AuthChannel, require_cluster};
 use volley_core::shuffle::MemoryShuffle;
 use volley_core::stores::{StoreCache, StoreScope};
 use volley_core::{Result, VolleyError};
@@ -35,66 +34,10 @@ use crate::heartbeat::{AttemptKey, Beat, Heartbeat, Reporter, backoff};
 use crate::runner::TaskRunner;
 use crate::work_dir::WorkDir;
 
-/// Default cap on the shuffle outputs an executor holds in memory.
-pub const DEFAULT_SHUFFLE_MEMORY: usize = 256 * 1024 * 1024;
-
 /// How long a graceful shutdown waits for running tasks.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Executor settings.
-#[derive(Debug, Clone)]
-pub struct ExecutorConfig {
-    /// `http://host:port` of the scheduler, or a comma-separated list of them (a leader and
-    /// its standbys).
-    pub scheduler_url: String,
-    /// Address to bind and to advertise.
-    pub host: String,
-    /// Port to bind (gRPC and Flight share it); 0 picks a free one.
-    pub port: u16,
-    /// Tasks run at once.
-    pub slots: usize,
-    /// Where shuffle files go; a job's folder is removed when the job ends.
-    pub work_dir: PathBuf,
-    /// Heartbeat period.
-    pub heartbeat_interval: Duration,
-    /// Largest gRPC message accepted or sent.
-    pub max_message_size: usize,
-    /// Auth token and TLS, for serving and for calling the scheduler and other executors.
-    pub security: Security,
-    /// Memory for all running tasks together; sorts, aggregations and joins spill to disk
-    /// beyond it (None = no limit).
-    pub memory_limit: Option<usize>,
-    /// Honour the `volley.test_*` fault-injection hooks (tests only; off in production).
-    pub enable_test_hooks: bool,
-    /// File sandbox: the roots tasks may read and write table files under (empty = the working
-    /// directory); None = no restriction (in-process clusters of a library user).
-    pub allowed_paths: Option<Vec<String>>,
-    /// Allow a non-loopback address without a token.
-    pub insecure: bool,
-    /// Most bytes of small shuffle outputs held in memory instead of files (0: none).
-    pub shuffle_memory: usize,
-}
-
-impl ExecutorConfig {
-    /// Defaults: loopback, free port, one slot per core, a work dir under the system temp dir.
-    pub fn new(scheduler_url: impl Into<String>) -> Self {
-        Self {
-            scheduler_url: scheduler_url.into(),
-            host: "127.0.0.1".to_string(),
-            port: 0,
-            slots: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            work_dir: std::env::temp_dir().join("volley-executor"),
-            heartbeat_interval: Duration::from_secs(2),
-            max_message_size: 64 * 1024 * 1024,
-            security: Security::none(),
-            memory_limit: None,
-            enable_test_hooks: false,
-            allowed_paths: None,
-            insecure: false,
-            shuffle_memory: DEFAULT_SHUFFLE_MEMORY,
-        }
-    }
-}
+pub use crate::config::{DEFAULT_SHUFFLE_MEMORY, ExecutorConfig};
 
 struct ExecutorInner {
     id: String,

@@ -65,7 +65,7 @@ pub struct SchedulerConfig {
     /// Remove the state file at start instead of reading it.
     pub state_reset: bool,
     /// Keep the durable state in etcd (`etcd://host:2379[,host:2379][/name]`) shared with
-    /// standby schedulers: this one serves only while it leads (see [`crate::store::etcd`]).
+    /// standby schedulers: this one serves only while it leads (see the store's etcd backend).
     pub state_url: Option<String>,
 }
 

@@ -3,7 +3,7 @@
 //!
 //! Layers, each importing only from the ones below it (see `README.md` next to `src/`):
 //! L0 [`config`], [`fmt`] · L1 [`graph`] · L2 [`job`] · L3 [`adaptive`] · L4 [`cluster`] ·
-//! L5 [`explain`], [`views`], [`metrics`], [`store`] (keeps views' job summaries) · L6 [`service`] · L7 [`web`] · L8 [`server`].
+//! L5 [`explain`], [`views`], [`metrics`], [`store`] (keeps views' job summaries) · L6 [`service`] · L7 [`web`] · L8 [`server`], [`standby`].
 
 pub mod adaptive;
 pub mod cluster;
@@ -15,6 +15,7 @@ pub mod job;
 pub mod metrics;
 pub mod server;
 pub mod service;
+pub mod standby;
 pub mod store;
 pub mod views;
 pub mod web;

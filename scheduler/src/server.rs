@@ -17,6 +17,7 @@ use volley_core::{Result, VolleyError};
 use crate::config::SchedulerConfig;
 use crate::metrics::SchedulerMetrics;
 use crate::service::SchedulerService;
+use crate::standby::Standby;
 use crate::store::StateStore;
 use crate::store::etcd::{Campaign, EtcdStore};
 
@@ -86,40 +87,6 @@ impl SchedulerHandle {
     }
 }
 
-/// Serve the status page and JSON API on `host:port` (TLS like the gRPC server).
-async fn start_http(
-    config: &SchedulerConfig,
-    port: u16,
-    service: SchedulerService,
-    shutdown: oneshot::Receiver<()>,
-) -> Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = TcpListener::bind((config.host.as_str(), port))
-        .await
-        .map_err(|e| VolleyError::Connect {
-            address: format!("{}:{port}", config.host),
-            message: format!("cannot bind the status page: {e}"),
-        })?;
-    let addr = listener.local_addr()?;
-    let mut server = config.security.server()?.accept_http1(true);
-    let routes = tonic::service::Routes::from(crate::web::router(service));
-    let join = tokio::spawn(async move {
-        let result = server
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async {
-                    let _ = shutdown.await;
-                },
-            )
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "status page stopped");
-        }
-    });
-    tracing::info!(%addr, "status page listening");
-    Ok((addr, join))
-}
-
 /// Refuse to expose a scheduler beyond loopback without a token unless `--insecure`.
 fn check_exposure(config: &SchedulerConfig) -> Result<()> {
     let loopback = volley_core::security::is_loopback_host(&config.host);
@@ -141,9 +108,8 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
         None => Sandbox::unrestricted(config.allow_ddl),
     };
     let server = config.security.server()?;
-    // A standby waits here, before binding, until it leads: clients and executors reach only
-    // the leader.
-    let (store, lost) = open_state(&config).await?;
+    // A standby waits here until it leads (refusing calls on the port meanwhile).
+    let (store, lost) = open_state(&config, &sandbox).await?;
     let listener = TcpListener::bind((config.host.as_str(), config.port))
         .await
         .map_err(|e| VolleyError::Connect {
@@ -187,7 +153,7 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
     tracing::info!(%addr, "scheduler listening");
     let (http_addr, http) = match config.http_port {
         Some(port) => {
-            let (addr, join) = start_http(&config, port, service.clone(), http_rx).await?;
+            let (addr, join) = crate::web::serve(&config, port, service.clone(), http_rx).await?;
             (Some(addr), Some(join))
         }
         None => (None, None),
@@ -206,9 +172,10 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
 }
 
 /// The state store of `config`: etcd (after winning the leadership: a standby waits for it
-/// here, campaigning again every second), a file, or memory.
+/// here, serving refusals and the history, campaigning again every second), a file, or memory.
 async fn open_state(
     config: &SchedulerConfig,
+    sandbox: &Sandbox,
 ) -> Result<(Arc<dyn StateStore>, Option<watch::Receiver<bool>>)> {
     let Some(url) = config.state_url.clone() else {
         let store = crate::store::open(config.state_dir.as_deref(), config.state_reset)?;
@@ -223,12 +190,17 @@ async fn open_state(
     let etcd = tokio::task::spawn_blocking(move || EtcdStore::connect(&url))
         .await
         .map_err(|e| VolleyError::Internal(format!("connecting to etcd: {e}")))??;
+    let etcd = Arc::new(etcd);
+    let mut standby: Option<Standby> = None;
     let mut announced = None;
     loop {
         match etcd.campaign(&me) {
             Ok(Campaign::Leader(lost)) => {
+                if let Some(standby) = standby.take() {
+                    standby.stop().await;
+                }
                 tracing::info!(scheduler = %me, store = %etcd.location(), "this scheduler leads");
-                return Ok((Arc::new(etcd), Some(lost)));
+                return Ok((etcd, Some(lost)));
             }
             Ok(Campaign::Standby(leader)) => {
                 let seen = Some(leader.clone().unwrap_or_default());
@@ -238,6 +210,13 @@ async fn open_state(
                         "standby: another scheduler leads; waiting to take over"
                     );
                     announced = seen;
+                }
+                if standby.is_none() {
+                    let store: Arc<dyn StateStore> = etcd.clone();
+                    standby = Some(Standby::start(config, sandbox.clone(), store).await?);
+                }
+                if let Some(standby) = &standby {
+                    standby.update(leader);
                 }
             }
             // etcd went away after the start: stand by until it is back.

@@ -4,10 +4,13 @@
 //!
 //! `cargo bench -p volley-tests --bench tpch -- [--suite tpch|tpcds] [--sf 1] [--executors 2] [--slots 1]
 //!  [--query N] [--iterations 1] [--data DIR] [--compression lz4|zstd|none] [--json FILE]
-//!  [--baseline default|volley] [--memory-limit BYTES-per-executor] [--state-dir DIR]`
+//!  [--baseline default|volley] [--memory-limit BYTES-per-executor] [--state-dir DIR]
+//!  [--compare-state-dir DIR]`
 //!
-//! `--state-dir DIR` runs Volley's scheduler with its durable state in DIR (started empty), to
-//! measure what saving jobs and sessions costs against a run without it.
+//! `--state-dir DIR` runs Volley's scheduler with its durable state in DIR (started empty).
+//! `--compare-state-dir DIR` runs every query also on a second embedded cluster whose scheduler
+//! keeps its state in DIR (history, sessions, job journals), interleaved in the same run, and
+//! prints `state/memory` per query and what `--state-dir` costs per query and in total.
 //!
 //! `--data s3://BUCKET/PREFIX` also runs every query on Volley with the tables in S3: the bench
 //! starts the tests' S3 server (moto, see `volley_tests::s3`), uploads the generated data there
@@ -51,6 +54,9 @@ struct Args {
     volley_settings: Vec<(String, String)>,
     /// The scheduler's `--state-dir`.
     state_dir: Option<PathBuf>,
+    /// `--compare-state-dir DIR`: also run every query on a second cluster whose scheduler keeps
+    /// its state (history, sessions, job journals) in DIR, in the same run.
+    compare_state_dir: Option<PathBuf>,
 }
 
 fn key_value(pair: &str) -> Result<(String, String), BoxError> {
@@ -75,6 +81,7 @@ fn parse_args() -> Result<Args, BoxError> {
         json: None,
         volley_baseline: false,
         state_dir: None,
+        compare_state_dir: None,
         memory_limit: None,
         stages: false,
         baseline_settings: Vec::new(),
@@ -118,6 +125,7 @@ fn parse_args() -> Result<Args, BoxError> {
             "--baseline-set" => args.baseline_settings.push(key_value(&value()?)?),
             "--set" => args.volley_settings.push(key_value(&value()?)?),
             "--state-dir" => args.state_dir = Some(PathBuf::from(value()?)),
+            "--compare-state-dir" => args.compare_state_dir = Some(PathBuf::from(value()?)),
             "--bench" => {}
             other => return Err(format!("unknown argument {other}").into()),
         }
@@ -175,6 +183,29 @@ async fn main() -> Result<(), BoxError> {
     for statement in suite.create_table_statements(&dir) {
         client.sql(&statement).await?;
     }
+    let durable = match &args.compare_state_dir {
+        Some(state_dir) => {
+            let cluster = EmbeddedCluster::start_with_memory(
+                SchedulerConfig {
+                    state_dir: Some(state_dir.clone()),
+                    state_reset: true,
+                    ..SchedulerConfig::default()
+                        .with_address("127.0.0.1", 0)
+                        .with_target_partitions(partitions)
+                },
+                args.executors,
+                args.slots,
+                args.memory_limit,
+            )
+            .await?;
+            let client = cluster.client().await?;
+            for statement in suite.create_table_statements(&dir) {
+                client.sql(&statement).await?;
+            }
+            Some((cluster, client))
+        }
+        None => None,
+    };
     let s3 = match &args.s3 {
         Some((bucket, prefix)) => Some(s3_tables(suite, &cluster, &dir, bucket, prefix).await?),
         None => None,
@@ -212,13 +243,20 @@ async fn main() -> Result<(), BoxError> {
             String::new()
         }
     );
+    if durable.is_some() {
+        println!(
+            "      (then volley_state_s: the same on a scheduler with --state-dir, and state/memory)"
+        );
+    }
     let (mut total_df, mut total_volley, mut total_s3) = (0.0, 0.0, 0.0);
+    let mut total_durable = 0.0;
     let mut records = Vec::new();
     for &q in &args.queries {
         let sql = suite.query(q)?;
         let mut best_df = f64::MAX;
         let mut best_volley = f64::MAX;
         let mut best_s3 = f64::MAX;
+        let mut best_durable = f64::MAX;
         let mut checked = 0;
         let mut last_job = String::new();
         // Of the last run: client-side time to submit (planning included) and in all.
@@ -245,6 +283,18 @@ async fn main() -> Result<(), BoxError> {
                 &format!("q{q}"),
             );
             checked = expected.len();
+            if let Some((_, durable_client)) = &durable {
+                let t = Instant::now();
+                let job_id = durable_client.submit(&sql).await?;
+                let kept = durable_client.sql_job_rows(&job_id).await?;
+                best_durable = best_durable.min(t.elapsed().as_secs_f64());
+                assert_same_rows(
+                    &expected,
+                    &comparable(suite, rows(&kept)?),
+                    &float_columns(&local),
+                    &format!("q{q} with --state-dir"),
+                );
+            }
             if let Some((_, s3_client)) = &s3 {
                 let t = Instant::now();
                 let job_id = s3_client.submit(&sql).await?;
@@ -262,6 +312,9 @@ async fn main() -> Result<(), BoxError> {
         total_volley += best_volley;
         if s3.is_some() {
             total_s3 += best_s3;
+        }
+        if durable.is_some() {
+            total_durable += best_durable;
         }
         if args.stages {
             print_stages(&cluster, &last_job, last_times);
@@ -300,6 +353,7 @@ async fn main() -> Result<(), BoxError> {
             best_volley / best_df,
             checked,
             s3_columns(s3.is_some(), best_s3, best_volley)
+                + &s3_columns(durable.is_some(), best_durable, best_volley)
         );
     }
     println!(
@@ -310,7 +364,16 @@ async fn main() -> Result<(), BoxError> {
         total_volley / total_df,
         "",
         s3_columns(s3.is_some(), total_s3, total_volley)
+            + &s3_columns(durable.is_some(), total_durable, total_volley)
     );
+    if durable.is_some() {
+        let queries = args.queries.len() as f64;
+        println!(
+            "--state-dir costs {:+.2} ms per query ({:+.1}% in total)",
+            (total_durable - total_volley) * 1000.0 / queries,
+            (total_durable / total_volley - 1.0) * 100.0
+        );
+    }
     if let Some(path) = &args.json {
         let report = serde_json::json!({
             "sf": args.sf,
@@ -327,6 +390,9 @@ async fn main() -> Result<(), BoxError> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
         eprintln!("wrote {}", path.display());
     }
+    if let Some((cluster, _)) = durable {
+        cluster.shutdown().await;
+    }
     cluster.shutdown().await;
     Ok(())
 }
@@ -342,6 +408,7 @@ fn comparable(
     rows
 }
 
+/// Time on a second cluster and its ratio to the first (S3 data, or a durable state store).
 fn s3_columns(shown: bool, s3: f64, local: f64) -> String {
     if shown {
         format!(" {s3:>12.3} {:>9.2}", s3 / local)

@@ -8,14 +8,12 @@ use std::sync::Arc;
 use crate::adaptive;
 use crate::cluster::ClusterState;
 use crate::cluster::executors::ExecutorInfo;
+use crate::cluster::journal::{Journal, emit};
 use crate::cluster::placement::pick_executor;
-use crate::cluster::resume::emit;
 use crate::config::LoadBalancing;
 use crate::graph::trim::ResolvedPlan;
-use crate::job::journal::{JournalWrite, Step};
+use crate::job::journal::Step;
 use crate::job::{Job, JobState, StagePhase, TaskLaunch, TaskState};
-
-type Journal = std::sync::mpsc::Sender<JournalWrite>;
 
 /// Tasks to launch, by executor.
 type Assigned = BTreeMap<String, Vec<TaskLaunch>>;

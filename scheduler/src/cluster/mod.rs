@@ -15,6 +15,7 @@ use crate::job::{Job, JobState, TaskState};
 pub mod assign;
 pub mod executors;
 pub mod jobs;
+pub mod journal;
 pub mod placement;
 pub mod report;
 pub mod resume;
@@ -35,7 +36,7 @@ pub struct ClusterState {
     /// Next executor index for round-robin placement.
     rr_cursor: usize,
     /// Where stage transitions are journaled (a durable state store).
-    journal: Option<std::sync::mpsc::Sender<crate::job::journal::JournalWrite>>,
+    journal: Option<journal::Journal>,
     /// Jobs to take over from their journals when they are added.
     resuming: HashMap<String, resume::Resume>,
     /// Executors holding outputs of resumed jobs, not registered again yet, since when.

@@ -5,7 +5,7 @@ use datafusion::error::Result;
 
 use crate::adaptive;
 use crate::cluster::ClusterState;
-use crate::cluster::resume::emit;
+use crate::cluster::journal::emit;
 use crate::job::report::{Origin, Reported};
 use crate::job::{Job, TaskOutcome};
 

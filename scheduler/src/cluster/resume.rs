@@ -1,5 +1,5 @@
 //! Jobs across a scheduler restart. With a durable state store each job's stage transitions go
-//! to its journal ([`ClusterState::emit`], sent in order to the store's writer thread); a job
+//! to its journal ([`ClusterState::emit`], see [`crate::cluster::journal`]); a job
 //! resumed after a restart gets its journal replayed on its new plan before it is scheduled
 //! ([`ClusterState::prepare_resume`]), so its completed stages keep their outputs and do not
 //! run again. The executors holding those outputs are awaited: one that registers says which
@@ -7,13 +7,13 @@
 //! executor timeout is lost like any other (its outputs are recomputed by lineage).
 
 use std::collections::HashSet;
-use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use datafusion::error::DataFusionError;
 
 use crate::adaptive;
 use crate::cluster::ClusterState;
+use crate::cluster::journal::{emit, send};
 use crate::cluster::report::after_stage;
 use crate::job::Job;
 use crate::job::journal::{JournalWrite, RESUME_ATTEMPT_STRIDE, Step};
@@ -28,7 +28,7 @@ pub(crate) struct Resume {
 
 impl ClusterState {
     /// Write stage transitions to a journal from now on.
-    pub fn set_journal(&mut self, journal: Sender<JournalWrite>) {
+    pub fn set_journal(&mut self, journal: crate::cluster::journal::Journal) {
         self.journal = Some(journal);
     }
 
@@ -104,28 +104,6 @@ impl ClusterState {
             }
         }
         lost
-    }
-}
-
-/// Send `write` to `journal` if there is one.
-fn send(journal: Option<&Sender<JournalWrite>>, write: JournalWrite) {
-    if let Some(journal) = journal
-        && journal.send(write).is_err()
-    {
-        tracing::warn!("the journal writer is gone; a transition was not saved");
-    }
-}
-
-/// Journal a step of job `job_id` on `journal`, built only when there is one.
-pub(crate) fn emit(
-    journal: Option<&Sender<JournalWrite>>,
-    job_id: &str,
-    step: impl FnOnce() -> Option<Step>,
-) {
-    if journal.is_some()
-        && let Some(step) = step()
-    {
-        send(journal, JournalWrite::Step(job_id.to_string(), step));
     }
 }
 

@@ -139,6 +139,14 @@ impl SchedulerService {
         self.with_state(|state| views::jobs(state, &history, ddl))
     }
 
+    /// Read the history from the state store again (a standby shows what the leader records).
+    pub fn reload_history(&self) {
+        match self.store.finished_jobs() {
+            Ok(jobs) => *self.history.lock() = jobs,
+            Err(e) => tracing::debug!(error = %e, "cannot read the job history"),
+        }
+    }
+
     /// A job only the history still knows.
     pub fn recorded_job(&self, job_id: &str) -> Option<JobSummary> {
         self.history.lock().iter().find(|j| j.id == job_id).cloned()

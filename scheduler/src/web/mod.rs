@@ -18,6 +18,15 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use volley_core::security::Role;
 
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+use volley_core::{Result, VolleyError};
+
+use crate::config::SchedulerConfig;
 use crate::service::SchedulerService;
 
 pub mod api;
@@ -29,6 +38,40 @@ use api::{api_cancel, api_executors, api_job, api_jobs, api_stage, metrics};
 use pages::{cancel_form, executors_page, job_page, jobs_page, stage_page};
 
 const TOKEN_COOKIE: &str = "volley_token";
+
+/// Serve the status page and JSON API on `host:port` (TLS like the gRPC server).
+pub async fn serve(
+    config: &SchedulerConfig,
+    port: u16,
+    service: SchedulerService,
+    shutdown: oneshot::Receiver<()>,
+) -> Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind((config.host.as_str(), port))
+        .await
+        .map_err(|e| VolleyError::Connect {
+            address: format!("{}:{port}", config.host),
+            message: format!("cannot bind the status page: {e}"),
+        })?;
+    let addr = listener.local_addr()?;
+    let mut server = config.security.server()?.accept_http1(true);
+    let routes = tonic::service::Routes::from(router(service));
+    let join = tokio::spawn(async move {
+        let result = server
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = shutdown.await;
+                },
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "status page stopped");
+        }
+    });
+    tracing::info!(%addr, "status page listening");
+    Ok((addr, join))
+}
 
 /// The status page's routes.
 pub fn router(service: SchedulerService) -> Router {

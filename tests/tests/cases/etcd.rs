@@ -123,12 +123,26 @@ impl Drop for Procs {
     }
 }
 
-fn listening(port: u16) -> bool {
-    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+/// True when the scheduler on `port` leads: it opens a session (a standby refuses, naming the
+/// leader).
+async fn leads(port: u16) -> bool {
+    volley::VolleyClient::connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .is_ok()
 }
 
 /// `volley scheduler` on `port` with its state in etcd (the leader, or a standby).
 fn scheduler(port: u16, state: &str, log: &std::path::Path) -> std::process::Child {
+    scheduler_with_page(port, free_port().unwrap(), state, log)
+}
+
+/// The same, its status page on `http_port`.
+fn scheduler_with_page(
+    port: u16,
+    http_port: u16,
+    state: &str,
+    log: &std::path::Path,
+) -> std::process::Child {
     let root = volley_tests::workspace_root().display().to_string();
     let temp = std::env::temp_dir().display().to_string();
     std::process::Command::new(volley_bin().unwrap())
@@ -139,7 +153,7 @@ fn scheduler(port: u16, state: &str, log: &std::path::Path) -> std::process::Chi
             "--port",
             &port.to_string(),
         ])
-        .args(["--http-port", &free_port().unwrap().to_string()])
+        .args(["--http-port", &http_port.to_string()])
         .args(["--state", state, "--enable-test-hooks"])
         .args(["--allowed-path", &root, "--allowed-path", &temp])
         .env("RUST_LOG", "info")
@@ -168,12 +182,17 @@ fn executor(
         .unwrap()
 }
 
-/// Index of the one scheduler listening, waiting up to `patience`.
+/// Index of the one scheduler leading, waiting up to `patience`.
 async fn leader(ports: &[u16], patience: Duration) -> Option<usize> {
     let deadline = Instant::now() + patience;
     while Instant::now() < deadline {
-        let up: Vec<usize> = (0..ports.len()).filter(|i| listening(ports[*i])).collect();
-        assert!(up.len() <= 1, "two schedulers serve at once: {up:?}");
+        let mut up = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            if leads(*port).await {
+                up.push(i);
+            }
+        }
+        assert!(up.len() <= 1, "two schedulers lead at once: {up:?}");
         if let Some(i) = up.first() {
             return Some(*i);
         }
@@ -193,7 +212,7 @@ async fn a_standby_takes_over_a_killed_leader_and_its_running_query() {
     let logs = tempfile::tempdir().unwrap();
     let ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
     let mut procs = Procs(Vec::new());
-    // The first one leads; the others stand by without listening.
+    // The first one leads; the others stand by.
     procs.0.push(scheduler(
         ports[0],
         &state,
@@ -266,14 +285,110 @@ async fn a_standby_takes_over_a_killed_leader_and_its_running_query() {
     let batches = client.sql_job_rows(&job_id).await.unwrap();
     assert_eq!(rows(&batches).unwrap(), expected);
 
-    // The old leader, started again, stands by: it does not serve while the other leads.
-    procs.0[0] = scheduler(ports[0], &state, &logs.path().join("scheduler-0b.log"));
+    // The old leader, started again, stands by: it refuses calls naming the leader, and its
+    // status page shows the history the leader records.
+    let page = free_port().unwrap();
+    let log = logs.path().join("scheduler-0b.log");
+    procs.0[0] = scheduler_with_page(ports[0], page, &state, &log);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(procs.0[0].try_wait().unwrap().is_none(), "it runs");
-    assert!(!listening(ports[0]));
-    assert!(listening(ports[next]));
+    let refused = volley::VolleyClient::connect(&urls[0]).await.unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains(&format!("not the leader; the leader is {}", urls[next])),
+        "{refused}"
+    );
+    assert_eq!(leader(&ports, Duration::from_secs(1)).await, Some(next));
+    let (status, history) =
+        volley_tests::http("GET", format!("http://127.0.0.1:{page}/api/jobs"), None).await;
+    assert_eq!(status, 200, "{history}");
+    assert!(history.contains(&job_id), "{history}");
     let (_, batches) = client.sql(QUERY).await.unwrap();
     assert_eq!(rows(&batches).unwrap(), expected);
     let log = std::fs::read_to_string(logs.path().join("scheduler-0b.log")).unwrap();
     assert!(log.contains("standby"), "{log}");
+}
+
+/// etcd stops mid-query: the leader, unable to renew its lease, stops rather than risk two
+/// leaders; when etcd is back, the standby takes over and the query completes exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_steps_down_when_etcd_goes_and_the_query_resumes_when_it_returns() {
+    volley_tests::init_tracing();
+    let mut etcd = Etcd::start().await.unwrap();
+    let state = etcd.state_url("outage");
+    let logs = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..2).map(|_| free_port().unwrap()).collect();
+    let mut procs = Procs(Vec::new());
+    procs.0.push(scheduler(
+        ports[0],
+        &state,
+        &logs.path().join("scheduler-0.log"),
+    ));
+    assert_eq!(leader(&ports, Duration::from_secs(20)).await, Some(0));
+    procs.0.push(scheduler(
+        ports[1],
+        &state,
+        &logs.path().join("scheduler-1.log"),
+    ));
+    let list = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let work = tempfile::tempdir().unwrap();
+    procs.0.push(executor(
+        &list,
+        work.path(),
+        &logs.path().join("executor.log"),
+    ));
+    let client = volley::VolleyClient::connect(&list).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.cluster_state().await.unwrap().executors.is_empty() {
+        assert!(Instant::now() < deadline, "the executor did not register");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let data = volley_tests::workspace_root().join("tests/slt/data/sales.csv");
+    client
+        .sql(&format!(
+            "CREATE EXTERNAL TABLE sales (sale_id INT, emp_id INT, amount DECIMAL(10,2), region VARCHAR, day DATE) \
+             STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true')",
+            data.display()
+        ))
+        .await
+        .unwrap();
+    let (_, batches) = client.sql(QUERY).await.unwrap();
+    let expected = rows(&batches).unwrap();
+    let hold = volley_tests::Hold::new(2).unwrap();
+    client.sql(&hold.set_sql()).await.unwrap();
+    let job_id = client.submit(QUERY).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    etcd.stop();
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(status) = procs.0[0].try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(20),
+            "the leader kept serving without etcd"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(logs.path().join("scheduler-0.log")).unwrap();
+    assert!(log.contains("lost its leadership"), "{log}");
+    // No scheduler serves while etcd is gone.
+    assert_eq!(leader(&ports, Duration::from_secs(2)).await, None);
+
+    etcd.resume().await.unwrap();
+    assert_eq!(
+        leader(&ports, Duration::from_secs(30)).await,
+        Some(1),
+        "the standby takes over once etcd is back"
+    );
+    hold.release().unwrap();
+    let batches = client.sql_job_rows(&job_id).await.unwrap();
+    assert_eq!(rows(&batches).unwrap(), expected);
 }
