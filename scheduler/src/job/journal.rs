@@ -33,9 +33,42 @@ pub struct RunningJob {
     /// Times it was resumed already.
     #[serde(default)]
     pub resumes: u32,
+    /// A plan submitted through the DataFrame API (`ExecutePlan`) instead of a statement:
+    /// the encoded plan (hex) and the settings it was submitted with.
+    #[serde(default)]
+    pub plan: Option<SubmittedPlan>,
     /// Its journal, oldest first (stored apart, one record per step).
     #[serde(skip)]
     pub steps: Vec<Step>,
+}
+
+/// A plan as submitted: taken over by decoding it again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmittedPlan {
+    /// The plan encoded with Volley's codec, as hex.
+    pub hex: String,
+    /// Its settings.
+    pub settings: Vec<(String, String)>,
+}
+
+impl SubmittedPlan {
+    /// `bytes` (an encoded plan) with `settings`.
+    pub fn new(bytes: &[u8], settings: Vec<(String, String)>) -> Self {
+        use std::fmt::Write;
+        let mut hex = String::with_capacity(bytes.len() * 2);
+        for byte in bytes {
+            let _ = write!(hex, "{byte:02x}");
+        }
+        Self { hex, settings }
+    }
+
+    /// The encoded plan (None: the record is damaged).
+    pub fn bytes(&self) -> Option<Vec<u8>> {
+        (0..self.hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(self.hex.get(i..i + 2)?, 16).ok())
+            .collect()
+    }
 }
 
 /// One write to the state store's running jobs, in the order the transitions happened.
@@ -302,6 +335,18 @@ mod tests {
         assert_eq!(serde_json::from_str::<Step>(&text).unwrap(), step);
         // Records written before `resumes` existed read as never resumed.
         let job: RunningJob = serde_json::from_str(r#"{"session":"s","sql":"SELECT 1"}"#).unwrap();
-        assert_eq!((job.resumes, job.steps.len()), (0, 0));
+        assert_eq!((job.resumes, job.steps.len(), job.plan), (0, 0, None));
+        let plan = SubmittedPlan::new(&[0, 1, 0xab, 0xff], vec![("k".into(), "v".into())]);
+        assert_eq!(plan.hex, "0001abff");
+        assert_eq!(plan.bytes(), Some(vec![0, 1, 0xab, 0xff]));
+        assert_eq!(
+            SubmittedPlan::new(&[], Vec::new()).bytes(),
+            Some(Vec::new())
+        );
+        let odd = SubmittedPlan {
+            hex: "abc".into(),
+            settings: Vec::new(),
+        };
+        assert_eq!(odd.bytes(), None);
     }
 }

@@ -9,6 +9,7 @@ use datafusion::prelude::SessionContext;
 use volley_core::Result;
 use volley_core::protobuf as pb;
 
+use crate::job::journal::SubmittedPlan;
 use crate::service::SchedulerService;
 use crate::service::submit::{Planned, plan_statement};
 use crate::store::{JournalWrite, RunningJob, StoredSession};
@@ -88,12 +89,20 @@ impl SchedulerService {
         Ok(())
     }
 
-    /// Save job `id` of `session`, submitted and running, to take it over after a restart.
-    pub(super) fn remember_running(&self, id: &str, session: &str, sql: &str) {
+    /// Save job `id` of `session`, submitted and running, to take it over after a restart:
+    /// its statement, or (`plan`) the plan it was submitted as and `sql` its description.
+    pub(super) fn remember_running(
+        &self,
+        id: &str,
+        session: &str,
+        sql: &str,
+        plan: Option<SubmittedPlan>,
+    ) {
         let job = RunningJob {
             session: session.to_string(),
             sql: sql.to_string(),
             resumes: 0,
+            plan,
             steps: Vec::new(),
         };
         self.save_running(id, job);
@@ -129,9 +138,10 @@ impl SchedulerService {
             self.state
                 .lock()
                 .prepare_resume(id.clone(), job.steps.clone(), resumes);
-            let resumed = match ctx {
-                Some(ctx) => self.submit_as(&ctx, &job.sql, id.clone()).await,
-                None => Err(volley_core::VolleyError::Internal(
+            let resumed = match (ctx, &job.plan) {
+                (Some(ctx), None) => self.submit_as(&ctx, &job.sql, id.clone()).await,
+                (Some(ctx), Some(plan)) => self.resubmit_plan(&ctx, &id, &job.sql, plan).await,
+                (None, _) => Err(volley_core::VolleyError::Internal(
                     "its session is gone".to_string(),
                 )),
             };
@@ -163,6 +173,23 @@ impl SchedulerService {
             }
         }
         Ok(())
+    }
+
+    /// Submit a saved plan again under its id.
+    async fn resubmit_plan(
+        &self,
+        ctx: &SessionContext,
+        id: &str,
+        description: &str,
+        plan: &SubmittedPlan,
+    ) -> Result<String> {
+        let bytes = plan.bytes().ok_or_else(|| {
+            volley_core::VolleyError::Internal("its saved plan is damaged".to_string())
+        })?;
+        let physical = volley_core::codec::VolleyCodec::decode_plan(&bytes, &ctx.task_ctx())?;
+        let settings = std::sync::Arc::new(plan.settings.clone());
+        self.submit_physical(id.to_string(), description, ctx, physical, settings)
+            .await
     }
 
     async fn replay(&self, ctx: &SessionContext, sql: &str) -> Result<()> {

@@ -9,6 +9,7 @@ use volley_core::codec::VolleyCodec;
 use volley_core::protobuf::{self as pb, job_status};
 use volley_core::security::{Role, role};
 
+use crate::job::journal::SubmittedPlan;
 use crate::job::{JobState, TaskState};
 use crate::service::{MAX_SESSIONS, SESSION_IDLE_TIMEOUT, SchedulerService, new_id};
 use volley_core::shuffle::ipc_bytes;
@@ -112,7 +113,7 @@ impl SchedulerService {
             self.remember_statement(&params.session_id, &params.sql);
         }
         if running {
-            self.remember_running(&job_id, &params.session_id, &params.sql);
+            self.remember_running(&job_id, &params.session_id, &params.sql, None);
         }
         Ok(Response::new(pb::ExecuteSqlResult { job_id }))
     }
@@ -126,18 +127,30 @@ impl SchedulerService {
         let task_ctx = ctx.task_ctx();
         let plan = VolleyCodec::decode_plan(&params.plan, &task_ctx)
             .map_err(|e| Status::invalid_argument(format!("cannot decode plan: {e}")))?;
-        let settings = Arc::new(
-            params
-                .settings
-                .into_iter()
-                .map(|kv| (kv.key, kv.value))
-                .collect(),
-        );
+        let pairs: Vec<(String, String)> = params
+            .settings
+            .into_iter()
+            .map(|kv| (kv.key, kv.value))
+            .collect();
         let job_id = self
-            .submit_physical(new_id(), &params.description, &ctx, plan, settings)
+            .submit_physical(
+                new_id(),
+                &params.description,
+                &ctx,
+                plan,
+                Arc::new(pairs.clone()),
+            )
             .await
             .map_err(|e| self.redacted(&ctx, &params.description, e))?;
-        self.state.lock().set_job_owner(&job_id, &params.session_id);
+        let running = {
+            let mut state = self.state.lock();
+            state.set_job_owner(&job_id, &params.session_id);
+            state.job(&job_id).is_some_and(|j| !j.state.is_final())
+        };
+        if running {
+            let plan = SubmittedPlan::new(&params.plan, pairs);
+            self.remember_running(&job_id, &params.session_id, &params.description, Some(plan));
+        }
         Ok(Response::new(pb::ExecuteSqlResult { job_id }))
     }
 

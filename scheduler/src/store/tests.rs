@@ -68,6 +68,7 @@ fn sessions_and_running_jobs_are_saved_replaced_and_forgotten() {
         session: "a".to_string(),
         sql: "SELECT 1".to_string(),
         resumes: 0,
+        plan: None,
         steps: Vec::new(),
     };
     store.save_running("j1", &running).unwrap();
@@ -193,6 +194,7 @@ fn journals_are_kept_in_order_forgotten_with_their_job_and_orphans_dropped() {
         session: "s".to_string(),
         sql: "SELECT 1".to_string(),
         resumes,
+        plan: None,
         steps: Vec::new(),
     };
     let launched = |stage| Step::Launched { stage };

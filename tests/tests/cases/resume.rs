@@ -136,3 +136,62 @@ async fn tpch_q18_survives_a_scheduler_crash_without_rerunning_completed_stages(
     assert!(result_tasks > 0);
     assert_eq!(launched(&base).await, result_tasks);
 }
+
+/// A plan submitted through the DataFrame API (`ExecutePlan`), mid-run when the scheduler is
+/// SIGKILLed, is taken over too: the restarted scheduler decodes the saved plan, and the
+/// client gets the exact rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataframe_plan_running_at_a_scheduler_crash_completes_after_the_restart() {
+    use datafusion::prelude::{CsvReadOptions, SessionContext};
+    volley_tests::init_tracing();
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().display().to_string();
+    let mut cluster = ProcessCluster::start(2, 1, &["--state-dir", &dir])
+        .await
+        .unwrap();
+    let client = cluster.client().await.unwrap();
+    let local = SessionContext::new_with_config(volley_core::config::volley_session_config(2));
+    let data = volley_tests::workspace_root().join("tests/slt/data/sales.csv");
+    local
+        .register_csv("sales", data.to_str().unwrap(), CsvReadOptions::new())
+        .await
+        .unwrap();
+    let query =
+        "SELECT region, count(*) AS n FROM sales GROUP BY region ORDER BY region NULLS LAST";
+    let df = local.sql(query).await.unwrap();
+    let expected = rows(&df.clone().collect().await.unwrap()).unwrap();
+    let plan = df.create_physical_plan().await.unwrap();
+    let bytes = volley_core::codec::VolleyCodec::encode_plan(plan).unwrap();
+    let hold = Hold::new(2).unwrap();
+    let set = hold.set_sql();
+    let value = set.split('\'').nth(1).unwrap().to_string();
+    let settings = vec![("volley.test_hold_task".to_string(), value)];
+    let job_id = client
+        .submit_plan(bytes, "DataFrame: sales by region", &settings)
+        .await
+        .unwrap();
+    let base = cluster.http_url().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = stages(&get(format!("{base}/api/jobs/{job_id}")).await);
+        if listed
+            .iter()
+            .any(|s| s["id"] == 1 && s["state"] == "succeeded")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stage 1 never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.restart_scheduler().await.unwrap();
+    hold.release().unwrap();
+    let batches = client.sql_job_rows(&job_id).await.unwrap();
+    assert_eq!(rows(&batches).unwrap(), expected);
+    let after = stages(&get(format!("{base}/api/jobs/{job_id}")).await);
+    let first = after.iter().find(|s| s["id"] == 1).unwrap();
+    assert_eq!(first["resumed"], true, "{first}");
+}

@@ -246,6 +246,7 @@ fn journal_writer_child() {
             session: "s".into(),
             sql: "x".repeat(2000),
             resumes: 0,
+            plan: None,
             steps: Vec::new(),
         };
         let steps = (0..8).map(|stage| JournalWrite::Step(id.clone(), Step::Launched { stage }));
