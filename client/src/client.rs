@@ -127,7 +127,11 @@ fn never_sent(status: &tonic::Status) -> bool {
         text.push_str(&cause.to_string().to_ascii_lowercase());
         source = cause.source();
     }
-    text.contains("connect") || text.contains("connection refused") || not_the_leader(status)
+    // A failed connect only: "connection reset" or "closed" may come after the call arrived.
+    text.contains("tcp connect error")
+        || text.contains("error trying to connect")
+        || text.contains("connection refused")
+        || not_the_leader(status)
 }
 
 /// True when a standby scheduler refused the call (it ran nothing).

@@ -107,6 +107,10 @@ fn permanent(status: &Status) -> bool {
     )
 }
 
+/// Heartbeats in a row a scheduler of several may miss before the executor moves on to the
+/// next one.
+const MOVE_ON_AFTER: u32 = 3;
+
 /// Statuses delivered in one report at most.
 const BATCH: usize = 64;
 
@@ -308,6 +312,7 @@ async fn run(mut beat: Beat, mut stopped: oneshot::Receiver<()>) {
         Err(e) => tracing::warn!(error = %e, "cannot attach to the scheduler"),
     }
     let mut tick = tokio::time::interval(beat.interval);
+    let mut unreachable = 0u32;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -335,14 +340,21 @@ async fn run(mut beat: Beat, mut stopped: oneshot::Receiver<()>) {
         let index = beat.schedulers.current();
         match clients.current().heartbeat(params).await {
             Ok(resp) if resp.get_ref().reregister => {
+                unreachable = 0;
                 tracing::warn!("scheduler does not know this executor; registering again");
                 (beat.reregister)();
             }
-            Ok(_) => {}
-            Err(e) if e.code() == tonic::Code::Unavailable && beat.schedulers.advance(index) => {
-                // Gone, or a standby: register with the next scheduler of the list.
-                tracing::warn!(error = %e, scheduler = %beat.schedulers.urls()[index], "scheduler unreachable; trying the next one");
-                (beat.reregister)();
+            Ok(_) => unreachable = 0,
+            Err(e) if e.code() == tonic::Code::Unavailable && beat.schedulers.urls().len() > 1 => {
+                // A standby says so at once; a leader that does not answer may only be slow
+                // (moving on re-registers elsewhere and stops the running tasks).
+                unreachable += 1;
+                let standby = e.message().starts_with("not the leader");
+                if (standby || unreachable >= MOVE_ON_AFTER) && beat.schedulers.advance(index) {
+                    unreachable = 0;
+                    tracing::warn!(error = %e, scheduler = %beat.schedulers.urls()[index], "scheduler unreachable; trying the next one");
+                    (beat.reregister)();
+                }
             }
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }

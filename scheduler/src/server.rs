@@ -77,7 +77,7 @@ impl SchedulerHandle {
             let _ = tx.send(());
         }
         self.service.stop_background();
-        self.service.resign();
+        self.service.resign().await;
         if let Some(join) = self.join.take() {
             let _ = join.await;
         }
@@ -134,6 +134,7 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
     // The standard gRPC health service answers without a token (probes carry none); it says
     // only whether this server is serving.
     let (_reporter, health) = tonic_health::server::health_reporter();
+    let deposed = lost.clone();
     let join = tokio::spawn(async move {
         let mut server = server;
         let result = server
@@ -142,7 +143,19 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async {
-                    let _ = rx.await;
+                    // A scheduler that lost its leadership stops serving at once: another
+                    // one may lead now.
+                    match deposed {
+                        Some(mut lost) => tokio::select! {
+                            _ = rx => {}
+                            _ = lost.wait_for(|lost| *lost) => {
+                                tracing::error!("stopped serving: the leadership is lost");
+                            }
+                        },
+                        None => {
+                            let _ = rx.await;
+                        }
+                    }
                 },
             )
             .await;

@@ -1,7 +1,8 @@
 //! L8: a standby scheduler (state in etcd, another scheduler leads). It binds the scheduler's
 //! ports while it waits: every gRPC call gets `UNAVAILABLE` "not the leader; the leader is
 //! URL" (the URL also in the `volley-leader` metadata), which clients and executors follow,
-//! and the status page and JSON API serve the job history read-only from the shared state.
+//! and the status page and JSON API serve the job history read-only from the shared state
+//! (`/readyz` answers 503, so a load balancer sends calls to the leader only).
 //! When it wins the leadership it stops both and the scheduler starts as the leader.
 
 use std::convert::Infallible;
@@ -75,6 +76,7 @@ impl Standby {
         let leader = Arc::new(Mutex::new(None));
         let metrics = SchedulerMetrics::new()?;
         let service = SchedulerService::new(Arc::new(config.clone()), sandbox, metrics, store)?;
+        service.mark_standby();
         let listener = TcpListener::bind((config.host.as_str(), config.port))
             .await
             .map_err(|e| VolleyError::Connect {

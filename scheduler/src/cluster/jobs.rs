@@ -31,8 +31,10 @@ impl ClusterState {
         let limit = self.policy.max_concurrent_jobs;
         let queued = limit > 0 && self.running_jobs() >= limit;
         let mut job = Job::new(id, sql, settings, stages, schema, span, queued);
-        self.take_over(&mut job);
-        self.emit(&job.id, || Some(job.planned_step()));
+        // Before anything ran (a resumed job's journal changes partition counts and plans).
+        let planned = self.journaling().then(|| job.planned_step());
+        self.take_over(&mut job, planned.as_ref());
+        self.emit(&job.id, || planned);
         self.insert(job);
     }
 

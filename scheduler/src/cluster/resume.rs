@@ -32,6 +32,11 @@ impl ClusterState {
         self.journal = Some(journal);
     }
 
+    /// Journal nothing more (the writer ends once it wrote what was sent).
+    pub fn close_journal(&mut self) {
+        self.journal = None;
+    }
+
     /// True when transitions are journaled (the state store is durable).
     pub fn journaling(&self) -> bool {
         self.journal.is_some()
@@ -59,11 +64,15 @@ impl ClusterState {
     }
 
     /// Replay the journal of `job` if it is being resumed. Returns the stages taken over.
-    pub(crate) fn take_over(&mut self, job: &mut Job) -> usize {
+    pub(crate) fn take_over(&mut self, job: &mut Job, fresh: Option<&Step>) -> usize {
         let Some(resume) = self.resuming.remove(&job.id) else {
             return 0;
         };
-        if let Err(why) = replay(job, &resume.steps) {
+        let fresh = match fresh {
+            Some(step) => step.clone(),
+            None => job.planned_step(),
+        };
+        if let Err(why) = replay(job, &fresh, &resume.steps) {
             tracing::warn!(job_id = %job.id, error = %why, "the journal of a resumed job does not fit its plan; the rest of it runs again");
         }
         let restored = job.stages.values().filter(|s| s.resumed).count();
@@ -107,13 +116,29 @@ impl ClusterState {
     }
 }
 
+/// True when `journaled` (a Planned step) describes the same stages as `fresh` (records from
+/// before plan hashes were kept compare by shape only).
+fn same_plan(journaled: &Step, fresh: &Step) -> bool {
+    match (journaled, fresh) {
+        (
+            Step::Planned { shape, plans },
+            Step::Planned {
+                shape: fresh_shape,
+                plans: fresh_plans,
+            },
+        ) => shape == fresh_shape && (plans.is_empty() || plans == fresh_plans),
+        _ => false,
+    }
+}
+
 /// Apply `steps` to `job` as they happened; an error says why the rest could not be applied.
-fn replay(job: &mut Job, steps: &[Step]) -> Result<(), String> {
-    let fresh = job.planned_step();
+fn replay(job: &mut Job, fresh: &Step, steps: &[Step]) -> Result<(), String> {
     for step in steps {
         match step {
-            Step::Planned { .. } if *step != fresh => {
-                return Err("the statement plans into other stages now".into());
+            Step::Planned { .. } if !same_plan(step, fresh) => {
+                return Err(
+                    "the statement plans into other stages (or reads other files) now".into(),
+                );
             }
             Step::Planned { .. } => {}
             Step::Prepared { stage, slots } => {

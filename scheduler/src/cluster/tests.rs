@@ -408,3 +408,42 @@ fn a_journal_replayed_after_a_restart_takes_over_completed_stages() {
     assert_eq!(stage.attempts, 2);
     assert_eq!(stage.tasks[1].attempt, 1000);
 }
+
+#[test]
+fn a_journal_does_not_apply_to_a_plan_that_came_out_different() {
+    use crate::job::journal::JournalWrite;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut state = ClusterState::new(SchedulerPolicy::default());
+    state.set_journal(tx);
+    register(&mut state);
+    add_job(&mut state);
+    finish_stage_one(&mut state);
+    let steps = rx
+        .try_iter()
+        .filter_map(|write| match write {
+            JournalWrite::Step(_, step) => Some(step),
+            _ => None,
+        })
+        .collect();
+    // The same statement now plans stage 1 with three tasks (its table has another file).
+    let mut state = ClusterState::new(SchedulerPolicy::default());
+    state.prepare_resume("j".into(), steps, 1);
+    let stages = vec![
+        stage(1, vec![], 3, StageKind::Merge),
+        stage(2, vec![1], 1, StageKind::Result),
+    ];
+    let span = tracing::Span::none();
+    let schema = Arc::new(Schema::empty());
+    state.add_job(
+        "j".into(),
+        "SELECT 1".into(),
+        Arc::default(),
+        stages,
+        schema,
+        span,
+    );
+    let job = state.job("j").unwrap();
+    assert!(!job.stages[&1].resumed && !job.stages[&1].is_complete());
+    assert_eq!(job.stages[&1].tasks.len(), 3);
+    assert!(job.stages[&1].tasks.iter().all(|t| t.attempt == 1000));
+}

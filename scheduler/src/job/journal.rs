@@ -10,8 +10,10 @@
 //! stage transition, never per task, so the journal costs nothing on the task hot path.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use datafusion::physical_plan::ExecutionPlan;
 use serde::{Deserialize, Serialize};
 use volley_core::shuffle::PartitionLocation;
 
@@ -90,6 +92,9 @@ pub enum Step {
     Planned {
         /// (stage id, partitions) in id order.
         shape: Vec<(u32, usize)>,
+        /// A hash of each stage's encoded plan (its scans' file lists included), in id order.
+        #[serde(default)]
+        plans: Vec<u64>,
     },
     /// The stage's inputs were done and adaptive execution re-planned it, with this many task
     /// slots in the cluster.
@@ -155,6 +160,45 @@ pub struct DoneOutput {
     pub in_memory: bool,
 }
 
+/// A hash of a stage plan's operators (names and one-line descriptions, pre-order) and of
+/// every file its scans read (path, range, size, modification time): equal for the same
+/// statement on the same data (unlike the encoded plan, whose maps encode in any order).
+fn fingerprint(plan: &Arc<dyn ExecutionPlan>) -> u64 {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::datasource::physical_plan::FileScanConfig;
+    use datafusion::datasource::source::DataSourceExec;
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    let _ = plan.apply(|node| {
+        node.name().hash(&mut hasher);
+        let scan = node
+            .downcast_ref::<DataSourceExec>()
+            .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>());
+        match scan {
+            Some(scan) => {
+                for (group, files) in scan.file_groups.iter().enumerate() {
+                    for file in files.iter() {
+                        group.hash(&mut hasher);
+                        file.object_meta.location.as_ref().hash(&mut hasher);
+                        file.object_meta.size.hash(&mut hasher);
+                        file.object_meta.last_modified.hash(&mut hasher);
+                        file.range
+                            .as_ref()
+                            .map(|r| (r.start, r.end))
+                            .hash(&mut hasher);
+                    }
+                }
+            }
+            None => datafusion::physical_plan::displayable(node.as_ref())
+                .one_line()
+                .to_string()
+                .hash(&mut hasher),
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    hasher.finish()
+}
+
 fn epoch_ms(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -162,13 +206,19 @@ fn epoch_ms(time: SystemTime) -> u64 {
 }
 
 impl Job {
-    /// The step that says how the job was cut into stages.
+    /// The step that says how the job was cut into stages, before anything ran: what a
+    /// resumed job's new plan must equal for its journal to apply.
     pub fn planned_step(&self) -> Step {
         Step::Planned {
             shape: self
                 .stages
                 .iter()
                 .map(|(id, s)| (*id, s.plan.partitions))
+                .collect(),
+            plans: self
+                .stages
+                .values()
+                .map(|s| fingerprint(&(Arc::clone(&s.plan.plan) as Arc<dyn ExecutionPlan>)))
                 .collect(),
         }
     }

@@ -44,6 +44,10 @@ pub struct SchedulerService {
     sandbox: Sandbox,
     metrics: SchedulerMetrics,
     background: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// A standby's read-only service (another scheduler leads): not ready for probes.
+    standby: Arc<std::sync::atomic::AtomicBool>,
+    /// The journal's writer thread (a durable store).
+    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     /// Base runtime of every session: one memory pool for what runs on the scheduler (DDL,
     /// `CREATE TABLE AS`, plans that cannot travel), shared file caches. Each session has its
     /// own object store scope over [`Self::stores`].
@@ -102,8 +106,11 @@ impl SchedulerService {
         store: Arc<dyn StateStore>,
     ) -> Result<Self> {
         let mut state = ClusterState::new(config.policy());
+        let mut writer = None;
         if store.durable() {
-            state.set_journal(crate::store::spawn_writer(Arc::clone(&store))?);
+            let (journal, thread) = crate::store::spawn_writer(Arc::clone(&store))?;
+            state.set_journal(journal);
+            writer = Some(thread);
         }
         let history = store.finished_jobs()?;
         // Files DDL, `CREATE TABLE AS` and scheduler-side plans touch stay in the sandbox too.
@@ -126,6 +133,8 @@ impl SchedulerService {
             sandbox,
             metrics,
             background: Arc::new(Mutex::new(None)),
+            standby: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            writer: Arc::new(Mutex::new(writer)),
             store,
             history: Arc::new(Mutex::new(history)),
             session_records: Arc::new(Mutex::new(HashMap::new())),
@@ -137,6 +146,18 @@ impl SchedulerService {
     pub fn jobs(&self, ddl: bool) -> Vec<JobSummary> {
         let history = self.history.lock().clone();
         self.with_state(|state| views::jobs(state, &history, ddl))
+    }
+
+    /// This service is a standby's (another scheduler leads): readiness probes fail, so a
+    /// load balancer sends calls to the leader only.
+    pub fn mark_standby(&self) {
+        self.standby
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// True for a standby's service.
+    pub fn is_standby(&self) -> bool {
+        self.standby.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Read the history from the state store again (a standby shows what the leader records).
@@ -192,8 +213,14 @@ impl SchedulerService {
         history.drain(..excess);
     }
 
-    /// Stop leading the schedulers sharing the state (graceful stop).
-    pub fn resign(&self) {
+    /// Stop leading the schedulers sharing the state (graceful stop), once everything
+    /// journaled so far is written.
+    pub async fn resign(&self) {
+        self.state.lock().close_journal();
+        let writer = self.writer.lock().take();
+        if let Some(writer) = writer {
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        }
         self.store.resign();
     }
 

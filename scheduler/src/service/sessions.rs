@@ -9,6 +9,7 @@ use datafusion::prelude::SessionContext;
 use volley_core::Result;
 use volley_core::protobuf as pb;
 
+use crate::cluster::ClusterState;
 use crate::job::journal::SubmittedPlan;
 use crate::service::SchedulerService;
 use crate::service::submit::{Planned, plan_statement};
@@ -17,6 +18,18 @@ use crate::store::{JournalWrite, RunningJob, StoredSession};
 /// The setting a session's partition count is kept under: a restored session keeps the count
 /// it was created with, not the count of a cluster whose executors have not registered yet.
 const TARGET_PARTITIONS: &str = "datafusion.execution.target_partitions";
+
+/// The record of a running job of `session`: its statement, or (`plan`) the plan it was
+/// submitted as with `sql` its description.
+pub(super) fn running_job(session: &str, sql: &str, plan: Option<SubmittedPlan>) -> RunningJob {
+    RunningJob {
+        session: session.to_string(),
+        sql: sql.to_string(),
+        resumes: 0,
+        plan,
+        steps: Vec::new(),
+    }
+}
 
 impl SchedulerService {
     /// Save new session `id` (its settings as created).
@@ -89,35 +102,13 @@ impl SchedulerService {
         Ok(())
     }
 
-    /// Save job `id` of `session`, submitted and running, to take it over after a restart:
-    /// its statement, or (`plan`) the plan it was submitted as and `sql` its description.
-    pub(super) fn remember_running(
-        &self,
-        id: &str,
-        session: &str,
-        sql: &str,
-        plan: Option<SubmittedPlan>,
-    ) {
-        let job = RunningJob {
-            session: session.to_string(),
-            sql: sql.to_string(),
-            resumes: 0,
-            plan,
-            steps: Vec::new(),
-        };
-        self.save_running(id, job);
-    }
-
-    /// Save a running job: through the journal (after its steps so far) when there is one.
-    fn save_running(&self, id: &str, job: RunningJob) {
-        {
-            let state = self.state.lock();
-            if state.journaling() {
-                state.journal(JournalWrite::Save(id.to_string(), job));
-                return;
-            }
-        }
-        if let Err(e) = self.store.save_running(id, &job) {
+    /// Save running job `id` to take it over after a restart: through the journal (after
+    /// its steps so far, in the order of `state`'s transitions) when there is one, else
+    /// straight to the store.
+    pub(super) fn remember_running(&self, state: &mut ClusterState, id: &str, job: RunningJob) {
+        if state.journaling() {
+            state.journal(JournalWrite::Save(id.to_string(), job));
+        } else if let Err(e) = self.store.save_running(id, &job) {
             tracing::warn!(store = %self.store.location(), error = %e, "cannot save a running job");
         }
     }
@@ -146,15 +137,15 @@ impl SchedulerService {
                 )),
             };
             self.state.lock().cancel_resume(&id);
+            let mut state = self.state.lock();
             if resumed.is_ok() {
                 let again = RunningJob {
                     resumes,
                     steps: Vec::new(),
                     ..job.clone()
                 };
-                self.save_running(&id, again);
+                self.remember_running(&mut state, &id, again);
             }
-            let mut state = self.state.lock();
             match resumed {
                 Ok(_) => {
                     tracing::info!(job_id = %id, "job resumed after a restart");

@@ -11,6 +11,7 @@ use volley_core::security::{Role, role};
 
 use crate::job::journal::SubmittedPlan;
 use crate::job::{JobState, TaskState};
+use crate::service::sessions::running_job;
 use crate::service::{MAX_SESSIONS, SESSION_IDLE_TIMEOUT, SchedulerService, new_id};
 use volley_core::shuffle::ipc_bytes;
 
@@ -100,20 +101,20 @@ impl SchedulerService {
         let params = request.into_inner();
         let ctx = self.session(&params.session_id)?;
         let job_id = self.submit_redacted(&ctx, &params.sql).await?;
-        let (changed_session, running) = {
+        let changed_session = {
             let mut state = self.state.lock();
             state.set_job_owner(&job_id, &params.session_id);
             let job = state.job(&job_id);
-            (
-                job.is_some_and(|j| j.ddl && j.state == JobState::Succeeded),
-                job.is_some_and(|j| !j.state.is_final()),
-            )
+            let changed = job.is_some_and(|j| j.ddl && j.state == JobState::Succeeded);
+            if job.is_some_and(|j| !j.state.is_final()) {
+                // Under the same lock as the check: its Forget cannot come first.
+                let record = running_job(&params.session_id, &params.sql, None);
+                self.remember_running(&mut state, &job_id, record);
+            }
+            changed
         };
         if changed_session {
             self.remember_statement(&params.session_id, &params.sql);
-        }
-        if running {
-            self.remember_running(&job_id, &params.session_id, &params.sql, None);
         }
         Ok(Response::new(pb::ExecuteSqlResult { job_id }))
     }
@@ -142,14 +143,14 @@ impl SchedulerService {
             )
             .await
             .map_err(|e| self.redacted(&ctx, &params.description, e))?;
-        let running = {
+        {
             let mut state = self.state.lock();
             state.set_job_owner(&job_id, &params.session_id);
-            state.job(&job_id).is_some_and(|j| !j.state.is_final())
-        };
-        if running {
-            let plan = SubmittedPlan::new(&params.plan, pairs);
-            self.remember_running(&job_id, &params.session_id, &params.description, Some(plan));
+            if state.job(&job_id).is_some_and(|j| !j.state.is_final()) {
+                let plan = SubmittedPlan::new(&params.plan, pairs);
+                let record = running_job(&params.session_id, &params.description, Some(plan));
+                self.remember_running(&mut state, &job_id, record);
+            }
         }
         Ok(Response::new(pb::ExecuteSqlResult { job_id }))
     }

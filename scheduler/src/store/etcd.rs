@@ -34,6 +34,10 @@ const CONNECT_TRIES: u32 = 5;
 /// Most operations in one etcd transaction (etcd's `--max-txn-ops` defaults to 128).
 const TXN_OPS: usize = 100;
 
+/// Most bytes of keys and values in one etcd transaction (etcd's `--max-request-bytes`
+/// defaults to 1.5 MiB).
+const TXN_BYTES: usize = 1024 * 1024;
+
 /// State in etcd, shared by the schedulers of one cluster.
 pub struct EtcdStore {
     runtime: Option<tokio::runtime::Runtime>,
@@ -42,6 +46,8 @@ pub struct EtcdStore {
     prefix: String,
     /// The lease of this scheduler's leadership (None: not the leader).
     fence: Arc<Mutex<Option<i64>>>,
+    /// Fired when the leadership is lost (the lease, or a write refused as deposed).
+    lost: Mutex<Option<watch::Sender<bool>>>,
     next_step: AtomicU64,
 }
 
@@ -137,6 +143,7 @@ impl EtcdStore {
             endpoints: shown,
             prefix,
             fence: Arc::new(Mutex::new(None)),
+            lost: Mutex::new(None),
             next_step: AtomicU64::new(0),
         })
     }
@@ -154,7 +161,16 @@ impl EtcdStore {
         runtime.spawn(async move {
             let _ = tx.send(work.await);
         });
-        rx.recv()
+        // On a worker of a multi-threaded runtime, let its other tasks move to other threads
+        // while this one waits for etcd.
+        let multi_threaded = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let answer = if multi_threaded {
+            tokio::task::block_in_place(|| rx.recv())
+        } else {
+            rx.recv()
+        };
+        answer
             .map_err(|_| VolleyError::Internal("the etcd runtime stopped".into()))?
             .map_err(|e| etcd_err(&self.endpoints, e))
     }
@@ -213,20 +229,65 @@ impl EtcdStore {
             return Ok(Campaign::Standby(leader));
         }
         *self.fence.lock() = Some(lease);
-        self.next_step
-            .store(self.last_step()? + 1, Ordering::SeqCst);
         let (lost_tx, lost) = watch::channel(false);
+        *self.lost.lock() = Some(lost_tx.clone());
         let mut client = self.client.clone();
         let fence = Arc::clone(&self.fence);
+        let key = self.leader_key();
         if let Some(runtime) = &self.runtime {
             runtime.spawn(async move {
-                let why = keep_alive(&mut client, lease).await;
+                let why = keep_alive(&mut client, lease, &key).await;
                 tracing::error!(error = %why, "the scheduler lost its leadership");
                 *fence.lock() = None;
                 let _ = lost_tx.send(true);
             });
         }
+        let ready = self.last_step().and_then(|last| {
+            self.next_step.store(last + 1, Ordering::SeqCst);
+            self.drop_orphan_steps()
+        });
+        if let Err(e) = ready {
+            self.resign();
+            return Err(e);
+        }
         Ok(Campaign::Leader(lost))
+    }
+
+    /// Remove the steps of jobs not saved as running (the leader died between writing a job's
+    /// first steps and the job itself).
+    fn drop_orphan_steps(&self) -> Result<()> {
+        let running: std::collections::HashSet<String> = self
+            .keys("running/")?
+            .into_iter()
+            .filter_map(|k| k.rsplit('/').next().map(str::to_string))
+            .collect();
+        let steps = format!("{}steps/", self.prefix);
+        let mut orphans: Vec<String> = self
+            .keys("steps/")?
+            .iter()
+            .filter_map(|k| {
+                k.strip_prefix(&steps)?
+                    .split('/')
+                    .next()
+                    .map(str::to_string)
+            })
+            .filter(|job| !running.contains(job))
+            .collect();
+        orphans.dedup();
+        let ops = orphans
+            .into_iter()
+            .map(|job| self.delete(format!("{steps}{job}/"), true))
+            .collect();
+        self.fenced(ops)
+    }
+
+    /// This scheduler was deposed: it writes nothing more and tells whoever waits on
+    /// [`Campaign::Leader`].
+    fn deposed(&self) {
+        *self.fence.lock() = None;
+        if let Some(lost) = self.lost.lock().take() {
+            let _ = lost.send(true);
+        }
     }
 
     /// The highest journal sequence number stored (0 when none).
@@ -262,7 +323,7 @@ impl EtcdStore {
 
     /// Apply `ops` (key, operation) as fenced transactions of at most [`TXN_OPS`] operations,
     /// a new one wherever a key repeats (etcd refuses one transaction touching a key twice).
-    fn fenced(&self, ops: Vec<(String, TxnOp)>) -> Result<()> {
+    fn fenced(&self, ops: Vec<(String, TxnOp, usize)>) -> Result<()> {
         let lease = self.fence.lock().ok_or_else(|| {
             VolleyError::Grpc(tonic::Status::unavailable(format!(
                 "this scheduler is not the leader of the cluster in etcd {}",
@@ -271,14 +332,26 @@ impl EtcdStore {
         })?;
         let mut chunks: Vec<Vec<TxnOp>> = Vec::new();
         let mut keys: Vec<String> = Vec::new();
-        for (key, op) in ops {
+        let mut bytes = 0;
+        for (key, op, size) in ops {
+            if size > TXN_BYTES {
+                // etcd refuses requests over 1.5 MiB: such a record is not kept (a job step:
+                // that stage runs again after a takeover).
+                tracing::warn!(key, size, "a state record too big for etcd is not saved");
+                continue;
+            }
             let clash = keys
                 .iter()
                 .any(|k| k.starts_with(&key) || key.starts_with(k.as_str()));
-            if chunks.last().is_none_or(|c| c.len() >= TXN_OPS) || clash {
+            let full = chunks
+                .last()
+                .is_none_or(|c| c.len() >= TXN_OPS || bytes + size > TXN_BYTES);
+            if full || clash {
                 chunks.push(Vec::new());
                 keys.clear();
+                bytes = 0;
             }
+            bytes += size;
             keys.push(key);
             if let Some(chunk) = chunks.last_mut() {
                 chunk.push(op);
@@ -292,7 +365,7 @@ impl EtcdStore {
                 .and_then(chunk);
             let answer = self.block(async move { client.txn(txn).await })?;
             if !answer.succeeded() {
-                *self.fence.lock() = None;
+                self.deposed();
                 return Err(VolleyError::Grpc(tonic::Status::unavailable(format!(
                     "this scheduler was deposed: another one leads the cluster in etcd {} now; its write was refused",
                     self.endpoints
@@ -327,15 +400,17 @@ impl EtcdStore {
         Ok(values)
     }
 
-    fn put(&self, key: String, bytes: Vec<u8>) -> (String, TxnOp) {
+    fn put(&self, key: String, bytes: Vec<u8>) -> (String, TxnOp, usize) {
+        let size = key.len() + bytes.len();
         let op = TxnOp::put(key.as_str(), bytes, None);
-        (key, op)
+        (key, op, size)
     }
 
-    fn delete(&self, key: String, prefix: bool) -> (String, TxnOp) {
+    fn delete(&self, key: String, prefix: bool) -> (String, TxnOp, usize) {
         let options = prefix.then(|| etcd_client::DeleteOptions::new().with_prefix());
         let op = TxnOp::delete(key.as_str(), options);
-        (key, op)
+        let size = key.len();
+        (key, op, size)
     }
 }
 
@@ -347,24 +422,49 @@ pub enum Campaign {
     Standby(Option<String>),
 }
 
-/// Keep `lease` alive until that fails; returns why it stopped.
-async fn keep_alive(client: &mut Client, lease: i64) -> String {
-    let (mut keeper, mut answers) = match client.lease_keep_alive(lease).await {
-        Ok(pair) => pair,
-        Err(e) => return format!("cannot keep the lease alive: {e}"),
-    };
-    let interval = Duration::from_millis(u64::try_from(LEASE_TTL_SECS * 1000 / 3).unwrap_or(1000));
+/// Keep `lease` alive, and check that the leader key `key` still holds it, until either
+/// fails; returns why it stopped. A renewal that fails or is slow is tried again for as long
+/// as the lease surely lives (its TTL from the last renewal, less a second).
+async fn keep_alive(client: &mut Client, lease: i64, key: &str) -> String {
+    let ttl = Duration::from_secs(u64::try_from(LEASE_TTL_SECS).unwrap_or(5));
+    let interval = ttl / 3;
+    let mut renewed_at = tokio::time::Instant::now();
+    let mut stream = None;
     loop {
-        let renewed = tokio::time::timeout(interval, async {
-            keeper.keep_alive().await?;
-            answers.message().await
-        })
-        .await;
-        match renewed {
-            Ok(Ok(Some(answer))) if answer.ttl() > 0 => {}
-            Ok(Ok(_)) => return "the lease expired".to_string(),
-            Ok(Err(e)) => return format!("etcd unreachable: {e}"),
-            Err(_) => return "etcd did not answer a lease renewal".to_string(),
+        if renewed_at.elapsed() + Duration::from_secs(1) >= ttl {
+            return "the lease could not be renewed before it expired (etcd unreachable)"
+                .to_string();
+        }
+        if stream.is_none() {
+            stream = client.lease_keep_alive(lease).await.ok();
+        }
+        let renewal = match stream.as_mut() {
+            Some((keeper, answers)) => {
+                tokio::time::timeout(interval, async {
+                    keeper.keep_alive().await?;
+                    answers.message().await
+                })
+                .await
+            }
+            None => Ok(Err(etcd_client::Error::LeaseKeepAliveError(
+                "no keep-alive stream".into(),
+            ))),
+        };
+        match renewal {
+            Ok(Ok(Some(answer))) if answer.ttl() > 0 => renewed_at = tokio::time::Instant::now(),
+            Ok(Ok(Some(_))) => return "the lease expired".to_string(),
+            // A broken stream or a slow answer: open a new stream and try again.
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                stream = None;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        }
+        match client.get(key, None).await {
+            Ok(answer) if answer.kvs().first().is_none_or(|kv| kv.lease() != lease) => {
+                return "another scheduler holds the leader key".to_string();
+            }
+            _ => {}
         }
         tokio::time::sleep(interval).await;
     }

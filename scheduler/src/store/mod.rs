@@ -64,12 +64,18 @@ pub trait StateStore: Send + Sync {
 }
 
 /// A thread that applies journal writes to `store` in the order sent, batching what arrived
-/// meanwhile into one transaction; it ends when every sender is gone. A write that fails is
-/// logged (its job may run more of itself again after a restart).
-pub fn spawn_writer(store: Arc<dyn StateStore>) -> Result<std::sync::mpsc::Sender<JournalWrite>> {
+/// meanwhile into one transaction (a failed one is tried twice more); it ends, having written
+/// everything sent, when every sender is gone. A write that still fails is logged (its job
+/// may run more of itself again after a restart).
+pub fn spawn_writer(
+    store: Arc<dyn StateStore>,
+) -> Result<(
+    std::sync::mpsc::Sender<JournalWrite>,
+    std::thread::JoinHandle<()>,
+)> {
     const BATCH: usize = 1024;
     let (tx, rx) = std::sync::mpsc::channel::<JournalWrite>();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("volley-journal".to_string())
         .spawn(move || {
             while let Ok(first) = rx.recv() {
@@ -80,13 +86,19 @@ pub fn spawn_writer(store: Arc<dyn StateStore>) -> Result<std::sync::mpsc::Sende
                         Err(_) => break,
                     }
                 }
-                if let Err(e) = store.journal(&batch) {
-                    tracing::warn!(store = %store.location(), error = %e, writes = batch.len(), "cannot write the journal");
+                for attempt in 0..3 {
+                    match store.journal(&batch) {
+                        Ok(()) => break,
+                        Err(e) if attempt == 2 => {
+                            tracing::warn!(store = %store.location(), error = %e, writes = batch.len(), "cannot write the journal");
+                        }
+                        Err(_) => std::thread::sleep(std::time::Duration::from_millis(200)),
+                    }
                 }
             }
         })
         .map_err(|e| VolleyError::Internal(format!("cannot start the journal writer: {e}")))?;
-    Ok(tx)
+    Ok((tx, thread))
 }
 
 /// A session as stored: the settings it was created with and the statements that changed it

@@ -100,9 +100,15 @@ pub fn router(service: SchedulerService) -> Router {
 
 /// Ready: the scheduler accepts jobs (its gRPC server is up once this page serves). Executors
 /// are not required: they register through the very Service that waits for readiness.
-async fn readyz(State(service): State<SchedulerService>) -> String {
+async fn readyz(State(service): State<SchedulerService>) -> (StatusCode, String) {
+    if service.is_standby() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standby: another scheduler leads\n".to_string(),
+        );
+    }
     let executors = service.with_state(|s| s.alive_executors().count());
-    format!("ready: {executors} executors\n")
+    (StatusCode::OK, format!("ready: {executors} executors\n"))
 }
 
 #[derive(Deserialize)]

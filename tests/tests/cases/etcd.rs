@@ -304,6 +304,9 @@ async fn a_standby_takes_over_a_killed_leader_and_its_running_query() {
         volley_tests::http("GET", format!("http://127.0.0.1:{page}/api/jobs"), None).await;
     assert_eq!(status, 200, "{history}");
     assert!(history.contains(&job_id), "{history}");
+    let (status, ready) =
+        volley_tests::http("GET", format!("http://127.0.0.1:{page}/readyz"), None).await;
+    assert_eq!(status, 503, "a standby is not ready: {ready}");
     let (_, batches) = client.sql(QUERY).await.unwrap();
     assert_eq!(rows(&batches).unwrap(), expected);
     let log = std::fs::read_to_string(logs.path().join("scheduler-0b.log")).unwrap();
