@@ -111,6 +111,15 @@ struct SchedulerArgs {
         conflicts_with = "state_dir"
     )]
     state_url: Option<String>,
+    /// With --state etcd://: the URL clients and executors reach this scheduler at, which
+    /// standbys name while it leads (default http://HOST:PORT; set it when binding 0.0.0.0).
+    #[arg(
+        long,
+        env = "VOLLEY_ADVERTISE_URL",
+        value_name = "URL",
+        requires = "state_url"
+    )]
+    advertise_url: Option<String>,
     #[command(flatten)]
     sandbox: security::SandboxArgs,
     #[command(flatten)]
@@ -250,6 +259,7 @@ async fn run_scheduler(args: SchedulerArgs) -> Result<(), String> {
         state_dir: args.state_dir,
         state_reset: args.state_reset,
         state_url: args.state_url,
+        advertise_url: args.advertise_url,
         stall_timeout: (args.stall_timeout_secs > 0)
             .then(|| Duration::from_secs(args.stall_timeout_secs)),
         ..SchedulerConfig::default()

@@ -67,6 +67,9 @@ pub struct SchedulerConfig {
     /// Keep the durable state in etcd (`etcd://host:2379[,host:2379][/name]`) shared with
     /// standby schedulers: this one serves only while it leads (see the store's etcd backend).
     pub state_url: Option<String>,
+    /// The URL clients and executors reach this scheduler at, named to them by standbys when
+    /// it leads (default: `http(s)://host:port`; set it when binding 0.0.0.0).
+    pub advertise_url: Option<String>,
 }
 
 impl Default for SchedulerConfig {
@@ -94,6 +97,7 @@ impl Default for SchedulerConfig {
             state_dir: None,
             state_reset: false,
             state_url: None,
+            advertise_url: None,
         }
     }
 }

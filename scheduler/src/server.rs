@@ -194,12 +194,14 @@ async fn open_state(
         let store = crate::store::open(config.state_dir.as_deref(), config.state_reset)?;
         return Ok((store, None));
     };
-    let me = format!(
-        "{}://{}:{}",
-        config.security.scheme(),
-        config.host,
-        config.port
-    );
+    let me = config.advertise_url.clone().unwrap_or_else(|| {
+        format!(
+            "{}://{}:{}",
+            config.security.scheme(),
+            config.host,
+            config.port
+        )
+    });
     let etcd = tokio::task::spawn_blocking(move || EtcdStore::connect(&url))
         .await
         .map_err(|e| VolleyError::Internal(format!("connecting to etcd: {e}")))??;
