@@ -302,23 +302,45 @@ impl EtcdStore {
 
     /// Every key under `dir` (full keys), in key order.
     fn keys(&self, dir: &str) -> Result<Vec<String>> {
-        let mut client = self.client.clone();
+        Ok(self.range(dir, true)?.into_iter().map(|(k, _)| k).collect())
+    }
+
+    /// Every (full key, value) under `dir` in key order, read in pages (a whole history in
+    /// one answer could pass gRPC's message limit).
+    fn range(&self, dir: &str, keys_only: bool) -> Result<Vec<(String, Vec<u8>)>> {
+        const PAGE: i64 = 200;
         let prefix = format!("{}{dir}", self.prefix);
-        let answer = self.block(async move {
-            client
-                .get(
-                    prefix,
-                    Some(GetOptions::new().with_prefix().with_keys_only()),
-                )
-                .await
-        })?;
-        let mut keys: Vec<String> = answer
-            .kvs()
-            .iter()
-            .map(|kv| String::from_utf8_lossy(kv.key()).to_string())
-            .collect();
-        keys.sort();
-        Ok(keys)
+        // The first key after every key starting with `prefix` (which ends in '/').
+        let mut end = prefix.clone().into_bytes();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let mut from = prefix.into_bytes();
+        let mut all = Vec::new();
+        loop {
+            let mut client = self.client.clone();
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if keys_only {
+                options = options.with_keys_only();
+            }
+            let start = from.clone();
+            let answer = self.block(async move { client.get(start, Some(options)).await })?;
+            for kv in answer.kvs() {
+                all.push((
+                    String::from_utf8_lossy(kv.key()).to_string(),
+                    kv.value().to_vec(),
+                ));
+            }
+            match answer.kvs().last() {
+                Some(last) if answer.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(all)
     }
 
     /// Apply `ops` (key, operation) as fenced transactions of at most [`TXN_OPS`] operations,
@@ -375,29 +397,14 @@ impl EtcdStore {
         Ok(())
     }
 
-    /// Values of every key under `dir`, in key order.
+    /// Values of every key under `dir` (keys relative to it), in key order.
     fn values(&self, dir: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        let mut client = self.client.clone();
-        let prefix = format!("{}{dir}", self.prefix);
-        let answer = self.block(async move {
-            client
-                .get(prefix, Some(GetOptions::new().with_prefix()))
-                .await
-        })?;
         let skip = self.prefix.len() + dir.len();
-        let mut values: Vec<(String, Vec<u8>)> = answer
-            .kvs()
-            .iter()
-            .map(|kv| {
-                let key = String::from_utf8_lossy(kv.key());
-                (
-                    key.get(skip..).unwrap_or("").to_string(),
-                    kv.value().to_vec(),
-                )
-            })
-            .collect();
-        values.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(values)
+        Ok(self
+            .range(dir, false)?
+            .into_iter()
+            .map(|(key, value)| (key.get(skip..).unwrap_or("").to_string(), value))
+            .collect())
     }
 
     fn put(&self, key: String, bytes: Vec<u8>) -> (String, TxnOp, usize) {

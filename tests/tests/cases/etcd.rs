@@ -395,3 +395,36 @@ async fn the_leader_steps_down_when_etcd_goes_and_the_query_resumes_when_it_retu
     let batches = client.sql_job_rows(&job_id).await.unwrap();
     assert_eq!(rows(&batches).unwrap(), expected);
 }
+
+/// A history of 1,005 jobs (each with a 4 KiB statement: more than one gRPC answer holds) is
+/// written in capped transactions, trimmed to the newest 1,000 and read back in pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_history_is_kept_trimmed_and_read_back_in_pages() {
+    use volley_scheduler::views::JobSummary;
+    let etcd = Etcd::start().await.unwrap();
+    let store = connect(etcd.state_url("history")).await;
+    let Campaign::Leader(_lost) = store.campaign("http://127.0.0.1:1").unwrap() else {
+        panic!("the only campaign wins");
+    };
+    let job = |i: u64| JobSummary {
+        id: format!("job{i:05}"),
+        sql: format!("SELECT {i} -- {}", "x".repeat(4096)),
+        state: "succeeded".to_string(),
+        error: None,
+        submitted_at_ms: 1_700_000_000_000 + i,
+        duration_ms: i,
+        stages_done: 1,
+        stages_total: 1,
+        tasks_done: 1,
+        tasks_total: 1,
+        rows_out: i,
+        ddl: false,
+    };
+    let jobs: Vec<JobSummary> = (0..1005).map(job).collect();
+    store.record_finished(&jobs).unwrap();
+    let kept = store.finished_jobs().unwrap();
+    assert_eq!(kept.len(), 1000);
+    assert_eq!(kept[0].id, "job00005");
+    assert_eq!(kept[999].id, "job01004");
+    assert_eq!(kept[500].rows_out, 505);
+}
