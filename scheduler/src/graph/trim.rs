@@ -94,7 +94,7 @@ impl PerTask {
     fn encode(&self, partition: usize) -> Result<Vec<u8>> {
         let mut entries = self.entries.clone();
         for (entry, (scan, hollow)) in &self.scans {
-            let own = fill(scan, hollow, partition)?;
+            let own = fill_scan(scan, hollow, partition);
             let mut leaf = VolleyCodec::encode_entries(own)?;
             match (entries.get_mut(*entry), leaf.pop()) {
                 (Some(slot), Some(bytes)) if leaf.is_empty() => *slot = bytes,
@@ -122,22 +122,9 @@ pub fn worth_trimming(plan: &Arc<dyn ExecutionPlan>) -> bool {
         .any(|child| worth_trimming(plan.children()[child]))
 }
 
-/// `plan` as task `partition` runs it: the scans on its partition's path read only that
-/// partition's files (the other groups are empty, so partition numbers do not change).
-pub fn to_partition(
-    plan: &Arc<dyn ExecutionPlan>,
-    partition: usize,
-) -> Result<Arc<dyn ExecutionPlan>> {
-    fill(plan, &hollow(plan)?, partition)
-}
-
-/// `plan` with every trimmed scan's file groups emptied (same count): built once per stage,
-/// so each task's copy clones empty groups, not the whole file list.
-pub fn hollow(plan: &Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
-    hollow_collecting(plan, &mut Vec::new())
-}
-
-/// [`hollow`], also listing each trimmed scan with its hollow copy.
+/// `plan` with every trimmed scan's file groups emptied (same count), built once per stage
+/// so each task's copy clones empty groups, not the whole file list; each trimmed scan is
+/// listed with its hollow copy.
 fn hollow_collecting(
     plan: &Arc<dyn ExecutionPlan>,
     scans: &mut Vec<ScanPair>,
@@ -148,10 +135,7 @@ fn hollow_collecting(
         }
         let mut empty = scan.clone();
         empty.file_groups = vec![FileGroup::new(Vec::new()); scan.file_groups.len()];
-        let exec: Arc<dyn ExecutionPlan> = Arc::new(
-            Arc::unwrap_or_clone(DataSourceExec::from_data_source(empty))
-                .with_partitioning(plan.output_partitioning().clone()),
-        );
+        let exec = rebuilt(empty, plan);
         scans.push((Arc::clone(plan), Arc::clone(&exec)));
         return Ok(exec);
     }
@@ -171,44 +155,35 @@ fn hollow_collecting(
     replace_children_if_necessary(Arc::clone(plan), children)
 }
 
-/// The hollow copy of `plan` with partition `partition`'s file groups put back.
-fn fill(
+/// The hollow copy of scan `plan` with partition `partition`'s file group put back (the scan
+/// itself when it is not trimmed or has no such group).
+fn fill_scan(
     plan: &Arc<dyn ExecutionPlan>,
     hollow: &Arc<dyn ExecutionPlan>,
     partition: usize,
-) -> Result<Arc<dyn ExecutionPlan>> {
-    if let (Some(scan), Some(empty)) = (file_scan(plan), file_scan(hollow)) {
-        if scan.file_groups.len() < MIN_GROUPS || partition >= scan.file_groups.len() {
-            return Ok(Arc::clone(plan));
-        }
-        let mut own = empty.clone();
-        if let (Some(slot), Some(group)) = (
-            own.file_groups.get_mut(partition),
-            scan.file_groups.get(partition),
-        ) {
-            *slot = group.clone();
-        }
-        let exec = Arc::unwrap_or_clone(DataSourceExec::from_data_source(own))
-            .with_partitioning(plan.output_partitioning().clone());
-        return Ok(Arc::new(exec));
+) -> Arc<dyn ExecutionPlan> {
+    let (Some(scan), Some(empty)) = (file_scan(plan), file_scan(hollow)) else {
+        return Arc::clone(plan);
+    };
+    if scan.file_groups.len() < MIN_GROUPS || partition >= scan.file_groups.len() {
+        return Arc::clone(plan);
     }
-    let follow = followed(plan);
-    if follow.is_empty() {
-        return Ok(Arc::clone(plan));
+    let mut own = empty.clone();
+    if let (Some(slot), Some(group)) = (
+        own.file_groups.get_mut(partition),
+        scan.file_groups.get(partition),
+    ) {
+        *slot = group.clone();
     }
-    let hollow_children = hollow.children();
-    let children = plan
-        .children()
-        .into_iter()
-        .enumerate()
-        .map(
-            |(i, child)| match (follow.contains(&i), hollow_children.get(i)) {
-                (true, Some(empty)) => fill(child, empty, partition),
-                _ => Ok(Arc::clone(child)),
-            },
-        )
-        .collect::<Result<Vec<_>>>()?;
-    replace_children_if_necessary(Arc::clone(plan), children)
+    rebuilt(own, plan)
+}
+
+/// A scan reading `config`, partitioned like `like`.
+fn rebuilt(config: FileScanConfig, like: &Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
+    Arc::new(
+        Arc::unwrap_or_clone(DataSourceExec::from_data_source(config))
+            .with_partitioning(like.output_partitioning().clone()),
+    )
 }
 
 fn file_scan(plan: &Arc<dyn ExecutionPlan>) -> Option<&FileScanConfig> {
@@ -261,6 +236,16 @@ mod tests {
     use datafusion::prelude::{CsvReadOptions, SessionContext};
     use futures::TryStreamExt;
 
+    /// The plan task `partition` of `plan` receives, decoded (as an executor does).
+    fn to_partition(
+        ctx: &SessionContext,
+        plan: &Arc<dyn ExecutionPlan>,
+        partition: usize,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let bytes = PerTask::new(plan)?.encode(partition)?;
+        VolleyCodec::decode_plan(&bytes, &ctx.task_ctx())
+    }
+
     /// Non-empty file groups of each file scan in `plan`, in pre-order.
     fn groups_read(plan: &Arc<dyn ExecutionPlan>) -> Vec<usize> {
         let mut out = Vec::new();
@@ -305,7 +290,7 @@ mod tests {
             .await
             .unwrap();
         assert!(worth_trimming(&scan));
-        let own = to_partition(&scan, 3).unwrap();
+        let own = to_partition(&ctx, &scan, 3).unwrap();
         assert_eq!(groups_read(&scan), vec![20]);
         assert_eq!(groups_read(&own), vec![1]);
         assert_eq!(
@@ -339,7 +324,7 @@ mod tests {
             .create_physical_plan()
             .await
             .unwrap();
-        let own = to_partition(&join, 3).unwrap();
+        let own = to_partition(&ctx, &join, 3).unwrap();
         let mut read = groups_read(&own);
         read.sort_unstable();
         assert_eq!(read, vec![1, 20], "probe scan trimmed, build scan whole");
