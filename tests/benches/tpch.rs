@@ -163,47 +163,11 @@ async fn main() -> Result<(), BoxError> {
     let ctx = SessionContext::new_with_config(config);
     suite.register_local(&ctx, &dir).await?;
 
-    let partitions = args.executors * args.slots;
     let boot = Instant::now();
-    let cluster = EmbeddedCluster::start_with_memory(
-        SchedulerConfig {
-            state_dir: args.state_dir.clone(),
-            state_reset: true,
-            ..SchedulerConfig::default()
-                .with_address("127.0.0.1", 0)
-                .with_target_partitions(partitions)
-        },
-        args.executors,
-        args.slots,
-        args.memory_limit,
-    )
-    .await?;
-    let client = cluster.client().await?;
+    let (cluster, client) = start_cluster(&args, suite, &dir, args.state_dir.clone()).await?;
     let boot = boot.elapsed();
-    for statement in suite.create_table_statements(&dir) {
-        client.sql(&statement).await?;
-    }
     let durable = match &args.compare_state_dir {
-        Some(state_dir) => {
-            let cluster = EmbeddedCluster::start_with_memory(
-                SchedulerConfig {
-                    state_dir: Some(state_dir.clone()),
-                    state_reset: true,
-                    ..SchedulerConfig::default()
-                        .with_address("127.0.0.1", 0)
-                        .with_target_partitions(partitions)
-                },
-                args.executors,
-                args.slots,
-                args.memory_limit,
-            )
-            .await?;
-            let client = cluster.client().await?;
-            for statement in suite.create_table_statements(&dir) {
-                client.sql(&statement).await?;
-            }
-            Some((cluster, client))
-        }
+        Some(state_dir) => Some(start_cluster(&args, suite, &dir, Some(state_dir.clone())).await?),
         None => None,
     };
     let s3 = match &args.s3 {
@@ -395,6 +359,34 @@ async fn main() -> Result<(), BoxError> {
     }
     cluster.shutdown().await;
     Ok(())
+}
+
+/// An embedded cluster as `args` say, its state in `state_dir` (started empty) or memory, and
+/// a session with the suite's tables.
+async fn start_cluster(
+    args: &Args,
+    suite: Suite,
+    dir: &std::path::Path,
+    state_dir: Option<PathBuf>,
+) -> Result<(EmbeddedCluster, volley::VolleyClient), BoxError> {
+    let cluster = EmbeddedCluster::start_with_memory(
+        SchedulerConfig {
+            state_dir,
+            state_reset: true,
+            ..SchedulerConfig::default()
+                .with_address("127.0.0.1", 0)
+                .with_target_partitions(args.executors * args.slots)
+        },
+        args.executors,
+        args.slots,
+        args.memory_limit,
+    )
+    .await?;
+    let client = cluster.client().await?;
+    for statement in suite.create_table_statements(dir) {
+        client.sql(&statement).await?;
+    }
+    Ok((cluster, client))
 }
 
 /// Rows as compared: in order for TPC-H, sorted for TPC-DS (whose ORDER BY leaves ties).

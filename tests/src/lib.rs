@@ -30,6 +30,15 @@ pub fn data_file(file: &str) -> String {
         .to_string()
 }
 
+/// `CREATE EXTERNAL TABLE sales ...` (typed columns) for `tests/slt/data/sales.csv`.
+pub fn sales_table_sql() -> String {
+    format!(
+        "CREATE EXTERNAL TABLE sales (sale_id INT, emp_id INT, amount DECIMAL(10,2), region VARCHAR, day DATE) \
+         STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true')",
+        data_file("sales.csv")
+    )
+}
+
 /// `CREATE EXTERNAL TABLE emp ...` for the shared `tests/slt/data/emp.csv` table.
 pub fn emp_table_sql() -> String {
     format!(

@@ -53,8 +53,13 @@ fn register(state: &mut ClusterState) {
 
 /// Job `j`: stage 1 (2 tasks) feeding stage 2 (1).
 fn add_job(state: &mut ClusterState) {
+    add_job_of(state, 2);
+}
+
+/// Job `j`: stage 1 (`partitions` tasks) feeding stage 2 (1).
+fn add_job_of(state: &mut ClusterState, partitions: usize) {
     let stages = vec![
-        stage(1, vec![], 2, StageKind::Merge),
+        stage(1, vec![], partitions, StageKind::Merge),
         stage(2, vec![1], 1, StageKind::Result),
     ];
     let schema = Arc::new(Schema::empty());
@@ -336,22 +341,26 @@ fn queued_jobs_start_when_a_slot_frees() {
     assert_eq!(state.job("k").unwrap().state, JobState::Running);
 }
 
-#[test]
-fn a_journal_replayed_after_a_restart_takes_over_completed_stages() {
-    use crate::job::journal::{JournalWrite, Step};
+/// The journal of job `j` once its stage 1 is done and stage 2 launched.
+fn journal_of_stage_one() -> Vec<crate::job::journal::Step> {
+    use crate::job::journal::JournalWrite;
     let (tx, rx) = std::sync::mpsc::channel();
     let mut state = ClusterState::new(SchedulerPolicy::default());
     state.set_journal(tx);
     register(&mut state);
     add_job(&mut state);
     finish_stage_one(&mut state);
-    let steps: Vec<Step> = rx
-        .try_iter()
+    rx.try_iter()
         .map(|write| match write {
             JournalWrite::Step(job, step) if job == "j" => step,
             other => panic!("unexpected {other:?}"),
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn a_journal_replayed_after_a_restart_takes_over_completed_stages() {
+    let steps = journal_of_stage_one();
     let kinds: Vec<String> = steps
         .iter()
         .map(|s| {
@@ -411,37 +420,11 @@ fn a_journal_replayed_after_a_restart_takes_over_completed_stages() {
 
 #[test]
 fn a_journal_does_not_apply_to_a_plan_that_came_out_different() {
-    use crate::job::journal::JournalWrite;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let mut state = ClusterState::new(SchedulerPolicy::default());
-    state.set_journal(tx);
-    register(&mut state);
-    add_job(&mut state);
-    finish_stage_one(&mut state);
-    let steps = rx
-        .try_iter()
-        .filter_map(|write| match write {
-            JournalWrite::Step(_, step) => Some(step),
-            _ => None,
-        })
-        .collect();
+    let steps = journal_of_stage_one();
     // The same statement now plans stage 1 with three tasks (its table has another file).
     let mut state = ClusterState::new(SchedulerPolicy::default());
     state.prepare_resume("j".into(), steps, 1);
-    let stages = vec![
-        stage(1, vec![], 3, StageKind::Merge),
-        stage(2, vec![1], 1, StageKind::Result),
-    ];
-    let span = tracing::Span::none();
-    let schema = Arc::new(Schema::empty());
-    state.add_job(
-        "j".into(),
-        "SELECT 1".into(),
-        Arc::default(),
-        stages,
-        schema,
-        span,
-    );
+    add_job_of(&mut state, 3);
     let job = state.job("j").unwrap();
     assert!(!job.stages[&1].resumed && !job.stages[&1].is_complete());
     assert_eq!(job.stages[&1].tasks.len(), 3);

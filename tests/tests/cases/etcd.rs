@@ -182,6 +182,20 @@ fn executor(
         .unwrap()
 }
 
+/// `n` schedulers on `state`: the first leads (waited for), the others stand by.
+async fn schedulers(n: usize, state: &str, logs: &std::path::Path) -> (Procs, Vec<u16>) {
+    let ports: Vec<u16> = (0..n).map(|_| free_port().unwrap()).collect();
+    let mut procs = Procs(Vec::new());
+    for (i, port) in ports.iter().enumerate() {
+        let log = logs.join(format!("scheduler-{i}.log"));
+        procs.0.push(scheduler(*port, state, &log));
+        if i == 0 {
+            assert_eq!(leader(&ports, Duration::from_secs(20)).await, Some(0));
+        }
+    }
+    (procs, ports)
+}
+
 /// Index of the one scheduler leading, waiting up to `patience`.
 async fn leader(ports: &[u16], patience: Duration) -> Option<usize> {
     let deadline = Instant::now() + patience;
@@ -204,25 +218,29 @@ async fn leader(ports: &[u16], patience: Duration) -> Option<usize> {
 const QUERY: &str =
     "SELECT region, count(*) AS n FROM sales GROUP BY region ORDER BY region NULLS LAST";
 
+/// A client of the schedulers `list` once `executors` executors registered, with the sales
+/// table, and the rows of [`QUERY`] on it.
+async fn sales_client(list: &str, executors: usize) -> (volley::VolleyClient, Vec<Vec<String>>) {
+    let client = volley::VolleyClient::connect(list).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.cluster_state().await.unwrap().executors.len() < executors {
+        assert!(Instant::now() < deadline, "executors did not register");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client.sql(&volley_tests::sales_table_sql()).await.unwrap();
+    let (_, batches) = client.sql(QUERY).await.unwrap();
+    let expected = rows(&batches).unwrap();
+    assert_eq!(expected.len(), 5, "{expected:?}");
+    (client, expected)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_a_killed_leader_and_its_running_query() {
     volley_tests::init_tracing();
     let etcd = Etcd::start().await.unwrap();
     let state = etcd.state_url("failover");
     let logs = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
-    let mut procs = Procs(Vec::new());
-    // The first one leads; the others stand by.
-    procs.0.push(scheduler(
-        ports[0],
-        &state,
-        &logs.path().join("scheduler-0.log"),
-    ));
-    assert_eq!(leader(&ports, Duration::from_secs(20)).await, Some(0));
-    for (i, port) in ports.iter().enumerate().skip(1) {
-        let log = logs.path().join(format!("scheduler-{i}.log"));
-        procs.0.push(scheduler(*port, &state, &log));
-    }
+    let (mut procs, ports) = schedulers(3, &state, logs.path()).await;
     let urls: Vec<String> = ports
         .iter()
         .map(|p| format!("http://127.0.0.1:{p}"))
@@ -233,24 +251,7 @@ async fn a_standby_takes_over_a_killed_leader_and_its_running_query() {
         let log = logs.path().join(format!("executor-{i}.log"));
         procs.0.push(executor(&list, work.path(), &log));
     }
-    let client = volley::VolleyClient::connect(&list).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.cluster_state().await.unwrap().executors.len() < 2 {
-        assert!(Instant::now() < deadline, "executors did not register");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let data = volley_tests::workspace_root().join("tests/slt/data/sales.csv");
-    client
-        .sql(&format!(
-            "CREATE EXTERNAL TABLE sales (sale_id INT, emp_id INT, amount DECIMAL(10,2), region VARCHAR, day DATE) \
-             STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true')",
-            data.display()
-        ))
-        .await
-        .unwrap();
-    let (_, batches) = client.sql(QUERY).await.unwrap();
-    let expected = rows(&batches).unwrap();
-    assert_eq!(expected.len(), 5, "{expected:?}");
+    let (client, expected) = sales_client(&list, 2).await;
     let hold = volley_tests::Hold::new(2).unwrap();
     client.sql(&hold.set_sql()).await.unwrap();
     let job_id = client.submit(QUERY).await.unwrap();
@@ -321,19 +322,7 @@ async fn the_leader_steps_down_when_etcd_goes_and_the_query_resumes_when_it_retu
     let mut etcd = Etcd::start().await.unwrap();
     let state = etcd.state_url("outage");
     let logs = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..2).map(|_| free_port().unwrap()).collect();
-    let mut procs = Procs(Vec::new());
-    procs.0.push(scheduler(
-        ports[0],
-        &state,
-        &logs.path().join("scheduler-0.log"),
-    ));
-    assert_eq!(leader(&ports, Duration::from_secs(20)).await, Some(0));
-    procs.0.push(scheduler(
-        ports[1],
-        &state,
-        &logs.path().join("scheduler-1.log"),
-    ));
+    let (mut procs, ports) = schedulers(2, &state, logs.path()).await;
     let list = ports
         .iter()
         .map(|p| format!("http://127.0.0.1:{p}"))
@@ -345,23 +334,7 @@ async fn the_leader_steps_down_when_etcd_goes_and_the_query_resumes_when_it_retu
         work.path(),
         &logs.path().join("executor.log"),
     ));
-    let client = volley::VolleyClient::connect(&list).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.cluster_state().await.unwrap().executors.is_empty() {
-        assert!(Instant::now() < deadline, "the executor did not register");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let data = volley_tests::workspace_root().join("tests/slt/data/sales.csv");
-    client
-        .sql(&format!(
-            "CREATE EXTERNAL TABLE sales (sale_id INT, emp_id INT, amount DECIMAL(10,2), region VARCHAR, day DATE) \
-             STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true')",
-            data.display()
-        ))
-        .await
-        .unwrap();
-    let (_, batches) = client.sql(QUERY).await.unwrap();
-    let expected = rows(&batches).unwrap();
+    let (client, expected) = sales_client(&list, 1).await;
     let hold = volley_tests::Hold::new(2).unwrap();
     client.sql(&hold.set_sql()).await.unwrap();
     let job_id = client.submit(QUERY).await.unwrap();

@@ -21,15 +21,7 @@ async fn cluster(task_max_attempts: u32) -> (EmbeddedCluster, volley::VolleyClie
 }
 
 async fn create_sales(client: &volley::VolleyClient) {
-    let data = volley_tests::workspace_root().join("tests/slt/data/sales.csv");
-    client
-        .sql(&format!(
-            "CREATE EXTERNAL TABLE sales (sale_id INT, emp_id INT, amount DECIMAL(10,2), region VARCHAR, day DATE) \
-             STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true')",
-            data.display()
-        ))
-        .await
-        .unwrap();
+    client.sql(&volley_tests::sales_table_sql()).await.unwrap();
 }
 
 /// Shuffle outputs the cluster holds: files in the work dirs and outputs kept in memory.

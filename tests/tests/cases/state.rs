@@ -28,12 +28,7 @@ fn expected() -> Vec<Vec<String>> {
 }
 
 fn create_sales() -> String {
-    let data = volley_tests::workspace_root().join("tests/slt/data/sales.csv");
-    format!(
-        "CREATE EXTERNAL TABLE sales (sale_id INT, emp_id INT, amount DECIMAL(10,2), region VARCHAR, day DATE) \
-         STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true')",
-        data.display()
-    )
+    volley_tests::sales_table_sql()
 }
 
 async fn jobs(base: &str, ddl: bool) -> Vec<Json> {
