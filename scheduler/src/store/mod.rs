@@ -11,6 +11,7 @@
 
 pub mod etcd;
 pub mod file;
+mod lease;
 
 use std::collections::VecDeque;
 use std::path::Path;
