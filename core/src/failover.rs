@@ -47,6 +47,23 @@ impl SchedulerUrls {
         &self.urls[self.current()]
     }
 
+    /// Use the scheduler at `url` (named by a standby as the leader); false when it is not
+    /// in the list.
+    pub fn point_to(&self, url: &str) -> bool {
+        let url = url.trim_end_matches('/');
+        match self
+            .urls
+            .iter()
+            .position(|u| u.trim_end_matches('/') == url)
+        {
+            Some(index) => {
+                self.current.store(index, Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The scheduler at `failed` could not be reached: move on to the next one (unless another
     /// caller already did). False when there is no other.
     pub fn advance(&self, failed: usize) -> bool {
@@ -77,6 +94,9 @@ mod tests {
         urls.advance(1);
         urls.advance(2);
         assert_eq!(urls.current_url(), "http://a:1");
+        assert!(urls.point_to("http://c:3/"));
+        assert_eq!(urls.current_url(), "http://c:3");
+        assert!(!urls.point_to("http://elsewhere:1"));
         let one = SchedulerUrls::parse("http://a:1").unwrap();
         assert!(!one.advance(0));
         assert!(SchedulerUrls::parse(" , ").is_err());

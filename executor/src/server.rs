@@ -117,9 +117,16 @@ impl ExecutorInner {
         {
             Ok(answer) => answer.into_inner(),
             Err(e) => {
-                // Gone, or a standby: the next try goes to the next scheduler of the list.
+                // A standby names the leader: the next try goes there; gone: to the next
+                // scheduler of the list.
                 if e.code() == tonic::Code::Unavailable {
-                    self.urls.advance(index);
+                    let leader = e
+                        .metadata()
+                        .get("volley-leader")
+                        .and_then(|v| v.to_str().ok());
+                    if !leader.is_some_and(|url| self.urls.point_to(url)) {
+                        self.urls.advance(index);
+                    }
                 }
                 return Err(e.into());
             }

@@ -59,6 +59,13 @@ impl ClusterState {
         }
     }
 
+    /// A resumed job keeps the time it was first submitted at.
+    pub fn set_submitted_at(&mut self, id: &str, at: std::time::SystemTime) {
+        if let Some(job) = self.jobs.get_mut(id) {
+            job.submitted_at = at;
+        }
+    }
+
     /// Add a job whose result the scheduler computed itself.
     pub fn add_inline_job(&mut self, id: String, sql: String, schema: SchemaRef, result: Vec<u8>) {
         let mut job = Job::stageless(id, sql, schema);

@@ -35,6 +35,9 @@ pub struct RunningJob {
     /// Times it was resumed already.
     #[serde(default)]
     pub resumes: u32,
+    /// When it was first submitted, ms since the Unix epoch (a resumed job keeps it).
+    #[serde(default)]
+    pub submitted_at_ms: u64,
     /// A plan submitted through the DataFrame API (`ExecutePlan`) instead of a statement:
     /// the encoded plan (hex) and the settings it was submitted with.
     #[serde(default)]

@@ -21,11 +21,20 @@ const TARGET_PARTITIONS: &str = "datafusion.execution.target_partitions";
 
 /// The record of a running job of `session`: its statement, or (`plan`) the plan it was
 /// submitted as with `sql` its description.
-pub(super) fn running_job(session: &str, sql: &str, plan: Option<SubmittedPlan>) -> RunningJob {
+pub(super) fn running_job(
+    session: &str,
+    sql: &str,
+    plan: Option<SubmittedPlan>,
+    submitted_at: std::time::SystemTime,
+) -> RunningJob {
     RunningJob {
         session: session.to_string(),
         sql: sql.to_string(),
         resumes: 0,
+        submitted_at_ms: submitted_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0),
         plan,
         steps: Vec::new(),
     }
@@ -150,6 +159,11 @@ impl SchedulerService {
                 Ok(_) => {
                     tracing::info!(job_id = %id, "job resumed after a restart");
                     state.set_job_owner(&id, &job.session);
+                    if job.submitted_at_ms > 0 {
+                        let at = std::time::UNIX_EPOCH
+                            + std::time::Duration::from_millis(job.submitted_at_ms);
+                        state.set_submitted_at(&id, at);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(job_id = %id, error = %e, "job not resumed after a restart");

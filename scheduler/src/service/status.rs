@@ -106,9 +106,9 @@ impl SchedulerService {
             state.set_job_owner(&job_id, &params.session_id);
             let job = state.job(&job_id);
             let changed = job.is_some_and(|j| j.ddl && j.state == JobState::Succeeded);
-            if job.is_some_and(|j| !j.state.is_final()) {
+            if let Some(job) = job.filter(|j| !j.state.is_final()) {
                 // Under the same lock as the check: its Forget cannot come first.
-                let record = running_job(&params.session_id, &params.sql, None);
+                let record = running_job(&params.session_id, &params.sql, None, job.submitted_at);
                 self.remember_running(&mut state, &job_id, record);
             }
             changed
@@ -146,9 +146,15 @@ impl SchedulerService {
         {
             let mut state = self.state.lock();
             state.set_job_owner(&job_id, &params.session_id);
-            if state.job(&job_id).is_some_and(|j| !j.state.is_final()) {
+            let running = state.job(&job_id).filter(|j| !j.state.is_final());
+            if let Some(submitted_at) = running.map(|j| j.submitted_at) {
                 let plan = SubmittedPlan::new(&params.plan, pairs);
-                let record = running_job(&params.session_id, &params.description, Some(plan));
+                let record = running_job(
+                    &params.session_id,
+                    &params.description,
+                    Some(plan),
+                    submitted_at,
+                );
                 self.remember_running(&mut state, &job_id, record);
             }
         }

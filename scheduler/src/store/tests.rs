@@ -69,6 +69,7 @@ fn sessions_and_running_jobs_are_saved_replaced_and_forgotten() {
         sql: "SELECT 1".to_string(),
         resumes: 0,
         plan: None,
+        submitted_at_ms: 0,
         steps: Vec::new(),
     };
     store.save_running("j1", &running).unwrap();
@@ -195,6 +196,7 @@ fn journals_are_kept_in_order_forgotten_with_their_job_and_orphans_dropped() {
         sql: "SELECT 1".to_string(),
         resumes,
         plan: None,
+        submitted_at_ms: 0,
         steps: Vec::new(),
     };
     let launched = |stage| Step::Launched { stage };

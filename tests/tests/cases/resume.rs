@@ -95,6 +95,7 @@ async fn tpch_q18_survives_a_scheduler_crash_without_rerunning_completed_stages(
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(done_before.len() >= 3, "{done_before:?}");
+    let submitted = get(format!("{base}/api/jobs/{job_id}")).await["submitted_at_ms"].clone();
     // Give the journal writer its moment (it batches behind the state transitions).
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -109,7 +110,12 @@ async fn tpch_q18_survives_a_scheduler_crash_without_rerunning_completed_stages(
         "q18 resumed after a scheduler crash",
     );
 
-    let after = stages(&get(format!("{base}/api/jobs/{job_id}")).await);
+    let detail = get(format!("{base}/api/jobs/{job_id}")).await;
+    assert_eq!(
+        detail["submitted_at_ms"], submitted,
+        "it keeps its submission time"
+    );
+    let after = stages(&detail);
     let mut result_tasks = 0;
     for stage in &after {
         let id = stage["id"].as_u64().unwrap();

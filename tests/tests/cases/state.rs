@@ -242,6 +242,7 @@ fn journal_writer_child() {
             sql: "x".repeat(2000),
             resumes: 0,
             plan: None,
+            submitted_at_ms: 0,
             steps: Vec::new(),
         };
         let steps = (0..8).map(|stage| JournalWrite::Step(id.clone(), Step::Launched { stage }));
