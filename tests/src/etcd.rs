@@ -52,6 +52,29 @@ impl Etcd {
         format!("etcd://127.0.0.1:{}/{name}", self.client_port)
     }
 
+    /// Turn on etcd's authentication with user `root` and `password` (etcdctl).
+    pub fn enable_auth(&self, password: &str) -> Result<(), BoxError> {
+        let etcdctl = self.binary.with_file_name("etcdctl");
+        let endpoint = format!("http://127.0.0.1:{}", self.client_port);
+        let user = format!("root:{password}");
+        for args in [
+            vec!["user", "add", user.as_str()],
+            vec!["user", "grant-role", "root", "root"],
+            vec!["auth", "enable"],
+        ] {
+            let out = Command::new(&etcdctl)
+                .args(["--endpoints", &endpoint])
+                .args(&args)
+                .output()?;
+            if !out.status.success() {
+                return Err(
+                    format!("etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// SIGKILL it (its data stays).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -51,13 +51,45 @@ pub struct EtcdStore {
     next_step: AtomicU64,
 }
 
-/// `etcd://h1:2379,h2:2379/name` -> (endpoints, name).
-fn parse(url: &str) -> Result<(Vec<String>, String)> {
+/// Where a `--state etcd://[user:password@]h1:2379[,h2:2379][/name]` URL points.
+#[derive(Debug, PartialEq)]
+struct Target {
+    endpoints: Vec<String>,
+    name: String,
+    /// etcd user and password (etcd with authentication enabled).
+    user: Option<(String, String)>,
+}
+
+/// `url` with its password hidden, for messages.
+fn redacted(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(_)) => match rest.split_once('@') {
+            Some((user, hosts)) => {
+                let name = user.split(':').next().unwrap_or("");
+                format!("{scheme}://{name}:***@{hosts}")
+            }
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}
+
+fn parse(url: &str) -> Result<Target> {
+    let shown = redacted(url);
     let rest = url.strip_prefix("etcd://").ok_or_else(|| {
         VolleyError::Config(format!(
-            "--state {url}: expected etcd://host:port[,host:port][/name]"
+            "--state {shown}: expected etcd://[user:password@]host:port[,host:port][/name]"
         ))
     })?;
+    let (user, rest) = match rest.split_once('@') {
+        Some((user, rest)) => {
+            let (name, password) = user.split_once(':').ok_or_else(|| {
+                VolleyError::Config(format!("--state {shown}: expected user:password@"))
+            })?;
+            (Some((name.to_string(), password.to_string())), rest)
+        }
+        None => (None, rest),
+    };
     let (hosts, name) = rest.split_once('/').unwrap_or((rest, "default"));
     let name = if name.is_empty() { "default" } else { name };
     if !name
@@ -65,7 +97,7 @@ fn parse(url: &str) -> Result<(Vec<String>, String)> {
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
         return Err(VolleyError::Config(format!(
-            "--state {url}: the cluster name may hold only letters, digits, '-' and '_'"
+            "--state {shown}: the cluster name may hold only letters, digits, '-' and '_'"
         )));
     }
     let endpoints: Vec<String> = hosts
@@ -74,9 +106,15 @@ fn parse(url: &str) -> Result<(Vec<String>, String)> {
         .map(|h| format!("http://{h}"))
         .collect();
     if endpoints.is_empty() {
-        return Err(VolleyError::Config(format!("--state {url}: no etcd host")));
+        return Err(VolleyError::Config(format!(
+            "--state {shown}: no etcd host"
+        )));
     }
-    Ok((endpoints, name.to_string()))
+    Ok(Target {
+        endpoints,
+        name: name.to_string(),
+        user,
+    })
 }
 
 fn etcd_err(endpoints: &str, e: etcd_client::Error) -> VolleyError {
@@ -87,16 +125,23 @@ impl EtcdStore {
     /// Connect to the etcd of `url`, trying [`CONNECT_TRIES`] times with backoff; an error
     /// naming it when it cannot be reached or holds state of a newer format.
     pub fn connect(url: &str) -> Result<Self> {
-        let (endpoints, name) = parse(url)?;
+        let Target {
+            endpoints,
+            name,
+            user,
+        } = parse(url)?;
         let shown = endpoints.join(",");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("volley-etcd")
             .enable_all()
             .build()?;
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(3));
+        if let Some((user, password)) = user {
+            options = options.with_user(user, password);
+        }
         let prefix = format!("/volley/{name}/");
         let version_key = format!("{prefix}meta/format_version");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -120,6 +165,10 @@ impl EtcdStore {
                         Err(e) => last = e.to_string(),
                     },
                     Err(e) => last = e.to_string(),
+                }
+                // Trying again does not fix a wrong user or password.
+                if last.contains("authentication failed") {
+                    break;
                 }
             }
             let _ = tx.send(Err(last));
@@ -559,12 +608,31 @@ mod tests {
 
     #[test]
     fn state_urls_name_endpoints_and_cluster() {
-        let (eps, name) = parse("etcd://127.0.0.1:2379,127.0.0.2:2379/prod").unwrap();
-        assert_eq!(eps, ["http://127.0.0.1:2379", "http://127.0.0.2:2379"]);
-        assert_eq!(name, "prod");
-        assert_eq!(parse("etcd://h:1").unwrap().1, "default");
-        for bad in ["http://h:1", "etcd://", "etcd://h:1/a/b"] {
+        let target = parse("etcd://127.0.0.1:2379,127.0.0.2:2379/prod").unwrap();
+        assert_eq!(
+            target.endpoints,
+            ["http://127.0.0.1:2379", "http://127.0.0.2:2379"]
+        );
+        assert_eq!((target.name.as_str(), target.user), ("prod", None));
+        assert_eq!(parse("etcd://h:1").unwrap().name, "default");
+        let target = parse("etcd://volley:s3cret@h:1/x").unwrap();
+        assert_eq!(target.user, Some(("volley".into(), "s3cret".into())));
+        assert_eq!(target.endpoints, ["http://h:1"]);
+        for bad in [
+            "http://h:1",
+            "etcd://",
+            "etcd://h:1/a/b",
+            "etcd://nopass@h:1",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+        // Messages never show the password.
+        let err = parse("etcd://volley:s3cret@h:1/a/b")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("volley:***@h:1") && !err.contains("s3cret"),
+            "{err}"
+        );
     }
 }

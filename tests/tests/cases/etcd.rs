@@ -401,3 +401,30 @@ async fn a_full_history_is_kept_trimmed_and_read_back_in_pages() {
     assert_eq!(kept[999].id, "job01004");
     assert_eq!(kept[500].rows_out, 505);
 }
+
+/// An etcd with authentication: the store connects with the user and password of its URL
+/// and leads; a wrong password is refused at start, and messages never show it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_with_authentication_takes_the_user_of_the_url() {
+    let etcd = Etcd::start().await.unwrap();
+    etcd.enable_auth("s3cret-pw").unwrap();
+    let plain = etcd.state_url("auth");
+    let with = |password: &str| plain.replacen("etcd://", &format!("etcd://root:{password}@"), 1);
+    let store = connect(with("s3cret-pw")).await;
+    let Campaign::Leader(_lost) = store.campaign("http://127.0.0.1:1").unwrap() else {
+        panic!("the only campaign wins");
+    };
+    store.save_session("s", &session("authenticated")).unwrap();
+    assert_eq!(
+        store.sessions().unwrap(),
+        vec![("s".to_string(), session("authenticated"))]
+    );
+    let wrong = with("wrong-pw");
+    let err = tokio::task::spawn_blocking(move || EtcdStore::connect(&wrong).err())
+        .await
+        .unwrap()
+        .expect("a wrong password is refused")
+        .to_string();
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(!err.contains("wrong-pw"), "{err}");
+}
