@@ -10,6 +10,7 @@
 //! (`--state-reset` starts empty on purpose).
 
 pub mod etcd;
+mod etcd_url;
 pub mod file;
 mod lease;
 
