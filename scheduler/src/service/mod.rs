@@ -168,6 +168,17 @@ impl SchedulerService {
         }
     }
 
+    /// A job with its stages, or — a job from before a restart — its recorded summary alone.
+    pub fn job_detail(&self, job_id: &str) -> Option<views::JobDetail> {
+        self.with_state(|s| views::job_detail(s, job_id))
+            .or_else(|| {
+                self.recorded_job(job_id).map(|job| views::JobDetail {
+                    job,
+                    stages: Vec::new(),
+                })
+            })
+    }
+
     /// A job only the history still knows.
     pub fn recorded_job(&self, job_id: &str) -> Option<JobSummary> {
         self.history.lock().iter().find(|j| j.id == job_id).cloned()

@@ -42,15 +42,7 @@ pub async fn api_job(
     Path(job_id): Path<String>,
 ) -> Response {
     // A job from before a restart is known by its recorded summary only.
-    let detail = service
-        .with_state(|s| views::job_detail(s, &job_id))
-        .or_else(|| {
-            service.recorded_job(&job_id).map(|job| views::JobDetail {
-                job,
-                stages: Vec::new(),
-            })
-        });
-    match detail {
+    match service.job_detail(&job_id) {
         Some(job) => axum::Json(job).into_response(),
         None => not_found(&format!("job {job_id}")),
     }

@@ -159,8 +159,7 @@ pub async fn job_page(
     State(service): State<SchedulerService>,
     Path(job_id): Path<String>,
 ) -> Response {
-    let Some(JobDetail { job, stages }) = service.with_state(|s| views::job_detail(s, &job_id))
-    else {
+    let Some(JobDetail { job, stages }) = service.job_detail(&job_id) else {
         return not_found(&format!("job {job_id}"));
     };
     let active = job.state == "running" || job.state == "queued";
@@ -193,6 +192,9 @@ pub async fn job_page(
         );
     }
     body.push_str("<h2>Stages</h2>");
+    if stages.is_empty() && job.stages_total > 0 {
+        body.push_str("<p id=\"history-only\">Recorded before the scheduler restarted: its stages were not kept.</p>");
+    }
     body.push_str(&stage_svg(&job.id, &stages));
     body.push_str(&stage_table(&job.id, &stages));
     body.push_str("<h2>Plans</h2>");

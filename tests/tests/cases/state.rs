@@ -92,6 +92,13 @@ async fn job_history_and_sessions_survive_a_scheduler_restart_and_ddl_is_hidden(
     let (status, detail) = http("GET", format!("{base}/api/jobs/{job_id}"), None).await;
     assert_eq!(status, 200, "{detail}");
     assert!(detail.contains(QUERY), "{detail}");
+    // Its page too, saying its stages went with the old process.
+    let (status, page) = http("GET", format!("{base}/jobs/{job_id}"), None).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("history-only") && page.contains("succeeded"),
+        "{page}"
+    );
 
     // The client's session survives too: its table was replayed from the state file.
     cluster.wait_for_executors(1).await.unwrap();
