@@ -1,7 +1,6 @@
 //! A connection to a scheduler with its own session.
 
 use std::io::Cursor;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::array::RecordBatch;
@@ -9,6 +8,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::reader::StreamReader;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
+use volley_core::failover::{SchedulerUrls, leader_named, refused_by_standby};
 use volley_core::protobuf::scheduler_grpc_client::SchedulerGrpcClient;
 use volley_core::protobuf::{self as pb, job_status};
 use volley_core::security::{AuthChannel, Security};
@@ -29,9 +29,8 @@ pub struct VolleyClient {
 /// they lead) and the one it talks to now.
 #[derive(Debug)]
 struct Schedulers {
-    urls: Vec<String>,
+    urls: SchedulerUrls,
     options: ClientOptions,
-    current: AtomicUsize,
 }
 
 /// A gRPC client of the scheduler at `url`, connected now.
@@ -131,21 +130,7 @@ fn never_sent(status: &tonic::Status) -> bool {
     text.contains("tcp connect error")
         || text.contains("error trying to connect")
         || text.contains("connection refused")
-        || not_the_leader(status)
-}
-
-/// True when a standby scheduler refused the call (it ran nothing).
-fn not_the_leader(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Unavailable && status.message().starts_with("not the leader")
-}
-
-/// The leader a standby's refusal names.
-fn leader_hint(status: &tonic::Status) -> Option<String> {
-    status
-        .metadata()
-        .get("volley-leader")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+        || refused_by_standby(status)
 }
 
 /// Asking an unreachable scheduler again: backoff with jitter, for up to [`RECONNECT_LIMIT`].
@@ -202,14 +187,10 @@ impl VolleyClient {
     /// (comma-separated, e.g. a leader and its standbys): the first that answers is used, and
     /// when it becomes unreachable the client moves on to one of the others.
     pub async fn connect_with(url: &str, options: ClientOptions) -> Result<Self> {
-        let urls: Vec<String> = url
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(str::to_string)
-            .collect();
+        let urls = SchedulerUrls::parse(url)?;
+        let list = urls.urls().to_vec();
         let mut last = VolleyError::Config(format!("no scheduler URL in {url:?}"));
-        for (index, url) in urls.iter().enumerate() {
+        for (index, url) in list.iter().enumerate() {
             let mut scheduler = match connect_one(url, &options).await {
                 Ok(scheduler) => scheduler,
                 Err(e) => {
@@ -223,7 +204,7 @@ impl VolleyClient {
             {
                 Ok(answer) => answer.into_inner().session_id,
                 // A standby: try the others.
-                Err(e) if not_the_leader(&e) => {
+                Err(e) if refused_by_standby(&e) => {
                     last = status_error(e);
                     continue;
                 }
@@ -231,11 +212,13 @@ impl VolleyClient {
             };
             return Ok(Self {
                 scheduler: Arc::new(Mutex::new(scheduler)),
-                schedulers: Arc::new(Schedulers {
-                    urls: urls.clone(),
-                    options: options.clone(),
-                    current: AtomicUsize::new(index),
-                }),
+                schedulers: {
+                    urls.set_current(index);
+                    Arc::new(Schedulers {
+                        urls,
+                        options: options.clone(),
+                    })
+                },
                 session_id,
                 security: options.security,
                 max_message_size: options.max_message_size,
@@ -255,23 +238,24 @@ impl VolleyClient {
     /// The scheduler in use cannot be reached or is a standby: use the leader it named
     /// (`hint`), or the next of the others that can be reached (the session lives on in the
     /// shared state). Nothing changes with one URL.
-    async fn fail_over(&self, hint: Option<String>) {
+    async fn fail_over(&self, hint: Option<&str>) {
         let urls = &self.schedulers.urls;
-        if urls.len() < 2 {
+        let count = urls.urls().len();
+        if count < 2 {
             return;
         }
-        let current = self.schedulers.current.load(Ordering::SeqCst);
-        let hinted = hint.and_then(|h| urls.iter().position(|u| u.trim_end_matches('/') == h));
+        let current = urls.current();
+        let hinted = hint.and_then(|h| urls.index_of(h));
         let order = hinted
             .into_iter()
-            .chain((1..=urls.len()).map(|offset| (current + offset) % urls.len()));
+            .chain((1..=count).map(|offset| (current + offset) % count));
         for index in order {
-            if let Ok(client) = connect_one(&urls[index], &self.schedulers.options).await {
+            if let Ok(client) = connect_one(&urls.urls()[index], &self.schedulers.options).await {
                 match self.scheduler.lock() {
                     Ok(mut slot) => *slot = client,
                     Err(poisoned) => *poisoned.into_inner() = client,
                 }
-                self.schedulers.current.store(index, Ordering::SeqCst);
+                urls.set_current(index);
                 return;
             }
         }
@@ -317,7 +301,7 @@ impl VolleyClient {
                     reconnect
                         .pause("while a statement was submitted", &e)
                         .await?;
-                    self.fail_over(leader_hint(&e)).await;
+                    self.fail_over(leader_named(&e)).await;
                     scheduler = self.grpc();
                 }
                 Err(e) => return Err(status_error(e)),
@@ -387,7 +371,7 @@ impl VolleyClient {
                     reconnect
                         .pause(&format!("while job {job_id} ran"), &e)
                         .await?;
-                    self.fail_over(leader_hint(&e)).await;
+                    self.fail_over(leader_named(&e)).await;
                     scheduler = self.grpc();
                     continue;
                 }

@@ -1,11 +1,40 @@
-//! L1: the schedulers an executor talks to — a leader and its standbys, given as one
-//! comma-separated `--scheduler` list — and which one it uses now. Standbys sharing state in
-//! etcd listen only once they lead, so a scheduler that cannot be reached means "try the
-//! next one"; every caller picks its client by [`SchedulerUrls::current`] at each call.
+//! L1: the schedulers a client or an executor talks to — a leader and its standbys, given as
+//! one comma-separated `--scheduler` list — and which one it uses now; every caller picks its
+//! client by [`SchedulerUrls::current`] at each call. A scheduler that cannot be reached means
+//! "try the next one"; a standby refuses every call with "not the leader", naming the leader
+//! ([`standby_refusal`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::{Result, VolleyError};
+
+/// Metadata key of the leader's URL in a standby's refusals.
+pub const LEADER_METADATA: &str = "volley-leader";
+
+/// How a standby's refusal begins.
+const NOT_THE_LEADER: &str = "not the leader";
+
+/// A standby's refusal of every call, naming the leader (`None`: not elected yet).
+pub fn standby_refusal(leader: Option<&str>) -> tonic::Status {
+    let mut status = tonic::Status::unavailable(format!(
+        "{NOT_THE_LEADER}; the leader is {}",
+        leader.unwrap_or("not elected yet")
+    ));
+    if let Some(value) = leader.and_then(|l| l.parse().ok()) {
+        status.metadata_mut().insert(LEADER_METADATA, value);
+    }
+    status
+}
+
+/// True when `status` is a standby's refusal (the call ran nothing).
+pub fn refused_by_standby(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable && status.message().starts_with(NOT_THE_LEADER)
+}
+
+/// The leader a standby's refusal names.
+pub fn leader_named(status: &tonic::Status) -> Option<&str> {
+    status.metadata().get(LEADER_METADATA)?.to_str().ok()
+}
 
 /// Scheduler URLs and the index of the one in use.
 #[derive(Debug)]
@@ -47,17 +76,26 @@ impl SchedulerUrls {
         &self.urls[self.current()]
     }
 
+    /// Index of `url` in the list.
+    pub fn index_of(&self, url: &str) -> Option<usize> {
+        let url = url.trim_end_matches('/');
+        self.urls
+            .iter()
+            .position(|u| u.trim_end_matches('/') == url)
+    }
+
+    /// Use the scheduler at `index`.
+    pub fn set_current(&self, index: usize) {
+        self.current
+            .store(index % self.urls.len(), Ordering::SeqCst);
+    }
+
     /// Use the scheduler at `url` (named by a standby as the leader); false when it is not
     /// in the list.
     pub fn point_to(&self, url: &str) -> bool {
-        let url = url.trim_end_matches('/');
-        match self
-            .urls
-            .iter()
-            .position(|u| u.trim_end_matches('/') == url)
-        {
+        match self.index_of(url) {
             Some(index) => {
-                self.current.store(index, Ordering::SeqCst);
+                self.set_current(index);
                 true
             }
             None => false,
@@ -97,6 +135,12 @@ mod tests {
         assert!(urls.point_to("http://c:3/"));
         assert_eq!(urls.current_url(), "http://c:3");
         assert!(!urls.point_to("http://elsewhere:1"));
+        let refusal = standby_refusal(Some("http://c:3"));
+        assert!(refused_by_standby(&refusal));
+        assert_eq!(leader_named(&refusal), Some("http://c:3"));
+        assert!(!refused_by_standby(&tonic::Status::unavailable(
+            "connection refused"
+        )));
         let one = SchedulerUrls::parse("http://a:1").unwrap();
         assert!(!one.advance(0));
         assert!(SchedulerUrls::parse(" , ").is_err());

@@ -349,7 +349,7 @@ async fn run(mut beat: Beat, mut stopped: oneshot::Receiver<()>) {
                 // A standby says so at once; a leader that does not answer may only be slow
                 // (moving on re-registers elsewhere and stops the running tasks).
                 unreachable += 1;
-                let standby = e.message().starts_with("not the leader");
+                let standby = volley_core::failover::refused_by_standby(&e);
                 if (standby || unreachable >= MOVE_ON_AFTER) && beat.schedulers.advance(index) {
                     unreachable = 0;
                     tracing::warn!(error = %e, scheduler = %beat.schedulers.urls()[index], "scheduler unreachable; trying the next one");

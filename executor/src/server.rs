@@ -120,10 +120,7 @@ impl ExecutorInner {
                 // A standby names the leader: the next try goes there; gone: to the next
                 // scheduler of the list.
                 if e.code() == tonic::Code::Unavailable {
-                    let leader = e
-                        .metadata()
-                        .get("volley-leader")
-                        .and_then(|v| v.to_str().ok());
+                    let leader = volley_core::failover::leader_named(&e);
                     if !leader.is_some_and(|url| self.urls.point_to(url)) {
                         self.urls.advance(index);
                     }

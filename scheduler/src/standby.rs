@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::codegen::{Service, http};
 use tonic::transport::server::TcpIncoming;
+use volley_core::failover::standby_refusal;
 use volley_core::sandbox::Sandbox;
 use volley_core::{Result, VolleyError};
 
@@ -22,9 +23,6 @@ use crate::config::SchedulerConfig;
 use crate::metrics::SchedulerMetrics;
 use crate::service::SchedulerService;
 use crate::store::StateStore;
-
-/// Metadata key of the leader's URL in a standby's refusals.
-pub const LEADER_METADATA: &str = "volley-leader";
 
 /// Answers every call of the scheduler service with "not the leader".
 #[derive(Clone)]
@@ -46,14 +44,7 @@ impl<B> Service<http::Request<B>> for NotTheLeader {
     }
 
     fn call(&mut self, _: http::Request<B>) -> Self::Future {
-        let leader = self.leader.lock().clone();
-        let mut status = tonic::Status::unavailable(format!(
-            "not the leader; the leader is {}",
-            leader.as_deref().unwrap_or("not elected yet")
-        ));
-        if let Some(value) = leader.and_then(|l| l.parse().ok()) {
-            status.metadata_mut().insert(LEADER_METADATA, value);
-        }
+        let status = standby_refusal(self.leader.lock().as_deref());
         std::future::ready(Ok(status.into_http()))
     }
 }

@@ -9,6 +9,7 @@ use volley_core::stores::StoreOptions;
 use datafusion::arrow::datatypes::SchemaRef;
 
 use crate::cluster::ClusterState;
+use crate::cluster::journal::emit;
 use crate::graph::StagePlan;
 use crate::job::{Job, JobState, TaskLaunch};
 
@@ -34,7 +35,7 @@ impl ClusterState {
         // Before anything ran (a resumed job's journal changes partition counts and plans).
         let planned = self.journaling().then(|| job.planned_step());
         self.take_over(&mut job, planned.as_ref());
-        self.emit(&job.id, || planned);
+        emit(self.journal.as_ref(), &job.id, || planned);
         self.insert(job);
     }
 

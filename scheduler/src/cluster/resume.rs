@@ -1,5 +1,5 @@
 //! Jobs across a scheduler restart. With a durable state store each job's stage transitions go
-//! to its journal ([`ClusterState::emit`], see [`crate::cluster::journal`]); a job
+//! to its journal (see [`crate::cluster::journal`]); a job
 //! resumed after a restart gets its journal replayed on its new plan before it is scheduled
 //! ([`ClusterState::prepare_resume`]), so its completed stages keep their outputs and do not
 //! run again. The executors holding those outputs are awaited: one that registers says which
@@ -13,7 +13,7 @@ use datafusion::error::DataFusionError;
 
 use crate::adaptive;
 use crate::cluster::ClusterState;
-use crate::cluster::journal::{emit, send};
+use crate::cluster::journal::send;
 use crate::cluster::report::after_stage;
 use crate::job::Job;
 use crate::job::journal::{JournalWrite, RESUME_ATTEMPT_STRIDE, Step};
@@ -47,11 +47,6 @@ impl ClusterState {
         send(self.journal.as_ref(), write);
     }
 
-    /// Journal a step of job `job_id`, built only when transitions are journaled.
-    pub(crate) fn emit(&self, job_id: &str, step: impl FnOnce() -> Option<Step>) {
-        emit(self.journal.as_ref(), job_id, step);
-    }
-
     /// Job `id`, about to be submitted again after a restart, takes over `steps` when it is
     /// added; `resumes` counts this resume.
     pub fn prepare_resume(&mut self, id: String, steps: Vec<Step>, resumes: u32) {
@@ -63,10 +58,11 @@ impl ClusterState {
         self.resuming.remove(id);
     }
 
-    /// Replay the journal of `job` if it is being resumed. Returns the stages taken over.
-    pub(crate) fn take_over(&mut self, job: &mut Job, fresh: Option<&Step>) -> usize {
+    /// Replay the journal of `job` if it is being resumed; `fresh` is its Planned step when
+    /// already taken.
+    pub(crate) fn take_over(&mut self, job: &mut Job, fresh: Option<&Step>) {
         let Some(resume) = self.resuming.remove(&job.id) else {
-            return 0;
+            return;
         };
         let fresh = match fresh {
             Some(step) => step.clone(),
@@ -84,7 +80,6 @@ impl ClusterState {
             }
         }
         tracing::info!(job_id = %job.id, stages = restored, "job taken over from its journal");
-        restored
     }
 
     /// Executor `id` registered holding the outputs at `held`: no longer awaited, and the

@@ -11,12 +11,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use datafusion::physical_plan::ExecutionPlan;
 use serde::{Deserialize, Serialize};
 use volley_core::shuffle::PartitionLocation;
 
+use crate::fmt::{epoch_ms, ms};
 use crate::job::Job;
 use crate::job::task::{TaskInfo, TaskState};
 
@@ -95,7 +96,8 @@ pub enum Step {
     Planned {
         /// (stage id, partitions) in id order.
         shape: Vec<(u32, usize)>,
-        /// A hash of each stage's encoded plan (its scans' file lists included), in id order.
+        /// A fingerprint of each stage's plan (its operators and the files its scans read), in
+        /// id order.
         #[serde(default)]
         plans: Vec<u64>,
     },
@@ -202,12 +204,6 @@ fn fingerprint(plan: &Arc<dyn ExecutionPlan>) -> u64 {
     hasher.finish()
 }
 
-fn epoch_ms(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 impl Job {
     /// The step that says how the job was cut into stages, before anything ran: what a
     /// resumed job's new plan must equal for its journal to apply.
@@ -244,7 +240,7 @@ impl Job {
                 failures: task.failures,
                 executor_id: executor_id.clone(),
                 started_at_ms: task.started_at.map(epoch_ms).unwrap_or(0),
-                elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                elapsed_ms: ms(*elapsed),
                 spilled_bytes: task.spilled_bytes,
                 outputs: outputs
                     .iter()

@@ -187,7 +187,7 @@ impl SchedulerService {
     /// Record the jobs that finished since the last call in the state store (one
     /// transaction); a store that cannot write is logged, and the jobs are tried again.
     pub fn record_history(&self) {
-        let (finished, journaled) = {
+        let (finished, ids, journaled) = {
             let mut state = self.state.lock();
             let finished: Vec<JobSummary> = state
                 .take_unrecorded()
@@ -196,17 +196,15 @@ impl SchedulerService {
                 .collect();
             let ids: Vec<String> = finished.iter().map(|j| j.id.clone()).collect();
             // After the finished jobs' last steps, in the journal's order.
-            if state.journaling() && !ids.is_empty() {
-                state.journal(crate::store::JournalWrite::Forget(ids));
-                (finished, true)
-            } else {
-                (finished, false)
+            let journaled = state.journaling() && !ids.is_empty();
+            if journaled {
+                state.journal(crate::store::JournalWrite::Forget(ids.clone()));
             }
+            (finished, ids, journaled)
         };
         if finished.is_empty() {
             return;
         }
-        let ids: Vec<String> = finished.iter().map(|j| j.id.clone()).collect();
         if !journaled && let Err(e) = self.store.forget_running(&ids) {
             tracing::warn!(store = %self.store.location(), error = %e, "cannot forget finished jobs");
         }

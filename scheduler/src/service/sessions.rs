@@ -31,10 +31,7 @@ pub(super) fn running_job(
         session: session.to_string(),
         sql: sql.to_string(),
         resumes: 0,
-        submitted_at_ms: submitted_at
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0),
+        submitted_at_ms: crate::fmt::epoch_ms(submitted_at),
         plan,
         steps: Vec::new(),
     }
@@ -145,8 +142,8 @@ impl SchedulerService {
                     "its session is gone".to_string(),
                 )),
             };
-            self.state.lock().cancel_resume(&id);
             let mut state = self.state.lock();
+            state.cancel_resume(&id);
             if resumed.is_ok() {
                 let again = RunningJob {
                     resumes,
