@@ -224,46 +224,9 @@ async fn a_query_running_at_a_scheduler_crash_completes_after_the_restart() {
     }
 }
 
-/// Env var that makes [`journal_writer_child`] write (it is the child of
-/// [`a_sigkill_during_state_writes_loses_no_committed_transition`]).
-const CHILD_DIR: &str = "VOLLEY_TEST_JOURNAL_CHILD_DIR";
-
-/// Writes journal batches to the state file in `$VOLLEY_TEST_JOURNAL_CHILD_DIR` as fast as it
-/// can, printing each batch number once its transaction committed, until it is killed.
-#[test]
-#[ignore = "the child process of a_sigkill_during_state_writes_loses_no_committed_transition"]
-fn journal_writer_child() {
-    use std::io::Write;
-    use volley_scheduler::job::journal::Step;
-    use volley_scheduler::store::{JournalWrite, RunningJob, StateStore, file::FileStore};
-    let Ok(dir) = std::env::var(CHILD_DIR) else {
-        return;
-    };
-    let store = FileStore::open(std::path::Path::new(&dir), false).unwrap();
-    let first = store.running_jobs().unwrap().len();
-    let mut out = std::io::stdout().lock();
-    for n in first.. {
-        let id = format!("job{n:08}");
-        let job = RunningJob {
-            session: "s".into(),
-            sql: "x".repeat(2000),
-            resumes: 0,
-            plan: None,
-            submitted_at_ms: 0,
-            steps: Vec::new(),
-        };
-        let steps = (0..8).map(|stage| JournalWrite::Step(id.clone(), Step::Launched { stage }));
-        let batch: Vec<JournalWrite> = std::iter::once(JournalWrite::Save(id.clone(), job))
-            .chain(steps)
-            .collect();
-        store.journal(&batch).unwrap();
-        writeln!(out, "committed {n}").unwrap();
-        out.flush().unwrap();
-    }
-}
-
-/// SIGKILL a process in the middle of writing the state file, three times: every batch it
-/// reported committed is there, complete and in order, and the file opens each time.
+/// SIGKILL a process (`tests/examples/journal_writer.rs`) in the middle of writing the state
+/// file, three times: every batch it reported committed is there, complete and in order, and
+/// the file opens each time.
 #[test]
 fn a_sigkill_during_state_writes_loses_no_committed_transition() {
     use std::io::BufRead;
@@ -271,14 +234,13 @@ fn a_sigkill_during_state_writes_loses_no_committed_transition() {
     let state = tempfile::tempdir().unwrap();
     let mut committed = None;
     for round in 0..3 {
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "cases::state::journal_writer_child",
-                "--ignored",
-                "--nocapture",
-            ])
-            .env(CHILD_DIR, state.path())
+        // tests/examples/journal_writer.rs, built beside the volley binary.
+        let writer = volley_bin()
+            .unwrap()
+            .with_file_name("examples")
+            .join("journal_writer");
+        let mut child = std::process::Command::new(writer)
+            .arg(state.path())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
