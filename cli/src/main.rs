@@ -120,6 +120,13 @@ struct SchedulerArgs {
         requires = "state_url"
     )]
     advertise_url: Option<String>,
+    /// Bytes of query answers the result cache keeps, e.g. 1G (0 = no result cache; each
+    /// session sets its entries' lifetime with `SET volley.result_cache_ttl`).
+    #[arg(long, env = "VOLLEY_RESULT_CACHE_BYTES", value_parser = parse_bytes, default_value = "1G")]
+    result_cache_bytes: usize,
+    /// Folder for the result cache's answers above 1 MiB (default: a temporary folder).
+    #[arg(long, env = "VOLLEY_RESULT_CACHE_DIR", value_name = "DIR")]
+    result_cache_dir: Option<PathBuf>,
     #[command(flatten)]
     sandbox: security::SandboxArgs,
     #[command(flatten)]
@@ -260,6 +267,8 @@ async fn run_scheduler(args: SchedulerArgs) -> Result<(), String> {
         state_reset: args.state_reset,
         state_url: args.state_url,
         advertise_url: args.advertise_url,
+        result_cache_bytes: args.result_cache_bytes as u64,
+        result_cache_dir: args.result_cache_dir,
         stall_timeout: (args.stall_timeout_secs > 0)
             .then(|| Duration::from_secs(args.stall_timeout_secs)),
         ..SchedulerConfig::default()

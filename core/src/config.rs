@@ -74,6 +74,12 @@ extensions_options! {
         /// kept in its executor's memory (up to the executor's `--shuffle-memory`) instead of
         /// files (0: always files).
         pub shuffle_memory_task_bytes: u64, default = 4 * 1024 * 1024
+        /// How long the scheduler serves a stored result of the same query (same plan, same
+        /// input files unchanged, same token) instead of running it again: `0` turns the
+        /// result cache off for this session (`30s`, `5m`, `1h`).
+        pub result_cache_ttl: crate::duration::SettingDuration, default = crate::duration::SettingDuration::minutes(5)
+        /// Largest result (Arrow IPC bytes) the result cache stores.
+        pub result_cache_max_entry_bytes: u64, default = 16 * 1024 * 1024
     }
 }
 

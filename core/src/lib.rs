@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod duration;
 pub mod error;
 pub mod failover;
 pub mod flat;

@@ -313,8 +313,10 @@ impl Interceptor for AuthInterceptor {
             .get("authorization")
             .and_then(|v| v.to_str().ok());
         if let Some(role) = self.security.role_of(presented) {
+            let principal = Principal::of(presented);
             let mut request = request;
             request.extensions_mut().insert(role);
+            request.extensions_mut().insert(principal);
             return Ok(request);
         }
         let peer = request
@@ -346,6 +348,43 @@ pub enum Role {
 /// The role of an authenticated call.
 pub fn role<T>(request: &Request<T>) -> Option<Role> {
     request.extensions().get::<Role>().copied()
+}
+
+/// Who a call acts for, as far as per-caller state (the result cache) goes: a hash of the
+/// credential it presented, never the credential; empty when it presented none.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Principal(String);
+
+impl Principal {
+    /// The principal of a call presenting `presented` (an `authorization` header).
+    pub fn of(presented: Option<&str>) -> Self {
+        Self(presented.map_or_else(String::new, |p| {
+            let digest = ring::digest::digest(&ring::digest::SHA256, p.as_bytes());
+            digest.as_ref()[..16]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        }))
+    }
+
+    /// The scheduler's own callers (in-process library users, resumed jobs).
+    pub fn in_process() -> Self {
+        Self("in-process".to_string())
+    }
+
+    /// Its text form.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The principal of an authenticated call (set by [`AuthInterceptor`]).
+pub fn principal<T>(request: &Request<T>) -> Principal {
+    request
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Refuse `what` unless the call came with the cluster token.

@@ -70,6 +70,10 @@ pub struct SchedulerConfig {
     /// The URL clients and executors reach this scheduler at, named to them by standbys when
     /// it leads (default: `http(s)://host:port`; set it when binding 0.0.0.0).
     pub advertise_url: Option<String>,
+    /// Bytes of query answers the result cache keeps (0: no result cache).
+    pub result_cache_bytes: u64,
+    /// Folder of the result cache's larger answers (None: a temporary folder).
+    pub result_cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for SchedulerConfig {
@@ -98,6 +102,8 @@ impl Default for SchedulerConfig {
             state_reset: false,
             state_url: None,
             advertise_url: None,
+            result_cache_bytes: 1 << 30,
+            result_cache_dir: None,
         }
     }
 }

@@ -9,6 +9,7 @@ use prometheus::{
 
 use crate::cluster::ClusterState;
 use crate::job::{JobState, TaskState};
+use crate::result_cache::CacheCounters;
 
 /// The scheduler's metrics.
 #[derive(Clone)]
@@ -27,6 +28,10 @@ pub struct SchedulerMetrics {
     /// Task attempts launched, by how they reached their executor: a LaunchTasks request
     /// (`launch_request`) or the answer to the executor's status report (`status_answer`).
     pub tasks_launched: IntCounterVec,
+    /// Result cache hits, misses and evictions.
+    pub result_cache: CacheCounters,
+    /// Bytes of the answers the result cache holds (set before each scrape).
+    pub result_cache_bytes: IntGauge,
     jobs: IntGaugeVec,
     running_tasks: IntGauge,
     executors_alive: IntGauge,
@@ -76,6 +81,26 @@ impl SchedulerMetrics {
             &["via"],
         )
         .map_err(err)?;
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).map_err(err);
+        let result_cache = CacheCounters {
+            hits: counter(
+                "volley_result_cache_hits_total",
+                "Queries answered from the result cache",
+            )?,
+            misses: counter(
+                "volley_result_cache_misses_total",
+                "Cacheable queries the result cache could not answer",
+            )?,
+            evictions: counter(
+                "volley_result_cache_evictions_total",
+                "Result cache entries dropped (expired, inputs changed, no room)",
+            )?,
+        };
+        let result_cache_bytes = IntGauge::new(
+            "volley_result_cache_bytes",
+            "Bytes of the answers in the result cache",
+        )
+        .map_err(err)?;
         let jobs =
             IntGaugeVec::new(Opts::new("volley_jobs", "Jobs by state"), &["state"]).map_err(err)?;
         let running_tasks =
@@ -89,6 +114,10 @@ impl SchedulerMetrics {
             Box::new(shuffle_bytes_fetched.clone()),
             Box::new(rpc_errors.clone()),
             Box::new(tasks_launched.clone()),
+            Box::new(result_cache.hits.clone()),
+            Box::new(result_cache.misses.clone()),
+            Box::new(result_cache.evictions.clone()),
+            Box::new(result_cache_bytes.clone()),
             Box::new(jobs.clone()),
             Box::new(running_tasks.clone()),
             Box::new(executors_alive.clone()),
@@ -103,6 +132,8 @@ impl SchedulerMetrics {
             shuffle_bytes_fetched,
             rpc_errors,
             tasks_launched,
+            result_cache,
+            result_cache_bytes,
             jobs,
             running_tasks,
             executors_alive,

@@ -23,7 +23,8 @@ pub struct JobSummary {
     pub id: String,
     /// SQL text (or the DataFrame plan's description).
     pub sql: String,
-    /// queued, running, succeeded, failed or cancelled.
+    /// queued, running, succeeded, failed, cancelled, or cached (answered from the result
+    /// cache: no task ran).
     pub state: String,
     /// Error text of a failed job.
     pub error: Option<String>,
@@ -44,6 +45,9 @@ pub struct JobSummary {
     /// A statement that changes the session (DDL, SET): hidden from the list by default.
     #[serde(default)]
     pub ddl: bool,
+    /// Age of the stored answer a cached job was given, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_age_ms: Option<u64>,
 }
 
 /// One operator of a stage plan with its metrics summed over the stage's tasks.
@@ -188,7 +192,10 @@ pub fn job_summary(job: &Job) -> JobSummary {
     JobSummary {
         id: job.id.clone(),
         sql: job.sql.clone(),
-        state: job.state.as_str().to_string(),
+        state: match (&job.state, job.cached) {
+            (JobState::Succeeded, Some(_)) => "cached".to_string(),
+            (state, _) => state.as_str().to_string(),
+        },
         error: match &job.state {
             JobState::Failed(message) => Some(message.clone()),
             _ => None,
@@ -199,12 +206,13 @@ pub fn job_summary(job: &Job) -> JobSummary {
         stages_total,
         tasks_done,
         tasks_total,
-        rows_out: if job.state == JobState::Succeeded {
-            job.rows_out()
-        } else {
-            0
+        rows_out: match (&job.state, job.cached) {
+            (JobState::Succeeded, Some(hit)) => hit.rows,
+            (JobState::Succeeded, None) => job.rows_out(),
+            _ => 0,
         },
         ddl: job.ddl,
+        cached_age_ms: job.cached.map(|hit| ms(hit.age)),
     }
 }
 

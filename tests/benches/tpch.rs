@@ -5,7 +5,14 @@
 //! `cargo bench -p volley-tests --bench tpch -- [--suite tpch|tpcds] [--sf 1] [--executors 2] [--slots 1]
 //!  [--query N] [--iterations 1] [--data DIR] [--compression lz4|zstd|none] [--json FILE]
 //!  [--baseline default|volley] [--memory-limit BYTES-per-executor] [--state-dir DIR]
-//!  [--compare-state-dir DIR]`
+//!  [--compare-state-dir DIR] [--result-cache]`
+//!
+//! Volley's result cache is off (every iteration runs the query). `--result-cache` runs every
+//! query also on a second cluster whose cache is on: each iteration there is a miss (each sets
+//! another `datafusion.sql_parser.recursion_limit`, which is part of the cache key), so
+//! `miss_s`/`miss/off` is what looking up, fingerprinting and storing answers costs; then a
+//! second pass of all queries is answered from the cache, and its total is printed as a share
+//! of the first pass.
 //!
 //! `--state-dir DIR` runs Volley's scheduler with its durable state in DIR (started empty).
 //! `--compare-state-dir DIR` runs every query also on a second embedded cluster whose scheduler
@@ -57,6 +64,8 @@ struct Args {
     /// `--compare-state-dir DIR`: also run every query on a second cluster whose scheduler keeps
     /// its state (history, sessions, job journals) in DIR, in the same run.
     compare_state_dir: Option<PathBuf>,
+    /// `--result-cache`: also run on a cluster with the result cache on (misses, then hits).
+    result_cache: bool,
 }
 
 fn key_value(pair: &str) -> Result<(String, String), BoxError> {
@@ -82,6 +91,7 @@ fn parse_args() -> Result<Args, BoxError> {
         volley_baseline: false,
         state_dir: None,
         compare_state_dir: None,
+        result_cache: false,
         memory_limit: None,
         stages: false,
         baseline_settings: Vec::new(),
@@ -126,6 +136,7 @@ fn parse_args() -> Result<Args, BoxError> {
             "--set" => args.volley_settings.push(key_value(&value()?)?),
             "--state-dir" => args.state_dir = Some(PathBuf::from(value()?)),
             "--compare-state-dir" => args.compare_state_dir = Some(PathBuf::from(value()?)),
+            "--result-cache" => args.result_cache = true,
             "--bench" => {}
             other => return Err(format!("unknown argument {other}").into()),
         }
@@ -164,11 +175,17 @@ async fn main() -> Result<(), BoxError> {
     suite.register_local(&ctx, &dir).await?;
 
     let boot = Instant::now();
-    let (cluster, client) = start_cluster(&args, suite, &dir, args.state_dir.clone()).await?;
+    let (cluster, client) =
+        start_cluster(&args, suite, &dir, args.state_dir.clone(), false).await?;
     let boot = boot.elapsed();
     let durable = match &args.compare_state_dir {
-        Some(state_dir) => Some(start_cluster(&args, suite, &dir, Some(state_dir.clone())).await?),
-        None => None,
+        Some(state_dir) => {
+            Some(start_cluster(&args, suite, &dir, Some(state_dir.clone()), false).await?)
+        }
+        None => match args.result_cache {
+            true => Some(start_cluster(&args, suite, &dir, None, true).await?),
+            false => None,
+        },
     };
     let s3 = match &args.s3 {
         Some((bucket, prefix)) => Some(s3_tables(suite, &cluster, &dir, bucket, prefix).await?),
@@ -207,7 +224,11 @@ async fn main() -> Result<(), BoxError> {
             String::new()
         }
     );
-    if durable.is_some() {
+    if durable.is_some() && args.result_cache {
+        println!(
+            "      (then miss_s: the same with the result cache on, every run a miss, and miss/off)"
+        );
+    } else if durable.is_some() {
         println!(
             "      (then volley_state_s: the same on a scheduler with --state-dir, and state/memory)"
         );
@@ -226,7 +247,7 @@ async fn main() -> Result<(), BoxError> {
         // Of the last run: client-side time to submit (planning included) and in all.
         let mut last_times = (0.0, 0.0);
         let mut df_planning = 0.0;
-        for _ in 0..args.iterations {
+        for iteration in 0..args.iterations {
             let t = Instant::now();
             let physical = ctx.sql(&sql).await?.create_physical_plan().await?;
             df_planning = t.elapsed().as_secs_f64();
@@ -248,6 +269,15 @@ async fn main() -> Result<(), BoxError> {
             );
             checked = expected.len();
             if let Some((_, durable_client)) = &durable {
+                if args.result_cache {
+                    // Another cache key for each iteration: every run is a miss.
+                    durable_client
+                        .sql(&format!(
+                            "SET datafusion.sql_parser.recursion_limit = {}",
+                            60 + iteration
+                        ))
+                        .await?;
+                }
                 let t = Instant::now();
                 let job_id = durable_client.submit(&sql).await?;
                 let kept = durable_client.sql_job_rows(&job_id).await?;
@@ -330,7 +360,31 @@ async fn main() -> Result<(), BoxError> {
         s3_columns(s3.is_some(), total_s3, total_volley)
             + &s3_columns(durable.is_some(), total_durable, total_volley)
     );
-    if durable.is_some() {
+    if let (Some((_, cached_client)), true) = (&durable, args.result_cache) {
+        // Second pass: the same queries, answered from the cache (same key as the last miss).
+        let mut total_hits = 0.0;
+        for &q in &args.queries {
+            let sql = suite.query(q)?;
+            let mut best = f64::MAX;
+            for _ in 0..args.iterations {
+                let t = Instant::now();
+                let job_id = cached_client.submit(&sql).await?;
+                cached_client.sql_job_rows(&job_id).await?;
+                best = best.min(t.elapsed().as_secs_f64());
+                let tasks = cluster_tasks(&durable, &job_id);
+                assert_eq!(tasks, Some(0), "q{q} was answered from the result cache");
+            }
+            total_hits += best;
+        }
+        println!(
+            "result cache: misses cost {:+.2} ms per query ({:+.1}% in total); the second pass (hits) took {:.3}s = {:.1}% of the first pass ({:.3}s)",
+            (total_durable - total_volley) * 1000.0 / args.queries.len() as f64,
+            (total_durable / total_volley - 1.0) * 100.0,
+            total_hits,
+            total_hits / total_durable * 100.0,
+            total_durable
+        );
+    } else if durable.is_some() {
         let queries = args.queries.len() as f64;
         println!(
             "--state-dir costs {:+.2} ms per query ({:+.1}% in total)",
@@ -361,18 +415,32 @@ async fn main() -> Result<(), BoxError> {
     Ok(())
 }
 
-/// An embedded cluster as `args` say, its state in `state_dir` (started empty) or memory, and
-/// a session with the suite's tables.
+/// Tasks job `job_id` ran on the second cluster.
+fn cluster_tasks(
+    cluster: &Option<(EmbeddedCluster, volley::VolleyClient)>,
+    job_id: &str,
+) -> Option<usize> {
+    let (cluster, _) = cluster.as_ref()?;
+    cluster
+        .scheduler()
+        .service()
+        .with_state(|state| state.job(job_id).map(|j| j.progress().3))
+}
+
+/// An embedded cluster as `args` say, its state in `state_dir` (started empty) or memory, its
+/// result cache on or off, and a session with the suite's tables.
 async fn start_cluster(
     args: &Args,
     suite: Suite,
     dir: &std::path::Path,
     state_dir: Option<PathBuf>,
+    result_cache: bool,
 ) -> Result<(EmbeddedCluster, volley::VolleyClient), BoxError> {
     let cluster = EmbeddedCluster::start_with_memory(
         SchedulerConfig {
             state_dir,
             state_reset: true,
+            result_cache_bytes: if result_cache { 1 << 30 } else { 0 },
             ..SchedulerConfig::default()
                 .with_address("127.0.0.1", 0)
                 .with_target_partitions(args.executors * args.slots)

@@ -11,11 +11,25 @@ use datafusion::arrow::datatypes::SchemaRef;
 use crate::cluster::ClusterState;
 use crate::cluster::journal::emit;
 use crate::graph::StagePlan;
-use crate::job::{Job, JobState, TaskLaunch};
+use crate::job::{CacheHit, Job, JobState, TaskLaunch};
 
 impl ClusterState {
-    fn insert(&mut self, job: Job) {
-        self.job_order.push(job.id.clone());
+    fn insert(&mut self, mut job: Job) {
+        match self.jobs.remove(&job.id) {
+            // A waiting job that runs after all (the query it waited for stored no answer):
+            // to its client the same job — owner, submission time, waiters of its changes.
+            Some(waiting) => {
+                job.owner = waiting.owner;
+                job.submitted_at = waiting.submitted_at;
+                job.submitted = waiting.submitted;
+                job.version = waiting.version;
+                if waiting.state.is_final() {
+                    job.cancel();
+                }
+                job.touch();
+            }
+            None => self.job_order.push(job.id.clone()),
+        }
         self.jobs.insert(job.id.clone(), job);
     }
 
@@ -72,6 +86,31 @@ impl ClusterState {
         let mut job = Job::stageless(id, sql, schema);
         job.succeed_with(result);
         self.insert(job);
+    }
+
+    /// Add a job answered from the result cache.
+    pub fn add_cached_job(
+        &mut self,
+        id: String,
+        sql: String,
+        schema: SchemaRef,
+        result: Vec<u8>,
+        hit: CacheHit,
+    ) {
+        let mut job = Job::stageless(id, sql, schema);
+        job.cached = Some(hit);
+        job.succeed_with(result);
+        self.insert(job);
+    }
+
+    /// Answer the waiting job `id` from the result cache, unless it already ended.
+    pub fn finish_waiting_from_cache(&mut self, id: &str, result: Vec<u8>, hit: CacheHit) {
+        if let Some(job) = self.jobs.get_mut(id)
+            && !job.state.is_final()
+        {
+            job.cached = Some(hit);
+            job.succeed_with(result);
+        }
     }
 
     /// Add job `id` failed with `message` (a job that could not be resumed).
@@ -169,6 +208,10 @@ impl ClusterState {
             return false;
         }
         job.released = true;
+        if job.cached.is_some() {
+            // The client has it; the result cache keeps its own copy.
+            job.inline_result = None;
+        }
         // Plans and locations are no longer needed once files are gone.
         for stage in job.stages.values_mut() {
             stage.resolved = None;

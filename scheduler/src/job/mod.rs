@@ -143,6 +143,17 @@ pub struct Job {
     /// First attempt number of tasks created from now on (raised when a job is resumed, see
     /// [`journal::RESUME_ATTEMPT_STRIDE`]).
     pub attempt_floor: u32,
+    /// Answered from the result cache (no task ran).
+    pub cached: Option<CacheHit>,
+}
+
+/// What a job answered from the result cache was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheHit {
+    /// How long before the job the answer was stored.
+    pub age: Duration,
+    /// Rows of the answer.
+    pub rows: u64,
 }
 
 impl Job {
@@ -212,6 +223,7 @@ impl Job {
             progress_mark: (0, Instant::now()),
             owner: None,
             attempt_floor: 0,
+            cached: None,
         }
     }
 

@@ -1,4 +1,5 @@
-//! Housekeeping, every 500 ms: silent executors are declared lost, unreleased results expire,
+//! Housekeeping, every 500 ms: silent executors are declared lost, unreleased results and
+//! result cache entries expire,
 //! stuck jobs and jobs without executors fail, old jobs, executors and idle sessions are
 //! forgotten, finished jobs are recorded in the state store, and waiting tasks are placed
 //! again.
@@ -36,6 +37,7 @@ impl SchedulerService {
     async fn housekeeping(&self, no_executors_since: &mut Option<Instant>) {
         // Before old jobs are forgotten below.
         self.record_history();
+        self.expire_cached();
         let (lost, expired, failed, pending) = {
             let mut state = self.state.lock();
             let lost = state.expire_executors(self.config.executor_timeout);

@@ -168,6 +168,9 @@ impl SchedulerService {
     /// executor whose status report failed the job, its reporting task aborted by this very
     /// cancel) must not stop it between "released" and "files deleted".
     pub async fn release(&self, job_id: &str) {
+        if self.release_deferred(job_id) {
+            return;
+        }
         let this = self.clone();
         let job_id = job_id.to_string();
         let _ = tokio::spawn(async move { this.release_now(&job_id).await }).await;

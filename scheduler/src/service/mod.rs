@@ -2,7 +2,8 @@
 //! statements into jobs, [`launch`] sends tasks to executors and releases jobs,
 //! [`housekeeping`] expires executors, results and stuck jobs, [`executors`] handles what
 //! executors report, [`status`] answers clients' questions, [`tables`] keeps `CREATE TABLE AS`
-//! results, and [`grpc`] is the thin gRPC layer over all of them.
+//! results, `cached` serves and keeps answers of the result cache, and [`grpc`] is the thin
+//! gRPC layer over all of them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,9 +23,11 @@ use crate::cluster::ClusterState;
 use crate::cluster::executors::ExecutorInfo;
 use crate::config::SchedulerConfig;
 use crate::metrics::SchedulerMetrics;
+use crate::result_cache::ResultCache;
 use crate::store::{HISTORY_LIMIT, StateStore, StoredSession};
 use crate::views::{self, JobSummary};
 
+mod cached;
 pub mod executors;
 pub mod grpc;
 pub mod housekeeping;
@@ -62,6 +65,11 @@ pub struct SchedulerService {
     history: Arc<Mutex<Vec<JobSummary>>>,
     /// Each open session as [`Self::store`] keeps it.
     session_records: Arc<Mutex<HashMap<String, StoredSession>>>,
+    /// Answers of finished queries served again (see [`crate::result_cache`]).
+    result_cache: Arc<Mutex<ResultCache>>,
+    /// Jobs whose answer is being read into the result cache -> a release was asked for
+    /// meanwhile (it happens once the answer is read).
+    capturing: Arc<Mutex<HashMap<String, bool>>>,
 }
 
 /// A table of `--table`: its name and provider.
@@ -122,7 +130,14 @@ impl SchedulerService {
             .with_cache_manager(volley_core::stores::cache_config())
             .with_object_store_registry(Arc::new(StoreScope::new(Arc::clone(&stores))))
             .build_arc()?;
+        let result_cache = ResultCache::new(
+            config.result_cache_bytes,
+            config.result_cache_dir.clone(),
+            metrics.result_cache.clone(),
+        );
         Ok(Self {
+            result_cache: Arc::new(Mutex::new(result_cache)),
+            capturing: Arc::new(Mutex::new(HashMap::new())),
             runtime,
             stores,
             tables: Arc::new(Mutex::new(Vec::new())),
@@ -254,6 +269,7 @@ impl SchedulerService {
 
     /// Prometheus text for `/metrics`.
     pub fn render_metrics(&self) -> String {
+        self.expire_cached();
         let state = self.state.lock();
         self.metrics.render(&state)
     }

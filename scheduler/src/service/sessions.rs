@@ -136,7 +136,7 @@ impl SchedulerService {
                 .lock()
                 .prepare_resume(id.clone(), job.steps.clone(), resumes);
             let resumed = match (ctx, &job.plan) {
-                (Some(ctx), None) => self.submit_as(&ctx, &job.sql, id.clone()).await,
+                (Some(ctx), None) => self.submit_as(&ctx, &job.sql, id.clone(), None).await,
                 (Some(ctx), Some(plan)) => self.resubmit_plan(&ctx, &id, &job.sql, plan).await,
                 (None, _) => Err(volley_core::VolleyError::Internal(
                     "its session is gone".to_string(),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 use volley_core::codec::VolleyCodec;
 use volley_core::protobuf::{self as pb, job_status};
-use volley_core::security::{Role, role};
+use volley_core::security::{Role, principal, role};
 
 use crate::job::journal::SubmittedPlan;
 use crate::job::{JobState, TaskState};
@@ -98,9 +98,10 @@ impl SchedulerService {
         &self,
         request: Request<pb::ExecuteSqlParams>,
     ) -> Result<Response<pb::ExecuteSqlResult>, Status> {
+        let principal = principal(&request);
         let params = request.into_inner();
         let ctx = self.session(&params.session_id)?;
-        let job_id = self.submit_redacted(&ctx, &params.sql).await?;
+        let job_id = self.submit_redacted(&ctx, &params.sql, &principal).await?;
         let changed_session = {
             let mut state = self.state.lock();
             state.set_job_owner(&job_id, &params.session_id);
@@ -186,11 +187,14 @@ impl SchedulerService {
             if done || now >= deadline {
                 break;
             }
-            if tokio::time::timeout(deadline - now, rx.changed())
-                .await
-                .is_err()
-            {
-                break;
+            match tokio::time::timeout(deadline - now, rx.changed()).await {
+                Err(_) => break,
+                Ok(Ok(())) => {}
+                // The job was replaced under its id (a waiting job that runs after all).
+                Ok(Err(_)) => match self.state.lock().job(&params.job_id) {
+                    Some(job) => rx = job.version.subscribe(),
+                    None => break,
+                },
             }
         }
         Ok(Response::new(self.job_status(&params.job_id)?))

@@ -30,7 +30,9 @@ use crate::graph::cut::plan_stages_inlining;
 use crate::graph::scan_balance::balance_parquet_scans;
 use crate::graph::{StagePlan, add_key_filters, mark_broadcast_candidates};
 use crate::job::JobState;
+use crate::result_cache::CacheUse;
 use crate::service::{SchedulerService, new_id};
+use volley_core::security::Principal;
 
 impl SchedulerService {
     pub(super) fn new_session(&self, settings: &[pb::KeyValue]) -> Result<SessionContext> {
@@ -95,8 +97,13 @@ impl SchedulerService {
 
     /// Plan and submit `sql`; an error about it shows none of the session's or the
     /// statement's store secrets.
-    pub async fn submit_redacted(&self, ctx: &SessionContext, sql: &str) -> Result<String, Status> {
-        self.submit(ctx, sql)
+    pub async fn submit_redacted(
+        &self,
+        ctx: &SessionContext,
+        sql: &str,
+        principal: &Principal,
+    ) -> Result<String, Status> {
+        self.submit_as(ctx, sql, new_id(), Some(principal))
             .await
             .map_err(|e| self.redacted(ctx, sql, e))
     }
@@ -128,15 +135,18 @@ impl SchedulerService {
     /// Plan `sql` in session `ctx` and submit it; returns the job id. Planning runs on a
     /// deep-stack thread: a deeply nested statement cannot overflow a worker's stack.
     pub async fn submit(&self, ctx: &SessionContext, sql: &str) -> Result<String> {
-        self.submit_as(ctx, sql, new_id()).await
+        self.submit_as(ctx, sql, new_id(), Some(&Principal::in_process()))
+            .await
     }
 
-    /// [`Self::submit`] under a given job id (a job resumed after a restart keeps its id).
+    /// [`Self::submit`] under a given job id (a job resumed after a restart keeps its id) for
+    /// `principal` (None: the result cache is not asked).
     pub(super) async fn submit_as(
         &self,
         ctx: &SessionContext,
         sql: &str,
         job_id: String,
+        principal: Option<&Principal>,
     ) -> Result<String> {
         let planned = {
             let (ctx, sql, sandbox) = (ctx.clone(), sql.to_string(), self.sandbox.clone());
@@ -164,7 +174,9 @@ impl SchedulerService {
                 }
                 Ok(job_id)
             }
-            Planned::Analyze(physical, settings) => {
+            Planned::Analyze(physical, settings, cache) => {
+                let probe = self.cache_probe(&physical, &settings, &cache, principal);
+                let note = self.explain_cache(probe.as_ref(), &cache, &settings);
                 let inner = self
                     .submit_physical(new_id(), sql, ctx, physical, settings)
                     .await?;
@@ -176,7 +188,9 @@ impl SchedulerService {
                 );
                 let service = self.clone();
                 let outer = job_id.clone();
-                tokio::spawn(async move { service.finish_analyze(&outer, &inner, schema).await });
+                tokio::spawn(
+                    async move { service.finish_analyze(&outer, &inner, schema, note).await },
+                );
                 Ok(job_id)
             }
             Planned::CreateTable(create, physical, settings) => {
@@ -196,9 +210,17 @@ impl SchedulerService {
                 });
                 Ok(job_id)
             }
-            Planned::Physical(physical, settings) => {
-                self.submit_physical(job_id, sql, ctx, physical, settings)
-                    .await
+            Planned::Physical(physical, settings, cache) => {
+                match self.cache_probe(&physical, &settings, &cache, principal) {
+                    Some(probe) => {
+                        self.submit_cached(job_id, sql, ctx, physical, settings, probe)
+                            .await
+                    }
+                    None => {
+                        self.submit_physical(job_id, sql, ctx, physical, settings)
+                            .await
+                    }
+                }
             }
         }
     }
@@ -347,8 +369,15 @@ impl SchedulerService {
     }
 
     /// EXPLAIN ANALYZE: wait for the job running the query, then answer with its stages as
-    /// they ran (tasks, rows, adaptive decisions) and drop its result.
-    async fn finish_analyze(&self, outer: &str, inner: &str, schema: SchemaRef) {
+    /// they ran (tasks, rows, adaptive decisions) and what the result cache would do (`note`),
+    /// and drop its result.
+    async fn finish_analyze(
+        &self,
+        outer: &str,
+        inner: &str,
+        schema: SchemaRef,
+        note: Option<String>,
+    ) {
         if !self.wait_inner(outer, inner).await {
             return;
         }
@@ -356,7 +385,8 @@ impl SchedulerService {
             let state = self.state.lock();
             match state.job(inner) {
                 Some(job) if job.state == JobState::Succeeded => {
-                    let lines = analyze_lines(job);
+                    let mut lines = analyze_lines(job);
+                    lines.extend(note);
                     RecordBatch::try_new(
                         Arc::clone(&schema),
                         vec![Arc::new(StringArray::from(lines))],
@@ -402,9 +432,10 @@ pub(super) enum Planned {
         Arc<Vec<(String, String)>>,
     ),
     /// EXPLAIN ANALYZE of this plan.
-    Analyze(Arc<dyn ExecutionPlan>, Arc<Vec<(String, String)>>),
-    /// A plan for the executors, with the session settings its tasks run with.
-    Physical(Arc<dyn ExecutionPlan>, Arc<Vec<(String, String)>>),
+    Analyze(Arc<dyn ExecutionPlan>, Arc<Vec<(String, String)>>, CacheUse),
+    /// A plan for the executors, with the session settings its tasks run with, and whether
+    /// the result cache may answer it.
+    Physical(Arc<dyn ExecutionPlan>, Arc<Vec<(String, String)>>, CacheUse),
 }
 
 /// The temporary prefix of the table write a result stage commits, if it commits one.
@@ -472,9 +503,10 @@ pub(super) async fn plan_statement(
         return Ok(Planned::Inline(schema, bytes));
     }
     if let LogicalPlan::Analyze(analyze) = &logical {
+        let cache = fresh_listings(&state, CacheUse::of(&analyze.input));
         let physical = state.create_physical_plan(&analyze.input).await?;
         let settings = Arc::new(config_to_pairs(state.config()));
-        return Ok(Planned::Analyze(physical, settings));
+        return Ok(Planned::Analyze(physical, settings, cache));
     }
     if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) = &logical
         && super::tables::runs_on_cluster(ctx, create)?
@@ -489,11 +521,31 @@ pub(super) async fn plan_statement(
     }
     let ddl = matches!(logical, LogicalPlan::Ddl(_) | LogicalPlan::Statement(_));
     let scheduler_side = ddl || matches!(logical, LogicalPlan::DescribeTable(_));
+    let cache = fresh_listings(&state, CacheUse::of(&logical));
     let df = ctx.execute_logical_plan(logical).await?;
     if scheduler_side {
         return Ok(Planned::Collect(df, ddl));
     }
     let physical = df.create_physical_plan().await?;
     let settings = Arc::new(config_to_pairs(&state.config().clone()));
-    Ok(Planned::Physical(physical, settings))
+    Ok(Planned::Physical(physical, settings, cache))
+}
+
+/// A query the result cache may answer is planned on fresh listings of its tables: its plan
+/// then names the input files as they are now (their versions are part of the cache's check),
+/// not as a listing up to [`volley_core::stores::LISTING_TTL`] old saw them.
+fn fresh_listings(state: &datafusion::execution::SessionState, cache: CacheUse) -> CacheUse {
+    let ttl = state
+        .config()
+        .options()
+        .extensions
+        .get::<VolleyOptions>()
+        .map_or(Duration::ZERO, |o| o.result_cache_ttl.0);
+    if cache == CacheUse::Allowed
+        && !ttl.is_zero()
+        && let Some(listings) = state.runtime_env().cache_manager.get_list_files_cache()
+    {
+        listings.clear();
+    }
+    cache
 }

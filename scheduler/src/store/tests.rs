@@ -18,6 +18,7 @@ fn job(i: u64) -> JobSummary {
         tasks_done: 2,
         tasks_total: 2,
         rows_out: i,
+        cached_age_ms: None,
         ddl: i.is_multiple_of(2),
     }
 }

@@ -33,7 +33,7 @@ pub fn page(title: &str, refresh: bool, body: &str) -> Html<String> {
         "<!doctype html><html><head><meta charset=\"utf-8\">{refresh}<title>{} · Volley</title>\
 <style>body{{font-family:system-ui,sans-serif;margin:1.5em;color:#222}}nav a{{margin-right:1em}}\
 table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:left;font-size:14px}}\
-th{{background:#f3f3f3}}.state-running{{color:#1565c0}}.state-succeeded{{color:#2e7d32}}.state-failed{{color:#c62828}}\
+th{{background:#f3f3f3}}.state-running{{color:#1565c0}}.state-succeeded,.state-cached{{color:#2e7d32}}.state-failed{{color:#c62828}}\
 .state-queued,.state-pending{{color:#777}}.state-cancelled{{color:#8d6e63}}pre{{background:#f7f7f7;padding:.5em;overflow:auto}}\
 .error{{color:#c62828;white-space:pre-wrap}}.skew{{color:#e65100;font-weight:bold}}</style></head>\
 <body><nav><b>Volley</b> <a href=\"/jobs\">Jobs</a><a href=\"/executors\">Executors</a><a href=\"/metrics\">Metrics</a></nav>\

@@ -24,7 +24,13 @@ fn job_rows(jobs: &[JobSummary]) -> String {
             "<tr class=\"job\" data-job=\"{id}\"><td><a href=\"/jobs/{id}\">{id}</a></td>{state}<td><code>{sql}</code></td>\
 <td class=\"time\" data-ms=\"{sub}\">{sub}</td><td>{dur}</td><td>{sd}/{st}</td><td>{td}/{tt}</td><td>{rows}</td></tr>",
             id = esc(&job.id),
-            state = state_cell(&job.state),
+            state = match job.cached_age_ms {
+                Some(age) => format!(
+                    "<td class=\"state state-cached\">cached ({} old)</td>",
+                    duration(age)
+                ),
+                None => state_cell(&job.state),
+            },
             sql = esc(&sql),
             sub = job.submitted_at_ms,
             dur = duration(job.duration_ms),
@@ -61,7 +67,7 @@ pub async fn jobs_page(
     let mut body = String::new();
     for (title, states) in [
         ("Running", &["running", "queued"][..]),
-        ("Succeeded", &["succeeded"][..]),
+        ("Succeeded", &["succeeded", "cached"][..]),
         ("Failed", &["failed", "cancelled"][..]),
     ] {
         let group: Vec<JobSummary> = jobs

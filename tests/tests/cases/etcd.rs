@@ -391,6 +391,7 @@ async fn a_full_history_is_kept_trimmed_and_read_back_in_pages() {
         tasks_done: 1,
         tasks_total: 1,
         rows_out: i,
+        cached_age_ms: None,
         ddl: false,
     };
     let jobs: Vec<JobSummary> = (0..1005).map(job).collect();

@@ -12,6 +12,7 @@ mod lifecycle;
 mod liveness;
 mod perf;
 mod repl;
+mod result_cache;
 mod resume;
 mod roles;
 mod s3;

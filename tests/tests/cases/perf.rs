@@ -31,6 +31,11 @@ async fn local(sql: &str) -> Vec<Vec<String>> {
 async fn cluster_with(statements: Vec<String>) -> (EmbeddedCluster, volley::VolleyClient) {
     let cluster = EmbeddedCluster::start(2, 1).await.unwrap();
     let client = cluster.client().await.unwrap();
+    // These tests compare runs of the same query: each must run.
+    client
+        .sql("SET volley.result_cache_ttl = '0'")
+        .await
+        .unwrap();
     for statement in statements {
         client.sql(&statement).await.unwrap();
     }

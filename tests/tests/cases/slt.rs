@@ -87,6 +87,11 @@ async fn slt_volley_cluster() {
                 let client = volley::VolleyClient::connect(&url)
                     .await
                     .map_err(|e| volley_tests::slt::SltError(e.to_string()))?;
+                // EXPLAIN ANALYZE records show how a query ran: every one runs.
+                client
+                    .sql("SET volley.result_cache_ttl = '0'")
+                    .await
+                    .map_err(|e| volley_tests::slt::SltError(e.to_string()))?;
                 Ok(ClusterDb { client })
             }
         });

@@ -1,0 +1,227 @@
+//! What makes two queries the same for the result cache, and what their answer depends on.
+//!
+//! - [`uncacheable`]: statements whose answer may change with nothing else changing are
+//!   never cached: not a query (DDL, DML, `COPY`, `EXPLAIN`), a function that is not
+//!   immutable (`now()`, `random()`, `uuid()`, `current_date`), a table that is not files
+//!   (in-memory tables, system tables, table functions).
+//! - [`QueryKey`]: the optimized physical plan (every operator's description and the file
+//!   pieces each scan reads), the settings that change results, and the caller's principal,
+//!   hashed (SHA-256); and the input files as the planner listed them just now (location,
+//!   size, last-modified, e-tag, version).
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::datasource::listing::ListingTable;
+use datafusion::datasource::physical_plan::FileScanConfig;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::datasource::source_as_provider;
+use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
+use datafusion::physical_plan::{ExecutionPlan, displayable};
+
+/// Settings (by key or key prefix) that change what a query returns; partition counts,
+/// memory and the like only change how it runs.
+const RESULT_SETTINGS: [&str; 6] = [
+    "datafusion.sql_parser.",
+    "datafusion.execution.time_zone",
+    "datafusion.execution.parquet.binary_as_string",
+    "datafusion.execution.parquet.schema_force_view_types",
+    "datafusion.execution.parquet.coerce_int96",
+    "datafusion.execution.listing_table_ignore_subdirectory",
+];
+
+/// One input file as listed: what a change of its contents changes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FileVersion {
+    /// Location in its object store (`file:///...`, `s3://bucket/...`).
+    pub location: String,
+    /// Bytes.
+    pub size: u64,
+    /// Last modified, nanoseconds since the Unix epoch.
+    pub modified_ns: i64,
+    /// The store's e-tag, if it has one.
+    pub e_tag: Option<String>,
+    /// The store's object version, if it has one.
+    pub version: Option<String>,
+}
+
+/// The cache identity of one planned query.
+#[derive(Debug, Clone)]
+pub struct QueryKey {
+    /// Hash of the plan, result settings and principal.
+    pub key: String,
+    /// The input files, sorted by location.
+    pub inputs: Vec<FileVersion>,
+    /// Hash of [`Self::inputs`].
+    pub inputs_hash: String,
+}
+
+/// Whether the result cache may answer a statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheUse {
+    /// A query over tables of files with immutable functions only.
+    Allowed,
+    /// Never cached, for this reason.
+    Never(String),
+}
+
+impl CacheUse {
+    /// Whether the answer to `logical` may be cached.
+    pub fn of(logical: &LogicalPlan) -> Self {
+        match uncacheable(logical) {
+            None => CacheUse::Allowed,
+            Some(reason) => CacheUse::Never(reason),
+        }
+    }
+}
+
+/// Why the answer to `logical` must not be cached (None: it may be).
+pub fn uncacheable(logical: &LogicalPlan) -> Option<String> {
+    match logical {
+        LogicalPlan::Dml(_)
+        | LogicalPlan::Copy(_)
+        | LogicalPlan::Ddl(_)
+        | LogicalPlan::Statement(_)
+        | LogicalPlan::Explain(_)
+        | LogicalPlan::Analyze(_)
+        | LogicalPlan::DescribeTable(_) => return Some("the statement is not a query".into()),
+        _ => {}
+    }
+    let mut reason = None;
+    let _ = logical.apply_with_subqueries(|node| {
+        reason = node_reason(node);
+        Ok(if reason.is_some() {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    reason
+}
+
+fn node_reason(node: &LogicalPlan) -> Option<String> {
+    if let LogicalPlan::TableScan(scan) = node {
+        let provider = source_as_provider(&scan.source).ok()?;
+        if provider.downcast_ref::<ListingTable>().is_some() {
+            return None;
+        }
+        // A view: what it reads decides.
+        if let Some(plan) = provider.get_logical_plan() {
+            return uncacheable(plan.as_ref());
+        }
+        return Some(format!(
+            "it reads {}, which is not a table of files",
+            scan.table_name
+        ));
+    }
+    let mut reason = None;
+    let _ = node.apply_expressions(|expr| {
+        expr.apply(|e| {
+            if let Expr::ScalarFunction(f) = e
+                && f.func.signature().volatility != Volatility::Immutable
+            {
+                reason = Some(format!(
+                    "it calls {}(), whose answer can change between runs",
+                    f.func.name()
+                ));
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })
+    });
+    reason
+}
+
+/// The key of `plan` run with `settings` for `principal`, and its inputs.
+pub fn query_key(
+    plan: &Arc<dyn ExecutionPlan>,
+    settings: &[(String, String)],
+    principal: &str,
+) -> QueryKey {
+    let mut text = String::from("volley result cache v1\n");
+    let _ = writeln!(text, "principal {principal}");
+    let mut relevant: Vec<&(String, String)> = settings
+        .iter()
+        .filter(|(k, _)| RESULT_SETTINGS.iter().any(|p| k.starts_with(p)))
+        .collect();
+    relevant.sort();
+    for (k, v) in relevant {
+        let _ = writeln!(text, "set {k}={v}");
+    }
+    for field in plan.schema().fields() {
+        let _ = writeln!(
+            text,
+            "column {}: {} {}",
+            field.name(),
+            field.data_type(),
+            field.is_nullable()
+        );
+    }
+    let mut inputs = Vec::new();
+    describe(plan, 0, &mut text, &mut inputs);
+    inputs.sort_by(|a, b| a.location.cmp(&b.location));
+    inputs.dedup();
+    let mut listed = String::new();
+    for f in &inputs {
+        let _ = writeln!(
+            listed,
+            "{} {} {} {:?} {:?}",
+            f.location, f.size, f.modified_ns, f.e_tag, f.version
+        );
+    }
+    QueryKey {
+        key: sha256(&text),
+        inputs_hash: sha256(&listed),
+        inputs,
+    }
+}
+
+/// Each operator's description and each scan's file pieces (locations and byte ranges) into
+/// `text`, pre-order with depths; the files' versions into `inputs`.
+fn describe(
+    plan: &Arc<dyn ExecutionPlan>,
+    depth: usize,
+    text: &mut String,
+    inputs: &mut Vec<FileVersion>,
+) {
+    let _ = writeln!(
+        text,
+        "{depth} {}",
+        displayable(plan.as_ref()).one_line().to_string().trim_end()
+    );
+    let scan = plan
+        .downcast_ref::<DataSourceExec>()
+        .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>());
+    if let Some(scan) = scan {
+        let _ = writeln!(text, "store {}", scan.object_store_url.as_str());
+        for (group, files) in scan.file_groups.iter().enumerate() {
+            for file in files.iter() {
+                let meta = &file.object_meta;
+                let range = file.range.as_ref().map(|r| (r.start, r.end));
+                let _ = writeln!(text, "file {group} {} {range:?}", meta.location);
+                inputs.push(FileVersion {
+                    location: format!("{}{}", scan.object_store_url.as_str(), meta.location),
+                    size: meta.size,
+                    modified_ns: meta
+                        .last_modified
+                        .timestamp_nanos_opt()
+                        .unwrap_or_else(|| meta.last_modified.timestamp_micros()),
+                    e_tag: meta.e_tag.clone(),
+                    version: meta.version.clone(),
+                });
+            }
+        }
+    }
+    for child in plan.children() {
+        describe(child, depth + 1, text, inputs);
+    }
+}
+
+fn sha256(text: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    digest.as_ref().iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}

@@ -1,0 +1,318 @@
+//! The result cache at work (see [`crate::result_cache`]). A planned query the cache may
+//! answer is looked up: a stored answer becomes a job that ran no task (state `cached`); an
+//! identical query already running is waited for, and its answer served; otherwise the query
+//! runs, and once it succeeded its answer is read from the executors into the cache. Until
+//! then the job's result files stay: a client's release waits for that read.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::SessionContext;
+use futures::StreamExt;
+use tokio::sync::watch;
+use volley_core::Result;
+use volley_core::config::VolleyOptions;
+use volley_core::security::Principal;
+use volley_core::shuffle::{ipc_bytes, read_partition_location};
+
+use crate::job::{CacheHit, JobState};
+use crate::result_cache::{CacheUse, CachedResult, Lookup, QueryKey, query_key};
+use crate::service::SchedulerService;
+
+/// A query the cache is asked about.
+pub(super) struct Probe {
+    query: QueryKey,
+    /// The asking session's `volley.result_cache_ttl`.
+    ttl: Duration,
+    /// Largest answer stored.
+    max_bytes: u64,
+}
+
+/// A planned query with what it runs with.
+struct Planned {
+    sql: String,
+    ctx: SessionContext,
+    physical: Arc<dyn ExecutionPlan>,
+    settings: Arc<Vec<(String, String)>>,
+}
+
+impl SchedulerService {
+    /// The cache's probe for a planned query, when the cache may answer it: it is on, the
+    /// statement is cacheable, the session's TTL is not 0 and no test hook is set.
+    pub(super) fn cache_probe(
+        &self,
+        physical: &Arc<dyn ExecutionPlan>,
+        settings: &[(String, String)],
+        cache: &CacheUse,
+        principal: Option<&Principal>,
+    ) -> Option<Probe> {
+        let principal = principal?;
+        let options = VolleyOptions::from_pairs(settings);
+        let ttl = options.result_cache_ttl.0;
+        let usable = *cache == CacheUse::Allowed
+            && !ttl.is_zero()
+            && options.test_hooks_set().is_empty()
+            && self.result_cache.lock().enabled();
+        usable.then(|| Probe {
+            query: query_key(physical, settings, principal.as_str()),
+            ttl,
+            // A cached answer travels inline in the job status message.
+            max_bytes: options
+                .result_cache_max_entry_bytes
+                .min(self.config.max_message_size as u64 / 2),
+        })
+    }
+
+    /// Submit a planned query through the result cache; returns the job id.
+    pub(super) async fn submit_cached(
+        &self,
+        job_id: String,
+        sql: &str,
+        ctx: &SessionContext,
+        physical: Arc<dyn ExecutionPlan>,
+        settings: Arc<Vec<(String, String)>>,
+        probe: Probe,
+    ) -> Result<String> {
+        let lookup = self.result_cache.lock().lookup(&probe.query, probe.ttl);
+        let planned = Planned {
+            sql: sql.to_string(),
+            ctx: ctx.clone(),
+            physical,
+            settings,
+        };
+        match lookup {
+            Lookup::Hit(hit) => {
+                let schema = planned.physical.schema();
+                let (answer, hit) = answered(hit)?;
+                self.state
+                    .lock()
+                    .add_cached_job(job_id.clone(), planned.sql, schema, answer, hit);
+                tracing::info!(
+                    job_id,
+                    age_ms = hit.age.as_millis() as u64,
+                    "answered from the result cache"
+                );
+                Ok(job_id)
+            }
+            Lookup::InFlight {
+                job_id: leader,
+                done,
+            } => {
+                tracing::info!(job_id, leader, "waiting for an identical query");
+                self.state.lock().add_waiting_job(
+                    job_id.clone(),
+                    planned.sql.clone(),
+                    planned.physical.schema(),
+                );
+                let service = self.clone();
+                let id = job_id.clone();
+                tokio::spawn(async move { service.follow(id, planned, probe, done).await });
+                Ok(job_id)
+            }
+            Lookup::Miss(_) => self.run_and_keep(job_id, planned, probe).await,
+        }
+    }
+
+    /// Run the query as job `job_id` and keep its answer when it succeeds.
+    async fn run_and_keep(&self, job_id: String, planned: Planned, probe: Probe) -> Result<String> {
+        self.result_cache.lock().begin(&probe.query, &job_id);
+        self.capturing.lock().insert(job_id.clone(), false);
+        let submitted = self
+            .submit_physical(
+                job_id.clone(),
+                &planned.sql,
+                &planned.ctx,
+                planned.physical,
+                planned.settings,
+            )
+            .await;
+        match submitted {
+            Ok(id) => {
+                let service = self.clone();
+                tokio::spawn(async move { service.keep_answer(id, probe).await });
+                Ok(job_id)
+            }
+            Err(e) => {
+                self.result_cache.lock().end(&probe.query, &job_id);
+                self.capturing.lock().remove(&job_id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Job `job_id` waits for the identical query in flight; its answer, or — when that one
+    /// stored none (failed, cancelled, too large) — a run of its own.
+    async fn follow(
+        &self,
+        job_id: String,
+        planned: Planned,
+        probe: Probe,
+        mut done: watch::Receiver<bool>,
+    ) {
+        loop {
+            // Wakes up now and then to notice that the waiting job was cancelled.
+            let _ = tokio::time::timeout(Duration::from_millis(200), done.changed()).await;
+            if self.job_ended(&job_id) {
+                return;
+            }
+            if !*done.borrow() && done.has_changed().is_ok() {
+                continue;
+            }
+            let lookup = self.result_cache.lock().lookup(&probe.query, probe.ttl);
+            match lookup {
+                Lookup::Hit(hit) => {
+                    match answered(hit) {
+                        Ok((answer, hit)) => {
+                            self.state
+                                .lock()
+                                .finish_waiting_from_cache(&job_id, answer, hit);
+                        }
+                        Err(e) => self.state.lock().fail_job(&job_id, e.to_string()),
+                    }
+                    return;
+                }
+                Lookup::InFlight { done: next, .. } => done = next,
+                Lookup::Miss(_) => {
+                    // Runs under the waiting job's id, which it replaces.
+                    if let Err(e) = self.run_and_keep(job_id.clone(), planned, probe).await {
+                        self.state.lock().fail_job(&job_id, e.to_string());
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn job_ended(&self, job_id: &str) -> bool {
+        self.state
+            .lock()
+            .job(job_id)
+            .is_none_or(|j| j.state.is_final())
+    }
+
+    /// Once job `job_id` ended, store its answer if it succeeded; then its waiters look again
+    /// and a release asked for meanwhile happens.
+    async fn keep_answer(&self, job_id: String, probe: Probe) {
+        if let Err(e) = self.read_answer(&job_id, &probe).await {
+            tracing::warn!(job_id, error = %e, "the answer could not be stored in the result cache");
+        }
+        self.result_cache.lock().end(&probe.query, &job_id);
+        let release = self.capturing.lock().remove(&job_id).unwrap_or(false);
+        if release {
+            self.release(&job_id).await;
+        }
+    }
+
+    async fn read_answer(&self, job_id: &str, probe: &Probe) -> Result<()> {
+        let Some(mut rx) = self.state.lock().job(job_id).map(|j| j.version.subscribe()) else {
+            return Ok(());
+        };
+        let (locations, schema) = loop {
+            {
+                let state = self.state.lock();
+                let Some(job) = state.job(job_id) else {
+                    return Ok(());
+                };
+                match &job.state {
+                    JobState::Succeeded if job.inline_result.is_none() => {
+                        break (job.result_locations(), Arc::clone(&job.schema));
+                    }
+                    ended if ended.is_final() => return Ok(()),
+                    _ => {}
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Ok(());
+            }
+        };
+        let file_bytes: u64 = locations.iter().map(|l| l.num_bytes).sum();
+        if file_bytes > probe.max_bytes {
+            return Ok(());
+        }
+        let mut batches = Vec::new();
+        for location in locations {
+            let mut stream =
+                read_partition_location(location, None, 0, self.config.security.clone());
+            while let Some(batch) = stream.next().await {
+                batches.push(batch?);
+            }
+        }
+        let answer = ipc_bytes(&schema, &batches)?;
+        if answer.len() as u64 > probe.max_bytes {
+            return Ok(());
+        }
+        let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+        self.result_cache
+            .lock()
+            .store(&probe.query, answer, rows, probe.ttl)
+    }
+
+    /// True when the release of job `job_id` must wait: its answer is being read into the
+    /// cache (the reader releases it when done).
+    pub(super) fn release_deferred(&self, job_id: &str) -> bool {
+        let succeeded = self
+            .state
+            .lock()
+            .job(job_id)
+            .is_some_and(|j| j.state == JobState::Succeeded);
+        match self.capturing.lock().get_mut(job_id) {
+            Some(pending) if succeeded => {
+                *pending = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The line EXPLAIN ANALYZE ends with when the result cache is on: whether a plain run
+    /// of the analyzed query would be answered from it (EXPLAIN ANALYZE itself always runs the
+    /// query, and stores nothing).
+    pub(super) fn explain_cache(
+        &self,
+        probe: Option<&Probe>,
+        cache: &CacheUse,
+        settings: &[(String, String)],
+    ) -> Option<String> {
+        let ttl = VolleyOptions::from_pairs(settings).result_cache_ttl.0;
+        let cache_on = self.result_cache.lock().enabled();
+        if ttl.is_zero() || !cache_on {
+            return None;
+        }
+        Some(match (probe, cache) {
+            (_, CacheUse::Never(reason)) => format!("Result cache: not used ({reason})"),
+            (None, CacheUse::Allowed) => "Result cache: not used (test hooks are set)".into(),
+            (Some(probe), CacheUse::Allowed) => {
+                let stored = self.result_cache.lock().peek(&probe.query, probe.ttl);
+                match stored {
+                    Some((age, rows)) => format!(
+                        "Result cache: hit — its answer ({rows} rows, stored {} ago) is served to this query without running it",
+                        crate::fmt::duration(crate::fmt::ms(age))
+                    ),
+                    None => "Result cache: miss — this query runs and its answer is stored".into(),
+                }
+            }
+        })
+    }
+
+    /// Drop expired answers and refresh the cache's size gauge.
+    pub(super) fn expire_cached(&self) {
+        let mut cache = self.result_cache.lock();
+        cache.expire();
+        self.metrics
+            .result_cache_bytes
+            .set(i64::try_from(cache.bytes()).unwrap_or(i64::MAX));
+    }
+}
+
+/// A stored answer's bytes and what its job shows.
+fn answered(hit: CachedResult) -> Result<(Vec<u8>, CacheHit)> {
+    let answer = hit.data.read()?;
+    Ok((
+        answer,
+        CacheHit {
+            age: hit.age,
+            rows: hit.rows,
+        },
+    ))
+}
