@@ -17,7 +17,9 @@ use datafusion_proto::protobuf as dfproto;
 use prost::Message;
 
 use crate::ids::{check_id, check_partitions, check_shuffle_path};
-use crate::plan::{CommitFilesExec, ShuffleReaderExec, ShuffleWriterExec, TaskWriteExec};
+use crate::plan::{
+    CachedScanExec, CommitFilesExec, ShuffleReaderExec, ShuffleWriterExec, TaskWriteExec,
+};
 use crate::protobuf::{self, volley_plan_node::Node};
 use crate::shuffle::PartitionLocation;
 
@@ -219,6 +221,36 @@ impl PhysicalExtensionCodec for VolleyCodec {
                     sink.sink(),
                 )?))
             }
+            Some(Node::CachedScan(c)) => {
+                let schema_proto =
+                    dfproto::Schema::decode(c.schema.as_slice()).map_err(decode_err)?;
+                let schema = Arc::new(Schema::try_from(&schema_proto).map_err(decode_err)?);
+                check_partitions("cached scan", c.partitions.len()).map_err(decode_err)?;
+                for location in &c.partitions {
+                    check_shuffle_path(&location.path, None, c.stage_id).map_err(decode_err)?;
+                }
+                let locations = c
+                    .partitions
+                    .iter()
+                    .map(PartitionLocation::try_from)
+                    .collect::<crate::Result<Vec<_>>>()?;
+                let projection = c.projected.then(|| {
+                    c.projection
+                        .iter()
+                        .map(|i| *i as usize)
+                        .collect::<Vec<usize>>()
+                });
+                if let Some(bad) = projection
+                    .iter()
+                    .flatten()
+                    .find(|i| **i >= schema.fields().len())
+                {
+                    return Err(decode_err(format!("cached scan reads no column {bad}")));
+                }
+                Ok(Arc::new(CachedScanExec::try_new(
+                    c.table, schema, c.stage_id, locations, projection,
+                )?))
+            }
             Some(Node::ChildSlot(_)) => Err(decode_err("a child slot outside a flat plan")),
             None => Err(decode_err("empty node")),
         }
@@ -280,6 +312,25 @@ impl PhysicalExtensionCodec for VolleyCodec {
             Node::CommitFiles(protobuf::CommitFilesExecNode {
                 job_id: c.job_id().to_string(),
                 sink: Self::encode_plan(Arc::new(holder))?,
+            })
+        } else if let Some(c) = node.downcast_ref::<CachedScanExec>() {
+            let schema = dfproto::Schema::try_from(c.table_schema().as_ref())
+                .map_err(|e| DataFusionError::Internal(format!("cannot encode schema: {e}")))?;
+            let columns = c.projection().unwrap_or_default();
+            Node::CachedScan(protobuf::CachedScanExecNode {
+                table: c.table().to_string(),
+                schema: schema.encode_to_vec(),
+                stage_id: c.stage_id(),
+                partitions: c
+                    .locations()
+                    .iter()
+                    .map(protobuf::PartitionLocation::from)
+                    .collect(),
+                projected: c.projection().is_some(),
+                projection: columns
+                    .iter()
+                    .map(|i| u32::try_from(*i).unwrap_or(u32::MAX))
+                    .collect(),
             })
         } else if let Some(slot) = node.downcast_ref::<crate::flat::ChildSlot>() {
             Node::ChildSlot(slot.index())
@@ -349,6 +400,42 @@ mod tests {
                 .shuffle_partitioning()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn cached_scan_round_trips_with_its_projection() {
+        let location = |p: u32| PartitionLocation {
+            executor_id: format!("exec-{p}"),
+            host: "127.0.0.2".to_string(),
+            flight_port: 50052,
+            path: format!("/tmp/w/job/3/{p}-0/part-0.arrow"),
+            map_partition: p,
+            output_partition: 0,
+            num_rows: 5,
+            num_bytes: 100,
+            grant: String::new(),
+            in_memory: p == 0,
+        };
+        for projection in [None, Some(vec![1])] {
+            let scan = Arc::new(
+                CachedScanExec::try_new(
+                    "lineitem_1995",
+                    schema(),
+                    3,
+                    vec![location(0), location(1)],
+                    projection.clone(),
+                )
+                .unwrap(),
+            );
+            let decoded = round_trip(scan.clone());
+            let c = decoded.downcast_ref::<CachedScanExec>().unwrap();
+            assert_eq!(c.table(), "lineitem_1995");
+            assert_eq!(c.stage_id(), 3);
+            assert_eq!(c.locations(), scan.locations());
+            assert_eq!(c.projection(), projection.as_deref());
+            assert_eq!(c.schema(), scan.schema());
+            assert_eq!(decoded.output_partitioning().partition_count(), 2);
+        }
     }
 
     #[test]

@@ -179,8 +179,10 @@ pub struct ExecutorView {
     pub failed_tasks: u64,
     /// Time since its last heartbeat.
     pub last_heartbeat_age_ms: u64,
-    /// Shuffle bytes it holds for unreleased jobs.
+    /// Shuffle bytes it holds for unreleased jobs (cached tables included).
     pub shuffle_bytes_held: u64,
+    /// Bytes of cached tables' partitions it holds (`CACHE TABLE`).
+    pub cached_bytes: u64,
     /// alive, draining, circuit open or lost.
     pub state: String,
 }
@@ -409,20 +411,28 @@ pub fn stage_detail(state: &ClusterState, job_id: &str, stage_id: u32) -> Option
 }
 
 fn executor_view(state: &ClusterState, e: &ExecutorInfo) -> ExecutorView {
-    let held: u64 = state
-        .jobs()
-        .values()
-        .filter(|j| !j.released)
+    let on_e = |tasks: &[crate::job::TaskInfo]| -> u64 {
+        tasks
+            .iter()
+            .filter_map(|t| match &t.state {
+                TaskState::Succeeded {
+                    executor_id,
+                    outputs,
+                    ..
+                } if *executor_id == e.id => Some(outputs.iter().map(|l| l.num_bytes).sum::<u64>()),
+                _ => None,
+            })
+            .sum()
+    };
+    let unreleased = || state.jobs().values().filter(|j| !j.released);
+    let held: u64 = unreleased()
         .flat_map(|j| j.stages.values())
-        .flat_map(|s| &s.tasks)
-        .filter_map(|t| match &t.state {
-            TaskState::Succeeded {
-                executor_id,
-                outputs,
-                ..
-            } if *executor_id == e.id => Some(outputs.iter().map(|l| l.num_bytes).sum::<u64>()),
-            _ => None,
-        })
+        .map(|s| on_e(&s.tasks))
+        .sum();
+    let cached: u64 = unreleased()
+        .filter(|j| j.pinned && j.state == JobState::Succeeded)
+        .filter_map(|j| j.stages.get(&j.final_stage))
+        .map(|s| on_e(&s.tasks))
         .sum();
     ExecutorView {
         id: e.id.clone(),
@@ -433,6 +443,7 @@ fn executor_view(state: &ClusterState, e: &ExecutorInfo) -> ExecutorView {
         failed_tasks: e.failed_tasks,
         last_heartbeat_age_ms: ms(e.last_seen.elapsed()),
         shuffle_bytes_held: held,
+        cached_bytes: cached,
         state: e.status().to_string(),
     }
 }

@@ -199,12 +199,27 @@ impl ClusterState {
         self.jobs.get_mut(job_id).is_some_and(Job::cancel)
     }
 
-    /// The job's files are being removed: false when that already happened (or it is unknown).
+    /// Keep job `id`'s result (a cached table's partitions) until [`ClusterState::unpin`].
+    pub fn pin(&mut self, id: &str) {
+        if let Some(job) = self.jobs.get_mut(id) {
+            job.pinned = true;
+        }
+    }
+
+    /// Job `id`'s result may go (its cached table was dropped).
+    pub fn unpin(&mut self, id: &str) {
+        if let Some(job) = self.jobs.get_mut(id) {
+            job.pinned = false;
+        }
+    }
+
+    /// The job's files are being removed: false when that already happened (or it is unknown,
+    /// or pinned).
     pub fn mark_released(&mut self, job_id: &str) -> bool {
         let Some(job) = self.jobs.get_mut(job_id) else {
             return false;
         };
-        if job.released {
+        if job.released || job.pinned {
             return false;
         }
         job.released = true;
@@ -233,7 +248,9 @@ impl ClusterState {
         let now = Instant::now();
         self.jobs
             .values()
-            .filter(|j| !j.released && j.finished.is_some_and(|f| now.duration_since(f) > ttl))
+            .filter(|j| {
+                !j.released && !j.pinned && j.finished.is_some_and(|f| now.duration_since(f) > ttl)
+            })
             .map(|j| j.id.clone())
             .collect()
     }

@@ -145,6 +145,9 @@ pub struct Job {
     pub attempt_floor: u32,
     /// Answered from the result cache (no task ran).
     pub cached: Option<CacheHit>,
+    /// Its result is a cached table's partitions (`CACHE TABLE`): never released while
+    /// pinned, and recomputed (by lineage) where an executor holding them is lost.
+    pub pinned: bool,
 }
 
 /// What a job answered from the result cache was given.
@@ -224,6 +227,7 @@ impl Job {
             owner: None,
             attempt_floor: 0,
             cached: None,
+            pinned: false,
         }
     }
 

@@ -9,6 +9,15 @@ use crate::job::task::{MAX_TASK_CRASHES, Requeue, TaskLaunch, TaskState};
 use crate::job::{Job, JobState};
 
 impl Job {
+    /// True when a result task's output is on `executor_id`.
+    fn holds_result_on(&self, executor_id: &str) -> bool {
+        self.stages.get(&self.final_stage).is_some_and(|stage| {
+            stage.tasks.iter().any(|t| {
+                matches!(&t.state, TaskState::Succeeded { executor_id: e, .. } if e == executor_id)
+            })
+        })
+    }
+
     /// Stages whose output some stage still has to read (and the result stage).
     fn needed_outputs(&self) -> Vec<u32> {
         self.stages
@@ -28,6 +37,12 @@ impl Job {
     /// job when a task has now crashed too many executors or used its attempts) and its
     /// finished tasks whose output is still needed run again.
     pub fn executor_lost(&mut self, executor_id: &str, policy: &SchedulerPolicy) {
+        if self.pinned && self.state == JobState::Succeeded && self.holds_result_on(executor_id) {
+            // A cached table lost partitions: the job runs again where they were lost.
+            self.state = JobState::Running;
+            self.finished = None;
+            self.touch();
+        }
         if self.state != JobState::Running {
             return;
         }

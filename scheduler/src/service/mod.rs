@@ -2,8 +2,9 @@
 //! statements into jobs, [`launch`] sends tasks to executors and releases jobs,
 //! [`housekeeping`] expires executors, results and stuck jobs, [`executors`] handles what
 //! executors report, [`status`] answers clients' questions, [`tables`] keeps `CREATE TABLE AS`
-//! results, `cached` serves and keeps answers of the result cache, and [`grpc`] is the thin
-//! gRPC layer over all of them.
+//! results, `cached` serves and keeps answers of the result cache, `cache_table` runs
+//! `CACHE TABLE` (its tables are `cached_table`'s), and [`grpc`] is the thin gRPC layer over
+//! all of them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,7 +28,9 @@ use crate::result_cache::ResultCache;
 use crate::store::{HISTORY_LIMIT, StateStore, StoredSession};
 use crate::views::{self, JobSummary};
 
+mod cache_table;
 mod cached;
+mod cached_table;
 pub mod executors;
 pub mod grpc;
 pub mod housekeeping;

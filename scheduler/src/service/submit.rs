@@ -31,6 +31,7 @@ use crate::graph::scan_balance::balance_parquet_scans;
 use crate::graph::{StagePlan, add_key_filters, mark_broadcast_candidates};
 use crate::job::JobState;
 use crate::result_cache::CacheUse;
+use crate::service::cache_table::{CacheStatement, plan_cache_statement};
 use crate::service::{SchedulerService, new_id};
 use volley_core::security::Principal;
 
@@ -209,6 +210,10 @@ impl SchedulerService {
                         .await
                 });
                 Ok(job_id)
+            }
+            Planned::Cache(statement) => {
+                self.submit_cache_statement(job_id, sql, ctx, statement)
+                    .await
             }
             Planned::Physical(physical, settings, cache) => {
                 match self.cache_probe(&physical, &settings, &cache, principal) {
@@ -433,6 +438,8 @@ pub(super) enum Planned {
     ),
     /// EXPLAIN ANALYZE of this plan.
     Analyze(Arc<dyn ExecutionPlan>, Arc<Vec<(String, String)>>, CacheUse),
+    /// `CACHE TABLE` / `UNCACHE TABLE`.
+    Cache(CacheStatement),
     /// A plan for the executors, with the session settings its tasks run with, and whether
     /// the result cache may answer it.
     Physical(Arc<dyn ExecutionPlan>, Arc<Vec<(String, String)>>, CacheUse),
@@ -482,6 +489,9 @@ pub(super) async fn plan_statement(
     job_id: &str,
 ) -> Result<Planned> {
     let state = ctx.state();
+    if let Some(statement) = plan_cache_statement(ctx, &state, sql, sandbox).await? {
+        return Ok(Planned::Cache(statement));
+    }
     let logical = state.create_logical_plan(sql).await?;
     sandbox.check_logical(&logical)?;
     let logical = take_store_options(ctx, logical)?;

@@ -288,12 +288,12 @@ pub async fn executors_page(State(service): State<SchedulerService>) -> Html<Str
     let executors: Vec<ExecutorView> = service.with_state(views::executors);
     let mut body = String::from(
         "<table id=\"executors\"><tr><th>Id</th><th>Address</th><th>State</th><th>Slots</th><th>Running</th>\
-<th>Completed</th><th>Failed</th><th>Last heartbeat</th><th>Shuffle held</th></tr>",
+<th>Completed</th><th>Failed</th><th>Last heartbeat</th><th>Shuffle held</th><th>Cached tables</th></tr>",
     );
     for e in &executors {
         let _ = write!(
             body,
-            "<tr class=\"executor\"><td>{}</td><td>{}</td>{}<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s ago</td><td>{}</td></tr>",
+            "<tr class=\"executor\"><td>{}</td><td>{}</td>{}<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s ago</td><td>{}</td><td>{}</td></tr>",
             esc(&e.id),
             esc(&e.address),
             state_cell(&e.state),
@@ -302,7 +302,8 @@ pub async fn executors_page(State(service): State<SchedulerService>) -> Html<Str
             e.completed_tasks,
             e.failed_tasks,
             e.last_heartbeat_age_ms as f64 / 1000.0,
-            bytes(e.shuffle_bytes_held)
+            bytes(e.shuffle_bytes_held),
+            bytes(e.cached_bytes)
         );
     }
     body.push_str("</table>");

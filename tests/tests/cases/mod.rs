@@ -1,3 +1,4 @@
+mod cache_table;
 mod cli;
 mod dataframe;
 mod deploy;

@@ -1,0 +1,166 @@
+//! `CACHE TABLE` on a cluster of real processes: queries over a cached table equal the same
+//! queries over its source and read the executors' cached partitions; a SIGKILLed executor's
+//! partitions are recomputed while queries stay exact; `/api/executors` shows the cached bytes;
+//! `UNCACHE TABLE` drops them.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use datafusion::prelude::SessionContext;
+use volley::VolleyClient;
+use volley_core::config::volley_session_config;
+use volley_tests::compare::{assert_same_rows, float_columns, rows};
+use volley_tests::process::ProcessCluster;
+use volley_tests::tpch;
+
+const SOURCE: &str = "SELECT * FROM lineitem \
+    WHERE l_shipdate >= DATE '1995-01-01' AND l_shipdate < DATE '1996-01-01'";
+
+const QUERIES: [&str; 3] = [
+    "SELECT count(*), sum(l_quantity), min(l_shipdate), max(l_shipdate) FROM lineitem_1995",
+    "SELECT l_returnflag, l_linestatus, count(*), sum(l_extendedprice) FROM lineitem_1995 \
+     GROUP BY l_returnflag, l_linestatus ORDER BY l_returnflag, l_linestatus",
+    "SELECT o_orderpriority, count(*) AS n FROM lineitem_1995 JOIN orders ON l_orderkey = o_orderkey \
+     WHERE l_quantity > 30 GROUP BY o_orderpriority ORDER BY o_orderpriority",
+];
+
+/// Cached bytes by executor id, and the ids of the executors alive.
+async fn cached_bytes(cluster: &ProcessCluster) -> (BTreeMap<String, u64>, Vec<String>) {
+    let (status, body) =
+        volley_tests::http("GET", format!("{}/api/executors", cluster.http_url()), None).await;
+    assert_eq!(status, 200, "{body}");
+    let executors: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let executors = executors.as_array().expect("a list");
+    let bytes = executors
+        .iter()
+        .map(|e| {
+            let id = e["id"].as_str().unwrap_or_default().to_string();
+            (id, e["cached_bytes"].as_u64().expect("cached_bytes"))
+        })
+        .collect();
+    let alive = executors
+        .iter()
+        .filter(|e| e["state"] == "alive")
+        .map(|e| e["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    (bytes, alive)
+}
+
+/// Run the queries over the cached table and compare them with DataFusion over the source;
+/// true when every one read the cached partitions.
+async fn check(client: &VolleyClient, ctx: &SessionContext, what: &str) -> bool {
+    let mut all_cached = true;
+    for sql in QUERIES {
+        let (_, explained) = client.sql(&format!("EXPLAIN {sql}")).await.unwrap();
+        let explained = format!("{:?}", rows(&explained).unwrap());
+        all_cached &= explained.contains("CachedScanExec");
+        let (_, batches) = client.sql(sql).await.unwrap();
+        let local = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+        assert_same_rows(
+            &rows(&local).unwrap(),
+            &rows(&batches).unwrap(),
+            &float_columns(&local),
+            &format!("{what}: {sql}"),
+        );
+    }
+    all_cached
+}
+
+async fn wait_until<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_tables_are_exact_survive_a_lost_executor_and_uncache() {
+    volley_tests::init_tracing();
+    let dir = tpch::sf01().expect("generate TPC-H");
+    let mut cluster = ProcessCluster::start(2, 2, &[]).await.expect("cluster");
+    let client = cluster.client().await.expect("connect");
+    for statement in tpch::create_table_statements(&dir) {
+        client.sql(&statement).await.expect("register table");
+    }
+    let ctx = SessionContext::new_with_config(volley_session_config(4));
+    tpch::register_local(&ctx, &dir)
+        .await
+        .expect("local tables");
+    ctx.sql(&format!("CREATE VIEW lineitem_1995 AS {SOURCE}"))
+        .await
+        .unwrap();
+
+    let err = client
+        .sql("CACHE TABLE bad OPTIONS ('ttl' 'soon') AS SELECT 1")
+        .await
+        .expect_err("a bad ttl");
+    assert!(err.to_string().contains("not a duration"), "{err}");
+    client
+        .sql(&format!("CACHE TABLE lineitem_1995 AS {SOURCE}"))
+        .await
+        .expect("cache the table");
+    assert!(
+        check(&client, &ctx, "cached").await,
+        "the queries read the cache"
+    );
+    let (before, _) = cached_bytes(&cluster).await;
+    assert!(
+        before.values().filter(|b| **b > 0).count() == 2,
+        "both executors hold cached partitions: {before:?}"
+    );
+
+    // SIGKILL one executor holding partitions: once it is lost, queries stay exact (from the
+    // source while its partitions are recomputed on the other), then read the cache again.
+    let victim = before.keys().next().cloned().expect("an executor");
+    let index = cluster.executor_index(&victim).await.unwrap();
+    cluster.kill_executor(index).unwrap();
+    wait_until("the executor is lost", async || {
+        let (_, alive) = cached_bytes(&cluster).await;
+        (!alive.contains(&victim)).then_some(())
+    })
+    .await;
+    check(&client, &ctx, "after the executor was lost").await;
+    let survivor = before
+        .keys()
+        .find(|id| **id != victim)
+        .cloned()
+        .expect("two");
+    let after = wait_until("the lost partitions are recomputed", async || {
+        let (bytes, _) = cached_bytes(&cluster).await;
+        (bytes.get(&survivor) > before.get(&survivor)).then_some(bytes)
+    })
+    .await;
+    assert_eq!(after.get(&victim).copied().unwrap_or(0), 0, "{after:?}");
+    assert!(
+        check(&client, &ctx, "recomputed").await,
+        "the queries read the recomputed cache"
+    );
+
+    client.sql("UNCACHE TABLE lineitem_1995").await.unwrap();
+    let err = client
+        .sql("SELECT count(*) FROM lineitem_1995")
+        .await
+        .expect_err("no such table after UNCACHE");
+    assert!(err.to_string().contains("lineitem_1995"), "{err}");
+    let (gone, _) = cached_bytes(&cluster).await;
+    assert_eq!(gone.values().sum::<u64>(), 0, "{gone:?}");
+    client
+        .sql("UNCACHE TABLE IF EXISTS lineitem_1995")
+        .await
+        .unwrap();
+
+    // CACHE TABLE of an existing table caches it in place; UNCACHE brings the source back.
+    client.sql("CACHE TABLE nation").await.unwrap();
+    let (_, explained) = client
+        .sql("EXPLAIN SELECT count(*) FROM nation")
+        .await
+        .unwrap();
+    assert!(format!("{:?}", rows(&explained).unwrap()).contains("CachedScanExec"));
+    client.sql("UNCACHE TABLE nation").await.unwrap();
+    let (_, batches) = client.sql("SELECT count(*) FROM nation").await.unwrap();
+    assert_eq!(rows(&batches).unwrap(), vec![vec!["25".to_string()]]);
+}
