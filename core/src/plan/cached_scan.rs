@@ -18,7 +18,6 @@ use datafusion::physical_plan::{
 };
 use futures::StreamExt;
 
-use crate::config::TaskEnv;
 use crate::shuffle::{LocalReads, PartitionLocation, read_partition_location};
 
 /// Reads a cached table's partitions, optionally only some of its columns.
@@ -165,13 +164,7 @@ impl ExecutionPlan for CachedScanExec {
                 futures::stream::empty(),
             )));
         };
-        let env = context.session_config().get_extension::<TaskEnv>();
-        let local = env.as_ref().map(|env| LocalReads {
-            executor_id: env.executor_id.clone(),
-            host: env.host.clone(),
-            memory: env.memory.clone(),
-        });
-        let security = env.map(|env| env.security.clone()).unwrap_or_default();
+        let (local, security) = LocalReads::of_task(&context);
         let (table, executor) = (self.table.clone(), location.executor_id.clone());
         let projection = self.projection.clone();
         // Not a fetch failure of this job's stages: the cached copy is another job's output.

@@ -17,7 +17,6 @@ use datafusion::physical_plan::{
 };
 use futures::StreamExt;
 
-use crate::config::TaskEnv;
 use crate::shuffle::{LocalReads, PartitionLocation, read_partition_location};
 
 /// Reads the shuffle output of stage `stage_id`.
@@ -179,13 +178,7 @@ impl ExecutionPlan for ShuffleReaderExec {
                 self.stage_id
             ))
         })?;
-        let env = context.session_config().get_extension::<TaskEnv>();
-        let local = env.as_ref().map(|env| LocalReads {
-            executor_id: env.executor_id.clone(),
-            host: env.host.clone(),
-            memory: env.memory.clone(),
-        });
-        let security = env.map(|env| env.security.clone()).unwrap_or_default();
+        let (local, security) = LocalReads::of_task(&context);
         let count = |read: fn(&LocalReads, &PartitionLocation) -> bool| {
             locations
                 .iter()

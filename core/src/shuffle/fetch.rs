@@ -323,6 +323,25 @@ pub struct LocalReads {
 }
 
 impl LocalReads {
+    /// The reads of a task running with `context` (its executor's [`crate::config::TaskEnv`]),
+    /// and the credentials of its fetches from other executors.
+    pub fn of_task(
+        context: &datafusion::execution::TaskContext,
+    ) -> (Option<LocalReads>, crate::security::Security) {
+        let env = context
+            .session_config()
+            .get_extension::<crate::config::TaskEnv>();
+        let local = env.as_ref().map(|env| LocalReads {
+            executor_id: env.executor_id.clone(),
+            host: env.host.clone(),
+            memory: env.memory.clone(),
+        });
+        (
+            local,
+            env.map(|env| env.security.clone()).unwrap_or_default(),
+        )
+    }
+
     /// True when `location` is read from disk rather than fetched over Flight.
     pub fn reads_from_disk(&self, location: &PartitionLocation) -> bool {
         !location.in_memory

@@ -13,6 +13,10 @@ use crate::cluster::journal::emit;
 use crate::graph::StagePlan;
 use crate::job::{CacheHit, Job, JobState, TaskLaunch};
 
+/// A released cached job keeps an answer up to this size (a later status call still gets
+/// it); larger ones are dropped: 1,000 kept jobs must not hold gigabytes.
+const KEPT_CACHED_ANSWER_BYTES: usize = 64 * 1024;
+
 impl ClusterState {
     fn insert(&mut self, mut job: Job) {
         match self.jobs.remove(&job.id) {
@@ -223,9 +227,16 @@ impl ClusterState {
             return false;
         }
         job.released = true;
-        if job.cached.is_some() {
-            // The client has it; the result cache keeps its own copy.
+        if job.cached.is_some()
+            && job
+                .inline_result
+                .as_ref()
+                .is_some_and(|r| r.len() > KEPT_CACHED_ANSWER_BYTES)
+        {
+            // The client has it; the result cache keeps its own copy. A later status call
+            // hears that it was released (see `Job::answer_dropped`).
             job.inline_result = None;
+            job.answer_dropped = true;
         }
         // Plans and locations are no longer needed once files are gone.
         for stage in job.stages.values_mut() {

@@ -148,6 +148,8 @@ pub struct Job {
     /// Its result is a cached table's partitions (`CACHE TABLE`): never released while
     /// pinned, and recomputed (by lineage) where an executor holding them is lost.
     pub pinned: bool,
+    /// A cached job's answer was dropped when its client released it.
+    pub answer_dropped: bool,
 }
 
 /// What a job answered from the result cache was given.
@@ -228,6 +230,7 @@ impl Job {
             attempt_floor: 0,
             cached: None,
             pinned: false,
+            answer_dropped: false,
         }
     }
 

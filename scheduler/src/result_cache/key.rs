@@ -14,21 +14,28 @@ use std::sync::Arc;
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::listing::ListingTable;
-use datafusion::datasource::physical_plan::FileScanConfig;
+use datafusion::datasource::physical_plan::{CsvSource, FileScanConfig, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::source_as_provider;
 use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
 use datafusion::physical_plan::{ExecutionPlan, displayable};
 
-/// Settings (by key or key prefix) that change what a query returns; partition counts,
-/// memory and the like only change how it runs.
-const RESULT_SETTINGS: [&str; 6] = [
-    "datafusion.sql_parser.",
-    "datafusion.execution.time_zone",
-    "datafusion.execution.parquet.binary_as_string",
-    "datafusion.execution.parquet.schema_force_view_types",
-    "datafusion.execution.parquet.coerce_int96",
-    "datafusion.execution.listing_table_ignore_subdirectory",
+/// Settings (by key or key prefix) that only change how a query runs, not what it returns
+/// (partition counts, batch sizes, optimizer choices, Volley's execution knobs); every other
+/// setting (time zone, SQL parser and ANSI options, Parquet type options, ...) is part of the
+/// key.
+const EXECUTION_SETTINGS: [&str; 11] = [
+    "volley.",
+    "datafusion.optimizer.",
+    "datafusion.explain.",
+    "datafusion.runtime.",
+    "datafusion.format.",
+    "datafusion.execution.target_partitions",
+    "datafusion.execution.batch_size",
+    "datafusion.execution.planning_concurrency",
+    "datafusion.execution.meta_fetch_concurrency",
+    "datafusion.execution.enable_file_stream_work_stealing",
+    "datafusion.execution.skip_partial_aggregation_probe_",
 ];
 
 /// One input file as listed: what a change of its contents changes.
@@ -143,7 +150,7 @@ pub fn query_key(
     let _ = writeln!(text, "principal {principal}");
     let mut relevant: Vec<&(String, String)> = settings
         .iter()
-        .filter(|(k, _)| RESULT_SETTINGS.iter().any(|p| k.starts_with(p)))
+        .filter(|(k, _)| !EXECUTION_SETTINGS.iter().any(|p| k.starts_with(p)))
         .collect();
     relevant.sort();
     for (k, v) in relevant {
@@ -194,7 +201,25 @@ fn describe(
         .downcast_ref::<DataSourceExec>()
         .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>());
     if let Some(scan) = scan {
+        // The display leaves out format options (a CSV delimiter) and the file schema.
         let _ = writeln!(text, "store {}", scan.object_store_url.as_str());
+        let _ = writeln!(text, "file schema {:?}", scan.file_schema());
+        let source = scan.file_source();
+        let options = match (
+            source.downcast_ref::<CsvSource>(),
+            source.downcast_ref::<ParquetSource>(),
+        ) {
+            (Some(csv), _) => format!("{csv:?}"),
+            (_, Some(parquet)) => format!("{parquet:?}"),
+            // JSON and Arrow: their format and compression are all they have.
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            text,
+            "source {} {:?} {options}",
+            source.file_type(),
+            scan.file_compression_type
+        );
         for (group, files) in scan.file_groups.iter().enumerate() {
             for file in files.iter() {
                 let meta = &file.object_meta;

@@ -25,6 +25,13 @@ pub use key::{CacheUse, FileVersion, QueryKey, query_key, uncacheable};
 /// Entries up to this many bytes stay in memory; larger ones go to a file.
 pub const MEMORY_ENTRY_BYTES: usize = 1024 * 1024;
 
+/// Most entries kept (eviction scans them: a bound keeps it cheap).
+pub const MAX_ENTRIES: usize = 10_000;
+
+/// What one input file's record costs beyond its location's bytes (counted in the cache's
+/// size, so that small answers over many files cannot hold unbounded memory).
+const INPUT_RECORD_BYTES: u64 = 96;
+
 /// Counters the cache moves (Prometheus).
 #[derive(Clone)]
 pub struct CacheCounters {
@@ -254,12 +261,17 @@ impl ResultCache {
         rows: u64,
         ttl: Duration,
     ) -> Result<()> {
-        let bytes = ipc.len() as u64;
+        let inputs: u64 = query
+            .inputs
+            .iter()
+            .map(|i| i.location.len() as u64 + INPUT_RECORD_BYTES)
+            .sum();
+        let bytes = ipc.len() as u64 + inputs;
         if bytes > self.capacity || ttl.is_zero() {
             return Ok(());
         }
         self.evict(&query.key);
-        while self.bytes + bytes > self.capacity {
+        while self.bytes + bytes > self.capacity || self.entries.len() >= MAX_ENTRIES {
             let Some(oldest) = self
                 .entries
                 .iter()
@@ -273,7 +285,11 @@ impl ResultCache {
         let data = if ipc.len() <= MEMORY_ENTRY_BYTES {
             CachedData::Memory(Arc::new(ipc))
         } else {
-            let path = self.folder()?.join(format!("{}.arrow", query.key));
+            // A new name each time: a hit reading an evicted entry's file never sees another
+            // answer being written under its name.
+            let path = self
+                .folder()?
+                .join(format!("{}-{}.arrow", query.key, self.clock));
             std::fs::write(&path, &ipc).map_err(|e| {
                 VolleyError::Internal(format!(
                     "cannot write result cache file {}: {e}",
@@ -304,6 +320,11 @@ impl ResultCache {
             },
         );
         Ok(())
+    }
+
+    /// Drop the entry of `query` (its answer could not be read).
+    pub fn forget(&mut self, query: &QueryKey) {
+        self.evict(&query.key);
     }
 
     /// Drop the entries older than their TTL.
@@ -458,7 +479,8 @@ mod tests {
 
     #[test]
     fn least_recently_used_entries_make_room_and_large_ones_go_to_files() {
-        let mut cache = ResultCache::new(3 * MEMORY_ENTRY_BYTES as u64, None, counters());
+        let room = 3 * MEMORY_ENTRY_BYTES as u64 + 256;
+        let mut cache = ResultCache::new(room, None, counters());
         let (a, b, c) = (query("a", 1), query("b", 1), query("c", 1));
         cache
             .store(&a, vec![1; MEMORY_ENTRY_BYTES], 1, TTL)
@@ -475,7 +497,7 @@ mod tests {
             "b was least recent"
         );
         assert!(matches!(cache.lookup(&a, TTL), Lookup::Hit(_)));
-        assert!(cache.bytes() <= 3 * MEMORY_ENTRY_BYTES as u64);
+        assert!(cache.bytes() <= room);
         let big = query("big", 1);
         cache
             .store(&big, vec![4; 2 * MEMORY_ENTRY_BYTES], 1, TTL)

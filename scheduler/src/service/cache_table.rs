@@ -100,6 +100,11 @@ pub(super) async fn plan_cache_statement(
                 }
                 None => {
                     let provider = ctx.table_provider(name.clone()).await?;
+                    if provider.downcast_ref::<CachedTable>().is_some() {
+                        return Err(VolleyError::NotAllowed(format!(
+                            "table {name} is cached already (UNCACHE TABLE {name} first)"
+                        )));
+                    }
                     let scan = LogicalPlanBuilder::scan(
                         name.clone(),
                         provider_as_source(Arc::clone(&provider)),
@@ -271,21 +276,25 @@ impl SchedulerService {
         }
         let ended = self.state.lock().job(inner).map(|j| {
             let stage = j.final_stage;
-            (j.state.clone(), stage)
+            (j.state.clone(), stage, j.stages.is_empty())
         });
         let result = match ended {
-            Some((JobState::Succeeded, stage_id)) => {
-                let table = CachedTable::new(
-                    cache.name.to_string(),
-                    cache.physical.schema(),
-                    inner.to_string(),
+            Some((JobState::Succeeded, _, true)) => Err(
+                "CACHE TABLE keeps rows on the executors: this query runs on the scheduler (it reads no table of files)"
+                    .to_string(),
+            ),
+            Some((JobState::Succeeded, stage_id, false)) => {
+                let table = CachedTable {
+                    name: cache.name.to_string(),
+                    schema: cache.physical.schema(),
+                    job_id: inner.to_string(),
                     stage_id,
-                    cache.source,
-                    cache.replaced,
-                    input_files(&cache.physical),
-                    cache.ttl.map(|ttl| Instant::now() + ttl),
-                    Arc::clone(&self.state),
-                );
+                    source: cache.source,
+                    replaced: cache.replaced,
+                    inputs: input_files(&cache.physical),
+                    expires: cache.ttl.map(|ttl| Instant::now() + ttl),
+                    cluster: Arc::clone(&self.state),
+                };
                 let registered = ctx
                     .deregister_table(cache.name.clone())
                     .and_then(|_| ctx.register_table(cache.name.clone(), Arc::new(table)));
@@ -294,8 +303,8 @@ impl SchedulerService {
                     .map_err(|e| e.to_string())
                     .and_then(|_| ipc_bytes(&empty, &[]).map_err(|e| e.to_string()))
             }
-            Some((JobState::Failed(message), _)) => Err(message),
-            Some((other, _)) => Err(format!("the caching query was {}", other.as_str())),
+            Some((JobState::Failed(message), _, _)) => Err(message),
+            Some((other, _, _)) => Err(format!("the caching query was {}", other.as_str())),
             None => Err("the caching query's job is gone".to_string()),
         };
         if result.is_err() {

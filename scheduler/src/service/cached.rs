@@ -84,7 +84,14 @@ impl SchedulerService {
         match lookup {
             Lookup::Hit(hit) => {
                 let schema = planned.physical.schema();
-                let (answer, hit) = answered(hit)?;
+                let (answer, hit) = match answered(hit) {
+                    Ok(answered) => answered,
+                    Err(e) => {
+                        tracing::warn!(job_id, error = %e, "a stored answer cannot be read: the query runs");
+                        self.result_cache.lock().forget(&probe.query);
+                        return self.run_and_keep(job_id, planned, probe).await;
+                    }
+                };
                 self.state
                     .lock()
                     .add_cached_job(job_id.clone(), planned.sql, schema, answer, hit);

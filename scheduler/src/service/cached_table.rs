@@ -1,6 +1,7 @@
 //! The table a `CACHE TABLE` leaves in its session: scans read the cached partitions from the
-//! executors holding them ([`CachedScanExec`]) while they are all there, the source files are
-//! unchanged and the TTL has not passed; otherwise the source, exactly as without the cache.
+//! executors holding them ([`CachedScanExec`]) while they are all there, the source — planned
+//! again on a fresh listing — reads the same files as they were, and the TTL has not passed;
+//! otherwise the source, exactly as without the cache.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,7 +16,7 @@ use datafusion::datasource::physical_plan::FileScanConfig;
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::Result as DFResult;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
-use datafusion::object_store::{ObjectMeta, ObjectStoreExt};
+use datafusion::object_store::ObjectMeta;
 use datafusion::physical_plan::ExecutionPlan;
 use parking_lot::Mutex;
 use volley_core::plan::CachedScanExec;
@@ -44,48 +45,49 @@ pub(super) fn input_files(plan: &Arc<dyn ExecutionPlan>) -> Vec<InputFile> {
     files
 }
 
+/// True when `now` lists the same files, each as it was, as `then`.
+fn same_files(now: &[InputFile], then: &[InputFile]) -> bool {
+    let key = |(url, meta): &InputFile| {
+        (
+            format!("{}{}", url.as_str(), meta.location),
+            meta.size,
+            meta.last_modified,
+            meta.e_tag.clone(),
+        )
+    };
+    let mut now: Vec<_> = now.iter().map(key).collect();
+    let mut then: Vec<_> = then.iter().map(key).collect();
+    now.sort();
+    now.dedup();
+    then.sort();
+    then.dedup();
+    now == then
+}
+
 /// A cached table (see the module doc).
 #[derive(Debug)]
 pub struct CachedTable {
-    name: String,
-    schema: SchemaRef,
-    job_id: String,
-    stage_id: u32,
-    source: LogicalPlan,
-    replaced: Option<Arc<dyn TableProvider>>,
-    inputs: Vec<InputFile>,
-    expires: Option<Instant>,
-    cluster: Arc<Mutex<ClusterState>>,
+    /// Its name.
+    pub(super) name: String,
+    /// Its columns.
+    pub(super) schema: SchemaRef,
+    /// The job whose result partitions hold its rows.
+    pub(super) job_id: String,
+    /// That job's result stage.
+    pub(super) stage_id: u32,
+    /// What computes its rows from the source.
+    pub(super) source: LogicalPlan,
+    /// The table `CACHE TABLE name` (without a query) stands for.
+    pub(super) replaced: Option<Arc<dyn TableProvider>>,
+    /// The files its rows were computed from.
+    pub(super) inputs: Vec<InputFile>,
+    /// When it is read from the source again (`OPTIONS ('ttl' ...)`).
+    pub(super) expires: Option<Instant>,
+    /// The cluster state, to find the partitions and their executors.
+    pub(super) cluster: Arc<Mutex<ClusterState>>,
 }
 
 impl CachedTable {
-    /// Table `name` whose rows are the result of job `job_id` (result stage `stage_id`),
-    /// computed by `source` from `inputs`; `replaced` is the table it stands for.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(
-        name: String,
-        schema: SchemaRef,
-        job_id: String,
-        stage_id: u32,
-        source: LogicalPlan,
-        replaced: Option<Arc<dyn TableProvider>>,
-        inputs: Vec<InputFile>,
-        expires: Option<Instant>,
-        cluster: Arc<Mutex<ClusterState>>,
-    ) -> Self {
-        Self {
-            name,
-            schema,
-            job_id,
-            stage_id,
-            source,
-            replaced,
-            inputs,
-            expires,
-            cluster,
-        }
-    }
-
     /// The job holding the cached partitions.
     pub(super) fn job_id(&self) -> &str {
         &self.job_id
@@ -109,27 +111,6 @@ impl CachedTable {
             .iter()
             .all(|l| alive(&l.executor_id))
             .then_some(locations)
-    }
-
-    /// True when every source file is listed as it was when the rows were cached.
-    async fn inputs_unchanged(&self, session: &dyn Session) -> bool {
-        for (url, meta) in &self.inputs {
-            let Ok(store) = session.runtime_env().object_store(url) else {
-                return false;
-            };
-            match store.head(&meta.location).await {
-                Ok(now) => {
-                    if now.size != meta.size
-                        || now.last_modified != meta.last_modified
-                        || now.e_tag != meta.e_tag
-                    {
-                        return false;
-                    }
-                }
-                Err(_) => return false,
-            }
-        }
-        true
     }
 }
 
@@ -157,10 +138,25 @@ impl TableProvider for CachedTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        // The source as a query would read it now: the files it lists must be those the rows
+        // were computed from (same locations, sizes, dates, e-tags).
+        if let Some(listings) = session.runtime_env().cache_manager.get_list_files_cache() {
+            listings.clear();
+        }
+        let mut source = LogicalPlanBuilder::from(self.source.clone());
+        if let Some(columns) = projection {
+            source = source.select(columns.iter().copied())?;
+        }
+        let source = session.create_physical_plan(&source.build()?).await?;
         let fresh = self.expires.is_none_or(|at| Instant::now() < at);
+        if !fresh {
+            // Past its TTL: the partitions go with the job's next release.
+            self.cluster.lock().unpin(&self.job_id);
+        }
+        let unchanged = same_files(&input_files(&source), &self.inputs);
         if fresh
+            && unchanged
             && let Some(locations) = self.partitions()
-            && self.inputs_unchanged(session).await
         {
             return Ok(Arc::new(CachedScanExec::try_new(
                 self.name.clone(),
@@ -170,11 +166,7 @@ impl TableProvider for CachedTable {
                 projection.cloned(),
             )?));
         }
-        tracing::info!(table = %self.name, fresh, "cached table read from its source");
-        let mut source = LogicalPlanBuilder::from(self.source.clone());
-        if let Some(columns) = projection {
-            source = source.select(columns.iter().copied())?;
-        }
-        session.create_physical_plan(&source.build()?).await
+        tracing::info!(table = %self.name, fresh, unchanged, "cached table read from its source");
+        Ok(source)
     }
 }

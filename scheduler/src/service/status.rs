@@ -35,6 +35,11 @@ impl SchedulerService {
             .job(job_id)
             .ok_or_else(|| Status::not_found(format!("unknown job {job_id}")))?;
         let (stages_done, stages_total, tasks_done, tasks_total) = job.progress();
+        if job.answer_dropped {
+            return Err(Status::failed_precondition(format!(
+                "the result of job {job_id} was read and released"
+            )));
+        }
         let status = match &job.state {
             JobState::Queued => job_status::Status::Running("queued".to_string()),
             JobState::Running => job_status::Status::Running("running".to_string()),
@@ -129,6 +134,7 @@ impl SchedulerService {
         let task_ctx = ctx.task_ctx();
         let plan = VolleyCodec::decode_plan(&params.plan, &task_ctx)
             .map_err(|e| Status::invalid_argument(format!("cannot decode plan: {e}")))?;
+        refuse_cached_scans(&plan)?;
         let pairs: Vec<(String, String)> = params
             .settings
             .into_iter()
@@ -296,4 +302,29 @@ impl SchedulerService {
             .collect();
         Ok(Response::new(pb::GetClusterStateResult { executors, jobs }))
     }
+}
+
+/// A cached table's scan names executors and files of the cluster: only the scheduler places
+/// it (planning a session's cached table), never a submitted plan.
+fn refuse_cached_scans(
+    plan: &std::sync::Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+) -> Result<(), Status> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    let mut found = false;
+    let _ = plan.apply(|node| {
+        found = node
+            .downcast_ref::<volley_core::plan::CachedScanExec>()
+            .is_some();
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    if found {
+        return Err(Status::permission_denied(
+            "a submitted plan may not contain CachedScanExec (the scheduler places it for cached tables)",
+        ));
+    }
+    Ok(())
 }

@@ -42,6 +42,10 @@ impl SchedulerService {
             .target_partitions
             .unwrap_or_else(|| self.state.lock().total_slots().max(2));
         let mut config = volley_session_config(target);
+        if self.config.result_cache_bytes == 0 {
+            // No result cache: queries are planned on DataFusion's cached listings.
+            config.options_mut().set("volley.result_cache_ttl", "0")?;
+        }
         for kv in settings {
             volley_core::sandbox::check_setting(&kv.key)?;
             config.options_mut().set(&kv.key, &kv.value)?;

@@ -4,7 +4,13 @@
 //! `UNCACHE TABLE` drops them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use arrow::datatypes::{DataType, Field, Schema};
+use volley_core::codec::VolleyCodec;
+use volley_core::plan::CachedScanExec;
+use volley_core::shuffle::PartitionLocation;
 
 use datafusion::prelude::SessionContext;
 use volley::VolleyClient;
@@ -140,6 +146,34 @@ async fn cached_tables_are_exact_survive_a_lost_executor_and_uncache() {
         "the queries read the recomputed cache"
     );
 
+    // A client cannot hand the cluster a cached scan of its own making (it names executors'
+    // files and would make an executor fetch from any host with the cluster's credentials).
+    let forged = CachedScanExec::try_new(
+        "forged",
+        Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)])),
+        1,
+        vec![PartitionLocation {
+            executor_id: "x".into(),
+            host: "203.0.113.7".into(),
+            flight_port: 443,
+            path: "/tmp/w/someone/1/0-0/part-0.arrow".into(),
+            map_partition: 0,
+            output_partition: 0,
+            num_rows: 1,
+            num_bytes: 1,
+            grant: String::new(),
+            in_memory: false,
+        }],
+        None,
+    )
+    .unwrap();
+    let bytes = VolleyCodec::encode_plan(Arc::new(forged)).unwrap();
+    let err = client
+        .submit_plan(bytes, "forged", &[])
+        .await
+        .expect_err("a submitted cached scan");
+    assert!(err.to_string().contains("CachedScanExec"), "{err}");
+
     client.sql("UNCACHE TABLE lineitem_1995").await.unwrap();
     let err = client
         .sql("SELECT count(*) FROM lineitem_1995")
@@ -155,6 +189,11 @@ async fn cached_tables_are_exact_survive_a_lost_executor_and_uncache() {
 
     // CACHE TABLE of an existing table caches it in place; UNCACHE brings the source back.
     client.sql("CACHE TABLE nation").await.unwrap();
+    let err = client
+        .sql("CACHE TABLE nation")
+        .await
+        .expect_err("cached already");
+    assert!(err.to_string().contains("cached already"), "{err}");
     let (_, explained) = client
         .sql("EXPLAIN SELECT count(*) FROM nation")
         .await
