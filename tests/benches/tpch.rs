@@ -26,7 +26,8 @@
 //!
 //! The DataFusion baseline runs with DataFusion's default settings and one partition per core
 //! (`--baseline volley` gives it Volley's session settings instead). `--json FILE` writes one
-//! object per query (seconds, ratio, rows, shuffle and spill bytes) and the totals.
+//! object per query (seconds, ratio, rows, shuffle and spill bytes; `volley_second_s`: the
+//! second cluster of `--compare-state-dir` or `--result-cache`) and the totals.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -338,6 +339,7 @@ async fn main() -> Result<(), BoxError> {
             "shuffle_bytes": shuffle_bytes,
             "spill_bytes": spill_bytes,
             "volley_s3_s": s3.as_ref().map(|_| best_s3),
+            "volley_second_s": durable.as_ref().map(|_| best_durable),
         }));
         println!(
             "{:>5} {:>12.3} {:>12.3} {:>8.2} {:>10}{}",
@@ -363,7 +365,8 @@ async fn main() -> Result<(), BoxError> {
     if let (Some((_, cached_client)), true) = (&durable, args.result_cache) {
         // Second pass: the same queries, answered from the cache (same key as the last miss).
         let mut total_hits = 0.0;
-        for &q in &args.queries {
+        let mut hits = Vec::new();
+        for (&q, record) in args.queries.iter().zip(&records) {
             let sql = suite.query(q)?;
             let mut best = f64::MAX;
             for _ in 0..args.iterations {
@@ -375,7 +378,10 @@ async fn main() -> Result<(), BoxError> {
                 assert_eq!(tasks, Some(0), "q{q} was answered from the result cache");
             }
             total_hits += best;
+            let miss = record["volley_second_s"].as_f64().unwrap_or(f64::NAN);
+            hits.push(format!("q{q} {:.1}ms ({:.0}x)", best * 1000.0, miss / best));
         }
+        println!("hits (best of {}): {}", args.iterations, hits.join(", "));
         println!(
             "result cache: misses cost {:+.2} ms per query ({:+.1}% in total); the second pass (hits) took {:.3}s = {:.1}% of the first pass ({:.3}s)",
             (total_durable - total_volley) * 1000.0 / args.queries.len() as f64,

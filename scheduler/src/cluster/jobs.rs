@@ -28,7 +28,9 @@ impl ClusterState {
                 job.submitted = waiting.submitted;
                 job.version = waiting.version;
                 if waiting.state.is_final() {
+                    // Cancelled while it waited: it stays so (and in the history once).
                     job.cancel();
+                    job.recorded = waiting.recorded;
                 }
                 job.touch();
             }
