@@ -94,6 +94,10 @@ struct SchedulerArgs {
     /// an object-store URL such as s3://bucket/prefix/; repeatable).
     #[arg(long = "table", value_name = "NAME=PATH")]
     tables: Vec<String>,
+    /// A file of `CREATE EXTERNAL TABLE` statements (separated by `;`) whose tables every
+    /// session sees, like `--table`'s; their locations must be under `--allowed-path`.
+    #[arg(long, env = "VOLLEY_CATALOG", value_name = "FILE")]
+    catalog: Option<PathBuf>,
     /// Keep the scheduler's state (the history of finished jobs) in DIR/scheduler.redb, so
     /// it survives restarts (default: in memory).
     #[arg(long, env = "VOLLEY_STATE_DIR", value_name = "DIR")]
@@ -258,6 +262,11 @@ async fn run_scheduler(args: SchedulerArgs) -> Result<(), String> {
             .tables
             .iter()
             .map(|spec| sql::table_statement(spec))
+            .chain(
+                catalog_statements(args.catalog.as_deref())?
+                    .into_iter()
+                    .map(Ok),
+            )
             .collect::<Result<_, _>>()?,
         allow_ddl: !args.sandbox.disable_ddl,
         http_port: (!args.no_http).then_some(args.http_port),
@@ -290,6 +299,16 @@ async fn run_scheduler(args: SchedulerArgs) -> Result<(), String> {
     }
     handle.shutdown().await;
     Ok(())
+}
+
+/// The statements of a `--catalog` file (none without one).
+fn catalog_statements(file: Option<&std::path::Path>) -> Result<Vec<String>, String> {
+    let Some(file) = file else {
+        return Ok(Vec::new());
+    };
+    let text =
+        std::fs::read_to_string(file).map_err(|e| format!("--catalog {}: {e}", file.display()))?;
+    volley::split_statements(&text).map_err(|e| format!("--catalog {}: {e}", file.display()))
 }
 
 async fn run_executor(args: ExecutorArgs) -> Result<(), String> {

@@ -1,4 +1,5 @@
 mod cache_table;
+mod catalog;
 mod cli;
 mod dataframe;
 mod deploy;
