@@ -203,14 +203,25 @@ fn describe(
     if let Some(scan) = scan {
         // The display leaves out format options (a CSV delimiter) and the file schema.
         let _ = writeln!(text, "store {}", scan.object_store_url.as_str());
-        let _ = writeln!(text, "file schema {:?}", scan.file_schema());
+        let _ = write!(text, "file schema");
+        for field in scan.file_schema().fields() {
+            let _ = write!(
+                text,
+                " {}:{}:{}",
+                field.name(),
+                field.data_type(),
+                field.is_nullable()
+            );
+        }
+        let _ = writeln!(text);
         let source = scan.file_source();
         let options = match (
             source.downcast_ref::<CsvSource>(),
             source.downcast_ref::<ParquetSource>(),
         ) {
             (Some(csv), _) => format!("{csv:?}"),
-            (_, Some(parquet)) => format!("{parquet:?}"),
+            // Its predicate and projection are in the display; its options are not.
+            (_, Some(parquet)) => format!("{:?}", parquet.table_parquet_options()),
             // JSON and Arrow: their format and compression are all they have.
             _ => String::new(),
         };
