@@ -37,7 +37,9 @@ impl Job {
     /// job when a task has now crashed too many executors or used its attempts) and its
     /// finished tasks whose output is still needed run again.
     pub fn executor_lost(&mut self, executor_id: &str, policy: &SchedulerPolicy) {
-        if self.pinned && self.state == JobState::Succeeded && self.holds_result_on(executor_id) {
+        let reopened =
+            self.pinned && self.state == JobState::Succeeded && self.holds_result_on(executor_id);
+        if reopened {
             // A cached table lost partitions: the job runs again where they were lost.
             self.state = JobState::Running;
             self.finished = None;
@@ -46,7 +48,13 @@ impl Job {
         if self.state != JobState::Running {
             return;
         }
-        let needed = self.needed_outputs();
+        // A reopened job's result tasks read their inputs again: every output the lost
+        // executor held runs again now, not after a failed fetch.
+        let needed = if reopened {
+            self.stages.keys().copied().collect()
+        } else {
+            self.needed_outputs()
+        };
         let floor = self.attempt_floor;
         let mut lost_stages = Vec::new();
         let mut exhausted = None;

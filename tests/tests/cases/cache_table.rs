@@ -30,6 +30,26 @@ const QUERIES: [&str; 3] = [
      WHERE l_quantity > 30 GROUP BY o_orderpriority ORDER BY o_orderpriority",
 ];
 
+const REVENUE: &str = "SELECT l_orderkey, sum(l_extendedprice * (1 - l_discount)) AS rev \
+    FROM lineitem GROUP BY l_orderkey";
+
+/// The top orders by revenue from the cached aggregate equal DataFusion's; true when the
+/// query read the cache.
+async fn check_revenue(client: &VolleyClient, ctx: &SessionContext, what: &str) -> bool {
+    let sql = "SELECT l_orderkey, rev FROM revenue ORDER BY rev DESC, l_orderkey LIMIT 20";
+    let (_, explained) = client.sql(&format!("EXPLAIN {sql}")).await.unwrap();
+    let cached = format!("{:?}", rows(&explained).unwrap()).contains("CachedScanExec");
+    let (_, batches) = client.sql(sql).await.unwrap();
+    let local = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+    assert_same_rows(
+        &rows(&local).unwrap(),
+        &rows(&batches).unwrap(),
+        &float_columns(&local),
+        &format!("{what}: {sql}"),
+    );
+    cached
+}
+
 /// Cached bytes by executor id, and the ids of the executors alive.
 async fn cached_bytes(cluster: &ProcessCluster) -> (BTreeMap<String, u64>, Vec<String>) {
     let (status, body) =
@@ -113,6 +133,15 @@ async fn cached_tables_are_exact_survive_a_lost_executor_and_uncache() {
         check(&client, &ctx, "cached").await,
         "the queries read the cache"
     );
+    // A cached aggregate: two stages, its result tasks read a shuffle.
+    client
+        .sql(&format!("CACHE TABLE revenue AS {REVENUE}"))
+        .await
+        .expect("cache an aggregate");
+    ctx.sql(&format!("CREATE VIEW revenue AS {REVENUE}"))
+        .await
+        .unwrap();
+    assert!(check_revenue(&client, &ctx, "cached").await);
     let (before, _) = cached_bytes(&cluster).await;
     assert!(
         before.values().filter(|b| **b > 0).count() == 2,
@@ -145,6 +174,13 @@ async fn cached_tables_are_exact_survive_a_lost_executor_and_uncache() {
         check(&client, &ctx, "recomputed").await,
         "the queries read the recomputed cache"
     );
+    check_revenue(&client, &ctx, "after the executor was lost").await;
+    wait_until("the aggregate is recomputed", async || {
+        check_revenue(&client, &ctx, "recomputing")
+            .await
+            .then_some(())
+    })
+    .await;
 
     // A client cannot hand the cluster a cached scan of its own making (it names executors'
     // files and would make an executor fetch from any host with the cluster's credentials).
@@ -180,6 +216,7 @@ async fn cached_tables_are_exact_survive_a_lost_executor_and_uncache() {
         .await
         .expect_err("no such table after UNCACHE");
     assert!(err.to_string().contains("lineitem_1995"), "{err}");
+    client.sql("UNCACHE TABLE revenue").await.unwrap();
     let (gone, _) = cached_bytes(&cluster).await;
     assert_eq!(gone.values().sum::<u64>(), 0, "{gone:?}");
     client
