@@ -133,6 +133,21 @@ pub async fn register_local(ctx: &SessionContext, dir: &Path) -> Result<(), BoxE
     Ok(())
 }
 
+/// Register the tables in `dir` in a cluster session, and return a local DataFusion context
+/// (Volley's session settings, 4 partitions) holding them too: the oracle of the cluster's
+/// answers.
+pub async fn register_both(
+    client: &volley::VolleyClient,
+    dir: &Path,
+) -> Result<SessionContext, BoxError> {
+    for statement in create_table_statements(dir) {
+        client.sql(&statement).await?;
+    }
+    let ctx = SessionContext::new_with_config(volley_core::config::volley_session_config(4));
+    register_local(&ctx, dir).await?;
+    Ok(ctx)
+}
+
 /// Text of TPC-H query `n` (1..=22).
 pub fn query(n: usize) -> Result<String, BoxError> {
     let path = crate::workspace_root()

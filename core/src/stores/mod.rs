@@ -32,3 +32,10 @@ pub const LISTING_TTL: Duration = Duration::from_secs(30);
 pub fn cache_config() -> CacheManagerConfig {
     CacheManagerConfig::default().with_list_files_cache_ttl(Some(LISTING_TTL))
 }
+
+/// Forget `runtime`'s file listings: the next plan lists its tables' stores again.
+pub fn forget_listings(runtime: &datafusion::execution::runtime_env::RuntimeEnv) {
+    if let Some(listings) = runtime.cache_manager.get_list_files_cache() {
+        listings.clear();
+    }
+}

@@ -18,6 +18,7 @@ use datafusion::datasource::physical_plan::{CsvSource, FileScanConfig, ParquetSo
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::source_as_provider;
 use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
+use datafusion::object_store::ObjectMeta;
 use datafusion::physical_plan::{ExecutionPlan, displayable};
 
 /// Settings (by key or key prefix) that only change how a query runs, not what it returns
@@ -51,6 +52,43 @@ pub struct FileVersion {
     pub e_tag: Option<String>,
     /// The store's object version, if it has one.
     pub version: Option<String>,
+}
+
+impl FileVersion {
+    /// The version of file `meta` of `scan`, as listed.
+    fn of(scan: &FileScanConfig, meta: &ObjectMeta) -> Self {
+        FileVersion {
+            location: format!("{}{}", scan.object_store_url.as_str(), meta.location),
+            size: meta.size,
+            modified_ns: meta
+                .last_modified
+                .timestamp_nanos_opt()
+                .unwrap_or_else(|| meta.last_modified.timestamp_micros()),
+            e_tag: meta.e_tag.clone(),
+            version: meta.version.clone(),
+        }
+    }
+}
+
+/// The versions of the files `plan` scans, sorted by location, without repeats.
+pub fn file_versions(plan: &Arc<dyn ExecutionPlan>) -> Vec<FileVersion> {
+    let mut versions = Vec::new();
+    let _ = plan.apply(|node| {
+        if let Some(scan) = file_scan(node) {
+            for file in scan.file_groups.iter().flat_map(|g| g.iter()) {
+                versions.push(FileVersion::of(scan, &file.object_meta));
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    versions.sort_by(|a, b| a.location.cmp(&b.location));
+    versions.dedup();
+    versions
+}
+
+fn file_scan(node: &Arc<dyn ExecutionPlan>) -> Option<&FileScanConfig> {
+    node.downcast_ref::<DataSourceExec>()
+        .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>())
 }
 
 /// The cache identity of one planned query.
@@ -165,10 +203,8 @@ pub fn query_key(
             field.is_nullable()
         );
     }
-    let mut inputs = Vec::new();
-    describe(plan, 0, &mut text, &mut inputs);
-    inputs.sort_by(|a, b| a.location.cmp(&b.location));
-    inputs.dedup();
+    describe(plan, 0, &mut text);
+    let inputs = file_versions(plan);
     let mut listed = String::new();
     for f in &inputs {
         let _ = writeln!(
@@ -185,22 +221,14 @@ pub fn query_key(
 }
 
 /// Each operator's description and each scan's file pieces (locations and byte ranges) into
-/// `text`, pre-order with depths; the files' versions into `inputs`.
-fn describe(
-    plan: &Arc<dyn ExecutionPlan>,
-    depth: usize,
-    text: &mut String,
-    inputs: &mut Vec<FileVersion>,
-) {
+/// `text`, pre-order with depths.
+fn describe(plan: &Arc<dyn ExecutionPlan>, depth: usize, text: &mut String) {
     let _ = writeln!(
         text,
         "{depth} {}",
         displayable(plan.as_ref()).one_line().to_string().trim_end()
     );
-    let scan = plan
-        .downcast_ref::<DataSourceExec>()
-        .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>());
-    if let Some(scan) = scan {
+    if let Some(scan) = file_scan(plan) {
         // The display leaves out format options (a CSV delimiter) and the file schema.
         let _ = writeln!(text, "store {}", scan.object_store_url.as_str());
         let _ = write!(text, "file schema");
@@ -236,21 +264,11 @@ fn describe(
                 let meta = &file.object_meta;
                 let range = file.range.as_ref().map(|r| (r.start, r.end));
                 let _ = writeln!(text, "file {group} {} {range:?}", meta.location);
-                inputs.push(FileVersion {
-                    location: format!("{}{}", scan.object_store_url.as_str(), meta.location),
-                    size: meta.size,
-                    modified_ns: meta
-                        .last_modified
-                        .timestamp_nanos_opt()
-                        .unwrap_or_else(|| meta.last_modified.timestamp_micros()),
-                    e_tag: meta.e_tag.clone(),
-                    version: meta.version.clone(),
-                });
             }
         }
     }
     for child in plan.children() {
-        describe(child, depth + 1, text, inputs);
+        describe(child, depth + 1, text);
     }
 }
 

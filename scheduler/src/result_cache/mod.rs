@@ -20,7 +20,7 @@ use prometheus::IntCounter;
 use tokio::sync::watch;
 use volley_core::{Result, VolleyError};
 
-pub use key::{CacheUse, FileVersion, QueryKey, query_key, uncacheable};
+pub use key::{CacheUse, FileVersion, QueryKey, file_versions, query_key, uncacheable};
 
 /// Entries up to this many bytes stay in memory; larger ones go to a file.
 pub const MEMORY_ENTRY_BYTES: usize = 1024 * 1024;

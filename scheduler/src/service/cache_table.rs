@@ -24,8 +24,9 @@ use volley_core::shuffle::ipc_bytes;
 use volley_core::{Result, VolleyError};
 
 use crate::job::JobState;
+use crate::result_cache::file_versions;
 use crate::service::SchedulerService;
-use crate::service::cached_table::{CachedTable, input_files};
+use crate::service::cached_table::CachedTable;
 
 /// Cached partitions stay in executor memory up to this many bytes per task (then files).
 const CACHED_TASK_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
@@ -291,7 +292,7 @@ impl SchedulerService {
                     stage_id,
                     source: cache.source,
                     replaced: cache.replaced,
-                    inputs: input_files(&cache.physical),
+                    inputs: file_versions(&cache.physical),
                     expires: cache.ttl.map(|ttl| Instant::now() + ttl),
                     cluster: Arc::clone(&self.state),
                 };

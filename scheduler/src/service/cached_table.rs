@@ -9,14 +9,9 @@ use std::time::Instant;
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::TableType;
-use datafusion::datasource::object_store::ObjectStoreUrl;
-use datafusion::datasource::physical_plan::FileScanConfig;
-use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::Result as DFResult;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
-use datafusion::object_store::ObjectMeta;
 use datafusion::physical_plan::ExecutionPlan;
 use parking_lot::Mutex;
 use volley_core::plan::CachedScanExec;
@@ -24,45 +19,7 @@ use volley_core::shuffle::PartitionLocation;
 
 use crate::cluster::ClusterState;
 use crate::job::JobState;
-
-/// A file the cached rows were computed from, as it was listed then.
-pub(super) type InputFile = (ObjectStoreUrl, ObjectMeta);
-
-/// The files `plan` scans.
-pub(super) fn input_files(plan: &Arc<dyn ExecutionPlan>) -> Vec<InputFile> {
-    let mut files = Vec::new();
-    let _ = plan.apply(|node| {
-        let scan = node
-            .downcast_ref::<DataSourceExec>()
-            .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>());
-        if let Some(scan) = scan {
-            for file in scan.file_groups.iter().flat_map(|g| g.iter()) {
-                files.push((scan.object_store_url.clone(), file.object_meta.clone()));
-            }
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-    files
-}
-
-/// True when `now` lists the same files, each as it was, as `then`.
-fn same_files(now: &[InputFile], then: &[InputFile]) -> bool {
-    let key = |(url, meta): &InputFile| {
-        (
-            format!("{}{}", url.as_str(), meta.location),
-            meta.size,
-            meta.last_modified,
-            meta.e_tag.clone(),
-        )
-    };
-    let mut now: Vec<_> = now.iter().map(key).collect();
-    let mut then: Vec<_> = then.iter().map(key).collect();
-    now.sort();
-    now.dedup();
-    then.sort();
-    then.dedup();
-    now == then
-}
+use crate::result_cache::{FileVersion, file_versions};
 
 /// A cached table (see the module doc).
 #[derive(Debug)]
@@ -79,8 +36,8 @@ pub struct CachedTable {
     pub(super) source: LogicalPlan,
     /// The table `CACHE TABLE name` (without a query) stands for.
     pub(super) replaced: Option<Arc<dyn TableProvider>>,
-    /// The files its rows were computed from.
-    pub(super) inputs: Vec<InputFile>,
+    /// The files its rows were computed from, as they were listed then.
+    pub(super) inputs: Vec<FileVersion>,
     /// When it is read from the source again (`OPTIONS ('ttl' ...)`).
     pub(super) expires: Option<Instant>,
     /// The cluster state, to find the partitions and their executors.
@@ -140,9 +97,7 @@ impl TableProvider for CachedTable {
     ) -> DFResult<Arc<dyn ExecutionPlan>> {
         // The source as a query would read it now: the files it lists must be those the rows
         // were computed from (same locations, sizes, dates, e-tags).
-        if let Some(listings) = session.runtime_env().cache_manager.get_list_files_cache() {
-            listings.clear();
-        }
+        volley_core::stores::forget_listings(session.runtime_env());
         let mut source = LogicalPlanBuilder::from(self.source.clone());
         if let Some(columns) = projection {
             source = source.select(columns.iter().copied())?;
@@ -153,7 +108,7 @@ impl TableProvider for CachedTable {
             // Past its TTL: the partitions go with the job's next release.
             self.cluster.lock().unpin(&self.job_id);
         }
-        let unchanged = same_files(&input_files(&source), &self.inputs);
+        let unchanged = file_versions(&source) == self.inputs;
         if fresh
             && unchanged
             && let Some(locations) = self.partitions()

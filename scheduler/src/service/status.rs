@@ -193,14 +193,11 @@ impl SchedulerService {
             if done || now >= deadline {
                 break;
             }
-            match tokio::time::timeout(deadline - now, rx.changed()).await {
-                Err(_) => break,
-                Ok(Ok(())) => {}
-                // The job was replaced under its id (a waiting job that runs after all).
-                Ok(Err(_)) => match self.state.lock().job(&params.job_id) {
-                    Some(job) => rx = job.version.subscribe(),
-                    None => break,
-                },
+            if tokio::time::timeout(deadline - now, rx.changed())
+                .await
+                .is_err()
+            {
+                break;
             }
         }
         Ok(Response::new(self.job_status(&params.job_id)?))

@@ -555,11 +555,8 @@ fn fresh_listings(state: &datafusion::execution::SessionState, cache: CacheUse) 
         .extensions
         .get::<VolleyOptions>()
         .map_or(Duration::ZERO, |o| o.result_cache_ttl.0);
-    if cache == CacheUse::Allowed
-        && !ttl.is_zero()
-        && let Some(listings) = state.runtime_env().cache_manager.get_list_files_cache()
-    {
-        listings.clear();
+    if cache == CacheUse::Allowed && !ttl.is_zero() {
+        volley_core::stores::forget_listings(state.runtime_env());
     }
     cache
 }

@@ -14,7 +14,6 @@ use volley_core::shuffle::PartitionLocation;
 
 use datafusion::prelude::SessionContext;
 use volley::VolleyClient;
-use volley_core::config::volley_session_config;
 use volley_tests::compare::{assert_same_rows, float_columns, rows};
 use volley_tests::process::ProcessCluster;
 use volley_tests::tpch;
@@ -37,6 +36,11 @@ const REVENUE: &str = "SELECT l_orderkey, sum(l_extendedprice * (1 - l_discount)
 /// query read the cache.
 async fn check_revenue(client: &VolleyClient, ctx: &SessionContext, what: &str) -> bool {
     let sql = "SELECT l_orderkey, rev FROM revenue ORDER BY rev DESC, l_orderkey LIMIT 20";
+    check_query(client, ctx, sql, what).await
+}
+
+/// `sql` on the cluster equals DataFusion's answer; true when it read a cached table.
+async fn check_query(client: &VolleyClient, ctx: &SessionContext, sql: &str, what: &str) -> bool {
     let (_, explained) = client.sql(&format!("EXPLAIN {sql}")).await.unwrap();
     let cached = format!("{:?}", rows(&explained).unwrap()).contains("CachedScanExec");
     let (_, batches) = client.sql(sql).await.unwrap();
@@ -77,17 +81,7 @@ async fn cached_bytes(cluster: &ProcessCluster) -> (BTreeMap<String, u64>, Vec<S
 async fn check(client: &VolleyClient, ctx: &SessionContext, what: &str) -> bool {
     let mut all_cached = true;
     for sql in QUERIES {
-        let (_, explained) = client.sql(&format!("EXPLAIN {sql}")).await.unwrap();
-        let explained = format!("{:?}", rows(&explained).unwrap());
-        all_cached &= explained.contains("CachedScanExec");
-        let (_, batches) = client.sql(sql).await.unwrap();
-        let local = ctx.sql(sql).await.unwrap().collect().await.unwrap();
-        assert_same_rows(
-            &rows(&local).unwrap(),
-            &rows(&batches).unwrap(),
-            &float_columns(&local),
-            &format!("{what}: {sql}"),
-        );
+        all_cached &= check_query(client, ctx, sql, what).await;
     }
     all_cached
 }
@@ -109,13 +103,9 @@ async fn cached_tables_are_exact_survive_a_lost_executor_and_uncache() {
     let dir = tpch::sf01().expect("generate TPC-H");
     let mut cluster = ProcessCluster::start(2, 2, &[]).await.expect("cluster");
     let client = cluster.client().await.expect("connect");
-    for statement in tpch::create_table_statements(&dir) {
-        client.sql(&statement).await.expect("register table");
-    }
-    let ctx = SessionContext::new_with_config(volley_session_config(4));
-    tpch::register_local(&ctx, &dir)
+    let ctx = tpch::register_both(&client, &dir)
         .await
-        .expect("local tables");
+        .expect("TPC-H tables");
     ctx.sql(&format!("CREATE VIEW lineitem_1995 AS {SOURCE}"))
         .await
         .unwrap();

@@ -9,7 +9,6 @@ use std::time::Duration;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::prelude::SessionContext;
 use volley::{ClientOptions, VolleyClient};
-use volley_core::config::volley_session_config;
 use volley_tests::compare::{assert_same_rows, float_columns, rows};
 use volley_tests::process::{ProcessCluster, ProcessOptions};
 use volley_tests::tpch;
@@ -78,13 +77,9 @@ async fn repeated_queries_are_answered_from_the_result_cache_until_their_inputs_
         .await
         .expect("cluster");
     let client = cluster.client().await.expect("connect");
-    for statement in tpch::create_table_statements(&dir) {
-        client.sql(&statement).await.expect("register table");
-    }
-    let ctx = SessionContext::new_with_config(volley_session_config(4));
-    tpch::register_local(&ctx, &dir)
+    let ctx = tpch::register_both(&client, &dir)
         .await
-        .expect("local tables");
+        .expect("TPC-H tables");
 
     // The same TPC-H query twice: the second is answered with no task, identical rows.
     let q1 = tpch::query(1).expect("q1");

@@ -3,8 +3,6 @@
 
 use std::collections::BTreeSet;
 
-use datafusion::prelude::SessionContext;
-use volley_core::config::volley_session_config;
 use volley_tests::compare::{assert_matches_answer, assert_same_rows, float_columns, rows};
 use volley_tests::process::ProcessCluster;
 use volley_tests::tpch;
@@ -17,13 +15,9 @@ async fn tpch_sf01_on_process_cluster_matches_datafusion_and_duckdb() {
         .await
         .expect("start cluster");
     let client = cluster.client().await.expect("connect");
-    for statement in tpch::create_table_statements(&dir) {
-        client.sql(&statement).await.expect("register table");
-    }
-    let ctx = SessionContext::new_with_config(volley_session_config(4));
-    tpch::register_local(&ctx, &dir)
+    let ctx = tpch::register_both(&client, &dir)
         .await
-        .expect("register local tables");
+        .expect("TPC-H tables");
 
     for q in 1..=22 {
         let sql = tpch::query(q).expect("query text");
