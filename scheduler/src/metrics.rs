@@ -91,6 +91,10 @@ impl SchedulerMetrics {
                 "volley_result_cache_misses_total",
                 "Cacheable queries the result cache could not answer",
             )?,
+            unplanned_hits: counter(
+                "volley_result_cache_unplanned_hits_total",
+                "Of the hits, those found by the statement shortcut, without planning the query",
+            )?,
             evictions: counter(
                 "volley_result_cache_evictions_total",
                 "Result cache entries dropped (expired, inputs changed, no room)",
@@ -115,6 +119,7 @@ impl SchedulerMetrics {
             Box::new(rpc_errors.clone()),
             Box::new(tasks_launched.clone()),
             Box::new(result_cache.hits.clone()),
+            Box::new(result_cache.unplanned_hits.clone()),
             Box::new(result_cache.misses.clone()),
             Box::new(result_cache.evictions.clone()),
             Box::new(result_cache_bytes.clone()),

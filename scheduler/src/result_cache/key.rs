@@ -272,7 +272,7 @@ fn describe(plan: &Arc<dyn ExecutionPlan>, depth: usize, text: &mut String) {
     }
 }
 
-fn sha256(text: &str) -> String {
+pub(super) fn sha256(text: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
     digest.as_ref().iter().fold(String::new(), |mut s, b| {
         let _ = write!(s, "{b:02x}");

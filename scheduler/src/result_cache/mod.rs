@@ -10,6 +10,7 @@
 //! evicted as soon as any query lists that file. [`key`] says what makes two queries the same.
 
 pub mod key;
+pub mod shortcut;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 use volley_core::{Result, VolleyError};
 
 pub use key::{CacheUse, FileVersion, QueryKey, file_versions, query_key, uncacheable};
+pub use shortcut::{CatalogEpoch, InputRoots, Shortcut, statement_key};
 
 /// Entries up to this many bytes stay in memory; larger ones go to a file.
 pub const MEMORY_ENTRY_BYTES: usize = 1024 * 1024;
@@ -37,6 +39,8 @@ const INPUT_RECORD_BYTES: u64 = 96;
 pub struct CacheCounters {
     /// Lookups answered from the cache (also a waiter served by the query it waited for).
     pub hits: IntCounter,
+    /// Of the hits, those served by a statement shortcut (not planned).
+    pub unplanned_hits: IntCounter,
     /// Lookups of cacheable queries that found nothing usable.
     pub misses: IntCounter,
     /// Entries dropped: expired, inputs changed, room for newer ones.
@@ -122,6 +126,8 @@ pub struct ResultCache {
     /// Input file location -> keys of the entries that read it.
     by_file: HashMap<String, HashSet<String>>,
     in_flight: HashMap<String, InFlight>,
+    /// Statement key -> the stored answer it found (see [`shortcut`]).
+    shortcuts: HashMap<String, Shortcut>,
     bytes: u64,
     clock: u64,
     counters: CacheCounters,
@@ -138,6 +144,7 @@ impl ResultCache {
             entries: HashMap::new(),
             by_file: HashMap::new(),
             in_flight: HashMap::new(),
+            shortcuts: HashMap::new(),
             bytes: 0,
             clock: 0,
             counters,
@@ -168,40 +175,10 @@ impl ResultCache {
     /// go first; then a stored answer, or the job computing it, or a miss.
     pub fn lookup(&mut self, query: &QueryKey, ttl: Duration) -> Lookup {
         self.evict_changed(&query.inputs);
-        let now = Instant::now();
-        let found = self.entries.get(&query.key).map(|e| {
-            let age = now.saturating_duration_since(e.stored);
-            (
-                age,
-                age > ttl || age > e.ttl,
-                e.inputs_hash == query.inputs_hash,
-            )
-        });
-        let result = match found {
-            Some((_, true, _)) => {
-                self.evict(&query.key);
-                Lookup::Miss("the stored answer expired")
-            }
-            Some((_, _, false)) => {
-                self.evict(&query.key);
-                Lookup::Miss("an input file changed")
-            }
-            Some((age, false, true)) => {
-                self.clock += 1;
-                let clock = self.clock;
-                match self.entries.get_mut(&query.key) {
-                    Some(entry) => {
-                        entry.used = clock;
-                        Lookup::Hit(CachedResult {
-                            data: entry.data.clone(),
-                            rows: entry.rows,
-                            age,
-                        })
-                    }
-                    None => Lookup::Miss("not stored"),
-                }
-            }
-            None => match self.in_flight.get(&query.key) {
+        let result = match self.find(&query.key, &query.inputs_hash, ttl) {
+            Err(why) => Lookup::Miss(why),
+            Ok(Some(hit)) => Lookup::Hit(hit),
+            Ok(None) => match self.in_flight.get(&query.key) {
                 Some(f) if f.inputs_hash == query.inputs_hash => Lookup::InFlight {
                     job_id: f.job_id.clone(),
                     done: f.done.subscribe(),
@@ -215,6 +192,96 @@ impl ResultCache {
             Lookup::InFlight { .. } => {}
         }
         result
+    }
+
+    /// The stored answer of `key` over inputs `inputs_hash`, if younger than `ttl` (None:
+    /// nothing stored; an error: the stored one expired or read other inputs, and is evicted).
+    fn find(
+        &mut self,
+        key: &str,
+        inputs_hash: &str,
+        ttl: Duration,
+    ) -> Result<Option<CachedResult>, &'static str> {
+        let now = Instant::now();
+        let found = self.entries.get(key).map(|e| {
+            let age = now.saturating_duration_since(e.stored);
+            (age, age > ttl || age > e.ttl, e.inputs_hash == inputs_hash)
+        });
+        match found {
+            None => Ok(None),
+            Some((_, true, _)) => {
+                self.evict(key);
+                Err("the stored answer expired")
+            }
+            Some((_, _, false)) => {
+                self.evict(key);
+                Err("an input file changed")
+            }
+            Some((age, false, true)) => {
+                self.clock += 1;
+                let clock = self.clock;
+                Ok(self.entries.get_mut(key).map(|entry| {
+                    entry.used = clock;
+                    CachedResult {
+                        data: entry.data.clone(),
+                        rows: entry.rows,
+                        age,
+                    }
+                }))
+            }
+        }
+    }
+
+    /// The shortcut remembered under statement key `statement`, if its answer is still
+    /// stored (see [`shortcut`]).
+    pub fn shortcut(&mut self, statement: &str) -> Option<Shortcut> {
+        let found = self.shortcuts.get(statement)?;
+        if self.entries.contains_key(&found.key) {
+            return Some(found.clone());
+        }
+        self.shortcuts.remove(statement);
+        None
+    }
+
+    /// Serve the answer `shortcut` leads to, its roots having been listed unchanged; None
+    /// (and the shortcut forgotten) when it is gone or expired for `ttl`.
+    pub fn serve_shortcut(
+        &mut self,
+        statement: &str,
+        shortcut: &Shortcut,
+        ttl: Duration,
+    ) -> Option<CachedResult> {
+        let hit = self
+            .find(&shortcut.key, &shortcut.inputs_hash, ttl)
+            .ok()
+            .flatten();
+        match &hit {
+            Some(_) => {
+                self.counters.hits.inc();
+                self.counters.unplanned_hits.inc();
+            }
+            None => {
+                self.shortcuts.remove(statement);
+            }
+        }
+        hit
+    }
+
+    /// Remember `shortcut` under statement key `statement`; its answer is stored.
+    pub fn remember_shortcut(&mut self, statement: String, shortcut: Shortcut) {
+        if self.shortcuts.len() >= MAX_ENTRIES {
+            let entries = &self.entries;
+            self.shortcuts.retain(|_, s| entries.contains_key(&s.key));
+            if self.shortcuts.len() >= MAX_ENTRIES {
+                self.shortcuts.clear();
+            }
+        }
+        self.shortcuts.insert(statement, shortcut);
+    }
+
+    /// Forget the shortcut under statement key `statement` (its roots changed).
+    pub fn forget_shortcut(&mut self, statement: &str) {
+        self.shortcuts.remove(statement);
     }
 
     /// The age and rows of the answer a lookup of `query` would serve, without counting or
@@ -418,6 +485,7 @@ mod tests {
     fn counters() -> CacheCounters {
         CacheCounters {
             hits: IntCounter::new("h", "h").expect("counter"),
+            unplanned_hits: IntCounter::new("u", "u").expect("counter"),
             misses: IntCounter::new("m", "m").expect("counter"),
             evictions: IntCounter::new("e", "e").expect("counter"),
         }

@@ -224,6 +224,7 @@ impl SchedulerService {
                         if let Some(source) = replaced {
                             ctx.register_table(name, source)?;
                         }
+                        super::cached::catalog_changed(ctx);
                         self.state.lock().unpin(&job);
                         self.release(&job).await;
                     }
@@ -299,6 +300,7 @@ impl SchedulerService {
                 let registered = ctx
                     .deregister_table(cache.name.clone())
                     .and_then(|_| ctx.register_table(cache.name.clone(), Arc::new(table)));
+                super::cached::catalog_changed(&ctx);
                 let empty = Arc::new(datafusion::arrow::datatypes::Schema::empty());
                 registered
                     .map_err(|e| e.to_string())

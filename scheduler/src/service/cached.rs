@@ -17,12 +17,39 @@ use volley_core::security::Principal;
 use volley_core::shuffle::{ipc_bytes, read_partition_location};
 
 use crate::job::{CacheHit, JobState};
-use crate::result_cache::{CacheUse, CachedResult, Lookup, QueryKey, query_key};
+use crate::result_cache::{
+    CacheUse, CachedResult, CatalogEpoch, InputRoots, Lookup, QueryKey, Shortcut, query_key,
+    statement_key,
+};
 use crate::service::SchedulerService;
+
+/// A statement the cache may answer without planning it (see
+/// [`crate::result_cache::shortcut`]): its statement key and the catalog epoch it was asked in.
+pub(super) struct Statement {
+    key: String,
+    epoch: u64,
+    ttl: Duration,
+}
+
+impl Statement {
+    /// True when session `ctx` is still in the catalog epoch the statement was asked in.
+    pub(super) fn epoch_unchanged(&self, ctx: &SessionContext) -> bool {
+        epoch_of(ctx) == Some(self.epoch)
+    }
+
+    pub(super) fn into_key(self) -> String {
+        self.key
+    }
+}
+
+/// A planned query's shortcut to record once its answer is stored: the statement key, and
+/// the roots listed before it was planned.
+type ShortcutRecord = (String, Arc<InputRoots>);
 
 /// A query the cache is asked about.
 pub(super) struct Probe {
     query: QueryKey,
+    shortcut: Option<ShortcutRecord>,
     /// The asking session's `volley.result_cache_ttl`.
     ttl: Duration,
     /// Largest answer stored.
@@ -37,7 +64,99 @@ struct Planned {
     settings: Arc<Vec<(String, String)>>,
 }
 
+/// A statement of session `ctx` may have changed its tables, views or settings: its
+/// statement shortcuts are not taken any more.
+pub(super) fn catalog_changed(ctx: &SessionContext) {
+    if let Some(epoch) = ctx
+        .state_ref()
+        .read()
+        .config()
+        .get_extension::<CatalogEpoch>()
+    {
+        epoch.bump();
+    }
+}
+
+fn epoch_of(ctx: &SessionContext) -> Option<u64> {
+    let epoch = ctx
+        .state_ref()
+        .read()
+        .config()
+        .get_extension::<CatalogEpoch>();
+    epoch.map(|e| e.get())
+}
+
 impl SchedulerService {
+    /// The statement `sql` of session `ctx` as the result cache's shortcut knows it, when the
+    /// cache may answer `principal` in this session.
+    pub(super) fn statement(
+        &self,
+        ctx: &SessionContext,
+        sql: &str,
+        principal: Option<&Principal>,
+    ) -> Option<Statement> {
+        let principal = principal?;
+        let epoch = epoch_of(ctx)?;
+        if !self.result_cache.lock().enabled() {
+            return None;
+        }
+        let settings = volley_core::config::config_to_pairs(ctx.state_ref().read().config());
+        let options = VolleyOptions::from_pairs(&settings);
+        let ttl = options.result_cache_ttl.0;
+        if ttl.is_zero() || !options.test_hooks_set().is_empty() {
+            return None;
+        }
+        Some(Statement {
+            key: statement_key(principal.as_str(), epoch, sql, &settings),
+            epoch,
+            ttl,
+        })
+    }
+
+    /// Answer `statement` as job `job_id` from the result cache without planning it, when its
+    /// shortcut leads to a stored answer and its table roots list as they did; None otherwise
+    /// (the statement then takes the full path).
+    pub(super) async fn take_shortcut(
+        &self,
+        job_id: &str,
+        sql: &str,
+        ctx: &SessionContext,
+        statement: &Statement,
+    ) -> Option<String> {
+        let shortcut = self.result_cache.lock().shortcut(&statement.key)?;
+        let state = ctx.state();
+        volley_core::stores::forget_listings(state.runtime_env());
+        if !shortcut.roots.unchanged(&state).await {
+            self.result_cache.lock().forget_shortcut(&statement.key);
+            return None;
+        }
+        let hit =
+            self.result_cache
+                .lock()
+                .serve_shortcut(&statement.key, &shortcut, statement.ttl)?;
+        let (answer, hit) = match answered(hit) {
+            Ok(answered) => answered,
+            Err(e) => {
+                tracing::warn!(job_id, error = %e, "a stored answer cannot be read: the query is planned");
+                self.result_cache.lock().forget_shortcut(&statement.key);
+                return None;
+            }
+        };
+        self.state.lock().add_cached_job(
+            job_id.to_string(),
+            sql.to_string(),
+            shortcut.schema,
+            answer,
+            hit,
+        );
+        tracing::info!(
+            job_id,
+            age_ms = hit.age.as_millis() as u64,
+            "answered from the result cache without planning"
+        );
+        Some(job_id.to_string())
+    }
+
     /// The cache's probe for a planned query, when the cache may answer it: it is on, the
     /// statement is cacheable, the session's TTL is not 0 and no test hook is set.
     pub(super) fn cache_probe(
@@ -46,6 +165,7 @@ impl SchedulerService {
         settings: &[(String, String)],
         cache: &CacheUse,
         principal: Option<&Principal>,
+        shortcut: Option<ShortcutRecord>,
     ) -> Option<Probe> {
         let principal = principal?;
         let options = VolleyOptions::from_pairs(settings);
@@ -56,6 +176,7 @@ impl SchedulerService {
             && self.result_cache.lock().enabled();
         usable.then(|| Probe {
             query: query_key(physical, settings, principal.as_str()),
+            shortcut,
             ttl,
             // A cached answer travels inline in the job status message.
             max_bytes: options
@@ -92,6 +213,7 @@ impl SchedulerService {
                         return self.run_and_keep(job_id, planned, probe).await;
                     }
                 };
+                self.remember_shortcut(&probe, &schema);
                 self.state
                     .lock()
                     .add_cached_job(job_id.clone(), planned.sql, schema, answer, hit);
@@ -168,26 +290,31 @@ impl SchedulerService {
             }
             let lookup = self.result_cache.lock().lookup(&probe.query, probe.ttl);
             match lookup {
-                Lookup::Hit(hit) => {
-                    match answered(hit) {
-                        Ok((answer, hit)) => {
-                            self.state
-                                .lock()
-                                .finish_waiting_from_cache(&job_id, answer, hit);
-                        }
-                        Err(e) => self.state.lock().fail_job(&job_id, e.to_string()),
-                    }
-                    return;
+                Lookup::InFlight { done: next, .. } => {
+                    done = next;
+                    continue;
                 }
-                Lookup::InFlight { done: next, .. } => done = next,
-                Lookup::Miss(_) => {
-                    // Runs under the waiting job's id, which it replaces.
-                    if let Err(e) = self.run_and_keep(job_id.clone(), planned, probe).await {
-                        self.state.lock().fail_job(&job_id, e.to_string());
+                Lookup::Hit(hit) => match answered(hit) {
+                    Ok((answer, hit)) => {
+                        self.remember_shortcut(&probe, &planned.physical.schema());
+                        self.state
+                            .lock()
+                            .finish_waiting_from_cache(&job_id, answer, hit);
+                        return;
                     }
-                    return;
-                }
+                    Err(e) => {
+                        // Like a miss: the unreadable answer goes.
+                        tracing::warn!(job_id, error = %e, "a stored answer cannot be read: the query runs");
+                        self.result_cache.lock().forget(&probe.query);
+                    }
+                },
+                Lookup::Miss(_) => {}
             }
+            // Runs under the waiting job's id, which it replaces.
+            if let Err(e) = self.run_and_keep(job_id.clone(), planned, probe).await {
+                self.state.lock().fail_job(&job_id, e.to_string());
+            }
+            return;
         }
     }
 
@@ -252,7 +379,24 @@ impl SchedulerService {
         let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
         self.result_cache
             .lock()
-            .store(&probe.query, answer, rows, probe.ttl)
+            .store(&probe.query, answer, rows, probe.ttl)?;
+        self.remember_shortcut(probe, &schema);
+        Ok(())
+    }
+
+    /// The stored answer of `probe` is found again by its statement's shortcut.
+    fn remember_shortcut(&self, probe: &Probe, schema: &datafusion::arrow::datatypes::SchemaRef) {
+        if let Some((statement, roots)) = &probe.shortcut {
+            let shortcut = Shortcut {
+                key: probe.query.key.clone(),
+                inputs_hash: probe.query.inputs_hash.clone(),
+                roots: Arc::clone(roots),
+                schema: Arc::clone(schema),
+            };
+            self.result_cache
+                .lock()
+                .remember_shortcut(statement.clone(), shortcut);
+        }
     }
 
     /// True when the release of job `job_id` must wait: its answer is being read into the

@@ -30,7 +30,7 @@ use crate::graph::cut::plan_stages_inlining;
 use crate::graph::scan_balance::balance_parquet_scans;
 use crate::graph::{StagePlan, add_key_filters, mark_broadcast_candidates};
 use crate::job::JobState;
-use crate::result_cache::CacheUse;
+use crate::result_cache::{CacheUse, CatalogEpoch, InputRoots};
 use crate::service::cache_table::{CacheStatement, plan_cache_statement};
 use crate::service::{SchedulerService, new_id};
 use volley_core::security::Principal;
@@ -58,7 +58,9 @@ impl SchedulerService {
             .with_cache_manager(volley_core::stores::cache_config())
             .with_object_store_registry(Arc::clone(&scope) as _)
             .build_arc()?;
-        let config = config.with_extension(scope);
+        let config = config
+            .with_extension(scope)
+            .with_extension(Arc::new(CatalogEpoch::default()));
         let ctx = SessionContext::new_with_state(volley_session_state_with(config, Some(runtime)));
         for (name, table) in self.tables.lock().iter() {
             ctx.register_table(name.as_str(), Arc::clone(table))?;
@@ -153,6 +155,12 @@ impl SchedulerService {
         job_id: String,
         principal: Option<&Principal>,
     ) -> Result<String> {
+        let statement = self.statement(ctx, sql, principal);
+        if let Some(statement) = &statement
+            && let Some(id) = self.take_shortcut(&job_id, sql, ctx, statement).await
+        {
+            return Ok(id);
+        }
         let planned = {
             let (ctx, sql, sandbox) = (ctx.clone(), sql.to_string(), self.sandbox.clone());
             let id = job_id.clone();
@@ -170,7 +178,11 @@ impl SchedulerService {
             }
             Planned::Collect(df, ddl) => {
                 let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-                let batches = df.collect().await?;
+                let batches = df.collect().await;
+                if ddl {
+                    super::cached::catalog_changed(ctx);
+                }
+                let batches = batches?;
                 let bytes = ipc_bytes(&schema, &batches)?;
                 let mut state = self.state.lock();
                 state.add_inline_job(job_id.clone(), sql.to_string(), schema, bytes);
@@ -180,7 +192,7 @@ impl SchedulerService {
                 Ok(job_id)
             }
             Planned::Analyze(physical, settings, cache) => {
-                let probe = self.cache_probe(&physical, &settings, &cache, principal);
+                let probe = self.cache_probe(&physical, &settings, &cache, principal, None);
                 let note = self.explain_cache(probe.as_ref(), &cache, &settings);
                 let inner = self
                     .submit_physical(new_id(), sql, ctx, physical, settings)
@@ -199,6 +211,7 @@ impl SchedulerService {
                 Ok(job_id)
             }
             Planned::CreateTable(create, physical, settings) => {
+                super::cached::catalog_changed(ctx);
                 let inner = self
                     .submit_physical(new_id(), sql, ctx, physical, settings)
                     .await?;
@@ -216,11 +229,17 @@ impl SchedulerService {
                 Ok(job_id)
             }
             Planned::Cache(statement) => {
+                super::cached::catalog_changed(ctx);
                 self.submit_cache_statement(job_id, sql, ctx, statement)
                     .await
             }
-            Planned::Physical(physical, settings, cache) => {
-                match self.cache_probe(&physical, &settings, &cache, principal) {
+            Planned::Physical(physical, settings, cache, roots) => {
+                // Planned in the catalog the statement key names: its shortcut may be kept.
+                let shortcut = statement
+                    .filter(|s| s.epoch_unchanged(ctx))
+                    .zip(roots)
+                    .map(|(s, roots)| (s.into_key(), roots));
+                match self.cache_probe(&physical, &settings, &cache, principal, shortcut) {
                     Some(probe) => {
                         self.submit_cached(job_id, sql, ctx, physical, settings, probe)
                             .await
@@ -444,9 +463,14 @@ pub(super) enum Planned {
     Analyze(Arc<dyn ExecutionPlan>, Arc<Vec<(String, String)>>, CacheUse),
     /// `CACHE TABLE` / `UNCACHE TABLE`.
     Cache(CacheStatement),
-    /// A plan for the executors, with the session settings its tasks run with, and whether
-    /// the result cache may answer it.
-    Physical(Arc<dyn ExecutionPlan>, Arc<Vec<(String, String)>>, CacheUse),
+    /// A plan for the executors, with the session settings its tasks run with, whether the
+    /// result cache may answer it, and (when it may) its table roots as listed before planning.
+    Physical(
+        Arc<dyn ExecutionPlan>,
+        Arc<Vec<(String, String)>>,
+        CacheUse,
+        Option<Arc<InputRoots>>,
+    ),
 }
 
 /// The temporary prefix of the table write a result stage commits, if it commits one.
@@ -536,27 +560,38 @@ pub(super) async fn plan_statement(
     let ddl = matches!(logical, LogicalPlan::Ddl(_) | LogicalPlan::Statement(_));
     let scheduler_side = ddl || matches!(logical, LogicalPlan::DescribeTable(_));
     let cache = fresh_listings(&state, CacheUse::of(&logical));
+    // Listed before planning, into the listing cache the planner then reads.
+    let roots = match (&cache, scheduler_side) {
+        (CacheUse::Allowed, false) if cache_on(&state) => {
+            InputRoots::list(&state, &logical).await.map(Arc::new)
+        }
+        _ => None,
+    };
     let df = ctx.execute_logical_plan(logical).await?;
     if scheduler_side {
         return Ok(Planned::Collect(df, ddl));
     }
     let physical = df.create_physical_plan().await?;
     let settings = Arc::new(config_to_pairs(&state.config().clone()));
-    Ok(Planned::Physical(physical, settings, cache))
+    Ok(Planned::Physical(physical, settings, cache, roots))
 }
 
 /// A query the result cache may answer is planned on fresh listings of its tables: its plan
 /// then names the input files as they are now (their versions are part of the cache's check),
 /// not as a listing up to [`volley_core::stores::LISTING_TTL`] old saw them.
 fn fresh_listings(state: &datafusion::execution::SessionState, cache: CacheUse) -> CacheUse {
-    let ttl = state
+    if cache == CacheUse::Allowed && cache_on(state) {
+        volley_core::stores::forget_listings(state.runtime_env());
+    }
+    cache
+}
+
+/// True when the session's `volley.result_cache_ttl` is not 0.
+fn cache_on(state: &datafusion::execution::SessionState) -> bool {
+    state
         .config()
         .options()
         .extensions
         .get::<VolleyOptions>()
-        .map_or(Duration::ZERO, |o| o.result_cache_ttl.0);
-    if cache == CacheUse::Allowed && !ttl.is_zero() {
-        volley_core::stores::forget_listings(state.runtime_env());
-    }
-    cache
+        .is_some_and(|o| !o.result_cache_ttl.0.is_zero())
 }

@@ -185,6 +185,7 @@ impl SchedulerService {
             _reservation: kept.reservation,
         };
         ctx.register_table(name.clone(), Arc::new(table))?;
+        super::cached::catalog_changed(ctx);
         Ok(())
     }
 }

@@ -191,6 +191,67 @@ async fn repeated_queries_are_answered_from_the_result_cache_until_their_inputs_
     let (batches, tasks, _) = run(&client, sum).await;
     assert_eq!((sum_of(&batches), tasks), ("55".to_string(), 0));
 
+    // A statement asked again in an unchanged session skips planning (its shortcut lists the
+    // table roots only); the same text over another table of the same name, or over a folder
+    // with one more file, is planned and runs.
+    let unplanned = metric(&cluster, "volley_result_cache_unplanned_hits_total").await;
+    let (batches, tasks, _) = run(&client, sum).await;
+    assert_eq!((sum_of(&batches), tasks), ("55".to_string(), 0));
+    assert_eq!(
+        metric(&cluster, "volley_result_cache_unplanned_hits_total").await,
+        unplanned + 1,
+        "answered without planning"
+    );
+    let other_table = data.path().join("t2");
+    std::fs::create_dir(&other_table).unwrap();
+    write_numbers(&other_table.join("part.parquet"), 20).await;
+    client.sql("DROP TABLE t").await.unwrap();
+    client
+        .sql(&format!(
+            "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{}/'",
+            other_table.display()
+        ))
+        .await
+        .unwrap();
+    let (batches, tasks, _) = run(&client, sum).await;
+    assert_eq!(
+        (sum_of(&batches), tasks > 0),
+        ("210".to_string(), true),
+        "another table t"
+    );
+    write_numbers(&data.path().join("more.parquet"), 3).await;
+    std::fs::rename(
+        data.path().join("more.parquet"),
+        other_table.join("more.parquet"),
+    )
+    .unwrap();
+    let (batches, tasks, _) = run(&client, sum).await;
+    assert_eq!(
+        (sum_of(&batches), tasks > 0),
+        ("216".to_string(), true),
+        "a file added to t's folder"
+    );
+    client
+        .sql("CREATE VIEW v AS SELECT sum(a) FROM t")
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let (batches, _, _) = run(&client, "SELECT * FROM v").await;
+        assert_eq!(sum_of(&batches), "216");
+    }
+    client
+        .sql("CREATE OR REPLACE VIEW v AS SELECT count(*) FROM t")
+        .await
+        .unwrap();
+    let (batches, tasks, _) = run(&client, "SELECT * FROM v").await;
+    assert_eq!(
+        (sum_of(&batches), tasks > 0),
+        ("23".to_string(), true),
+        "the replaced view"
+    );
+    let (batches, tasks, _) = run(&client, sum).await;
+    assert_eq!((sum_of(&batches), tasks), ("216".to_string(), 0));
+
     // A session's TTL: an entry older than it is a miss (and gone).
     let err = client
         .sql("SET volley.result_cache_ttl = 'soon'")
@@ -205,7 +266,7 @@ async fn repeated_queries_are_answered_from_the_result_cache_until_their_inputs_
     let (batches, tasks, _) = run(&client, sum).await;
     assert_eq!(
         (sum_of(&batches), tasks > 0),
-        ("55".to_string(), true),
+        ("216".to_string(), true),
         "expired"
     );
     let (_, tasks, _) = run(&client, sum).await;
