@@ -125,6 +125,10 @@ impl From<VolleyError> for tonic::Status {
     fn from(e: VolleyError) -> Self {
         match &e {
             VolleyError::DataFusion(df) => match df.find_root() {
+                // "table 'x' not found", "file not found": what is named does not exist.
+                DataFusionError::Plan(message) if message.contains("not found") => {
+                    tonic::Status::not_found(e.to_string())
+                }
                 DataFusionError::Plan(_)
                 | DataFusionError::SQL(..)
                 | DataFusionError::SchemaError(..)

@@ -42,6 +42,17 @@ pub fn ticket(path: &str, grant: &str) -> Vec<u8> {
     bytes
 }
 
+/// Marks a ticket a Flight SQL client redeems: the executor sends the file's record batches
+/// as standard Flight data (a schema message, then batches), not raw Arrow IPC chunks.
+pub const STANDARD_FLIGHT: &[u8] = b"volley-flight-sql\0";
+
+/// A Flight SQL client's ticket for result file `path` with its `grant`.
+pub fn standard_ticket(path: &str, grant: &str) -> Vec<u8> {
+    let mut bytes = STANDARD_FLIGHT.to_vec();
+    bytes.extend(ticket(path, grant));
+    bytes
+}
+
 /// The path and grant of a Flight ticket (None: not UTF-8).
 pub fn parse_ticket(bytes: &[u8]) -> Option<(&str, Option<&str>)> {
     let text = std::str::from_utf8(bytes).ok()?;

@@ -6,15 +6,19 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use bytes::Bytes;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::ipc::reader::StreamReader;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
-use volley_core::grant::{grant_matches, parse_ticket};
+use volley_core::grant::{STANDARD_FLIGHT, grant_matches, parse_ticket};
 use volley_core::security::{Role, role};
 use volley_core::shuffle::MemoryShuffle;
 
@@ -106,7 +110,12 @@ impl FlightService for ShuffleFlightService {
     ) -> Result<Response<Self::DoGetStream>, Status> {
         let role = role(&request);
         let chunk_bytes = self.chunk_bytes;
-        let path = match self.checked_source(&request.into_inner().ticket, role)? {
+        let ticket = request.into_inner().ticket;
+        if let Some(ticket) = ticket.strip_prefix(STANDARD_FLIGHT) {
+            let source = self.checked_source(ticket, role)?;
+            return Ok(Response::new(standard_flight(source, chunk_bytes).await?));
+        }
+        let path = match self.checked_source(&ticket, role)? {
             Source::File(path) => path,
             Source::Memory(bytes) => {
                 // Already an Arrow IPC stream: its bytes go out in chunks, as a file's do.
@@ -228,4 +237,43 @@ impl FlightService for ShuffleFlightService {
     ) -> Result<Response<Self::DoExchangeStream>, Status> {
         Err(Status::unimplemented("do_exchange"))
     }
+}
+
+/// The record batches of `source` (an Arrow IPC stream) as standard Flight data, for Flight
+/// SQL clients: decoded a batch at a time on a blocking thread and encoded as they go.
+async fn standard_flight(
+    source: Source,
+    max_message_bytes: usize,
+) -> Result<BoxedStream<FlightData>, Status> {
+    let opened = tokio::task::spawn_blocking(move || {
+        let reader: Box<dyn std::io::Read + Send> = match source {
+            Source::Memory(bytes) => Box::new(std::io::Cursor::new(bytes)),
+            Source::File(path) => {
+                let file = File::open(&path).map_err(|e| {
+                    Status::not_found(format!("result file {}: {e}", path.display()))
+                })?;
+                Box::new(std::io::BufReader::new(file))
+            }
+        };
+        StreamReader::try_new(reader, None)
+            .map_err(|e| Status::internal(format!("reading a result: {e}")))
+    })
+    .await
+    .map_err(|e| Status::internal(format!("reading a result: {e}")))??;
+    let schema = opened.schema();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<RecordBatch, FlightError>>(2);
+    tokio::task::spawn_blocking(move || {
+        for batch in opened {
+            if tx.blocking_send(batch.map_err(FlightError::Arrow)).is_err() {
+                return;
+            }
+        }
+    });
+    let encoded = FlightDataEncoderBuilder::new()
+        .with_max_flight_data_size(max_message_bytes)
+        .with_schema(schema)
+        .build(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok(encoded
+        .map(|r| r.map_err(|e| Status::internal(e.to_string())))
+        .boxed())
 }

@@ -131,6 +131,12 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
             .max_encoding_message_size(config.max_message_size),
         config.security.server_interceptor("scheduler"),
     );
+    // Flight SQL on the same port, behind the same token check (and HTTP Basic with the token).
+    let flight_sql = InterceptedService::new(
+        crate::flight_sql::FlightSqlServer::new(service.clone())
+            .into_server(config.max_message_size),
+        crate::flight_sql::FlightSqlAuth(config.security.server_interceptor("scheduler")),
+    );
     // The standard gRPC health service answers without a token (probes carry none); it says
     // only whether this server is serving.
     let (_reporter, health) = tonic_health::server::health_reporter();
@@ -139,6 +145,7 @@ pub async fn start_scheduler(config: SchedulerConfig) -> Result<SchedulerHandle>
         let mut server = server;
         let result = server
             .add_service(grpc)
+            .add_service(flight_sql)
             .add_service(health)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -35,6 +35,7 @@ pub mod executors;
 pub mod grpc;
 pub mod housekeeping;
 pub mod launch;
+mod plan;
 pub mod sessions;
 pub mod status;
 pub mod submit;

@@ -12,7 +12,7 @@ use volley_core::protobuf as pb;
 use crate::cluster::ClusterState;
 use crate::job::journal::SubmittedPlan;
 use crate::service::SchedulerService;
-use crate::service::submit::{Planned, plan_statement};
+use crate::service::plan::{Planned, plan_statement};
 use crate::store::{JournalWrite, RunningJob, StoredSession};
 
 /// The setting a session's partition count is kept under: a restored session keeps the count

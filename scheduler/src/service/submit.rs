@@ -1,4 +1,4 @@
-//! Submitting statements: parse, check against the sandbox and plan on a deep-stack thread;
+//! Submitting statements: planned on a deep-stack thread ([`super::plan`]);
 //! answer DDL, EXPLAIN and plans that cannot travel on the scheduler; cut the rest into stages
 //! and hand them to the cluster as a job; EXPLAIN ANALYZE waits for the job it analyzes.
 
@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::array::{RecordBatch, StringArray};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::logical_expr::{CreateMemoryTable, DdlStatement, LogicalPlan};
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use tonic::Status;
@@ -18,25 +17,23 @@ use volley_core::codec::VolleyCodec;
 use volley_core::config::{VolleyOptions, config_to_pairs, volley_session_config};
 use volley_core::protobuf as pb;
 use volley_core::rules::volley_session_state_with;
-use volley_core::sandbox::Sandbox;
 use volley_core::shuffle::ipc_bytes;
 use volley_core::stack::on_deep_stack;
+use volley_core::stores::StoreScope;
 use volley_core::stores::plan::plan_stores;
-use volley_core::stores::{StoreOptions, StoreScope};
 use volley_core::{Result, VolleyError};
 
-use crate::explain::{analyze_lines, explain_stages, plan_schema};
+use crate::explain::{analyze_lines, plan_schema};
 use crate::graph::cut::plan_stages_inlining;
 use crate::graph::scan_balance::balance_parquet_scans;
-use crate::graph::{StagePlan, add_key_filters, mark_broadcast_candidates};
 use crate::job::JobState;
-use crate::result_cache::{CacheUse, CatalogEpoch, InputRoots};
-use crate::service::cache_table::{CacheStatement, plan_cache_statement};
+use crate::result_cache::CatalogEpoch;
+use crate::service::plan::{Planned, adaptive_candidates, plan_statement, session_stores};
 use crate::service::{SchedulerService, new_id};
 use volley_core::security::Principal;
 
 impl SchedulerService {
-    pub(super) fn new_session(&self, settings: &[pb::KeyValue]) -> Result<SessionContext> {
+    pub(crate) fn new_session(&self, settings: &[pb::KeyValue]) -> Result<SessionContext> {
         let target = self
             .config
             .target_partitions
@@ -113,6 +110,46 @@ impl SchedulerService {
         self.submit_as(ctx, sql, new_id(), Some(principal))
             .await
             .map_err(|e| self.redacted(ctx, sql, e))
+    }
+
+    /// Plan query `sql` with `params` bound to its placeholders (`$1`, `$2`, ...) and submit
+    /// it (the result cache is not asked); an error shows no secrets, like
+    /// [`Self::submit_redacted`]'s.
+    pub async fn submit_bound(
+        &self,
+        ctx: &SessionContext,
+        sql: &str,
+        params: datafusion::common::ParamValues,
+    ) -> Result<String, Status> {
+        let planned = {
+            let (ctx, sql, sandbox) = (ctx.clone(), sql.to_string(), self.sandbox.clone());
+            on_deep_stack("planner", move || async move {
+                let state = ctx.state();
+                let logical = state.create_logical_plan(&sql).await?;
+                sandbox.check_logical(&logical)?;
+                if matches!(logical, LogicalPlan::Ddl(_) | LogicalPlan::Statement(_)) {
+                    return Err(VolleyError::NotAllowed(
+                        "only queries and DML take bound parameters".into(),
+                    ));
+                }
+                let logical = logical.with_param_values(params)?;
+                let physical = ctx
+                    .execute_logical_plan(logical)
+                    .await?
+                    .create_physical_plan()
+                    .await?;
+                Ok::<_, VolleyError>((physical, Arc::new(config_to_pairs(state.config()))))
+            })
+            .await
+        };
+        let submitted = match planned {
+            Ok((physical, settings)) => {
+                self.submit_physical(new_id(), sql, ctx, physical, settings)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        submitted.map_err(|e| self.redacted(ctx, sql, e))
     }
 
     /// `e` as a status without the secrets of `ctx`'s session or of the statement `sql`.
@@ -434,45 +471,6 @@ impl SchedulerService {
     }
 }
 
-/// Filter scan stages by the build sides of the joins they feed (unless the settings turn that
-/// off), then mark broadcast-switch candidates when the settings enable adaptive execution.
-fn adaptive_candidates(stages: &mut [StagePlan], options: &VolleyOptions) -> Result<()> {
-    if options.key_filters {
-        add_key_filters(stages)?;
-    }
-    if options.adaptive && options.adaptive_broadcast_bytes > 0 {
-        mark_broadcast_candidates(stages);
-    }
-    Ok(())
-}
-
-/// What planning a statement produced.
-pub(super) enum Planned {
-    /// Answered while planning (EXPLAIN): the result as IPC bytes.
-    Inline(SchemaRef, Vec<u8>),
-    /// Runs on the scheduler (DDL, SET, DESCRIBE); true when it changes the session (DDL,
-    /// SET), not when it answers a question (DESCRIBE).
-    Collect(datafusion::dataframe::DataFrame, bool),
-    /// CREATE TABLE AS: this plan of its query runs on the cluster, then the table is kept.
-    CreateTable(
-        Box<CreateMemoryTable>,
-        Arc<dyn ExecutionPlan>,
-        Arc<Vec<(String, String)>>,
-    ),
-    /// EXPLAIN ANALYZE of this plan.
-    Analyze(Arc<dyn ExecutionPlan>, Arc<Vec<(String, String)>>, CacheUse),
-    /// `CACHE TABLE` / `UNCACHE TABLE`.
-    Cache(CacheStatement),
-    /// A plan for the executors, with the session settings its tasks run with, whether the
-    /// result cache may answer it, and (when it may) its table roots as listed before planning.
-    Physical(
-        Arc<dyn ExecutionPlan>,
-        Arc<Vec<(String, String)>>,
-        CacheUse,
-        Option<Arc<InputRoots>>,
-    ),
-}
-
 /// The temporary prefix of the table write a result stage commits, if it commits one.
 fn temporary_of(plan: &Arc<dyn ExecutionPlan>) -> Option<String> {
     let mut found = None;
@@ -484,114 +482,4 @@ fn temporary_of(plan: &Arc<dyn ExecutionPlan>) -> Option<String> {
         Ok(TreeNodeRecursion::Continue)
     });
     found
-}
-
-/// The object store scope of a session.
-fn session_stores(ctx: &SessionContext) -> Option<Arc<StoreScope>> {
-    ctx.state().config().get_extension::<StoreScope>()
-}
-
-/// `CREATE EXTERNAL TABLE ... OPTIONS ('aws.region' ...)`: the store options configure the
-/// session's store for the table's location; the rest (format options) stay for DataFusion.
-fn take_store_options(ctx: &SessionContext, logical: LogicalPlan) -> Result<LogicalPlan> {
-    let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(mut create)) = logical else {
-        return Ok(logical);
-    };
-    let store = StoreOptions::take_from(&mut create.options);
-    if !store.is_empty() {
-        let scope = session_stores(ctx)
-            .ok_or_else(|| VolleyError::Internal("session without a store scope".into()))?;
-        for location in &create.locations {
-            let url = ListingTableUrl::parse(location)?;
-            scope.configure(url.get_url(), store.clone())?;
-        }
-    }
-    Ok(LogicalPlan::Ddl(DdlStatement::CreateExternalTable(create)))
-}
-
-/// Parse, check and plan one statement (on a deep-stack thread; see [`on_deep_stack`]).
-pub(super) async fn plan_statement(
-    ctx: &SessionContext,
-    sql: &str,
-    sandbox: &Sandbox,
-    job_id: &str,
-) -> Result<Planned> {
-    let state = ctx.state();
-    if let Some(statement) = plan_cache_statement(ctx, &state, sql, sandbox).await? {
-        return Ok(Planned::Cache(statement));
-    }
-    let logical = state.create_logical_plan(sql).await?;
-    sandbox.check_logical(&logical)?;
-    let logical = take_store_options(ctx, logical)?;
-    if let LogicalPlan::Explain(explain) = &logical
-        && !explain.verbose
-    {
-        let physical = state.create_physical_plan(&explain.plan).await?;
-        let physical = balance_parquet_scans(physical, &state).await?;
-        let options = VolleyOptions::from_pairs(&config_to_pairs(state.config()));
-        let mut stages = plan_stages_inlining(job_id, physical, options.inline_build_bytes)?;
-        adaptive_candidates(&mut stages, &options)?;
-        let lines = explain_stages(&stages);
-        let schema = plan_schema();
-        let batch = RecordBatch::try_new(
-            Arc::clone(&schema),
-            vec![Arc::new(StringArray::from(lines))],
-        )?;
-        let bytes = ipc_bytes(&schema, &[batch])?;
-        return Ok(Planned::Inline(schema, bytes));
-    }
-    if let LogicalPlan::Analyze(analyze) = &logical {
-        let cache = fresh_listings(&state, CacheUse::of(&analyze.input));
-        let physical = state.create_physical_plan(&analyze.input).await?;
-        let settings = Arc::new(config_to_pairs(state.config()));
-        return Ok(Planned::Analyze(physical, settings, cache));
-    }
-    if let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) = &logical
-        && super::tables::runs_on_cluster(ctx, create)?
-    {
-        let physical = state.create_physical_plan(&create.input).await?;
-        let settings = Arc::new(config_to_pairs(state.config()));
-        return Ok(Planned::CreateTable(
-            Box::new(create.clone()),
-            physical,
-            settings,
-        ));
-    }
-    let ddl = matches!(logical, LogicalPlan::Ddl(_) | LogicalPlan::Statement(_));
-    let scheduler_side = ddl || matches!(logical, LogicalPlan::DescribeTable(_));
-    let cache = fresh_listings(&state, CacheUse::of(&logical));
-    // Listed before planning, into the listing cache the planner then reads.
-    let roots = match (&cache, scheduler_side) {
-        (CacheUse::Allowed, false) if cache_on(&state) => {
-            InputRoots::list(&state, &logical).await.map(Arc::new)
-        }
-        _ => None,
-    };
-    let df = ctx.execute_logical_plan(logical).await?;
-    if scheduler_side {
-        return Ok(Planned::Collect(df, ddl));
-    }
-    let physical = df.create_physical_plan().await?;
-    let settings = Arc::new(config_to_pairs(&state.config().clone()));
-    Ok(Planned::Physical(physical, settings, cache, roots))
-}
-
-/// A query the result cache may answer is planned on fresh listings of its tables: its plan
-/// then names the input files as they are now (their versions are part of the cache's check),
-/// not as a listing up to [`volley_core::stores::LISTING_TTL`] old saw them.
-fn fresh_listings(state: &datafusion::execution::SessionState, cache: CacheUse) -> CacheUse {
-    if cache == CacheUse::Allowed && cache_on(state) {
-        volley_core::stores::forget_listings(state.runtime_env());
-    }
-    cache
-}
-
-/// True when the session's `volley.result_cache_ttl` is not 0.
-fn cache_on(state: &datafusion::execution::SessionState) -> bool {
-    state
-        .config()
-        .options()
-        .extensions
-        .get::<VolleyOptions>()
-        .is_some_and(|o| !o.result_cache_ttl.0.is_zero())
 }

@@ -7,6 +7,7 @@ mod errors;
 mod etcd;
 mod examples;
 mod faults;
+mod flight_sql;
 mod fuzz;
 mod hardening;
 mod layout;

@@ -1,0 +1,296 @@
+//! Statements of Flight SQL clients: run as jobs of the caller's session, waited for (a client
+//! that goes away cancels its job), and answered with a `FlightInfo` whose endpoints point at
+//! the executors holding the result files — the rows stream from there, not through the
+//! scheduler — or, for an answer the scheduler holds (DDL, EXPLAIN, a cached result), at the
+//! scheduler itself. Prepared statements keep their SQL and the parameters last bound.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::sql::server::PeekableFlightDataStream;
+use arrow_flight::sql::{ProstMessageExt, TicketStatementQuery};
+use arrow_flight::{FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, Ticket};
+use datafusion::arrow::array::{Array, RecordBatch, UInt64Array};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::ipc::reader::StreamReader;
+use datafusion::common::{ParamValues, ScalarValue};
+use datafusion::prelude::SessionContext;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use parking_lot::Mutex;
+use prost::Message;
+use tonic::Status;
+use volley_core::security::Principal;
+
+use crate::job::JobState;
+use crate::service::SchedulerService;
+
+/// The statement handle of an answer the scheduler holds: this prefix, then the job id.
+const INLINE: &str = "volley-inline:";
+
+/// A finished job's answer as a Flight SQL client gets it.
+pub(super) struct Answer {
+    pub job_id: String,
+    pub schema: SchemaRef,
+    /// IPC bytes held by the scheduler (None: result files on the executors).
+    pub inline: Option<Vec<u8>>,
+    pub locations: Vec<volley_core::shuffle::PartitionLocation>,
+}
+
+/// Cancels the job it names when dropped armed: a client that stops waiting (cancels, or
+/// disconnects) does not leave its query running.
+struct CancelOnDrop {
+    service: SchedulerService,
+    job_id: Option<String>,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(job_id) = self.job_id.take() {
+            let service = self.service.clone();
+            tokio::spawn(async move {
+                if service.cancel(&job_id).await {
+                    tracing::info!(job_id, "cancelled: its Flight SQL client stopped waiting");
+                }
+            });
+        }
+    }
+}
+
+/// Run `sql` in session `ctx` for `principal`, with `params` bound to its placeholders when
+/// given, and wait for its answer.
+pub(super) async fn run(
+    service: &SchedulerService,
+    ctx: &SessionContext,
+    sql: &str,
+    params: Option<ParamValues>,
+    principal: &Principal,
+) -> Result<Answer, Status> {
+    let job_id = match params {
+        Some(params) => service.submit_bound(ctx, sql, params).await?,
+        None => service.submit_redacted(ctx, sql, principal).await?,
+    };
+    let mut guard = CancelOnDrop {
+        service: service.clone(),
+        job_id: Some(job_id.clone()),
+    };
+    let Some(mut version) = service.with_state(|s| s.job(&job_id).map(|j| j.version.subscribe()))
+    else {
+        return Err(Status::not_found(format!("job {job_id} is gone")));
+    };
+    loop {
+        let ended = service.with_state(|s| {
+            s.job(&job_id).map(|job| match &job.state {
+                JobState::Succeeded => Some(Ok(Answer {
+                    job_id: job_id.clone(),
+                    schema: Arc::clone(&job.schema),
+                    inline: job.inline_result.clone(),
+                    locations: job.result_locations(),
+                })),
+                JobState::Failed(message) => Some(Err(failed(message))),
+                JobState::Cancelled => Some(Err(Status::cancelled(format!(
+                    "job {job_id} was cancelled"
+                )))),
+                _ => None,
+            })
+        });
+        match ended {
+            None => return Err(Status::not_found(format!("job {job_id} is gone"))),
+            Some(Some(answer)) => {
+                guard.job_id = None;
+                return answer;
+            }
+            Some(None) => {
+                if version.changed().await.is_err() {
+                    return Err(Status::not_found(format!("job {job_id} is gone")));
+                }
+            }
+        }
+    }
+}
+
+/// A failed job's status: a missing table reads NOT_FOUND, bad SQL INVALID_ARGUMENT.
+fn failed(message: &str) -> Status {
+    if message.contains("not found") {
+        Status::not_found(message.to_string())
+    } else {
+        Status::internal(message.to_string())
+    }
+}
+
+impl Answer {
+    /// The `FlightInfo` of this answer: one endpoint per result file, at its executor, or one
+    /// at the scheduler for an answer held here.
+    pub(super) fn flight_info(
+        &self,
+        descriptor: FlightDescriptor,
+        cluster_token: Option<&str>,
+        tls: bool,
+    ) -> Result<FlightInfo, Status> {
+        let mut info = FlightInfo::new()
+            .try_with_schema(&self.schema)
+            .map_err(|e| Status::internal(format!("result schema: {e}")))?
+            .with_descriptor(descriptor)
+            .with_ordered(true);
+        match &self.inline {
+            Some(_) => {
+                let handle = TicketStatementQuery {
+                    statement_handle: format!("{INLINE}{}", self.job_id).into(),
+                };
+                let ticket = Ticket::new(handle.as_any().encode_to_vec());
+                info = info.with_endpoint(FlightEndpoint::new().with_ticket(ticket));
+            }
+            None => {
+                let scheme = if tls { "grpc+tls" } else { "grpc+tcp" };
+                for location in &self.locations {
+                    let grant = cluster_token
+                        .map(|key| volley_core::grant::grant(key, &location.path))
+                        .unwrap_or_default();
+                    let ticket = volley_core::grant::standard_ticket(&location.path, &grant);
+                    let endpoint = FlightEndpoint::new()
+                        .with_ticket(Ticket::new(ticket))
+                        .with_location(format!(
+                            "{scheme}://{}:{}",
+                            location.host, location.flight_port
+                        ));
+                    info = info.with_endpoint(endpoint);
+                }
+            }
+        }
+        let rows: u64 = self.locations.iter().map(|l| l.num_rows).sum();
+        Ok(info.with_total_records(i64::try_from(rows).unwrap_or(-1)))
+    }
+
+    /// Rows a DML statement or `COPY` reports (its `count` column), 0 for DDL.
+    pub(super) fn affected_rows(&self) -> i64 {
+        let Some(bytes) = &self.inline else {
+            return 0;
+        };
+        let Ok(reader) = StreamReader::try_new(std::io::Cursor::new(bytes), None) else {
+            return 0;
+        };
+        reader
+            .filter_map(|b| b.ok())
+            .filter_map(|b| {
+                let column = b.column_by_name("count")?;
+                let counts = column.as_any().downcast_ref::<UInt64Array>()?;
+                (!counts.is_empty()).then(|| counts.value(0))
+            })
+            .map(|n| i64::try_from(n).unwrap_or(i64::MAX))
+            .sum()
+    }
+}
+
+/// The job whose scheduler-held answer statement handle `handle` names.
+pub(super) fn inline_job(handle: &[u8]) -> Option<&str> {
+    std::str::from_utf8(handle).ok()?.strip_prefix(INLINE)
+}
+
+/// The answer of job `job_id` held by the scheduler, as Flight data.
+pub(super) fn inline_rows(
+    service: &SchedulerService,
+    job_id: &str,
+) -> Result<BoxStream<'static, Result<FlightData, Status>>, Status> {
+    let bytes = service
+        .with_state(|s| s.job(job_id).and_then(|j| j.inline_result.clone()))
+        .ok_or_else(|| Status::not_found(format!("no answer of job {job_id} is held here")))?;
+    let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .map_err(|e| Status::internal(format!("answer of job {job_id}: {e}")))?;
+    let schema = reader.schema();
+    let batches: Vec<Result<RecordBatch, arrow_flight::error::FlightError>> = reader
+        .map(|b| b.map_err(arrow_flight::error::FlightError::Arrow))
+        .collect();
+    Ok(FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .build(futures::stream::iter(batches))
+        .map_err(|e| Status::internal(e.to_string()))
+        .boxed())
+}
+
+/// The first row of the parameter batches a client bound.
+pub(super) async fn bound_parameters(
+    stream: PeekableFlightDataStream,
+) -> Result<ParamValues, Status> {
+    let batches: Vec<RecordBatch> =
+        arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(
+            stream.into_peekable().map_err(FlightError::from),
+        )
+        .try_collect()
+        .await
+        .map_err(|e| Status::invalid_argument(format!("bad parameters: {e}")))?;
+    let Some(batch) = batches.iter().find(|b| b.num_rows() > 0) else {
+        return Ok(ParamValues::List(Vec::new()));
+    };
+    let values = batch
+        .columns()
+        .iter()
+        .map(|column| ScalarValue::try_from_array(column, 0).map(Into::into))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Status::invalid_argument(format!("bad parameters: {e}")))?;
+    Ok(ParamValues::List(values))
+}
+
+/// A prepared statement: its SQL and the parameters last bound to it.
+#[derive(Clone)]
+pub(super) struct Prepared {
+    pub principal: String,
+    pub sql: String,
+    pub params: Option<ParamValues>,
+}
+
+/// Open prepared statements by handle.
+#[derive(Default)]
+pub(super) struct PreparedStatements(Mutex<HashMap<String, Prepared>>);
+
+/// At most this many prepared statements stay open (a client that never closes them cannot
+/// grow the scheduler's memory without bound): the oldest are closed first.
+const MAX_PREPARED: usize = 10_000;
+
+impl PreparedStatements {
+    pub fn open(&self, prepared: Prepared) -> String {
+        let handle = uuid::Uuid::new_v4().to_string();
+        let mut open = self.0.lock();
+        if open.len() >= MAX_PREPARED
+            && let Some(any) = open.keys().next().cloned()
+        {
+            open.remove(&any);
+        }
+        open.insert(handle.clone(), prepared);
+        handle
+    }
+
+    /// The statement under `handle` if `principal` prepared it.
+    pub fn get(&self, handle: &[u8], principal: &str) -> Result<Prepared, Status> {
+        let handle = String::from_utf8_lossy(handle);
+        self.0
+            .lock()
+            .get(handle.as_ref())
+            .filter(|p| p.principal == principal)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no prepared statement {handle}")))
+    }
+
+    pub fn bind(&self, handle: &[u8], principal: &str, params: ParamValues) -> Result<(), Status> {
+        let handle = String::from_utf8_lossy(handle);
+        match self.0.lock().get_mut(handle.as_ref()) {
+            Some(p) if p.principal == principal => {
+                p.params = Some(params);
+                Ok(())
+            }
+            _ => Err(Status::not_found(format!("no prepared statement {handle}"))),
+        }
+    }
+
+    pub fn close(&self, handle: &[u8], principal: &str) {
+        let handle = String::from_utf8_lossy(handle);
+        let mut open = self.0.lock();
+        if open
+            .get(handle.as_ref())
+            .is_some_and(|p| p.principal == principal)
+        {
+            open.remove(handle.as_ref());
+        }
+    }
+}
