@@ -103,6 +103,25 @@ pub(super) fn table_types(query: CommandGetTableTypes) -> Result<RecordBatch, St
     builder.build().map_err(arrow_status)
 }
 
+/// Keywords of the dialect beyond SQL-92's (what JDBC's `getSQLKeywords` reports).
+const KEYWORDS: [&str; 8] = [
+    "COPY", "EXPLAIN", "ANALYZE", "EXTERNAL", "STORED", "LOCATION", "CACHE", "UNCACHE",
+];
+const NUMERIC_FUNCTIONS: [&str; 10] = [
+    "abs", "ceil", "floor", "round", "power", "sqrt", "ln", "log10", "exp", "trunc",
+];
+const STRING_FUNCTIONS: [&str; 10] = [
+    "concat", "lower", "upper", "substr", "trim", "length", "replace", "lpad", "rpad", "strpos",
+];
+const DATETIME_FUNCTIONS: [&str; 6] = [
+    "now",
+    "current_date",
+    "date_part",
+    "date_trunc",
+    "to_timestamp",
+    "extract",
+];
+
 /// What the server is and supports.
 pub(super) fn sql_info() -> Result<SqlInfoData, Status> {
     let mut builder = SqlInfoDataBuilder::new();
@@ -119,8 +138,20 @@ pub(super) fn sql_info() -> Result<SqlInfoData, Status> {
     builder.append(SqlInfo::SqlDdlSchema, false);
     builder.append(SqlInfo::SqlDdlTable, true);
     builder.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
-    builder.append(SqlInfo::SqlIdentifierCase, 3i32); // case insensitive (folded)
-    builder.append(SqlInfo::SqlQuotedIdentifierCase, 1i32); // case sensitive
+    // SqlSupportedCaseSensitivity: unquoted names fold to lower case (3); quoted ones are kept
+    // as written, which the enum has no value for (0, unknown).
+    builder.append(SqlInfo::SqlIdentifierCase, 3i32);
+    builder.append(SqlInfo::SqlQuotedIdentifierCase, 0i32);
+    builder.append(SqlInfo::SqlSearchStringEscape, "\\");
+    builder.append(SqlInfo::SqlExtraNameCharacters, "");
+    builder.append(SqlInfo::SqlSupportsColumnAliasing, true);
+    builder.append(SqlInfo::SqlNullPlusNullIsNull, true);
+    // Some JDBC tools read these lists unconditionally.
+    builder.append(SqlInfo::SqlKeywords, &KEYWORDS[..]);
+    builder.append(SqlInfo::SqlNumericFunctions, &NUMERIC_FUNCTIONS[..]);
+    builder.append(SqlInfo::SqlStringFunctions, &STRING_FUNCTIONS[..]);
+    builder.append(SqlInfo::SqlSystemFunctions, &[] as &[&str]);
+    builder.append(SqlInfo::SqlDatetimeFunctions, &DATETIME_FUNCTIONS[..]);
     builder.build().map_err(arrow_status)
 }
 

@@ -13,9 +13,8 @@ pub mod statements;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
-use arrow_flight::encode::FlightDataEncoderBuilder;
-use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use arrow_flight::sql::metadata::XdbcTypeInfoData;
 use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
@@ -34,11 +33,11 @@ use arrow_flight::{
     Ticket,
 };
 use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{Schema, SchemaRef};
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use datafusion::common::ParamValues;
 use datafusion::prelude::SessionContext;
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
@@ -50,13 +49,18 @@ use statements::{Prepared, PreparedStatements, bound_parameters};
 
 type DoGetStream = <FlightSqlServer as FlightService>::DoGetStream;
 
+/// Flight SQL sessions kept (one per principal: without tokens, each presented header is one).
+const MAX_SESSIONS: usize = 1024;
+
 /// The Flight SQL service of a scheduler.
 #[derive(Clone)]
 pub struct FlightSqlServer {
     service: SchedulerService,
-    /// One session per principal.
-    sessions: Arc<Mutex<HashMap<String, SessionContext>>>,
+    /// One session per principal, with when it was last used.
+    sessions: Arc<Mutex<HashMap<String, (SessionContext, Instant)>>>,
     prepared: Arc<PreparedStatements>,
+    /// Signs the job handles this server gives out (see [`statements::signed`]).
+    secret: Arc<str>,
 }
 
 impl FlightSqlServer {
@@ -65,6 +69,7 @@ impl FlightSqlServer {
             service,
             sessions: Arc::default(),
             prepared: Arc::default(),
+            secret: uuid::Uuid::new_v4().to_string().into(),
         }
     }
 
@@ -83,14 +88,27 @@ impl FlightSqlServer {
             .unwrap_or_else(Principal::in_process)
     }
 
-    /// The session of `principal` (made on first use).
+    /// The session of `principal` (made on first use; past [`MAX_SESSIONS`] principals, the
+    /// least recently used one's session goes).
     fn session(&self, principal: &Principal) -> Result<SessionContext, Status> {
         let mut sessions = self.sessions.lock();
-        if let Some(ctx) = sessions.get(principal.as_str()) {
+        if let Some((ctx, used)) = sessions.get_mut(principal.as_str()) {
+            *used = Instant::now();
             return Ok(ctx.clone());
         }
+        if sessions.len() >= MAX_SESSIONS
+            && let Some(oldest) = sessions
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(p, _)| p.clone())
+        {
+            sessions.remove(&oldest);
+        }
         let ctx = self.service.new_session(&[]).map_err(Status::from)?;
-        sessions.insert(principal.as_str().to_string(), ctx.clone());
+        sessions.insert(
+            principal.as_str().to_string(),
+            (ctx.clone(), Instant::now()),
+        );
         Ok(ctx)
     }
 
@@ -119,26 +137,30 @@ impl FlightSqlServer {
         let ctx = self.session(&principal)?;
         let answer = statements::run(&self.service, &ctx, sql, params, &principal).await?;
         let security = self.service.security();
+        let handle = statements::signed(&self.secret, principal.as_str(), &answer.job_id);
         let info = answer.flight_info(
             request.into_inner(),
+            &handle,
             security.cluster_token(),
             security.tls_enabled(),
         )?;
-        Ok(Response::new(
-            info.with_app_metadata(answer.job_id.into_bytes()),
-        ))
+        Ok(Response::new(info))
     }
 
-    /// Cancel the job a `FlightInfo` this server gave out stands for (its rows are dropped).
-    async fn cancel_info(&self, info: Option<FlightInfo>) -> CancelStatus {
-        let job_id = info.map(|i| String::from_utf8_lossy(&i.app_metadata).into_owned());
+    /// Cancel the job a `FlightInfo` this server gave `principal` stands for (its rows are
+    /// dropped).
+    async fn cancel_info(&self, info: Option<FlightInfo>, principal: &Principal) -> CancelStatus {
+        let handle = info.map(|i| String::from_utf8_lossy(&i.app_metadata).into_owned());
+        let job_id = handle
+            .as_deref()
+            .and_then(|h| statements::verified(&self.secret, principal.as_str(), h));
         match job_id {
-            Some(job_id) if !job_id.is_empty() => {
-                if self.service.cancel(&job_id).await {
+            Some(job_id) => {
+                if self.service.cancel(job_id).await {
                     CancelStatus::Cancelled
                 } else {
                     // Already over: its result is let go.
-                    self.service.release(&job_id).await;
+                    self.service.release(job_id).await;
                     CancelStatus::NotCancellable
                 }
             }
@@ -149,12 +171,7 @@ impl FlightSqlServer {
 
 /// One batch as a `do_get` stream.
 fn batch_stream(batch: RecordBatch) -> Response<DoGetStream> {
-    let schema = batch.schema();
-    let stream = FlightDataEncoderBuilder::new()
-        .with_schema(schema)
-        .build(futures::stream::iter([Ok::<_, FlightError>(batch)]))
-        .map_err(|e| Status::internal(e.to_string()));
-    Response::new(stream.boxed())
+    Response::new(statements::flight_data(batch.schema(), vec![batch]))
 }
 
 fn schema_bytes(schema: &Schema) -> Result<bytes::Bytes, Status> {
@@ -219,9 +236,11 @@ impl FlightSqlService for FlightSqlServer {
     async fn do_get_statement(
         &self,
         ticket: TicketStatementQuery,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        let job_id = statements::inline_job(&ticket.statement_handle)
+        let principal = Self::principal(&request);
+        let job_id = statements::inline_handle(&ticket.statement_handle)
+            .and_then(|h| statements::verified(&self.secret, principal.as_str(), h))
             .ok_or_else(|| Status::not_found("no such statement handle"))?;
         Ok(Response::new(statements::inline_rows(
             &self.service,
@@ -237,9 +256,9 @@ impl FlightSqlService for FlightSqlServer {
         let principal = Self::principal(&request);
         let ctx = self.session(&principal)?;
         let answer = statements::run(&self.service, &ctx, &command.query, None, &principal).await?;
-        let rows = answer.affected_rows();
+        let rows = answer.affected_rows(self.service.security()).await;
         self.service.release(&answer.job_id).await;
-        Ok(rows)
+        rows
     }
 
     async fn do_put_prepared_statement_query(
@@ -270,9 +289,9 @@ impl FlightSqlService for FlightSqlServer {
         let ctx = self.session(&principal)?;
         let answer =
             statements::run(&self.service, &ctx, &prepared.sql, params, &principal).await?;
-        let rows = answer.affected_rows();
+        let rows = answer.affected_rows(self.service.security()).await;
         self.service.release(&answer.job_id).await;
-        Ok(rows)
+        rows
     }
 
     async fn do_action_create_prepared_statement(
@@ -282,26 +301,11 @@ impl FlightSqlService for FlightSqlServer {
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let principal = Self::principal(&request);
         let ctx = self.session(&principal)?;
-        let logical = ctx
-            .state()
-            .create_logical_plan(&query.query)
-            .await
-            .map_err(|e| Status::from(volley_core::VolleyError::from(e)))?;
-        let dataset = logical.schema().as_arrow().clone();
-        let mut params: Vec<(usize, Field)> = logical
-            .get_parameter_types()
-            .map_err(|e| Status::from(volley_core::VolleyError::from(e)))?
-            .into_iter()
-            .map(|(name, kind)| {
-                let position = name.trim_start_matches('$').parse().unwrap_or(usize::MAX);
-                let kind = kind.unwrap_or(datafusion::arrow::datatypes::DataType::Null);
-                (position, Field::new(name, kind, true))
-            })
-            .collect();
-        params.sort_by_key(|(position, _)| *position);
-        let parameters = Schema::new(params.into_iter().map(|(_, f)| f).collect::<Vec<_>>());
+        let (dataset, params) = self.service.describe_statement(&ctx, &query.query).await?;
+        let parameters = Schema::new(params);
         let handle = self.prepared.open(Prepared {
             principal: principal.as_str().to_string(),
+            opened: std::time::Instant::now(),
             sql: query.query,
             params: None,
         });
@@ -326,10 +330,11 @@ impl FlightSqlService for FlightSqlServer {
     async fn do_action_cancel_query(
         &self,
         query: ActionCancelQueryRequest,
-        _request: Request<Action>,
+        request: Request<Action>,
     ) -> Result<ActionCancelQueryResult, Status> {
         let info = FlightInfo::decode(query.info.as_ref()).ok();
-        let result = match self.cancel_info(info).await {
+        let principal = Self::principal(&request);
+        let result = match self.cancel_info(info, &principal).await {
             CancelStatus::Cancelled => 1,
             CancelStatus::NotCancellable => 3,
             _ => 0,
@@ -341,6 +346,7 @@ impl FlightSqlService for FlightSqlServer {
         &self,
         request: Request<Action>,
     ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
+        let principal = Self::principal(&request);
         let action = request.into_inner();
         if action.r#type != "CancelFlightInfo" {
             return Err(Status::unimplemented(format!(
@@ -350,7 +356,7 @@ impl FlightSqlService for FlightSqlServer {
         }
         let cancel = CancelFlightInfoRequest::decode(action.body.as_ref())
             .map_err(|e| Status::invalid_argument(format!("bad CancelFlightInfo: {e}")))?;
-        let status = self.cancel_info(cancel.info).await;
+        let status = self.cancel_info(cancel.info, &principal).await;
         let result = CancelFlightInfoResult {
             status: status as i32,
         };

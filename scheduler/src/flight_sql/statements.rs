@@ -22,13 +22,29 @@ use futures::{StreamExt, TryStreamExt};
 use parking_lot::Mutex;
 use prost::Message;
 use tonic::Status;
-use volley_core::security::Principal;
+use volley_core::security::{Principal, Security};
+use volley_core::shuffle::read_partition_location;
 
 use crate::job::JobState;
 use crate::service::SchedulerService;
 
-/// The statement handle of an answer the scheduler holds: this prefix, then the job id.
+/// The statement handle of an answer the scheduler holds: this prefix, then the job's
+/// [`signed`] name.
 const INLINE: &str = "volley-inline:";
+
+/// Job `job_id` as a handle only `principal` can redeem: the id and an HMAC of it and the
+/// principal under this server's `secret` (a job id alone is no capability).
+pub(super) fn signed(secret: &str, principal: &str, job_id: &str) -> String {
+    let tag = volley_core::grant::grant(secret, &format!("{principal}/{job_id}"));
+    format!("{job_id}:{tag}")
+}
+
+/// The job a [`signed`] handle names, when `principal` is the one it was made for.
+pub(super) fn verified<'a>(secret: &str, principal: &str, handle: &'a str) -> Option<&'a str> {
+    let (job_id, tag) = handle.split_once(':')?;
+    volley_core::grant::grant_matches(secret, &format!("{principal}/{job_id}"), tag)
+        .then_some(job_id)
+}
 
 /// A finished job's answer as a Flight SQL client gets it.
 pub(super) struct Answer {
@@ -126,6 +142,7 @@ impl Answer {
     pub(super) fn flight_info(
         &self,
         descriptor: FlightDescriptor,
+        handle: &str,
         cluster_token: Option<&str>,
         tls: bool,
     ) -> Result<FlightInfo, Status> {
@@ -137,7 +154,7 @@ impl Answer {
         match &self.inline {
             Some(_) => {
                 let handle = TicketStatementQuery {
-                    statement_handle: format!("{INLINE}{}", self.job_id).into(),
+                    statement_handle: format!("{INLINE}{handle}").into(),
                 };
                 let ticket = Ticket::new(handle.as_any().encode_to_vec());
                 info = info.with_endpoint(FlightEndpoint::new().with_ticket(ticket));
@@ -159,32 +176,52 @@ impl Answer {
                 }
             }
         }
-        let rows: u64 = self.locations.iter().map(|l| l.num_rows).sum();
-        Ok(info.with_total_records(i64::try_from(rows).unwrap_or(-1)))
+        let rows = match &self.inline {
+            // Not counted here: unknown.
+            Some(_) => -1,
+            None => {
+                let rows: u64 = self.locations.iter().map(|l| l.num_rows).sum();
+                i64::try_from(rows).unwrap_or(-1)
+            }
+        };
+        Ok(info
+            .with_total_records(rows)
+            .with_app_metadata(handle.to_string().into_bytes()))
     }
 
-    /// Rows a DML statement or `COPY` reports (its `count` column), 0 for DDL.
-    pub(super) fn affected_rows(&self) -> i64 {
-        let Some(bytes) = &self.inline else {
-            return 0;
+    /// Rows a DML statement or `COPY` reports (its `count` column, read where the answer is),
+    /// 0 for DDL.
+    pub(super) async fn affected_rows(&self, security: &Security) -> Result<i64, Status> {
+        let batches: Vec<RecordBatch> = match &self.inline {
+            Some(bytes) => StreamReader::try_new(std::io::Cursor::new(bytes), None)
+                .and_then(|reader| reader.collect())
+                .map_err(|e| Status::internal(format!("answer of job {}: {e}", self.job_id)))?,
+            None => {
+                let mut batches = Vec::new();
+                for location in &self.locations {
+                    let mut rows =
+                        read_partition_location(location.clone(), None, 0, security.clone());
+                    while let Some(batch) = rows.next().await {
+                        batches.push(batch.map_err(|e| {
+                            Status::internal(format!("answer of job {}: {e}", self.job_id))
+                        })?);
+                    }
+                }
+                batches
+            }
         };
-        let Ok(reader) = StreamReader::try_new(std::io::Cursor::new(bytes), None) else {
-            return 0;
-        };
-        reader
-            .filter_map(|b| b.ok())
-            .filter_map(|b| {
-                let column = b.column_by_name("count")?;
-                let counts = column.as_any().downcast_ref::<UInt64Array>()?;
-                (!counts.is_empty()).then(|| counts.value(0))
-            })
-            .map(|n| i64::try_from(n).unwrap_or(i64::MAX))
-            .sum()
+        let counted = batches
+            .iter()
+            .filter_map(|b| b.column_by_name("count"))
+            .filter_map(|c| c.as_any().downcast_ref::<UInt64Array>())
+            .flat_map(|counts| counts.iter().flatten())
+            .sum::<u64>();
+        Ok(i64::try_from(counted).unwrap_or(i64::MAX))
     }
 }
 
-/// The job whose scheduler-held answer statement handle `handle` names.
-pub(super) fn inline_job(handle: &[u8]) -> Option<&str> {
+/// The [`signed`] handle of a scheduler-held answer's statement handle.
+pub(super) fn inline_handle(handle: &[u8]) -> Option<&str> {
     std::str::from_utf8(handle).ok()?.strip_prefix(INLINE)
 }
 
@@ -199,36 +236,53 @@ pub(super) fn inline_rows(
     let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None)
         .map_err(|e| Status::internal(format!("answer of job {job_id}: {e}")))?;
     let schema = reader.schema();
-    let batches: Vec<Result<RecordBatch, arrow_flight::error::FlightError>> = reader
-        .map(|b| b.map_err(arrow_flight::error::FlightError::Arrow))
-        .collect();
-    Ok(FlightDataEncoderBuilder::new()
+    let batches = reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Status::internal(format!("answer of job {job_id}: {e}")))?;
+    Ok(flight_data(schema, batches))
+}
+
+/// Batches as a `do_get` stream of Flight data.
+pub(super) fn flight_data(
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+) -> BoxStream<'static, Result<FlightData, Status>> {
+    FlightDataEncoderBuilder::new()
         .with_schema(schema)
-        .build(futures::stream::iter(batches))
+        .build(futures::stream::iter(batches.into_iter().map(Ok)))
         .map_err(|e| Status::internal(e.to_string()))
-        .boxed())
+        .boxed()
 }
 
 /// The first row of the parameter batches a client bound.
 pub(super) async fn bound_parameters(
     stream: PeekableFlightDataStream,
 ) -> Result<ParamValues, Status> {
-    let batches: Vec<RecordBatch> =
-        arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(
-            stream.into_peekable().map_err(FlightError::from),
-        )
-        .try_collect()
-        .await
-        .map_err(|e| Status::invalid_argument(format!("bad parameters: {e}")))?;
-    let Some(batch) = batches.iter().find(|b| b.num_rows() > 0) else {
-        return Ok(ParamValues::List(Vec::new()));
+    let bad = |e: &dyn std::fmt::Display| Status::invalid_argument(format!("bad parameters: {e}"));
+    let mut batches = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(
+        stream.into_peekable().map_err(FlightError::from),
+    );
+    // Read up to the first batch with rows, no further: a client cannot make the scheduler
+    // hold a stream of parameter rows.
+    let batch = loop {
+        match batches.try_next().await.map_err(|e| bad(&e))? {
+            Some(batch) if batch.num_rows() > 0 => break batch,
+            Some(_) => continue,
+            None => return Ok(ParamValues::List(Vec::new())),
+        }
     };
+    if batch.num_rows() > 1 {
+        return Err(Status::invalid_argument(format!(
+            "{} rows of parameters were bound: a statement runs with one row of values at a time",
+            batch.num_rows()
+        )));
+    }
     let values = batch
         .columns()
         .iter()
         .map(|column| ScalarValue::try_from_array(column, 0).map(Into::into))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Status::invalid_argument(format!("bad parameters: {e}")))?;
+        .map_err(|e| bad(&e))?;
     Ok(ParamValues::List(values))
 }
 
@@ -236,6 +290,8 @@ pub(super) async fn bound_parameters(
 #[derive(Clone)]
 pub(super) struct Prepared {
     pub principal: String,
+    /// When it was opened (the oldest go first when too many are open).
+    pub opened: std::time::Instant,
     pub sql: String,
     pub params: Option<ParamValues>,
 }
@@ -253,9 +309,12 @@ impl PreparedStatements {
         let handle = uuid::Uuid::new_v4().to_string();
         let mut open = self.0.lock();
         if open.len() >= MAX_PREPARED
-            && let Some(any) = open.keys().next().cloned()
+            && let Some(oldest) = open
+                .iter()
+                .min_by_key(|(_, p)| p.opened)
+                .map(|(h, _)| h.clone())
         {
-            open.remove(&any);
+            open.remove(&oldest);
         }
         open.insert(handle.clone(), prepared);
         handle
@@ -292,5 +351,25 @@ impl PreparedStatements {
         {
             open.remove(handle.as_ref());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signed_job_handle_is_redeemed_only_by_its_principal_and_server() {
+        let handle = signed("secret", "alice", "job-1");
+        assert_eq!(verified("secret", "alice", &handle), Some("job-1"));
+        assert_eq!(
+            verified("secret", "bob", &handle),
+            None,
+            "another principal"
+        );
+        assert_eq!(verified("other", "alice", &handle), None, "another server");
+        assert_eq!(verified("secret", "alice", "job-1"), None, "a bare job id");
+        let forged = handle.replace("job-1", "job-2");
+        assert_eq!(verified("secret", "alice", &forged), None, "another job");
     }
 }

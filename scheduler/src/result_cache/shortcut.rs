@@ -81,7 +81,7 @@ pub fn statement_key(
 pub struct InputRoots {
     roots: Vec<(ListingTableUrl, String)>,
     /// Hash of every listed object (location, size, last modified, e-tag, version).
-    pub listed: String,
+    listed: String,
 }
 
 impl InputRoots {

@@ -152,6 +152,45 @@ impl SchedulerService {
         submitted.map_err(|e| self.redacted(ctx, sql, e))
     }
 
+    /// The result schema of statement `sql` and the types of its placeholders (`$1`, `$2`,
+    /// ...; `Null` when the statement does not tell), planned on a deep-stack thread without
+    /// running anything (a prepared statement's schemas).
+    pub async fn describe_statement(
+        &self,
+        ctx: &SessionContext,
+        sql: &str,
+    ) -> Result<
+        (
+            datafusion::arrow::datatypes::Schema,
+            Vec<datafusion::arrow::datatypes::Field>,
+        ),
+        Status,
+    > {
+        let described = {
+            let (ctx, sql) = (ctx.clone(), sql.to_string());
+            on_deep_stack("planner", move || async move {
+                let logical = ctx.state().create_logical_plan(&sql).await?;
+                let mut params: Vec<(usize, datafusion::arrow::datatypes::Field)> = logical
+                    .get_parameter_types()?
+                    .into_iter()
+                    .map(|(name, kind)| {
+                        let position = name.trim_start_matches('$').parse().unwrap_or(usize::MAX);
+                        let kind = kind.unwrap_or(datafusion::arrow::datatypes::DataType::Null);
+                        (
+                            position,
+                            datafusion::arrow::datatypes::Field::new(name, kind, true),
+                        )
+                    })
+                    .collect();
+                params.sort_by_key(|(position, _)| *position);
+                let params = params.into_iter().map(|(_, f)| f).collect();
+                Ok::<_, VolleyError>((logical.schema().as_arrow().clone(), params))
+            })
+            .await
+        };
+        described.map_err(|e| self.redacted(ctx, sql, e))
+    }
+
     /// `e` as a status without the secrets of `ctx`'s session or of the statement `sql`.
     pub(super) fn redacted(&self, ctx: &SessionContext, sql: &str, e: VolleyError) -> Status {
         let mut secrets = volley_core::stores::redact::redact_sql_collect(sql).1;
@@ -204,8 +243,11 @@ impl SchedulerService {
             on_deep_stack("planner", move || async move {
                 plan_statement(&ctx, &sql, &sandbox, &id).await
             })
-            .await?
+            .await
         };
+        // A statement that failed may have changed the catalog before it failed (`CREATE OR
+        // REPLACE` drops the old table first): the session's shortcuts go.
+        let planned = planned.inspect_err(|_| super::cached::catalog_changed(ctx))?;
         match planned {
             Planned::Inline(schema, bytes) => {
                 self.state

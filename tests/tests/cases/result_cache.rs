@@ -251,6 +251,37 @@ async fn repeated_queries_are_answered_from_the_result_cache_until_their_inputs_
     );
     let (batches, tasks, _) = run(&client, sum).await;
     assert_eq!((sum_of(&batches), tasks), ("216".to_string(), 0));
+    // A DDL statement that fails after dropping the old table: the shortcut is not taken.
+    let broken = data.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(broken.join("part.parquet"), b"not parquet").unwrap();
+    let replaced = client
+        .sql(&format!(
+            "CREATE OR REPLACE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{}/'",
+            broken.display()
+        ))
+        .await;
+    assert!(replaced.is_err(), "a folder of garbage is no table");
+    match client.submit(sum).await {
+        Ok(job_id) => {
+            let answer = client.sql_job_rows(&job_id).await;
+            let tasks = client.status(&job_id).await.map(|s| s.tasks_total);
+            assert!(
+                answer.is_err() || tasks.is_ok_and(|t| t > 0),
+                "not served from the shortcut after a failed DDL"
+            );
+        }
+        Err(e) => assert!(e.to_string().contains("not found"), "{e}"),
+    }
+    client
+        .sql(&format!(
+            "CREATE OR REPLACE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{}/'",
+            other_table.display()
+        ))
+        .await
+        .unwrap();
+    let (batches, _, _) = run(&client, sum).await;
+    assert_eq!(sum_of(&batches), "216");
 
     // A session's TTL: an entry older than it is a miss (and gone).
     let err = client
