@@ -24,7 +24,7 @@ def main() -> int:
             reader = cursor.fetch_record_batch()
             for batch in reader:
                 rows += batch.num_rows
-                nbytes += batch.nbytes
+                nbytes += batch.get_total_buffer_size()
     print(json.dumps({"rows": rows, "bytes": nbytes, "seconds": time.monotonic() - started}))
     return 0
 
