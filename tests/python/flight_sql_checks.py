@@ -65,15 +65,14 @@ def main() -> int:
         for catalog in objects:
             for schema in catalog["catalog_db_schemas"] or []:
                 for table in schema["db_schema_tables"] or []:
-                    columns = [
-                        [c["column_name"], c["xdbc_type_name"] or ""]
-                        for c in table["table_columns"] or []
-                    ]
+                    columns = table["table_columns"] or []
                     tables[table["table_name"]] = {
                         "catalog": catalog["catalog_name"],
                         "schema": schema["db_schema_name"],
                         "type": table["table_type"],
-                        "columns": [c[0] for c in columns],
+                        "columns": [c["column_name"] for c in columns],
+                        "xdbc_types": [c["xdbc_data_type"] for c in columns],
+                        "type_names": [c["xdbc_type_name"] for c in columns],
                     }
         out["objects"] = tables
         schema = conn.adbc_get_table_schema("nation")

@@ -77,13 +77,62 @@ pub(super) async fn tables(
                         &schema_name,
                         &table_name,
                         table_type(table.table_type()),
-                        table.schema().as_ref(),
+                        &with_type_names(&table.schema()),
                     )
                     .map_err(arrow_status)?;
             }
         }
     }
     builder.build().map_err(arrow_status)
+}
+
+/// `schema` with each column's SQL type name in the field metadata Flight SQL defines
+/// (`ARROW:FLIGHT:SQL:TYPE_NAME`), which drivers report as the column's type name.
+fn with_type_names(schema: &Schema) -> Schema {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|field| {
+            let mut metadata = field.metadata().clone();
+            metadata.insert(
+                "ARROW:FLIGHT:SQL:TYPE_NAME".to_string(),
+                sql_type_name(field.data_type()),
+            );
+            field.as_ref().clone().with_metadata(metadata)
+        })
+        .collect();
+    Schema::new_with_metadata(fields, schema.metadata().clone())
+}
+
+/// The SQL name of an Arrow type in Volley's dialect.
+fn sql_type_name(kind: &DataType) -> String {
+    match kind {
+        DataType::Boolean => "BOOLEAN".into(),
+        DataType::Int8 => "TINYINT".into(),
+        DataType::Int16 => "SMALLINT".into(),
+        DataType::Int32 => "INTEGER".into(),
+        DataType::Int64 => "BIGINT".into(),
+        DataType::UInt8 => "TINYINT UNSIGNED".into(),
+        DataType::UInt16 => "SMALLINT UNSIGNED".into(),
+        DataType::UInt32 => "INTEGER UNSIGNED".into(),
+        DataType::UInt64 => "BIGINT UNSIGNED".into(),
+        DataType::Float16 | DataType::Float32 => "REAL".into(),
+        DataType::Float64 => "DOUBLE".into(),
+        DataType::Decimal32(p, s)
+        | DataType::Decimal64(p, s)
+        | DataType::Decimal128(p, s)
+        | DataType::Decimal256(p, s) => format!("DECIMAL({p}, {s})"),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "VARCHAR".into(),
+        DataType::Binary
+        | DataType::LargeBinary
+        | DataType::BinaryView
+        | DataType::FixedSizeBinary(_) => "BINARY".into(),
+        DataType::Date32 | DataType::Date64 => "DATE".into(),
+        DataType::Time32(_) | DataType::Time64(_) => "TIME".into(),
+        DataType::Timestamp(_, _) => "TIMESTAMP".into(),
+        DataType::Interval(_) | DataType::Duration(_) => "INTERVAL".into(),
+        other => other.to_string(),
+    }
 }
 
 fn table_type(kind: TableType) -> &'static str {

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use arrow::array::RecordBatch;
+use arrow_flight::CancelStatus;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
 use volley::ClientOptions;
@@ -31,6 +32,10 @@ fn python(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn columns_of(table: &serde_json::Value) -> Vec<String> {
+    serde_json::from_value(table["columns"].clone()).expect("columns")
 }
 
 fn read_arrow(path: &Path) -> Vec<RecordBatch> {
@@ -119,8 +124,24 @@ async fn adbc_and_flight_sql_clients_query_the_cluster() {
         );
     }
     let lineitem = &report["objects"]["lineitem"];
+    let type_names: Vec<String> = serde_json::from_value(lineitem["type_names"].clone()).unwrap();
+    let columns = columns_of(lineitem);
+    let typed: Vec<String> = [0, 3, 4, 10, 15]
+        .iter()
+        .map(|&i| format!("{} {}", columns[i], type_names[i]))
+        .collect();
+    assert_eq!(
+        typed,
+        [
+            "l_orderkey BIGINT",
+            "l_linenumber INTEGER",
+            "l_quantity DECIMAL(15, 2)",
+            "l_shipdate DATE",
+            "l_comment VARCHAR"
+        ],
+        "column types in adbc_get_objects: {lineitem}"
+    );
     assert_eq!(lineitem["type"], "TABLE", "{report}");
-    let columns: Vec<String> = serde_json::from_value(lineitem["columns"].clone()).unwrap();
     let local = ctx.table("lineitem").await.unwrap();
     let expected: Vec<String> = local
         .schema()
@@ -171,6 +192,24 @@ async fn adbc_and_flight_sql_clients_query_the_cluster() {
         .await
         .unwrap();
     rust_client(&cluster, rows(&expected).unwrap()).await;
+}
+
+/// `CancelFlightInfo` through a raw action; the status it answers.
+async fn cancel(
+    client: &mut FlightSqlServiceClient<tonic::transport::Channel>,
+    info: arrow_flight::FlightInfo,
+) -> CancelStatus {
+    use prost::Message;
+    let action = arrow_flight::Action {
+        r#type: "CancelFlightInfo".into(),
+        body: arrow_flight::CancelFlightInfoRequest::new(info)
+            .encode_to_vec()
+            .into(),
+    };
+    let mut results = client.do_action(action).await.expect("CancelFlightInfo");
+    let result = results.try_next().await.unwrap().expect("a result");
+    let result = arrow_flight::CancelFlightInfoResult::decode(result.body).expect("result");
+    CancelStatus::try_from(result.status).expect("a status")
 }
 
 /// Rust's Flight SQL client: DDL in the principal's session, errors with their codes.
@@ -229,6 +268,42 @@ async fn rust_client(cluster: &ProcessCluster, expected: Vec<Vec<String>>) {
         expected,
         "the view, through Flight SQL"
     );
+
+    // CancelFlightInfo: a FlightInfo of another principal (or forged) cancels nothing; the
+    // caller's own finished query is released, so its rows are gone.
+    let info = client
+        .execute("SELECT n_name FROM nation".into(), None)
+        .await
+        .expect("query");
+    let mut stranger_info = info.clone();
+    stranger_info.app_metadata = b"some-job:0000".to_vec().into();
+    assert_eq!(
+        cancel(&mut client, stranger_info).await,
+        CancelStatus::Unspecified
+    );
+    assert_eq!(
+        cancel(&mut client, info.clone()).await,
+        CancelStatus::NotCancellable
+    );
+    let ticket = info.endpoint[0].ticket.clone().expect("ticket");
+    let gone = match info.endpoint[0].location.first() {
+        Some(location) => {
+            let url = location.uri.replace("grpc+tcp://", "http://");
+            let channel = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut executor = FlightSqlServiceClient::new(channel);
+            executor.set_token(TOKEN.to_string());
+            match executor.do_get(ticket).await {
+                Ok(mut rows) => rows.try_next().await.is_err(),
+                Err(_) => true,
+            }
+        }
+        None => client.do_get(ticket).await.is_err(),
+    };
+    assert!(gone, "the cancelled query's rows were released");
 
     let code = |e: arrow_flight::error::FlightError| match e {
         arrow_flight::error::FlightError::Tonic(status) => {
