@@ -91,6 +91,21 @@ pub struct ProcessOptions {
     pub executor_hosts: Vec<String>,
 }
 
+impl ProcessOptions {
+    /// Every process holds `client` (the client token) and `cluster` (the cluster token);
+    /// the harness's clients connect with the client token.
+    pub fn with_tokens(client: &str, cluster: &str) -> Self {
+        Self {
+            env: vec![
+                ("VOLLEY_AUTH_TOKEN".to_string(), client.to_string()),
+                ("VOLLEY_CLUSTER_TOKEN".to_string(), cluster.to_string()),
+            ],
+            client: ClientOptions::with_token(client),
+            ..Self::default()
+        }
+    }
+}
+
 /// A scheduler process with `args`, stderr to `log` in the options' log dir.
 fn spawn_scheduler(
     args: &[String],

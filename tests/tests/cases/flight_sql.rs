@@ -11,7 +11,6 @@ use arrow::array::RecordBatch;
 use arrow_flight::CancelStatus;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::TryStreamExt;
-use volley::ClientOptions;
 use volley_tests::compare::{assert_matches_answer, assert_same_rows, rows};
 use volley_tests::process::{ProcessCluster, ProcessOptions};
 use volley_tests::tpch;
@@ -49,15 +48,7 @@ fn read_arrow(path: &Path) -> Vec<RecordBatch> {
 async fn cluster(dir: &Path, catalog: &Path) -> ProcessCluster {
     let statements = tpch::create_table_statements(dir).join(";\n");
     std::fs::write(catalog, statements).unwrap();
-    let options = ProcessOptions {
-        env: vec![
-            ("VOLLEY_AUTH_TOKEN".to_string(), TOKEN.to_string()),
-            ("VOLLEY_CLUSTER_TOKEN".to_string(), CLUSTER.to_string()),
-        ],
-        client: ClientOptions::with_token(TOKEN),
-        log_dir: None,
-        executor_hosts: Vec::new(),
-    };
+    let options = ProcessOptions::with_tokens(TOKEN, CLUSTER);
     let path = catalog.display().to_string();
     ProcessCluster::start_with(2, 2, &["--catalog", &path], options)
         .await
@@ -194,6 +185,29 @@ async fn adbc_and_flight_sql_clients_query_the_cluster() {
     rust_client(&cluster, rows(&expected).unwrap()).await;
 }
 
+/// The rows of one endpoint: from the executor it names, or from the scheduler.
+async fn endpoint_rows(
+    client: &mut FlightSqlServiceClient<tonic::transport::Channel>,
+    endpoint: &arrow_flight::FlightEndpoint,
+) -> Result<Vec<RecordBatch>, arrow_flight::error::FlightError> {
+    let ticket = endpoint.ticket.clone().expect("ticket");
+    let reader = match endpoint.location.first() {
+        Some(location) => {
+            let url = location.uri.replace("grpc+tcp://", "http://");
+            let channel = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut executor = FlightSqlServiceClient::new(channel);
+            executor.set_token(TOKEN.to_string());
+            executor.do_get(ticket).await?
+        }
+        None => client.do_get(ticket).await?,
+    };
+    reader.try_collect().await
+}
+
 /// `CancelFlightInfo` through a raw action; the status it answers.
 async fn cancel(
     client: &mut FlightSqlServiceClient<tonic::transport::Channel>,
@@ -237,31 +251,8 @@ async fn rust_client(cluster: &ProcessCluster, expected: Vec<Vec<String>>) {
         .await
         .expect("query the view");
     let mut batches = Vec::new();
-    for endpoint in info.endpoint {
-        let ticket = endpoint.ticket.expect("ticket");
-        let mut reader = match endpoint.location.first() {
-            Some(location) => {
-                let url = location.uri.replace("grpc+tcp://", "http://");
-                let channel = tonic::transport::Endpoint::from_shared(url)
-                    .unwrap()
-                    .connect()
-                    .await
-                    .unwrap();
-                let mut executor = FlightSqlServiceClient::new(channel);
-                executor.set_token(TOKEN.to_string());
-                executor
-                    .do_get(ticket)
-                    .await
-                    .expect("rows from the executor")
-            }
-            None => client
-                .do_get(ticket)
-                .await
-                .expect("rows from the scheduler"),
-        };
-        while let Some(batch) = reader.try_next().await.unwrap() {
-            batches.push(batch);
-        }
+    for endpoint in &info.endpoint {
+        batches.extend(endpoint_rows(&mut client, endpoint).await.expect("rows"));
     }
     assert_eq!(
         rows(&batches).unwrap(),
@@ -285,24 +276,7 @@ async fn rust_client(cluster: &ProcessCluster, expected: Vec<Vec<String>>) {
         cancel(&mut client, info.clone()).await,
         CancelStatus::NotCancellable
     );
-    let ticket = info.endpoint[0].ticket.clone().expect("ticket");
-    let gone = match info.endpoint[0].location.first() {
-        Some(location) => {
-            let url = location.uri.replace("grpc+tcp://", "http://");
-            let channel = tonic::transport::Endpoint::from_shared(url)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut executor = FlightSqlServiceClient::new(channel);
-            executor.set_token(TOKEN.to_string());
-            match executor.do_get(ticket).await {
-                Ok(mut rows) => rows.try_next().await.is_err(),
-                Err(_) => true,
-            }
-        }
-        None => client.do_get(ticket).await.is_err(),
-    };
+    let gone = endpoint_rows(&mut client, &info.endpoint[0]).await.is_err();
     assert!(gone, "the cancelled query's rows were released");
 
     let code = |e: arrow_flight::error::FlightError| match e {

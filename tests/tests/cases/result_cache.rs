@@ -64,15 +64,7 @@ fn sum_of(batches: &[arrow::array::RecordBatch]) -> String {
 async fn repeated_queries_are_answered_from_the_result_cache_until_their_inputs_change() {
     volley_tests::init_tracing();
     let dir = tpch::sf01().expect("generate TPC-H");
-    let options = ProcessOptions {
-        env: vec![
-            ("VOLLEY_AUTH_TOKEN".to_string(), TOKEN.to_string()),
-            ("VOLLEY_CLUSTER_TOKEN".to_string(), CLUSTER.to_string()),
-        ],
-        client: ClientOptions::with_token(TOKEN),
-        log_dir: None,
-        executor_hosts: Vec::new(),
-    };
+    let options = ProcessOptions::with_tokens(TOKEN, CLUSTER);
     let cluster = ProcessCluster::start_with(2, 2, &[], options)
         .await
         .expect("cluster");
