@@ -243,6 +243,19 @@ async fn rust_client(cluster: &ProcessCluster, expected: Vec<Vec<String>>) {
         .await
         .expect("DDL through Flight SQL");
     assert_eq!(created, 0);
+    // COPY runs on the cluster: the count it reports is read from where its answer is.
+    let out = tempfile::tempdir().unwrap();
+    let copied = client
+        .execute_update(
+            format!(
+                "COPY (SELECT * FROM nation) TO '{}/' STORED AS PARQUET",
+                out.path().display()
+            ),
+            None,
+        )
+        .await
+        .expect("COPY through Flight SQL");
+    assert_eq!(copied, 25, "rows COPY wrote");
     let info = client
         .execute(
             "SELECT n_name FROM big_nations ORDER BY n_name".into(),
