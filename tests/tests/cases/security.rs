@@ -253,6 +253,56 @@ async fn mutual_tls_cluster_serves_tls_clients_only() {
     assert!(!err.is_empty());
 
     authorized_query_works(&client).await;
+    flight_sql_over_tls(&cluster, &pki).await;
+}
+
+/// Flight SQL on the TLS cluster: the statement's endpoints are `grpc+tls://` executors, whose
+/// rows a TLS client with the token reads.
+async fn flight_sql_over_tls(cluster: &ProcessCluster, pki: &Pki) {
+    use arrow_flight::sql::client::FlightSqlServiceClient;
+    use futures::TryStreamExt;
+    let security = pki.client(true).security;
+    let connect = |url: String| {
+        let endpoint = security.endpoint(&url).expect("TLS endpoint");
+        async move { endpoint.connect().await.expect("TLS connection") }
+    };
+    let mut client = FlightSqlServiceClient::new(connect(cluster.url().to_string()).await);
+    client.set_token(TOKEN.to_string());
+    client
+        .execute_update(volley_tests::emp_table_sql(), None)
+        .await
+        .expect("CREATE EXTERNAL TABLE over Flight SQL");
+    let info = client
+        .execute("SELECT count(*) AS n FROM emp".into(), None)
+        .await
+        .expect("query over Flight SQL with TLS");
+    let mut batches = Vec::new();
+    for endpoint in &info.endpoint {
+        let ticket = endpoint.ticket.clone().expect("ticket");
+        let location = endpoint.location.first().expect("rows at an executor");
+        assert!(location.uri.starts_with("grpc+tls://"), "{}", location.uri);
+        let url = location.uri.replace("grpc+tls://", "https://");
+        let mut executor = FlightSqlServiceClient::new(connect(url).await);
+        executor.set_token(TOKEN.to_string());
+        let rows: Vec<_> = executor
+            .do_get(ticket)
+            .await
+            .expect("rows over TLS")
+            .try_collect()
+            .await
+            .expect("batches");
+        batches.extend(rows);
+    }
+    let local = datafusion::prelude::SessionContext::new();
+    local.sql(&volley_tests::emp_table_sql()).await.unwrap();
+    let expected = local
+        .sql("SELECT count(*) AS n FROM emp")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(rows(&batches).unwrap(), rows(&expected).unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
