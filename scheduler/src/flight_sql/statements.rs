@@ -92,39 +92,25 @@ pub(super) async fn run(
         service: service.clone(),
         job_id: Some(job_id.clone()),
     };
-    let Some(mut version) = service.with_state(|s| s.job(&job_id).map(|j| j.version.subscribe()))
-    else {
-        return Err(Status::not_found(format!("job {job_id} is gone")));
-    };
-    loop {
-        let ended = service.with_state(|s| {
-            s.job(&job_id).map(|job| match &job.state {
-                JobState::Succeeded => Some(Ok(Answer {
-                    job_id: job_id.clone(),
-                    schema: Arc::clone(&job.schema),
-                    inline: job.inline_result.clone(),
-                    locations: job.result_locations(),
-                })),
-                JobState::Failed(message) => Some(Err(failed(message))),
-                JobState::Cancelled => Some(Err(Status::cancelled(format!(
-                    "job {job_id} was cancelled"
-                )))),
-                _ => None,
-            })
-        });
-        match ended {
-            None => return Err(Status::not_found(format!("job {job_id} is gone"))),
-            Some(Some(answer)) => {
-                guard.job_id = None;
-                return answer;
-            }
-            Some(None) => {
-                if version.changed().await.is_err() {
-                    return Err(Status::not_found(format!("job {job_id} is gone")));
-                }
-            }
-        }
+    let gone = || Status::not_found(format!("job {job_id} is gone"));
+    if !service.wait_final(&job_id).await {
+        return Err(gone());
     }
+    let ended = service.with_state(|s| {
+        s.job(&job_id).map(|job| match &job.state {
+            JobState::Failed(message) => Err(failed(message)),
+            JobState::Cancelled => Err(Status::cancelled(format!("job {job_id} was cancelled"))),
+            _ => Ok(Answer {
+                job_id: job_id.clone(),
+                schema: Arc::clone(&job.schema),
+                inline: job.inline_result.clone(),
+                locations: job.result_locations(),
+            }),
+        })
+    });
+    // Over: nothing to cancel when this call goes.
+    guard.job_id = None;
+    ended.ok_or_else(gone)?
 }
 
 /// A failed job's status: a missing table reads NOT_FOUND, bad SQL INVALID_ARGUMENT.

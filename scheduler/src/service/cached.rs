@@ -67,23 +67,20 @@ struct Planned {
 /// A statement of session `ctx` may have changed its tables, views or settings: its
 /// statement shortcuts are not taken any more.
 pub(super) fn catalog_changed(ctx: &SessionContext) {
-    if let Some(epoch) = ctx
-        .state_ref()
-        .read()
-        .config()
-        .get_extension::<CatalogEpoch>()
-    {
+    if let Some(epoch) = catalog_epoch(ctx) {
         epoch.bump();
     }
 }
 
 fn epoch_of(ctx: &SessionContext) -> Option<u64> {
-    let epoch = ctx
-        .state_ref()
+    catalog_epoch(ctx).map(|e| e.get())
+}
+
+fn catalog_epoch(ctx: &SessionContext) -> Option<Arc<CatalogEpoch>> {
+    ctx.state_ref()
         .read()
         .config()
-        .get_extension::<CatalogEpoch>();
-    epoch.map(|e| e.get())
+        .get_extension::<CatalogEpoch>()
 }
 
 impl SchedulerService {
@@ -339,25 +336,16 @@ impl SchedulerService {
     }
 
     async fn read_answer(&self, job_id: &str, probe: &Probe) -> Result<()> {
-        let Some(mut rx) = self.state.lock().job(job_id).map(|j| j.version.subscribe()) else {
+        if !self.wait_final(job_id).await {
             return Ok(());
-        };
-        let (locations, schema) = loop {
-            {
-                let state = self.state.lock();
-                let Some(job) = state.job(job_id) else {
-                    return Ok(());
-                };
-                match &job.state {
-                    JobState::Succeeded if job.inline_result.is_none() => {
-                        break (job.result_locations(), Arc::clone(&job.schema));
-                    }
-                    ended if ended.is_final() => return Ok(()),
-                    _ => {}
+        }
+        let (locations, schema) = {
+            let state = self.state.lock();
+            match state.job(job_id) {
+                Some(job) if job.state == JobState::Succeeded && job.inline_result.is_none() => {
+                    (job.result_locations(), Arc::clone(&job.schema))
                 }
-            }
-            if rx.changed().await.is_err() {
-                return Ok(());
+                _ => return Ok(()),
             }
         };
         let file_bytes: u64 = locations.iter().map(|l| l.num_bytes).sum();

@@ -283,6 +283,24 @@ impl SchedulerService {
         f(&self.state.lock())
     }
 
+    /// Wait until job `job_id` has ended (succeeded, failed or was cancelled); false when it
+    /// is gone.
+    pub(crate) async fn wait_final(&self, job_id: &str) -> bool {
+        let Some(mut rx) = self.state.lock().job(job_id).map(|j| j.version.subscribe()) else {
+            return false;
+        };
+        loop {
+            match self.state.lock().job(job_id) {
+                None => return false,
+                Some(job) if job.state.is_final() => return true,
+                Some(_) => {}
+            }
+            if rx.changed().await.is_err() {
+                return false;
+            }
+        }
+    }
+
     fn client(&self, executor: &ExecutorInfo) -> Result<ExecutorGrpcClient<AuthChannel>> {
         let mut clients = self.clients.lock();
         if let Some(c) = clients.get(&executor.id) {
