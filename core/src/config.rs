@@ -46,6 +46,11 @@ extensions_options! {
         /// Adaptive execution: target bytes read per task when coalescing small shuffle
         /// partitions and when splitting skewed ones.
         pub adaptive_partition_bytes: u64, default = 64 * 1024 * 1024
+        /// Adaptive execution: a stage about to run as one task, whose only consumer would
+        /// then be ready and can run as one task too, runs inside that consumer's task (no
+        /// output of its own, one task launch and stage transition less) when their inputs
+        /// hold at most this many bytes of shuffle output in all; 0 turns fusion off.
+        pub adaptive_fuse_bytes: u64, default = 1024 * 1024
         /// Adaptive execution: a partitioned hash join whose build side turns out to be at most
         /// this many bytes of shuffle output is switched to a broadcast join and its probe side
         /// is no longer shuffled (for left outer/semi/anti joins, which cannot be broadcast, the
@@ -143,6 +148,25 @@ impl VolleyOptions {
         spec.split_once(':')
             .and_then(|(s, p)| Some((s.trim().parse::<u32>().ok()?, p.trim().parse::<u32>().ok()?)))
             == Some((stage_id, partition))
+    }
+
+    /// True when a task test hook (`fail`, `panic`, `abort`, `hold`, `busy`) names this stage:
+    /// adaptive execution keeps it a stage of its own, so the hook still fires.
+    pub fn hooks_stage(&self, stage_id: u32) -> bool {
+        [
+            &self.test_fail_task,
+            &self.test_panic_task,
+            &self.test_abort_task,
+            &self.test_hold_task,
+            &self.test_busy_task,
+        ]
+        .iter()
+        .any(|spec| {
+            spec.split(':')
+                .next()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                == Some(stage_id)
+        })
     }
 
     /// The release file the hold hook waits for before tasks of this stage run.

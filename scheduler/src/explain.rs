@@ -44,6 +44,12 @@ pub fn decision_what(decision: &Decision) -> String {
         Decision::Skipped { by } => {
             format!("skipped: stage {by} reads this input directly (broadcast join)")
         }
+        Decision::Fused { stage, .. } => {
+            format!("fused: runs stage {stage}'s plan in its one task")
+        }
+        Decision::FusedInto { by } => {
+            format!("skipped: fused into stage {by}, whose one task runs this plan")
+        }
         Decision::Filtered { probe, build, .. } => {
             format!("filtered stage {probe} by the join keys of stage {build}: build side is small")
         }
@@ -70,7 +76,10 @@ pub fn decision_what(decision: &Decision) -> String {
 pub fn decision_sizes(decision: &Decision) -> String {
     let size = |s: &Size| format!("{} rows, {}", s.rows, bytes(s.bytes));
     match decision {
-        Decision::Candidate(_) | Decision::Skipped { .. } => String::new(),
+        Decision::Candidate(_) | Decision::Skipped { .. } | Decision::FusedInto { .. } => {
+            String::new()
+        }
+        Decision::Fused { bytes: b, .. } => format!("{} of input", bytes(*b)),
         Decision::KeptJoin { size: s, .. }
         | Decision::Broadcast { size: s, .. }
         | Decision::Filtered { size: s, .. }

@@ -15,7 +15,7 @@ use volley_core::plan::ShuffleReaderExec;
 use crate::graph::StageKind;
 use crate::graph::joins::shuffled_join;
 use crate::job::stage::StageState;
-use crate::job::{Decision, Job, StageEdit, TaskRead};
+use crate::job::{Decision, Job, TaskRead};
 
 /// Coalesced partitions never target less than this many bytes per task.
 pub const MIN_PARTITION_BYTES: u64 = 1024 * 1024;
@@ -23,7 +23,11 @@ pub const MIN_PARTITION_BYTES: u64 = 1024 * 1024;
 /// True when every partitioned leaf of the stage is a hash-mode shuffle reader and every
 /// operator on the way keeps the stage's partition count (so tasks may read any run of
 /// adjacent buckets). Subtrees under a partition merge are read whole by every task.
-fn coalescible(plan: &Arc<dyn ExecutionPlan>, partitions: usize, readers: &mut usize) -> bool {
+pub(crate) fn coalescible(
+    plan: &Arc<dyn ExecutionPlan>,
+    partitions: usize,
+    readers: &mut usize,
+) -> bool {
     if plan.is::<CoalescePartitionsExec>() || plan.is::<SortPreservingMergeExec>() {
         return true;
     }
@@ -167,7 +171,7 @@ fn skewed_partitions(
 
 /// Tasks of a stage regrouped from its inputs' real sizes: small partitions coalesced, skewed
 /// ones split. None when nothing changes.
-fn regroup(
+pub(crate) fn regroup(
     job: &Job,
     stage_id: u32,
     slots: usize,
@@ -235,20 +239,6 @@ fn regroup(
     (!notes.is_empty()).then_some((reads, notes))
 }
 
-/// Edits for a stage about to launch its first task: coalesce small partitions and split
-/// skewed ones from its inputs' real sizes (`slots`: task slots of the cluster).
-pub fn before_launch(job: &Job, stage_id: u32, slots: usize) -> Vec<StageEdit> {
-    let options = VolleyOptions::from_pairs(&job.settings);
-    if !options.adaptive {
-        return Vec::new();
-    }
-    let Some((reads, notes)) = regroup(job, stage_id, slots, &options) else {
-        return Vec::new();
-    };
-    let mut edits = vec![StageEdit::Regroup(stage_id, reads)];
-    edits.extend(notes.into_iter().map(|n| StageEdit::Note(stage_id, n)));
-    edits
-}
 #[cfg(test)]
 mod tests {
     use super::*;

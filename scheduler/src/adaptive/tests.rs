@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+
 use volley_core::config::volley_session_config;
 use volley_core::shuffle::PartitionLocation;
 
@@ -271,4 +273,68 @@ async fn a_small_key_side_filters_the_probe_stage_before_its_shuffle() {
         "the probe stage now reads the keys"
     );
     assert!(probe.wait_for.is_empty());
+}
+
+const GROUP_ORDER: &str = "SELECT b, count(*) FROM t GROUP BY b ORDER BY b";
+
+#[tokio::test]
+async fn a_one_task_stage_on_little_input_is_fused_into_its_consumer() {
+    let mut job = job_of(GROUP_ORDER, &[]).await;
+    let kinds: Vec<StageKind> = job.stages.values().map(|s| s.plan.kind).collect();
+    assert_eq!(
+        kinds,
+        [StageKind::Shuffle, StageKind::Merge, StageKind::Result]
+    );
+    finish(&mut job, 1, 2, 4, |_, _| 100);
+    let edits = before_launch(&job, 2, 4);
+    assert_eq!(
+        notes(&edits),
+        [
+            "2: coalesced 4 shuffle partitions into 1 tasks".to_string(),
+            "2: skipped: fused into stage 3, whose one task runs this plan".to_string(),
+            "3: fused: runs stage 2's plan in its one task".to_string(),
+        ]
+    );
+    job.apply(edits);
+    assert!(job.stages[&2].tasks.is_empty(), "stage 2 never runs");
+    let fused = &job.stages[&3];
+    assert_eq!(fused.plan.inputs, [1], "the fused stage reads stage 1");
+    assert_eq!(fused.tasks.len(), 1);
+    assert!(job.stage_ready(&job.stages[&3]));
+    // Its one task reads stage 1's output (every bucket) and nothing of stage 2.
+    let plan = Arc::clone(&fused.plan.plan) as Arc<dyn datafusion::physical_plan::ExecutionPlan>;
+    let mut readers = Vec::new();
+    plan.apply(|node| {
+        if let Some(r) = node.downcast_ref::<volley_core::plan::ShuffleReaderExec>() {
+            readers.push((r.stage_id(), r.hash_partitioned()));
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .unwrap();
+    assert_eq!(readers, [(1, true)]);
+    assert_eq!(
+        job.stages[&3].reads.as_ref().unwrap()[0].partitions.end,
+        u32::MAX as usize
+    );
+    assert!(job.resolved_plan(3).is_ok());
+}
+
+#[tokio::test]
+async fn fusion_stays_off_above_its_budget_or_when_turned_off() {
+    for settings in [
+        [("volley.adaptive_fuse_bytes", "799")],
+        [("volley.adaptive_fuse_bytes", "0")],
+    ] {
+        let mut job = job_of(GROUP_ORDER, &settings).await;
+        finish(&mut job, 1, 2, 4, |_, _| 100);
+        let edits = before_launch(&job, 2, 4);
+        assert_eq!(
+            notes(&edits),
+            ["2: coalesced 4 shuffle partitions into 1 tasks".to_string()],
+            "{settings:?}"
+        );
+    }
+    let mut job = job_of(GROUP_ORDER, &[("volley.adaptive_fuse_bytes", "800")]).await;
+    finish(&mut job, 1, 2, 4, |_, _| 100);
+    assert_eq!(notes(&before_launch(&job, 2, 4)).len(), 3, "800 bytes fit");
 }

@@ -64,7 +64,8 @@ impl ClusterState {
 }
 
 /// True when stage `stage_id` has tasks to launch now: not complete and everything it reads
-/// is done. A stage becoming ready is regrouped by adaptive execution first (journaled).
+/// is done. A stage becoming ready is regrouped (or fused into its consumer) by adaptive
+/// execution first (journaled).
 fn prepare_stage(job: &mut Job, stage_id: u32, slots: usize, journal: Option<&Journal>) -> bool {
     let Some(stage) = job.stages.get(&stage_id) else {
         return false;
@@ -85,7 +86,10 @@ fn prepare_stage(job: &mut Job, stage_id: u32, slots: usize, journal: Option<&Jo
             })
         });
     }
-    true
+    // Fused into its consumer: nothing of its own to launch.
+    job.stages
+        .get(&stage_id)
+        .is_some_and(|s| s.phase != StagePhase::Skipped)
 }
 
 /// Executors to place tasks on, and the round-robin cursor when that is the policy.

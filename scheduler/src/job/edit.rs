@@ -48,6 +48,18 @@ pub enum Decision {
         /// The join stage that took over its plan.
         by: u32,
     },
+    /// This stage runs stage `stage`'s plan in its one task (fused: that stage never runs).
+    Fused {
+        /// The stage whose plan it took over.
+        stage: u32,
+        /// Shuffle bytes of the fused stage's inputs.
+        bytes: u64,
+    },
+    /// This stage never runs: stage `by` runs its plan in its one task.
+    FusedInto {
+        /// The consumer that took over its plan.
+        by: u32,
+    },
     /// Stage `probe` is filtered by the keys of stage `build` (on the join stage).
     Filtered {
         /// Filtered stage.

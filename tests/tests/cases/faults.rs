@@ -228,6 +228,29 @@ async fn kill_after_map_output(
     disk: bool,
     memory: bool,
 ) -> Result<(Vec<Row>, u32), String> {
+    // Stage 2 is held until stage 1's output is gone.
+    let (rows, record) = kill_producer_of_held_stage(retries, disk, memory, 1, 2).await?;
+    Ok((rows, attempts(&record, 1)))
+}
+
+fn attempts(record: &JobRecord, stage: u32) -> u32 {
+    record
+        .stages
+        .iter()
+        .find(|s| s.stage_id == stage)
+        .unwrap()
+        .attempts
+}
+
+/// SIGKILL the executor holding output of stage `producer` (done) while stage `held` runs,
+/// held until the output is gone; returns the rows and the job's record at the end.
+async fn kill_producer_of_held_stage(
+    retries: bool,
+    disk: bool,
+    memory: bool,
+    producer: u32,
+    held: u32,
+) -> Result<(Vec<Row>, JobRecord), String> {
     let (mut cluster, client) = cluster(3, retries).await;
     if !memory {
         client
@@ -235,21 +258,21 @@ async fn kill_after_map_output(
             .await
             .unwrap();
     }
-    // Stage 2 is held until stage 1's output is gone.
-    let hold = Hold::new(2).unwrap();
+    let hold = Hold::new(held).unwrap();
     client.sql(&hold.set_sql()).await.unwrap();
     let job_id = client.submit(&tpch::query(QUERY).unwrap()).await.unwrap();
-    let record = wait_for(&client, &job_id, "stage 1 done, stage 2 running", |j| {
+    let what = format!("stage {producer} done, stage {held} running");
+    let record = wait_for(&client, &job_id, &what, |j| {
         j.stages
             .iter()
-            .any(|s| s.stage_id == 1 && s.state == "succeeded")
-            && running_on(j, 2).is_some()
+            .any(|s| s.stage_id == producer && s.state == "succeeded")
+            && running_on(j, held).is_some()
     })
     .await;
     let holder = record
         .tasks
         .iter()
-        .find(|t| t.task.as_ref().is_some_and(|id| id.stage_id == 1))
+        .find(|t| t.task.as_ref().is_some_and(|id| id.stage_id == producer))
         .map(|t| t.executor_id.clone())
         .unwrap();
     let index = cluster.executor_index(&holder).await.unwrap();
@@ -262,14 +285,49 @@ async fn kill_after_map_output(
     }
     hold.release().unwrap();
     let rows = result(&client, job_id.clone()).await?;
-    let attempts = job(&client, &job_id)
+    Ok((rows, job(&client, &job_id).await))
+}
+
+/// q3 at SF 0.1: stage 3 (the sort of the final aggregate, one task on little input) is fused
+/// into the result stage 4, whose one task reads stage 2's output itself. Losing that output
+/// while the fused task waits re-runs stage 2 and the answer stays exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_input_of_a_fused_stage_reruns_its_producer() {
+    volley_tests::init_tracing();
+    let (expected, floats) = expected().await;
+    let (actual, record) = kill_producer_of_held_stage(true, true, false, 2, 4)
         .await
-        .stages
-        .iter()
-        .find(|s| s.stage_id == 1)
-        .unwrap()
-        .attempts;
-    Ok((rows, attempts))
+        .expect("query survives the kill");
+    assert_same_rows(
+        &expected,
+        &actual,
+        &floats,
+        "q3 after losing a fused stage's input",
+    );
+    let state = |id: u32| {
+        record
+            .stages
+            .iter()
+            .find(|s| s.stage_id == id)
+            .map(|s| s.state.clone())
+    };
+    assert_eq!(
+        state(3).as_deref(),
+        Some("skipped"),
+        "stage 3 was fused into 4"
+    );
+    assert!(
+        !record
+            .tasks
+            .iter()
+            .any(|t| t.task.as_ref().is_some_and(|id| id.stage_id == 3)),
+        "stage 3 ran no task of its own"
+    );
+    assert!(attempts(&record, 2) >= 2, "stage 2 ran again");
+    let err = kill_producer_of_held_stage(false, true, false, 2, 4)
+        .await
+        .expect_err("without retries the lost output fails the job");
+    assert!(err.contains("lost"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -406,6 +406,11 @@ async fn a_freed_slot_gets_its_next_task_in_the_status_answer() {
     let cluster = EmbeddedCluster::start_with(config, 1, 1).await.unwrap();
     let client = cluster.client().await.unwrap();
     create_sales(&client).await;
+    // Every planned stage runs as its own (no adaptive fusion), so the job has several tasks.
+    client
+        .sql("SET volley.adaptive_fuse_bytes = 0")
+        .await
+        .unwrap();
     let batches = client.sql(QUERY).await.unwrap();
     assert_eq!(rows(&batches.1).unwrap(), expected());
     let service = cluster.scheduler().service().clone();

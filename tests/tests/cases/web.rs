@@ -62,6 +62,11 @@ async fn status_page_in_headless_browser() {
     volley_tests::register_emp(&client)
         .await
         .expect("register emp");
+    // Every planned stage runs as its own (no adaptive fusion): the checks count them.
+    client
+        .sql("SET volley.adaptive_fuse_bytes = 0")
+        .await
+        .unwrap();
     let stages = explained_stages(&client, BY_DEPT).await;
     assert!(stages >= 2);
     // Stage 1 is held until the browser has seen the job running (it creates the release
@@ -134,6 +139,11 @@ async fn json_api_numbers_metrics_and_http_auth() {
     volley_tests::register_emp(&client)
         .await
         .expect("register emp");
+    // Every planned stage runs as its own (no adaptive fusion): the checks count them.
+    client
+        .sql("SET volley.adaptive_fuse_bytes = 0")
+        .await
+        .unwrap();
     let job_id = client.submit(BY_DEPT).await.unwrap();
     let result = client.sql_job_rows(&job_id).await.unwrap();
     let result_rows = rows(&result).unwrap().len() as u64;
@@ -361,6 +371,11 @@ async fn task_spans_are_children_of_stage_spans_across_processes() {
     volley_tests::register_emp(&client)
         .await
         .expect("register emp");
+    // Every planned stage runs as its own (no adaptive fusion): the checks count them.
+    client
+        .sql("SET volley.adaptive_fuse_bytes = 0")
+        .await
+        .unwrap();
     let job_id = client.submit(BY_DEPT).await.unwrap();
     let result = client.sql_job_rows(&job_id).await.unwrap();
     assert_eq!(rows(&result).unwrap().len(), 4);
