@@ -14,6 +14,8 @@ use datafusion::execution::TaskContext;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionState;
 use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::SessionConfig;
+use parking_lot::Mutex;
 use volley_core::VolleyError;
 use volley_core::codec::VolleyCodec;
 use volley_core::config::{TaskEnv, VolleyOptions, base_session_config};
@@ -40,6 +42,39 @@ pub struct TaskRunner {
     pub test_hooks: bool,
     /// Small shuffle outputs held in memory (see [`MemoryShuffle`]).
     pub memory: Arc<MemoryShuffle>,
+    /// The session config of the settings tasks came with last.
+    pub configs: ConfigCache,
+}
+
+/// The session config built from the settings the last task came with: the tasks of a job all
+/// carry the same couple hundred settings, parsed once instead of once per task.
+#[derive(Default)]
+pub struct ConfigCache(Mutex<Option<(Vec<pb::KeyValue>, SessionConfig)>>);
+
+impl ConfigCache {
+    /// The session config of a task with `settings`.
+    fn config(&self, settings: &[pb::KeyValue]) -> SessionConfig {
+        if let Some((seen, config)) = &*self.0.lock()
+            && seen.as_slice() == settings
+        {
+            return config.clone();
+        }
+        let mut config = base_session_config();
+        for kv in settings {
+            // Settings of a newer scheduler this executor does not know are not fatal.
+            if let Err(e) = config.options_mut().set(&kv.key, &kv.value) {
+                tracing::debug!(key = %kv.key, error = %e, "ignoring setting");
+            }
+        }
+        // A task runs one partition: a scan that stole its siblings' files would read them
+        // twice across the stage's tasks, whatever the session set.
+        config
+            .options_mut()
+            .execution
+            .enable_file_stream_work_stealing = false;
+        *self.0.lock() = Some((settings.to_vec(), config.clone()));
+        config
+    }
 }
 
 /// Longest a task waits for a test hold to be released: only a guard against a test that
@@ -136,19 +171,7 @@ impl TaskRunner {
         def: &pb::TaskDefinition,
         task: &pb::TaskId,
     ) -> Result<(Vec<pb::PartitionStats>, Vec<pb::OperatorMetrics>), VolleyError> {
-        let mut config = base_session_config();
-        for kv in &def.settings {
-            // Settings of a newer scheduler this executor does not know are not fatal.
-            if let Err(e) = config.options_mut().set(&kv.key, &kv.value) {
-                tracing::debug!(key = %kv.key, error = %e, "ignoring setting");
-            }
-        }
-        // A task runs one partition: a scan that stole its siblings' files would read them
-        // twice across the stage's tasks, whatever the session set.
-        config
-            .options_mut()
-            .execution
-            .enable_file_stream_work_stealing = false;
+        let config = self.configs.config(&def.settings);
         let config = config.with_extension(Arc::new(TaskEnv {
             executor_id: self.executor_id.clone(),
             host: self.host.clone(),
@@ -247,7 +270,11 @@ impl TaskRunner {
                 in_memory: w.in_memory,
             })
             .collect();
-        Ok((partitions, operator_metrics(&plan)))
+        let metrics = operator_metrics(&plan);
+        // Freeing what the plan holds (a join's hash table, buffered batches) is not on the
+        // way to the status report.
+        drop(tokio::task::spawn_blocking(move || drop(plan)));
+        Ok((partitions, metrics))
     }
 }
 

@@ -454,6 +454,7 @@ pub async fn start_executor(config: ExecutorConfig) -> Result<ExecutorHandle> {
             security: config.security.clone(),
             test_hooks: config.enable_test_hooks,
             memory: Arc::clone(&memory),
+            configs: Default::default(),
         },
         slots: Arc::new(Semaphore::new(config.slots.max(1))),
         running: Mutex::new(HashMap::new()),

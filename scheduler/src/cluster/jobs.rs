@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use volley_core::plan::ShuffleWriterExec;
 use volley_core::stores::StoreOptions;
 
 use datafusion::arrow::datatypes::SchemaRef;
@@ -11,6 +12,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use crate::cluster::ClusterState;
 use crate::cluster::journal::emit;
 use crate::graph::StagePlan;
+use crate::graph::trim::ResolvedPlan;
 use crate::job::{CacheHit, Job, JobState, TaskLaunch};
 
 /// A released cached job keeps an answer up to this size (a later status call still gets
@@ -70,6 +72,26 @@ impl ClusterState {
         if let Some(job) = self.jobs.get_mut(id) {
             job.stores = stores;
             job.temporary = temporary;
+        }
+    }
+
+    /// Give stages of job `id` their plans as already encoded (before it is scheduled); a
+    /// stage whose plan changed since (a resumed job's journal) resolves its own.
+    pub fn set_encoded_plans(
+        &mut self,
+        id: &str,
+        encoded: Vec<(u32, Arc<ShuffleWriterExec>, ResolvedPlan)>,
+    ) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        for (stage_id, plan, resolved) in encoded {
+            if let Some(stage) = job.stages.get_mut(&stage_id)
+                && stage.resolved.is_none()
+                && Arc::ptr_eq(&stage.plan.plan, &plan)
+            {
+                stage.resolved = Some(resolved);
+            }
         }
     }
 

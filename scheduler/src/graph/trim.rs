@@ -47,12 +47,18 @@ impl ResolvedPlan {
     /// Encode `plan` (and prepare per-task plans when its scans list many files: see
     /// [`worth_trimming`]).
     pub fn new(plan: Arc<dyn ExecutionPlan>) -> Result<Self> {
-        let per_task = match worth_trimming(&plan) {
-            true => Some(Arc::new(PerTask::new(&plan)?)),
+        let bytes = VolleyCodec::encode_plan(Arc::clone(&plan))?;
+        Self::encoded(&plan, bytes)
+    }
+
+    /// [`Self::new`] for a plan already encoded as `bytes`.
+    pub fn encoded(plan: &Arc<dyn ExecutionPlan>, bytes: Vec<u8>) -> Result<Self> {
+        let per_task = match worth_trimming(plan) {
+            true => Some(Arc::new(PerTask::new(plan)?)),
             false => None,
         };
         Ok(Self {
-            bytes: Arc::new(VolleyCodec::encode_plan(plan)?),
+            bytes: Arc::new(bytes),
             per_task,
         })
     }

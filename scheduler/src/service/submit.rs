@@ -26,6 +26,7 @@ use volley_core::{Result, VolleyError};
 use crate::explain::{analyze_lines, plan_schema};
 use crate::graph::cut::plan_stages_inlining;
 use crate::graph::scan_balance::balance_parquet_scans;
+use crate::graph::trim::ResolvedPlan;
 use crate::job::JobState;
 use crate::result_cache::CatalogEpoch;
 use crate::service::plan::{Planned, adaptive_candidates, plan_statement, session_stores};
@@ -365,8 +366,17 @@ impl SchedulerService {
         }
         adaptive_candidates(&mut stages, &options)?;
         let mut distributable = true;
+        // Every stage is encoded now to know it can travel; a stage reading no other stage
+        // keeps its bytes: resolving it changes nothing, and it launches right away.
+        let mut encoded = Vec::new();
         for stage in &stages {
-            match VolleyCodec::encode_plan(Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>) {
+            let plan = Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>;
+            match VolleyCodec::encode_plan(Arc::clone(&plan)) {
+                Ok(bytes) if stage.inputs.is_empty() => {
+                    if let Ok(resolved) = ResolvedPlan::encoded(&plan, bytes) {
+                        encoded.push((stage.stage_id, Arc::clone(&stage.plan), resolved));
+                    }
+                }
                 Ok(_) => {}
                 // Executors could not decode it: a clear error now, not failing tasks.
                 Err(e) if volley_core::flat::is_too_deep(&e) => {
@@ -408,6 +418,7 @@ impl SchedulerService {
             span,
         );
         state.set_job_stores(&job_id, stores, temporary);
+        state.set_encoded_plans(&job_id, encoded);
         drop(state);
         self.schedule();
         Ok(job_id)
