@@ -12,7 +12,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use crate::cluster::ClusterState;
 use crate::cluster::journal::emit;
 use crate::graph::StagePlan;
-use crate::graph::trim::ResolvedPlan;
+use crate::graph::trim::Encoded;
 use crate::job::{CacheHit, Job, JobState, TaskLaunch};
 
 /// A released cached job keeps an answer up to this size (a later status call still gets
@@ -80,17 +80,21 @@ impl ClusterState {
     pub fn set_encoded_plans(
         &mut self,
         id: &str,
-        encoded: Vec<(u32, Arc<ShuffleWriterExec>, ResolvedPlan)>,
+        encoded: Vec<(u32, Arc<ShuffleWriterExec>, Encoded)>,
     ) {
         let Some(job) = self.jobs.get_mut(id) else {
             return;
         };
-        for (stage_id, plan, resolved) in encoded {
-            if let Some(stage) = job.stages.get_mut(&stage_id)
-                && stage.resolved.is_none()
-                && Arc::ptr_eq(&stage.plan.plan, &plan)
-            {
-                stage.resolved = Some(resolved);
+        for (stage_id, plan, kept) in encoded {
+            let Some(stage) = job.stages.get_mut(&stage_id) else {
+                continue;
+            };
+            if stage.resolved.is_some() || !Arc::ptr_eq(&stage.plan.plan, &plan) {
+                continue;
+            }
+            match kept {
+                Encoded::Plan(resolved) => stage.resolved = Some(resolved),
+                Encoded::Template(template) => stage.template = Some(template),
             }
         }
     }

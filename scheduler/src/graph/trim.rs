@@ -18,7 +18,7 @@ use datafusion::physical_plan::{
     ExecutionPlan, ExecutionPlanProperties, replace_children_if_necessary,
 };
 use volley_core::codec::VolleyCodec;
-use volley_core::plan::ShuffleWriterExec;
+use volley_core::plan::{ShuffleReaderExec, ShuffleWriterExec};
 
 /// A stage's plan with its readers resolved, encoded for all its tasks; a plan whose scans
 /// list many files also kept as the entries of its hollow copy, to give each task a plan with
@@ -112,6 +112,71 @@ impl PerTask {
             }
         }
         Ok(volley_core::flat::assemble(entries))
+    }
+}
+
+/// What a stage keeps of its plan's encoding at submit.
+#[derive(Debug)]
+pub enum Encoded {
+    /// The plan of a stage reading no other stage, ready to launch.
+    Plan(ResolvedPlan),
+    /// The plan of a stage with readers, which its launch resolves.
+    Template(Arc<Template>),
+}
+
+/// A stage plan encoded before its readers know their producers' files (when the job was
+/// submitted): resolving it at launch encodes only the readers again, one entry each, and the
+/// stage's other operators keep their bytes (the flat format names children by index).
+#[derive(Debug)]
+pub struct Template {
+    entries: Vec<Vec<u8>>,
+    /// Each reader's entry and the reader.
+    readers: Vec<(usize, Arc<dyn ExecutionPlan>)>,
+}
+
+impl Template {
+    /// The template of `plan`, encoded as `entries`; None for plans whose scans get a plan
+    /// per task (those are encoded whole).
+    pub fn new(plan: &Arc<dyn ExecutionPlan>, entries: Vec<Vec<u8>>) -> Option<Self> {
+        if worth_trimming(plan) {
+            return None;
+        }
+        let order = volley_core::flat::post_order(plan);
+        if order.len() != entries.len() {
+            return None;
+        }
+        let readers = order
+            .into_iter()
+            .enumerate()
+            .filter(|(_, node)| node.downcast_ref::<ShuffleReaderExec>().is_some())
+            .collect();
+        Some(Self { entries, readers })
+    }
+
+    /// The plan with each reader replaced by `resolve` of it, encoded.
+    pub fn resolve(
+        &self,
+        mut resolve: impl FnMut(&ShuffleReaderExec) -> ShuffleReaderExec,
+    ) -> Result<ResolvedPlan> {
+        let mut entries = self.entries.clone();
+        for (at, reader) in &self.readers {
+            let Some(reader) = reader.downcast_ref::<ShuffleReaderExec>() else {
+                continue;
+            };
+            let mut leaf = VolleyCodec::encode_entries(Arc::new(resolve(reader)))?;
+            match (entries.get_mut(*at), leaf.pop()) {
+                (Some(slot), Some(bytes)) if leaf.is_empty() => *slot = bytes,
+                _ => {
+                    return Err(datafusion::error::DataFusionError::Internal(
+                        "a shuffle reader is not one entry of its stage's plan".to_string(),
+                    ));
+                }
+            }
+        }
+        Ok(ResolvedPlan {
+            bytes: Arc::new(volley_core::flat::assemble(entries)),
+            per_task: None,
+        })
     }
 }
 
@@ -349,5 +414,51 @@ mod tests {
             "sent: probe scan trimmed, build scan whole"
         );
         assert_eq!(rows(&sent).await, rows(&own).await);
+    }
+
+    /// Readers as a launch may resolve them: regrouped into one task.
+    fn regrouped(reader: &ShuffleReaderExec) -> ShuffleReaderExec {
+        let partitioning = match reader.partitioning() {
+            datafusion::physical_plan::Partitioning::Hash(exprs, _) => {
+                datafusion::physical_plan::Partitioning::Hash(exprs.clone(), 1)
+            }
+            _ => datafusion::physical_plan::Partitioning::UnknownPartitioning(1),
+        };
+        ShuffleReaderExec::with_locations(
+            reader.stage_id(),
+            reader.schema(),
+            partitioning,
+            reader.hash_partitioned(),
+            vec![Vec::new()],
+        )
+    }
+
+    #[tokio::test]
+    async fn a_template_resolves_to_the_bytes_of_the_whole_plan_resolved() {
+        use datafusion::common::tree_node::Transformed;
+        let sql = "SELECT t.b, count(*) FROM t JOIN u ON t.a = u.a GROUP BY t.b ORDER BY 1";
+        let config = volley_core::config::volley_session_config(4);
+        let physical = crate::graph::cut::tests::plan_sql(sql, config).await;
+        let stages = crate::graph::cut::plan_stages("job", physical).unwrap();
+        let mut templates = 0;
+        for stage in stages.iter().filter(|s| !s.inputs.is_empty()) {
+            let plan = Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>;
+            let entries = VolleyCodec::encode_entries(Arc::clone(&plan)).unwrap();
+            let template = Template::new(&plan, entries).unwrap();
+            let spliced = template.resolve(regrouped).unwrap();
+            let whole = plan
+                .transform_up(|node| match node.downcast_ref::<ShuffleReaderExec>() {
+                    Some(reader) => Ok(Transformed::yes(
+                        Arc::new(regrouped(reader)) as Arc<dyn ExecutionPlan>
+                    )),
+                    None => Ok(Transformed::no(node)),
+                })
+                .unwrap()
+                .data;
+            let whole = VolleyCodec::encode_plan(whole).unwrap();
+            assert_eq!(*spliced.bytes, whole, "stage {}", stage.stage_id);
+            templates += 1;
+        }
+        assert!(templates >= 2, "{templates} stages with readers");
     }
 }

@@ -197,6 +197,7 @@ impl Job {
                     return;
                 };
                 stage.plan.plan = Arc::new(stage.plan.plan.with_input(input));
+                stage.template = None;
                 stage.plan.inputs.retain(|s| Some(*s) != drop_input);
                 for input in add_inputs {
                     if !stage.plan.inputs.contains(&input) {

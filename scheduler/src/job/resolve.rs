@@ -105,6 +105,29 @@ impl Job {
         if let Some(plan) = &stage.resolved {
             return Ok(plan.clone());
         }
+        let plan = match &stage.template {
+            Some(template) => {
+                let reads = stage.reads.as_ref();
+                let plan = template.resolve(|r| resolve_reader(r, &self.stages, reads))?;
+                #[cfg(debug_assertions)]
+                if plan.bytes != self.resolve_whole(stage)?.bytes {
+                    return Err(DataFusionError::Internal(format!(
+                        "stage {stage_id}: its plan encoded from its template differs from the \
+                         plan encoded whole"
+                    )));
+                }
+                plan
+            }
+            None => self.resolve_whole(stage)?,
+        };
+        if let Some(stage) = self.stages.get_mut(&stage_id) {
+            stage.resolved = Some(plan.clone());
+        }
+        Ok(plan)
+    }
+
+    /// `stage`'s plan with every reader pointed at its producer's files, encoded whole.
+    fn resolve_whole(&self, stage: &StageState) -> Result<ResolvedPlan> {
         let plan: Arc<dyn ExecutionPlan> = Arc::clone(&stage.plan.plan) as Arc<dyn ExecutionPlan>;
         let reads = stage.reads.as_ref();
         let resolved = plan
@@ -118,11 +141,7 @@ impl Job {
                 ))
             })?
             .data;
-        let plan = ResolvedPlan::new(resolved)?;
-        if let Some(stage) = self.stages.get_mut(&stage_id) {
-            stage.resolved = Some(plan.clone());
-        }
-        Ok(plan)
+        ResolvedPlan::new(resolved)
     }
 
     /// Shuffle bytes partition `partition` of a stage reads from its input stages.

@@ -75,6 +75,9 @@ pub struct StageState {
     pub tasks: Vec<TaskInfo>,
     /// The stage's plan with resolved shuffle locations, encoded once for all its tasks.
     pub resolved: Option<crate::graph::trim::ResolvedPlan>,
+    /// The plan as encoded at submit, its readers to be encoded again at launch (None once
+    /// the plan changed, or for plans encoded whole).
+    pub template: Option<std::sync::Arc<crate::graph::trim::Template>>,
     /// Times the stage was (re)started.
     pub attempts: u32,
     /// DataFusion metrics per operator (pre-order), summed over successful tasks.
@@ -109,6 +112,7 @@ impl StageState {
                 .collect(),
             plan,
             resolved: None,
+            template: None,
             attempts: 1,
             operator_metrics: Vec::new(),
             phase: StagePhase::Waiting,

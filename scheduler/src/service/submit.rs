@@ -26,7 +26,7 @@ use volley_core::{Result, VolleyError};
 use crate::explain::{analyze_lines, plan_schema};
 use crate::graph::cut::plan_stages_inlining;
 use crate::graph::scan_balance::balance_parquet_scans;
-use crate::graph::trim::ResolvedPlan;
+use crate::graph::trim::{Encoded, ResolvedPlan, Template};
 use crate::job::JobState;
 use crate::result_cache::CatalogEpoch;
 use crate::service::plan::{Planned, adaptive_candidates, plan_statement, session_stores};
@@ -366,18 +366,26 @@ impl SchedulerService {
         }
         adaptive_candidates(&mut stages, &options)?;
         let mut distributable = true;
-        // Every stage is encoded now to know it can travel; a stage reading no other stage
-        // keeps its bytes: resolving it changes nothing, and it launches right away.
+        // Every stage is encoded now to know it can travel, and keeps its bytes: a stage
+        // reading no other stage as they are (it launches right away), the others as the
+        // template their launch encodes only their readers into.
         let mut encoded = Vec::new();
         for stage in &stages {
             let plan = Arc::clone(&stage.plan) as Arc<dyn ExecutionPlan>;
-            match VolleyCodec::encode_plan(Arc::clone(&plan)) {
-                Ok(bytes) if stage.inputs.is_empty() => {
-                    if let Ok(resolved) = ResolvedPlan::encoded(&plan, bytes) {
-                        encoded.push((stage.stage_id, Arc::clone(&stage.plan), resolved));
+            match VolleyCodec::encode_entries(Arc::clone(&plan)) {
+                Ok(entries) => {
+                    let kept = match stage.inputs.is_empty() {
+                        true => ResolvedPlan::encoded(&plan, volley_core::flat::assemble(entries))
+                            .ok()
+                            .map(Encoded::Plan),
+                        false => {
+                            Template::new(&plan, entries).map(|t| Encoded::Template(Arc::new(t)))
+                        }
+                    };
+                    if let Some(kept) = kept {
+                        encoded.push((stage.stage_id, Arc::clone(&stage.plan), kept));
                     }
                 }
-                Ok(_) => {}
                 // Executors could not decode it: a clear error now, not failing tasks.
                 Err(e) if volley_core::flat::is_too_deep(&e) => {
                     return Err(VolleyError::NotAllowed(format!(
