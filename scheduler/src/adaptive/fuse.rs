@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::Result;
 use datafusion::physical_plan::ExecutionPlan;
 use volley_core::config::VolleyOptions;
@@ -16,6 +16,7 @@ use volley_core::plan::{CommitFilesExec, ShuffleReaderExec, TaskWriteExec};
 
 use crate::adaptive::regroup::coalescible;
 use crate::graph::StageKind;
+use crate::graph::joins::readers_of;
 use crate::job::stage::{StagePhase, StageState};
 use crate::job::{Decision, Job, StageEdit, TaskRead};
 
@@ -40,31 +41,8 @@ fn one_task(stage: &StageState, reads: Option<&[TaskRead]>) -> bool {
 /// True when the plan writes table files or commits them (a commit reads the writing tasks'
 /// rows from a stage of their own, so that its retry does not write again).
 fn writes(plan: &Arc<dyn ExecutionPlan>) -> bool {
-    let mut found = false;
-    let _ = plan.apply(|node| {
-        found = node.is::<TaskWriteExec>() || node.is::<CommitFilesExec>();
-        Ok(if found {
-            TreeNodeRecursion::Stop
-        } else {
-            TreeNodeRecursion::Continue
-        })
-    });
-    found
-}
-
-/// Readers of stage `stage_id` in `plan`.
-fn readers_of(plan: &Arc<dyn ExecutionPlan>, stage_id: u32) -> usize {
-    let mut count = 0;
-    let _ = plan.apply(|node| {
-        if node
-            .downcast_ref::<ShuffleReaderExec>()
-            .is_some_and(|r| r.stage_id() == stage_id)
-        {
-            count += 1;
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-    count
+    plan.exists(|node| Ok(node.is::<TaskWriteExec>() || node.is::<CommitFilesExec>()))
+        .unwrap_or(false)
 }
 
 /// True when some adaptive decision still waits on stage `stage_id` (as a build or probe side,

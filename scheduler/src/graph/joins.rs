@@ -260,16 +260,8 @@ fn find_join<'a>(
 /// True when some operator of `plan` drops rows of its input by their values (a filter or a
 /// hash join), so its keys may be a small part of their table's.
 pub fn restricts_rows(plan: &Arc<dyn ExecutionPlan>) -> bool {
-    let mut found = false;
-    let _ = plan.apply(|node| {
-        found = node.is::<FilterExec>() || node.is::<HashJoinExec>();
-        Ok(if found {
-            TreeNodeRecursion::Stop
-        } else {
-            TreeNodeRecursion::Continue
-        })
-    });
-    found
+    plan.exists(|node| Ok(node.is::<FilterExec>() || node.is::<HashJoinExec>()))
+        .unwrap_or(false)
 }
 
 /// Shuffle readers of `stage` in `plan`.
