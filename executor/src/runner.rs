@@ -270,11 +270,9 @@ impl TaskRunner {
                 in_memory: w.in_memory,
             })
             .collect();
-        let metrics = operator_metrics(&plan);
-        // Freeing what the plan holds (a join's hash table, buffered batches) is not on the
-        // way to the status report.
-        drop(tokio::task::spawn_blocking(move || drop(plan)));
-        Ok((partitions, metrics))
+        // The plan (a join's hash table and its memory reservation) is freed here, before the
+        // status report: the task the report's answer starts may need that memory.
+        Ok((partitions, operator_metrics(&plan)))
     }
 }
 

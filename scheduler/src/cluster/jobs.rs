@@ -269,6 +269,7 @@ impl ClusterState {
         // Plans and locations are no longer needed once files are gone.
         for stage in job.stages.values_mut() {
             stage.resolved = None;
+            stage.template = None;
         }
         true
     }
