@@ -289,7 +289,15 @@ async fn rust_client(cluster: &ProcessCluster, expected: Vec<Vec<String>>) {
         cancel(&mut client, info.clone()).await,
         CancelStatus::NotCancellable
     );
-    let gone = endpoint_rows(&mut client, &info.endpoint[0]).await.is_err();
+    // The executors drop the rows when the scheduler's release reaches them (asynchronously).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut gone = false;
+    while !gone && std::time::Instant::now() < deadline {
+        gone = endpoint_rows(&mut client, &info.endpoint[0]).await.is_err();
+        if !gone {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
     assert!(gone, "the cancelled query's rows were released");
 
     let code = |e: arrow_flight::error::FlightError| match e {
