@@ -131,7 +131,7 @@ pub enum Encoded {
 pub struct Template {
     entries: Vec<Vec<u8>>,
     /// Each reader's entry and the reader.
-    readers: Vec<(usize, Arc<dyn ExecutionPlan>)>,
+    readers: Vec<(usize, ShuffleReaderExec)>,
 }
 
 impl Template {
@@ -148,7 +148,7 @@ impl Template {
         let readers = order
             .into_iter()
             .enumerate()
-            .filter(|(_, node)| node.downcast_ref::<ShuffleReaderExec>().is_some())
+            .filter_map(|(at, node)| Some((at, node.downcast_ref::<ShuffleReaderExec>()?.clone())))
             .collect();
         Some(Self { entries, readers })
     }
@@ -160,9 +160,6 @@ impl Template {
     ) -> Result<ResolvedPlan> {
         let mut entries = self.entries.clone();
         for (at, reader) in &self.readers {
-            let Some(reader) = reader.downcast_ref::<ShuffleReaderExec>() else {
-                continue;
-            };
             let mut leaf = VolleyCodec::encode_entries(Arc::new(resolve(reader)))?;
             match (entries.get_mut(*at), leaf.pop()) {
                 (Some(slot), Some(bytes)) if leaf.is_empty() => *slot = bytes,
