@@ -156,6 +156,11 @@ struct ExecutorArgs {
     /// Concurrent tasks (default: number of cores).
     #[arg(long, env = "VOLLEY_EXECUTOR_SLOTS")]
     slots: Option<usize>,
+    /// Cores the tasks share (default: number of cores). With more cores than slots, a task
+    /// may run several partitions of a stage that builds a broadcast hash table, building it
+    /// once (see `volley.group_broadcast_tasks`).
+    #[arg(long, env = "VOLLEY_EXECUTOR_CORES")]
+    cores: Option<usize>,
     /// Root for shuffle files: the executor works in a private `volley-<random>` folder (0700)
     /// below it and removes, at start, the folders executors killed on this root left behind.
     #[arg(long, env = "VOLLEY_WORK_DIR")]
@@ -319,6 +324,9 @@ async fn run_executor(args: ExecutorArgs) -> Result<(), String> {
     config.port = args.port;
     if let Some(slots) = args.slots {
         config.slots = slots.max(1);
+    }
+    if let Some(cores) = args.cores {
+        config.cores = cores.max(1);
     }
     if let Some(dir) = args.work_dir {
         config.work_dir = dir;

@@ -75,6 +75,11 @@ extensions_options! {
         /// instead of as a broadcast stage when its files' bytes times the join's task count
         /// are at most this (0: always a broadcast stage).
         pub inline_build_bytes: u64, default = 16 * 1024 * 1024
+        /// A stage that builds a broadcast hash table (a `CollectLeft` join) and reads no
+        /// stage partition by partition runs all its partitions in one task, building the
+        /// table once, when they are no more than the cores each task slot of the cluster's
+        /// executors has (`volley executor --cores` over `--slots`).
+        pub group_broadcast_tasks: bool, default = true
         /// A map task whose whole output (Arrow IPC bytes, all buckets) is at most this is
         /// kept in its executor's memory (up to the executor's `--shuffle-memory`) instead of
         /// files (0: always files).

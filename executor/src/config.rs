@@ -20,6 +20,9 @@ pub struct ExecutorConfig {
     pub port: u16,
     /// Tasks run at once.
     pub slots: usize,
+    /// Cores the tasks share (default: the machine's); with more cores than slots, the
+    /// scheduler may give a task several partitions of a stage to run at once.
+    pub cores: usize,
     /// Where shuffle files go; a job's folder is removed when the job ends.
     pub work_dir: PathBuf,
     /// Heartbeat period.
@@ -50,6 +53,7 @@ impl ExecutorConfig {
             host: "127.0.0.1".to_string(),
             port: 0,
             slots: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            cores: std::thread::available_parallelism().map_or(2, |n| n.get()),
             work_dir: std::env::temp_dir().join("volley-executor"),
             heartbeat_interval: Duration::from_secs(2),
             max_message_size: 64 * 1024 * 1024,

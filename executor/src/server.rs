@@ -89,6 +89,7 @@ impl ExecutorInner {
             flight_port: u32::from(self.port),
             grpc_port: u32::from(self.port),
             slots: u32::try_from(self.config.slots).unwrap_or(u32::MAX),
+            cores: u32::try_from(self.config.cores).unwrap_or(u32::MAX),
         }
     }
 

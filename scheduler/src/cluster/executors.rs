@@ -13,6 +13,8 @@ pub struct ExecutorInfo {
     pub port: u16,
     /// Task slots.
     pub slots: u32,
+    /// Cores its tasks share (as many as its slots unless it said more).
+    pub cores: u32,
     /// Slots not taken by tasks this scheduler launched.
     pub free_slots: u32,
     /// Last heartbeat or registration.
@@ -41,6 +43,7 @@ impl ExecutorInfo {
             host,
             port,
             slots,
+            cores: slots,
             free_slots: slots,
             last_seen: Instant::now(),
             alive: true,

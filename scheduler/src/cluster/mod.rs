@@ -12,6 +12,9 @@ use crate::cluster::executors::ExecutorInfo;
 use crate::config::SchedulerPolicy;
 use crate::job::{Job, JobState, TaskState};
 
+/// Most partitions of a stage one task runs at once (see [`ClusterState::partitions_per_task`]).
+pub const MAX_PARTITIONS_PER_TASK: usize = 64;
+
 pub mod assign;
 pub mod executors;
 pub mod jobs;
@@ -91,6 +94,27 @@ impl ClusterState {
     ) {
         let info = ExecutorInfo::new(id.clone(), host, port, slots, secret);
         self.executors.insert(id, info);
+    }
+
+    /// Record the cores executor `id` said its tasks share (0 or fewer than its slots: one
+    /// per slot).
+    pub fn set_executor_cores(&mut self, id: &str, cores: u32) {
+        if let Some(e) = self.executors.get_mut(id) {
+            e.cores = cores.max(e.slots);
+        }
+    }
+
+    /// How many partitions of a stage one task may run at once: the fewest cores per slot
+    /// among the live executors (1 with none), at most [`MAX_PARTITIONS_PER_TASK`].
+    pub fn partitions_per_task(&self) -> usize {
+        let per_slot = self
+            .alive_executors()
+            .map(|e| e.cores / e.slots.max(1))
+            .min()
+            .unwrap_or(1);
+        usize::try_from(per_slot)
+            .unwrap_or(1)
+            .clamp(1, MAX_PARTITIONS_PER_TASK)
     }
 
     /// True when `secret` is the registration secret of executor `id` (constant time).

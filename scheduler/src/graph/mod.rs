@@ -2,7 +2,8 @@
 //! exchanges ([`cut`]), keeping small scanned build sides in their joins' stages ([`inline`]); the joins adaptive execution may change are recognised here
 //! ([`joins`], [`candidates`]); scan stages are filtered by the selective build sides of the
 //! inner joins they feed ([`key_filters`]); Parquet scans get balanced task shares ([`scan_balance`]);
-//! table writes are split across tasks ([`writes`]); each task gets a plan with only its own
+//! table writes are split across tasks ([`writes`]); stages building broadcast hash tables run
+//! their partitions in one task when a slot has the cores for them ([`group`]); each task gets a plan with only its own
 //! files when a scan has many ([`trim`]).
 //! Nothing here knows about tasks, executors or the network.
 
@@ -12,6 +13,7 @@ use volley_core::plan::ShuffleWriterExec;
 
 pub mod candidates;
 pub mod cut;
+pub mod group;
 pub mod inline;
 pub mod joins;
 pub mod key_filters;

@@ -40,7 +40,8 @@ impl SchedulerService {
         let active_jobs = {
             let mut state = self.state.lock();
             state.executor_holds(&meta.id, &held);
-            state.register_executor(meta.id, meta.host, port, meta.slots, secret.clone());
+            state.register_executor(meta.id.clone(), meta.host, port, meta.slots, secret.clone());
+            state.set_executor_cores(&meta.id, meta.cores);
             // Jobs whose files executors must keep; an executor removes the others' folders.
             state.unreleased_jobs()
         };

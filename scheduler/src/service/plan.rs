@@ -18,6 +18,7 @@ use volley_core::{Result, VolleyError};
 
 use crate::explain::{explain_stages, plan_schema};
 use crate::graph::cut::plan_stages_inlining;
+use crate::graph::group::group_broadcast_stages;
 use crate::graph::scan_balance::balance_parquet_scans;
 use crate::graph::{StagePlan, add_key_filters, mark_broadcast_candidates};
 use crate::result_cache::{CacheUse, InputRoots};
@@ -74,6 +75,7 @@ pub(super) async fn plan_statement(
     sql: &str,
     sandbox: &Sandbox,
     job_id: &str,
+    per_task: usize,
 ) -> Result<Planned> {
     let state = ctx.state();
     if let Some(statement) = plan_cache_statement(ctx, &state, sql, sandbox).await? {
@@ -89,7 +91,7 @@ pub(super) async fn plan_statement(
         let physical = balance_parquet_scans(physical, &state).await?;
         let options = VolleyOptions::from_pairs(&config_to_pairs(state.config()));
         let mut stages = plan_stages_inlining(job_id, physical, options.inline_build_bytes)?;
-        adaptive_candidates(&mut stages, &options)?;
+        finish_stages(&mut stages, &options, per_task)?;
         let lines = explain_stages(&stages);
         let schema = plan_schema();
         let batch = RecordBatch::try_new(
@@ -156,13 +158,22 @@ fn cache_on(state: &datafusion::execution::SessionState) -> bool {
 }
 
 /// Filter scan stages by the build sides of the joins they feed (unless the settings turn that
-/// off), then mark broadcast-switch candidates when the settings enable adaptive execution.
-pub(super) fn adaptive_candidates(stages: &mut [StagePlan], options: &VolleyOptions) -> Result<()> {
+/// off), mark broadcast-switch candidates when the settings enable adaptive execution, then
+/// run stages that build broadcast tables in one task when `per_task` partitions fit in one
+/// (see [`group_broadcast_stages`]).
+pub(super) fn finish_stages(
+    stages: &mut [StagePlan],
+    options: &VolleyOptions,
+    per_task: usize,
+) -> Result<()> {
     if options.key_filters {
         add_key_filters(stages)?;
     }
     if options.adaptive && options.adaptive_broadcast_bytes > 0 {
         mark_broadcast_candidates(stages);
+    }
+    if options.group_broadcast_tasks {
+        group_broadcast_stages(stages, per_task);
     }
     Ok(())
 }

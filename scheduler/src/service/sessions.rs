@@ -195,7 +195,8 @@ impl SchedulerService {
     }
 
     async fn replay(&self, ctx: &SessionContext, sql: &str) -> Result<()> {
-        match plan_statement(ctx, sql, &self.sandbox, "restore").await? {
+        let per_task = self.state.lock().partitions_per_task();
+        match plan_statement(ctx, sql, &self.sandbox, "restore", per_task).await? {
             Planned::Collect(df, _) => {
                 df.collect().await?;
                 Ok(())

@@ -243,6 +243,7 @@ impl SchedulerService {
                 flight_port: u32::from(e.port),
                 grpc_port: u32::from(e.port),
                 slots: e.slots,
+                cores: e.cores,
             })
             .collect();
         let jobs = state

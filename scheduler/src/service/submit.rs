@@ -29,7 +29,7 @@ use crate::graph::scan_balance::balance_parquet_scans;
 use crate::graph::trim::{Encoded, ResolvedPlan, Template};
 use crate::job::JobState;
 use crate::result_cache::CatalogEpoch;
-use crate::service::plan::{Planned, adaptive_candidates, plan_statement, session_stores};
+use crate::service::plan::{Planned, finish_stages, plan_statement, session_stores};
 use crate::service::{SchedulerService, new_id};
 use volley_core::security::Principal;
 
@@ -70,7 +70,8 @@ impl SchedulerService {
     pub async fn register_tables(&self, statements: &[String]) -> Result<()> {
         let ctx = self.new_session(&[])?;
         for sql in statements {
-            let planned = plan_statement(&ctx, sql, &self.sandbox, "tables").await;
+            let per_task = self.state.lock().partitions_per_task();
+            let planned = plan_statement(&ctx, sql, &self.sandbox, "tables", per_task).await;
             let planned = planned.and_then(|p| match p {
                 Planned::CreateTable(..) => Err(VolleyError::Config(
                     "a table of every session is declared with CREATE EXTERNAL TABLE".into(),
@@ -241,8 +242,9 @@ impl SchedulerService {
         let planned = {
             let (ctx, sql, sandbox) = (ctx.clone(), sql.to_string(), self.sandbox.clone());
             let id = job_id.clone();
+            let per_task = self.state.lock().partitions_per_task();
             on_deep_stack("planner", move || async move {
-                plan_statement(&ctx, &sql, &sandbox, &id).await
+                plan_statement(&ctx, &sql, &sandbox, &id, per_task).await
             })
             .await
         };
@@ -364,7 +366,8 @@ impl SchedulerService {
                 stage.partitions,
             )?;
         }
-        adaptive_candidates(&mut stages, &options)?;
+        let per_task = self.state.lock().partitions_per_task();
+        finish_stages(&mut stages, &options, per_task)?;
         let mut distributable = true;
         // Every stage is encoded now to know it can travel, and keeps its bytes: a stage
         // reading no other stage as they are (it launches right away), the others as the

@@ -9,6 +9,7 @@ mod examples;
 mod faults;
 mod flight_sql;
 mod fuzz;
+mod grouping;
 mod hardening;
 mod layout;
 mod lifecycle;

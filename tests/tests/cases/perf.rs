@@ -142,6 +142,11 @@ async fn small_build_side_is_broadcast() {
         .sql("SET volley.inline_build_bytes = 0")
         .await
         .unwrap();
+    // Several join tasks, each reading the broadcast (not one task running every partition).
+    client
+        .sql("SET volley.group_broadcast_tasks = false")
+        .await
+        .unwrap();
     let lines = explain_lines(&client, SMALL_BUILD_JOIN).await;
     assert!(
         lines.iter().any(|l| l.contains("kind=broadcast")),
@@ -473,6 +478,11 @@ async fn a_limited_build_side_is_limited_once_for_all_join_tasks() {
     volley_tests::init_tracing();
     let dir = tpch::sf01().unwrap();
     let (cluster, client) = cluster_with(tpch::create_table_statements(&dir)).await;
+    // Several join tasks, each reading the broadcast (not one task running every partition).
+    client
+        .sql("SET volley.group_broadcast_tasks = false")
+        .await
+        .unwrap();
     let sql = "SELECT count(*) FROM lineitem JOIN (SELECT o_orderkey FROM orders LIMIT 10) o \
                ON l_orderkey = o_orderkey";
     let lines = explain_lines(&client, sql).await;
