@@ -58,6 +58,8 @@ struct Args {
     volley_baseline: bool,
     memory_limit: Option<usize>,
     stages: bool,
+    /// With `--stages`, each stage's operators with their metrics.
+    metrics: bool,
     /// DataFusion settings for the single-node baseline (`--baseline-set key=value`).
     baseline_settings: Vec<(String, String)>,
     /// Settings for Volley's session (`--set key=value`, sent as `SET` statements).
@@ -97,6 +99,7 @@ fn parse_args() -> Result<Args, BoxError> {
         result_cache: false,
         memory_limit: None,
         stages: false,
+        metrics: false,
         baseline_settings: Vec::new(),
         volley_settings: Vec::new(),
     };
@@ -135,6 +138,7 @@ fn parse_args() -> Result<Args, BoxError> {
             "--memory-limit" => args.memory_limit = Some(value()?.parse()?),
             "--baseline" => args.volley_baseline = value()? == "volley",
             "--stages" => args.stages = true,
+            "--metrics" => args.metrics = true,
             "--baseline-set" => args.baseline_settings.push(key_value(&value()?)?),
             "--set" => args.volley_settings.push(key_value(&value()?)?),
             "--state-dir" => args.state_dir = Some(PathBuf::from(value()?)),
@@ -332,7 +336,7 @@ async fn main() -> Result<(), BoxError> {
             total_same_off += best_same_off;
         }
         if args.stages {
-            print_stages(&cluster, &last_job, last_times);
+            print_stages(&cluster, &last_job, last_times, args.metrics);
             println!(
                 "      DataFusion: planning {:.1}ms of {:.1}ms",
                 df_planning * 1000.0,
@@ -538,7 +542,7 @@ async fn s3_tables(
 /// `--stages`: when each stage of the job started and ended (ms after submission), its tasks,
 /// rows and adaptive decisions; then where the client's time went (`times`: seconds until
 /// the submission returned, and in all).
-fn print_stages(cluster: &EmbeddedCluster, job_id: &str, times: (f64, f64)) {
+fn print_stages(cluster: &EmbeddedCluster, job_id: &str, times: (f64, f64), metrics: bool) {
     cluster.scheduler().service().with_state(|state| {
         let Some(job) = state.job(job_id) else {
             return;
@@ -581,6 +585,9 @@ fn print_stages(cluster: &EmbeddedCluster, job_id: &str, times: (f64, f64)) {
                 decisions.join("; ")
             );
         }
+        if metrics && let Some(detail) = volley_scheduler::views::job_detail(state, job_id) {
+            print_metrics(&detail);
+        }
         let job_ms = ms(job.finished);
         let (submit_ms, total_ms) = (times.0 * 1000.0, times.1 * 1000.0);
         println!(
@@ -589,4 +596,27 @@ fn print_stages(cluster: &EmbeddedCluster, job_id: &str, times: (f64, f64)) {
             total_ms - submit_ms - job_ms
         );
     });
+}
+
+/// `--metrics`: each stage's operators (one line each, indented by depth) with their output
+/// rows and the times DataFusion measured, in milliseconds summed over the stage's tasks.
+fn print_metrics(detail: &volley_scheduler::views::JobDetail) {
+    for stage in &detail.stages {
+        println!("      stage {} operators:", stage.id);
+        for op in &stage.plan {
+            let name: String = op.operator.chars().take(70).collect();
+            let times: Vec<String> = op
+                .metrics
+                .iter()
+                .filter(|(k, v)| **v > 0 && (k.contains("time") || k.contains("elapsed")))
+                .map(|(k, v)| format!("{k}={:.1}", *v as f64 / 1e6))
+                .collect();
+            let rows = op.metrics.get("output_rows").copied().unwrap_or(0);
+            println!(
+                "        {}{name} rows={rows} {}",
+                "  ".repeat(op.depth),
+                times.join(" ")
+            );
+        }
+    }
 }

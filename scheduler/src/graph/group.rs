@@ -12,20 +12,26 @@
 //! one task per partition by design (adaptive execution regroups and splits those), and a stage
 //! adaptive execution may filter at run time keeps its shape. Stages whose output order matters
 //! to their reader keep one task per partition too (a coalesce would interleave them).
+//!
+//! A grouped stage reads a broadcast stage that only scans files (and that nothing else
+//! reads) through the scan itself: its one task reads the whole output once either way, and
+//! the stage would only add a barrier and a file written and read back.
 
 use std::sync::Arc;
 
-use datafusion::common::tree_node::TreeNode;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::error::Result;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
 use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use volley_core::plan::ShuffleReaderExec;
 
+use crate::graph::inline::scanned_bytes;
 use crate::graph::{StageKind, StagePlan};
 
 /// Run every qualifying stage of at most `per_task` partitions as one task (see the module
 /// doc); returns the ids of the stages changed.
-pub fn group_broadcast_stages(stages: &mut [StagePlan], per_task: usize) -> Vec<u32> {
+pub fn group_broadcast_stages(stages: &mut Vec<StagePlan>, per_task: usize) -> Result<Vec<u32>> {
     let filtered: Vec<u32> = stages
         .iter()
         .flat_map(|s| s.adaptive_joins.iter().map(|j| j.probe))
@@ -52,7 +58,66 @@ pub fn group_broadcast_stages(stages: &mut [StagePlan], per_task: usize) -> Vec<
         stage.partitions = 1;
         grouped.push(stage.stage_id);
     }
-    grouped
+    let mut gone = Vec::new();
+    for id in &grouped {
+        let Some(at) = stages.iter().position(|s| s.stage_id == *id) else {
+            continue;
+        };
+        let mut stage = stages.remove(at);
+        let inlined = inline_broadcast_inputs(&mut stage, stages);
+        stages.insert(at, stage);
+        gone.extend(inlined?);
+    }
+    stages.retain(|s| !gone.contains(&s.stage_id));
+    Ok(grouped)
+}
+
+/// Stage `stage` (grouped: one task) reads each broadcast stage that only scans files and has
+/// no other reader through the scan itself: its one task would read that stage's whole output
+/// once anyway, so the stage costs a barrier and a file written and read back, where the scan
+/// in the task (its partitions still read at once) costs nothing more. Returns the ids of the
+/// stages no longer needed.
+fn inline_broadcast_inputs(stage: &mut StagePlan, others: &[StagePlan]) -> Result<Vec<u32>> {
+    let mut inlined = Vec::new();
+    for &input in &stage.inputs {
+        let Some(producer) = others.iter().find(|s| s.stage_id == input) else {
+            continue;
+        };
+        let scan = producer.plan.input();
+        let sole_reader = !others
+            .iter()
+            .any(|s| s.stage_id != input && s.inputs.contains(&input));
+        if producer.kind != StageKind::Broadcast
+            || !producer.inputs.is_empty()
+            || !sole_reader
+            || scanned_bytes(scan).is_none()
+        {
+            continue;
+        }
+        let partitions = scan.output_partitioning().partition_count();
+        let replaced = Arc::clone(stage.plan.input()).transform_up(|node| {
+            let reads = node.downcast_ref::<ShuffleReaderExec>().is_some_and(|r| {
+                r.stage_id() == input
+                    && !r.hash_partitioned()
+                    && r.partitioning().partition_count() == partitions
+            });
+            Ok(match reads {
+                true => Transformed::yes(Arc::clone(scan)),
+                false => Transformed::no(node),
+            })
+        })?;
+        let still_read = replaced.data.exists(|node| {
+            Ok(node
+                .downcast_ref::<ShuffleReaderExec>()
+                .is_some_and(|r| r.stage_id() == input))
+        })?;
+        if replaced.transformed && !still_read {
+            stage.plan = Arc::new(stage.plan.with_input(replaced.data));
+            inlined.push(input);
+        }
+    }
+    stage.inputs.retain(|i| !inlined.contains(i));
+    Ok(inlined)
 }
 
 /// Does `plan` hold a `CollectLeft` hash join (a table built once for all its partitions)?

@@ -47,7 +47,7 @@ pub fn inline_build_side(join: &HashJoinExec, budget: u64) -> bool {
 }
 
 /// Bytes of the files `plan` scans, if it only scans files and has no exchange.
-fn scanned_bytes(plan: &Arc<dyn ExecutionPlan>) -> Option<u64> {
+pub(crate) fn scanned_bytes(plan: &Arc<dyn ExecutionPlan>) -> Option<u64> {
     let mut bytes = 0u64;
     let mut plain = true;
     let _ = plan.apply(|node| {

@@ -162,7 +162,7 @@ fn cache_on(state: &datafusion::execution::SessionState) -> bool {
 /// run stages that build broadcast tables in one task when `per_task` partitions fit in one
 /// (see [`group_broadcast_stages`]).
 pub(super) fn finish_stages(
-    stages: &mut [StagePlan],
+    stages: &mut Vec<StagePlan>,
     options: &VolleyOptions,
     per_task: usize,
 ) -> Result<()> {
@@ -173,7 +173,7 @@ pub(super) fn finish_stages(
         mark_broadcast_candidates(stages);
     }
     if options.group_broadcast_tasks {
-        group_broadcast_stages(stages, per_task);
+        group_broadcast_stages(stages, per_task)?;
     }
     Ok(())
 }

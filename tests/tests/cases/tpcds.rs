@@ -1,18 +1,25 @@
 //! All 99 TPC-DS queries at SF 0.1 on a cluster of real processes (1 scheduler, 2 executors):
 //! each equals DuckDB's answer as a multiset of rows (ORDER BY ... LIMIT leaves ties); the 14
-//! whose answer is empty are also run on single-node DataFusion, which must agree.
+//! whose answer is empty are also run on single-node DataFusion, which must agree. The
+//! executors say their tasks share 8 cores (4 per slot), so stages that build broadcast hash
+//! tables run their 4 partitions in one task (`volley.group_broadcast_tasks`): the queries
+//! also check that path.
 
 use datafusion::prelude::SessionContext;
 use volley_core::config::volley_session_config;
 use volley_tests::compare::{assert_matches_answer_unordered, rows};
-use volley_tests::process::ProcessCluster;
+use volley_tests::process::{ProcessCluster, ProcessOptions};
 use volley_tests::tpcds;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tpcds_sf01_on_process_cluster_matches_duckdb() {
     volley_tests::init_tracing();
     let dir = tpcds::sf01().expect("generate TPC-DS");
-    let cluster = ProcessCluster::start(2, 2, &[])
+    let options = ProcessOptions {
+        env: vec![("VOLLEY_EXECUTOR_CORES".to_string(), "8".to_string())],
+        ..ProcessOptions::default()
+    };
+    let cluster = ProcessCluster::start_with(2, 2, &[], options)
         .await
         .expect("start cluster");
     let client = cluster.client().await.expect("connect");
