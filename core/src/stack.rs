@@ -2,14 +2,21 @@
 //!
 //! DataFusion plans, optimizes and prints expressions recursively: a statement with a few
 //! thousand `OR` terms overflows a 2 MiB tokio worker stack and aborts the whole process.
-//! Statements are therefore planned on a thread of its own whose stack
+//! Statements are therefore planned on threads of their own whose stack
 //! ([`PLANNING_STACK_BYTES`], reserved address space, touched only as deep as a plan goes)
 //! runs a current-thread runtime; a panic there becomes an error instead of a dead process.
+//! A planning thread serves one statement at a time and waits, idle, for the next one for up
+//! to a minute, so concurrent statements get threads of their own and a busy scheduler does
+//! not start a thread per statement.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use futures::FutureExt;
+use parking_lot::Mutex;
 
 use crate::{Result, VolleyError};
 
@@ -20,8 +27,20 @@ pub const PLANNING_STACK_BYTES: usize = 512 * 1024 * 1024;
 /// are encoded, decoded and executed.
 pub const WORKER_STACK_BYTES: usize = 64 * 1024 * 1024;
 
-/// Run `make()`'s future to completion on a new thread with a [`PLANNING_STACK_BYTES`]
-/// stack. Tasks it spawns must finish before it does (its runtime ends with it).
+/// How long an idle planning thread waits for more work before it ends.
+const IDLE: Duration = Duration::from_secs(60);
+
+/// Work for a planning thread, run on its runtime; what it returns delivers the answer once
+/// the thread is idle again (a caller's next statement then finds it).
+type Job = Box<dyn FnOnce(&tokio::runtime::Runtime) -> Box<dyn FnOnce() + Send> + Send>;
+
+/// Planning threads waiting for work, each by the sender of its queue. A thread stays after
+/// its statement (up to [`IDLE`]): a new thread and runtime cost ~0.5 ms per statement, and
+/// a fresh thread plans slower still (its allocator caches start empty).
+static IDLE_THREADS: Mutex<Vec<(u64, mpsc::Sender<Job>)>> = Mutex::new(Vec::new());
+
+/// Run `make()`'s future to completion on a thread with a [`PLANNING_STACK_BYTES`] stack (an
+/// idle one, or a new one). Tasks it spawns must finish before it does.
 pub async fn on_deep_stack<F, Fut, T>(what: &str, make: F) -> Result<T>
 where
     F: FnOnce() -> Fut + Send + 'static,
@@ -30,32 +49,63 @@ where
 {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let label = what.to_string();
-    std::thread::Builder::new()
-        .name(format!("volley-{label}"))
-        .stack_size(PLANNING_STACK_BYTES)
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(e) => {
-                    let _ = tx.send(Err(VolleyError::Internal(format!("{label}: {e}"))));
-                    return;
-                }
-            };
-            let outcome = runtime.block_on(AssertUnwindSafe(make()).catch_unwind());
-            let result = outcome.unwrap_or_else(|panic| {
-                Err(VolleyError::Internal(format!(
-                    "{label} panicked: {}",
-                    panic_message(panic.as_ref())
-                )))
-            });
+    let job: Job = Box::new(move |runtime| {
+        let outcome = runtime.block_on(AssertUnwindSafe(make()).catch_unwind());
+        let result = outcome.unwrap_or_else(|panic| {
+            Err(VolleyError::Internal(format!(
+                "{label} panicked: {}",
+                panic_message(panic.as_ref())
+            )))
+        });
+        Box::new(move || {
             let _ = tx.send(result);
         })
-        .map_err(|e| VolleyError::Internal(format!("cannot start a {what} thread: {e}")))?;
+    });
+    let idle = IDLE_THREADS.lock().pop();
+    let job = match idle {
+        Some((_, sender)) => match sender.send(job) {
+            Ok(()) => None,
+            // The thread ended meanwhile: start another.
+            Err(mpsc::SendError(job)) => Some(job),
+        },
+        None => Some(job),
+    };
+    if let Some(job) = job {
+        start_thread(job)
+            .map_err(|e| VolleyError::Internal(format!("cannot start a {what} thread: {e}")))?;
+    }
     rx.await
         .map_err(|_| VolleyError::Internal(format!("{what} thread ended without an answer")))?
+}
+
+/// A new planning thread running `first`, then whatever comes while it is idle.
+fn start_thread(first: Job) -> std::io::Result<()> {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("volley-planner".to_string())
+        .stack_size(PLANNING_STACK_BYTES)
+        .spawn(move || {
+            let (sender, queue) = mpsc::channel::<Job>();
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                let deliver = job(&runtime);
+                IDLE_THREADS.lock().push((id, sender.clone()));
+                deliver();
+                next = match queue.recv_timeout(IDLE) {
+                    Ok(job) => Some(job),
+                    Err(_) => {
+                        // Leave the idle list; a job sent just before that is still run.
+                        IDLE_THREADS.lock().retain(|(other, _)| *other != id);
+                        queue.try_recv().ok()
+                    }
+                };
+            }
+        })?;
+    Ok(())
 }
 
 /// The text of a panic payload.
@@ -70,6 +120,7 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn depth(n: u64) -> u64 {
         if n == 0 {
@@ -92,5 +143,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("test panicked: boom"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn threads_are_reused_and_concurrent_statements_get_their_own() {
+        let thread = || on_deep_stack("test", || async { Ok(std::thread::current().id()) });
+        let first = thread().await.unwrap();
+        // Only a planning thread that stayed (after a panic, too) answers with the same id.
+        let _ = on_deep_stack::<_, _, ()>("test", || async { panic!("boom") }).await;
+        assert_eq!(thread().await.unwrap(), first);
+        // Each waits for the other: on one thread both would wait forever.
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let meet = |barrier: Arc<std::sync::Barrier>| {
+            on_deep_stack("test", move || async move {
+                barrier.wait();
+                Ok(std::thread::current().id())
+            })
+        };
+        let (a, b) = tokio::join!(meet(Arc::clone(&barrier)), meet(barrier));
+        assert_ne!(a.unwrap(), b.unwrap());
     }
 }
