@@ -108,6 +108,9 @@ impl fmt::Display for TooDeep {
 
 impl std::error::Error for TooDeep {}
 
+/// Nesting depth at which prost refuses to decode a message.
+const PROST_RECURSION_LIMIT: usize = 100;
+
 /// True when `e` is [`encode`]'s [`TooDeep`]: the plan is valid but cannot travel.
 pub fn is_too_deep(e: &DataFusionError) -> bool {
     matches!(e, DataFusionError::External(inner) if inner.is::<TooDeep>())
@@ -179,8 +182,11 @@ pub fn encode_entries(
         let bytes =
             datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec(alone, codec)?;
         // One operator decodes under prost's recursion limit unless an expression of it is
-        // nested too deeply: find out here, not on every executor.
-        if let Err(e) = datafusion_proto::protobuf::PhysicalPlanNode::decode(bytes.as_ref()) {
+        // nested too deeply: find out here, not on every executor. Each level of nesting takes
+        // at least two bytes (a tag and a length), so a shorter entry cannot be too deep.
+        if bytes.len() >= 2 * PROST_RECURSION_LIMIT
+            && let Err(e) = datafusion_proto::protobuf::PhysicalPlanNode::decode(bytes.as_ref())
+        {
             return Err(DataFusionError::External(Box::new(TooDeep(format!(
                 "an expression of {name} is nested too deeply to send to executors (more \
                  than about 100 protobuf levels): {e}"

@@ -4,7 +4,8 @@
 //! thousand `OR` terms overflows a 2 MiB tokio worker stack and aborts the whole process.
 //! Statements are therefore planned on threads of their own whose stack
 //! ([`PLANNING_STACK_BYTES`], reserved address space, touched only as deep as a plan goes)
-//! runs a current-thread runtime; a panic there becomes an error instead of a dead process.
+//! drives the planning future (in the caller's runtime); a panic there becomes an error
+//! instead of a dead process.
 //! A planning thread serves one statement at a time and waits, idle, for the next one for up
 //! to a minute, so concurrent statements get threads of their own and a busy scheduler does
 //! not start a thread per statement.
@@ -13,7 +14,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use parking_lot::Mutex;
@@ -30,26 +31,33 @@ pub const WORKER_STACK_BYTES: usize = 64 * 1024 * 1024;
 /// How long an idle planning thread waits for more work before it ends.
 const IDLE: Duration = Duration::from_secs(60);
 
-/// Work for a planning thread, run on its runtime; what it returns delivers the answer once
-/// the thread is idle again (a caller's next statement then finds it).
-type Job = Box<dyn FnOnce(&tokio::runtime::Runtime) -> Box<dyn FnOnce() + Send> + Send>;
+/// A planning thread ends after the statement that finds it this old: the stack pages a very
+/// deep statement touched stay resident only while their thread lives.
+const MAX_AGE: Duration = Duration::from_secs(600);
+
+/// Work for a planning thread; what it returns delivers the answer once the thread is idle
+/// again (a caller's next statement then finds it).
+type Job = Box<dyn FnOnce() -> Box<dyn FnOnce() + Send> + Send>;
 
 /// Planning threads waiting for work, each by the sender of its queue. A thread stays after
-/// its statement (up to [`IDLE`]): a new thread and runtime cost ~0.5 ms per statement, and
-/// a fresh thread plans slower still (its allocator caches start empty).
+/// its statement (up to [`IDLE`]): a new thread cost ~0.2 ms per statement, and a fresh thread
+/// plans ~1 ms slower still (its allocator caches start empty).
 static IDLE_THREADS: Mutex<Vec<(u64, mpsc::Sender<Job>)>> = Mutex::new(Vec::new());
 
 /// Run `make()`'s future to completion on a thread with a [`PLANNING_STACK_BYTES`] stack (an
-/// idle one, or a new one). Tasks it spawns must finish before it does.
+/// idle one, or a new one). The future runs on that thread but in the caller's runtime: what
+/// it spawns (a connection's background task, say) runs and stays on the caller's workers.
 pub async fn on_deep_stack<F, Fut, T>(what: &str, make: F) -> Result<T>
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = Result<T>>,
     T: Send + 'static,
 {
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|e| VolleyError::Internal(format!("{what} outside a runtime: {e}")))?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let label = what.to_string();
-    let job: Job = Box::new(move |runtime| {
+    let job: Job = Box::new(move || {
         let outcome = runtime.block_on(AssertUnwindSafe(make()).catch_unwind());
         let result = outcome.unwrap_or_else(|panic| {
             Err(VolleyError::Internal(format!(
@@ -82,30 +90,40 @@ where
 fn start_thread(first: Job) -> std::io::Result<()> {
     static NEXT_ID: AtomicU64 = AtomicU64::new(0);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     std::thread::Builder::new()
         .name("volley-planner".to_string())
         .stack_size(PLANNING_STACK_BYTES)
         .spawn(move || {
+            let born = Instant::now();
             let (sender, queue) = mpsc::channel::<Job>();
             let mut next = Some(first);
             while let Some(job) = next.take() {
-                let deliver = job(&runtime);
+                let deliver = job();
+                if born.elapsed() > MAX_AGE {
+                    deliver();
+                    break;
+                }
                 IDLE_THREADS.lock().push((id, sender.clone()));
                 deliver();
-                next = match queue.recv_timeout(IDLE) {
-                    Ok(job) => Some(job),
-                    Err(_) => {
-                        // Leave the idle list; a job sent just before that is still run.
-                        IDLE_THREADS.lock().retain(|(other, _)| *other != id);
-                        queue.try_recv().ok()
-                    }
-                };
+                next = next_job(id, &queue);
             }
         })?;
     Ok(())
+}
+
+/// The next statement for idle thread `id`, or None once it left the idle list unused.
+fn next_job(id: u64, queue: &mpsc::Receiver<Job>) -> Option<Job> {
+    loop {
+        if let Ok(job) = queue.recv_timeout(IDLE) {
+            return Some(job);
+        }
+        let mut idle = IDLE_THREADS.lock();
+        if let Some(at) = idle.iter().position(|(other, _)| *other == id) {
+            idle.remove(at);
+            return None;
+        }
+        // A caller took this thread from the list: its statement is on the way.
+    }
 }
 
 /// The text of a panic payload.

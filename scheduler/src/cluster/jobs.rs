@@ -41,7 +41,9 @@ impl ClusterState {
         self.jobs.insert(job.id.clone(), job);
     }
 
-    /// Add a job planned into `stages`; it queues when `max_concurrent_jobs` run already.
+    /// Add a job planned into `stages` (stages building broadcast tables grouped by
+    /// `per_task`: see `graph::group`); it queues when `max_concurrent_jobs` run already.
+    #[allow(clippy::too_many_arguments)]
     pub fn add_job(
         &mut self,
         id: String,
@@ -50,10 +52,12 @@ impl ClusterState {
         stages: Vec<StagePlan>,
         schema: SchemaRef,
         span: tracing::Span,
+        per_task: usize,
     ) {
         let limit = self.policy.max_concurrent_jobs;
         let queued = limit > 0 && self.running_jobs() >= limit;
         let mut job = Job::new(id, sql, settings, stages, schema, span, queued);
+        job.per_task = per_task;
         // Before anything ran (a resumed job's journal changes partition counts and plans).
         let planned = self.journaling().then(|| job.planned_step());
         self.take_over(&mut job, planned.as_ref());

@@ -53,6 +53,20 @@ impl ClusterState {
         self.resuming.insert(id, Resume { steps, resumes });
     }
 
+    /// The partitions per grouped task job `id` was planned with before a restart, when it is
+    /// being resumed: planned with the same, it comes out the same (executors may not have
+    /// registered again yet).
+    pub fn resumed_per_task(&self, id: &str) -> Option<usize> {
+        self.resuming
+            .get(id)?
+            .steps
+            .iter()
+            .find_map(|step| match step {
+                Step::Planned { per_task, .. } if *per_task > 0 => Some(*per_task),
+                _ => None,
+            })
+    }
+
     /// Job `id` was not added after all (its statement failed to plan again).
     pub fn cancel_resume(&mut self, id: &str) {
         self.resuming.remove(id);
@@ -116,10 +130,11 @@ impl ClusterState {
 fn same_plan(journaled: &Step, fresh: &Step) -> bool {
     match (journaled, fresh) {
         (
-            Step::Planned { shape, plans },
+            Step::Planned { shape, plans, .. },
             Step::Planned {
                 shape: fresh_shape,
                 plans: fresh_plans,
+                ..
             },
         ) => shape == fresh_shape && (plans.is_empty() || plans == fresh_plans),
         _ => false,

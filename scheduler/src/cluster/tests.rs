@@ -71,6 +71,7 @@ fn add_job_of(state: &mut ClusterState, partitions: usize) {
         stages,
         schema,
         span,
+        1,
     );
 }
 
@@ -334,6 +335,7 @@ fn queued_jobs_start_when_a_slot_frees() {
         stages,
         schema,
         span,
+        1,
     );
     assert_eq!(state.job("k").unwrap().state, JobState::Queued);
     state.cancel_job("j");
@@ -429,4 +431,24 @@ fn a_journal_does_not_apply_to_a_plan_that_came_out_different() {
     assert!(!job.stages[&1].resumed && !job.stages[&1].is_complete());
     assert_eq!(job.stages[&1].tasks.len(), 3);
     assert!(job.stages[&1].tasks.iter().all(|t| t.attempt == 1000));
+}
+
+/// A job being resumed is planned with the partitions per grouped task it had before the
+/// restart (executors may not have registered again); records from before grouping say none.
+#[test]
+fn a_resumed_job_keeps_its_partitions_per_task() {
+    use crate::job::journal::Step;
+    let mut state = cluster(SchedulerPolicy::default());
+    let planned = |per_task| Step::Planned {
+        shape: vec![(1, 1), (2, 1)],
+        plans: Vec::new(),
+        per_task,
+    };
+    state.prepare_resume("j".into(), vec![planned(2)], 1);
+    state.prepare_resume("old".into(), vec![planned(0)], 1);
+    assert_eq!(state.resumed_per_task("j"), Some(2));
+    assert_eq!(state.resumed_per_task("old"), None);
+    assert_eq!(state.resumed_per_task("other"), None);
+    add_job_of(&mut state, 2);
+    assert_eq!(state.resumed_per_task("j"), None, "taken over once added");
 }

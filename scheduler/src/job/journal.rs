@@ -100,6 +100,9 @@ pub enum Step {
         /// id order.
         #[serde(default)]
         plans: Vec<u64>,
+        /// Partitions a task of a grouped stage could run (0 in records from before grouping).
+        #[serde(default)]
+        per_task: usize,
     },
     /// The stage's inputs were done and adaptive execution re-planned it, with this many task
     /// slots in the cluster.
@@ -219,6 +222,7 @@ impl Job {
                 .values()
                 .map(|s| fingerprint(&(Arc::clone(&s.plan.plan) as Arc<dyn ExecutionPlan>)))
                 .collect(),
+            per_task: self.per_task,
         }
     }
 

@@ -150,6 +150,9 @@ pub struct Job {
     pub pinned: bool,
     /// A cached job's answer was dropped when its client released it.
     pub answer_dropped: bool,
+    /// Partitions one task of a stage building broadcast tables could run when the job was
+    /// planned (see `graph::group`): a resumed job is planned with it again.
+    pub per_task: usize,
 }
 
 /// What a job answered from the result cache was given.
@@ -231,6 +234,7 @@ impl Job {
             cached: None,
             pinned: false,
             answer_dropped: false,
+            per_task: 1,
         }
     }
 

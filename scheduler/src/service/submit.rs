@@ -366,7 +366,12 @@ impl SchedulerService {
                 stage.partitions,
             )?;
         }
-        let per_task = self.state.lock().partitions_per_task();
+        let per_task = {
+            let state = self.state.lock();
+            state
+                .resumed_per_task(&job_id)
+                .unwrap_or_else(|| state.partitions_per_task())
+        };
         finish_stages(&mut stages, &options, per_task)?;
         let mut distributable = true;
         // Every stage is encoded now to know it can travel, and keeps its bytes: a stage
@@ -427,6 +432,7 @@ impl SchedulerService {
             stages,
             schema,
             span,
+            per_task,
         );
         state.set_job_stores(&job_id, stores, temporary);
         state.set_encoded_plans(&job_id, encoded);
