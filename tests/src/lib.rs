@@ -160,3 +160,17 @@ pub async fn http(method: &'static str, url: String, token: Option<&str>) -> (u1
     .await
     .unwrap_or_else(|e| (0, format!("HTTP request thread: {e}")))
 }
+
+/// The scheduler's record of job `job_id` (its stages and tasks), as `client` sees it.
+pub async fn job_record(
+    client: &volley::VolleyClient,
+    job_id: &str,
+) -> Option<volley_core::protobuf::JobRecord> {
+    client
+        .cluster_state()
+        .await
+        .ok()?
+        .jobs
+        .into_iter()
+        .find(|j| j.job_id == job_id)
+}

@@ -63,14 +63,7 @@ async fn cluster_with(
 }
 
 async fn job(client: &VolleyClient, job_id: &str) -> JobRecord {
-    client
-        .cluster_state()
-        .await
-        .unwrap()
-        .jobs
-        .into_iter()
-        .find(|j| j.job_id == job_id)
-        .unwrap()
+    volley_tests::job_record(client, job_id).await.unwrap()
 }
 
 async fn wait_for(

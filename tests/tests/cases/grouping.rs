@@ -57,14 +57,7 @@ async fn start(cores: usize, attempts: &str) -> (ProcessCluster, VolleyClient) {
 }
 
 async fn record(client: &VolleyClient, job_id: &str) -> JobRecord {
-    client
-        .cluster_state()
-        .await
-        .unwrap()
-        .jobs
-        .into_iter()
-        .find(|j| j.job_id == job_id)
-        .unwrap()
+    volley_tests::job_record(client, job_id).await.unwrap()
 }
 
 /// Runs `JOIN`; returns its rows and stage 1's task count.
