@@ -139,3 +139,75 @@ fn reads_hash_partitions(plan: &Arc<dyn ExecutionPlan>) -> bool {
     })
     .unwrap_or(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::cut::plan_stages;
+    use datafusion::prelude::{ParquetReadOptions, SessionContext};
+    use volley_core::config::volley_session_config;
+
+    /// The stages of a join of `t` with a small `u` (two Parquet files each: two partitions),
+    /// whose build side is a broadcast stage.
+    async fn join_stages() -> Vec<StagePlan> {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = SessionContext::new();
+        let files = [
+            ("t/1.parquet", "(1, 'x'), (2, 'y')"),
+            ("t/2.parquet", "(3, 'x'), (4, 'z')"),
+            ("u/1.parquet", "(1, 'p')"),
+            ("u/2.parquet", "(3, 'q')"),
+        ];
+        for (file, rows) in files {
+            let path = dir.path().join(file);
+            let sql = format!(
+                "COPY (SELECT column1 AS a, column2 AS b FROM (VALUES {rows})) TO '{}' \
+                 STORED AS PARQUET",
+                path.display()
+            );
+            writer.sql(&sql).await.unwrap().collect().await.unwrap();
+        }
+        let state = volley_core::rules::volley_session_state(volley_session_config(2));
+        let ctx = SessionContext::new_with_state(state);
+        for table in ["t", "u"] {
+            let path = dir.path().join(table);
+            let options = ParquetReadOptions::default();
+            ctx.register_parquet(table, path.to_str().unwrap(), options)
+                .await
+                .unwrap();
+        }
+        let sql = "SELECT count(*), sum(t.a) FROM t JOIN u ON t.a = u.a";
+        let physical = ctx.sql(sql).await.unwrap().create_physical_plan().await;
+        plan_stages("job", physical.unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_broadcast_join_stage_runs_in_one_task_and_scans_its_build_side_itself() {
+        let mut stages = join_stages().await;
+        let kinds: Vec<&str> = stages.iter().map(|s| s.kind.as_str()).collect();
+        assert_eq!(kinds, ["broadcast", "merge", "result"]);
+        assert_eq!(stages[1].partitions, 2);
+        // One core per slot: nothing changes.
+        assert_eq!(
+            group_broadcast_stages(&mut stages, 1).unwrap(),
+            Vec::<u32>::new()
+        );
+        assert_eq!(stages.len(), 3);
+
+        let grouped = group_broadcast_stages(&mut stages, 2).unwrap();
+        assert_eq!(grouped, [2]);
+        let ids: Vec<u32> = stages.iter().map(|s| s.stage_id).collect();
+        assert_eq!(
+            ids,
+            [2, 3],
+            "the broadcast stage is scanned by its one reader"
+        );
+        let join = &stages[0];
+        assert_eq!((join.partitions, join.inputs.clone()), (1, Vec::new()));
+        assert!(join.plan.input().is::<CoalescePartitionsExec>());
+        let plan = Arc::clone(join.plan.input());
+        assert!(!plan.exists(|n| Ok(n.is::<ShuffleReaderExec>())).unwrap());
+        assert!(builds_broadcast_table(&plan));
+        assert_eq!(stages[1].inputs, [2]);
+    }
+}
