@@ -27,6 +27,7 @@ use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use volley_core::plan::ShuffleReaderExec;
 
 use crate::graph::inline::scanned_bytes;
+use crate::graph::joins::readers_of;
 use crate::graph::{StageKind, StagePlan};
 
 /// Run every qualifying stage of at most `per_task` partitions as one task (see the module
@@ -47,10 +48,10 @@ pub fn group_broadcast_stages(stages: &mut Vec<StagePlan>, per_task: usize) -> R
             continue;
         }
         let input = stage.plan.input();
-        if input.output_ordering().is_some() || !builds_broadcast_table(input) {
-            continue;
-        }
-        if reads_hash_partitions(input) {
+        if input.output_ordering().is_some()
+            || !builds_broadcast_table(input)
+            || reads_hash_partitions(input)
+        {
             continue;
         }
         let coalesced = Arc::new(CoalescePartitionsExec::new(Arc::clone(input)));
@@ -106,12 +107,7 @@ fn inline_broadcast_inputs(stage: &mut StagePlan, others: &[StagePlan]) -> Resul
                 false => Transformed::no(node),
             })
         })?;
-        let still_read = replaced.data.exists(|node| {
-            Ok(node
-                .downcast_ref::<ShuffleReaderExec>()
-                .is_some_and(|r| r.stage_id() == input))
-        })?;
-        if replaced.transformed && !still_read {
+        if replaced.transformed && readers_of(&replaced.data, input) == 0 {
             stage.plan = Arc::new(stage.plan.with_input(replaced.data));
             inlined.push(input);
         }
