@@ -80,6 +80,10 @@ extensions_options! {
         /// table once, when they are no more than the cores each task slot of the cluster's
         /// executors has (`volley executor --cores` over `--slots`).
         pub group_broadcast_tasks: bool, default = true
+        /// A stage identical to another of the same job (a common table expression or a
+        /// subquery planned once per reference) is not run again: its readers read the other
+        /// one's output. Stages with a volatile function (`random()`) are never shared.
+        pub reuse_stages: bool, default = true
         /// A map task whose whole output (Arrow IPC bytes, all buckets) is at most this is
         /// kept in its executor's memory (up to the executor's `--shuffle-memory`) instead of
         /// files (0: always files).

@@ -13,7 +13,7 @@ use volley_core::config::VolleyOptions;
 use volley_core::plan::ShuffleReaderExec;
 
 use crate::graph::StageKind;
-use crate::graph::joins::shuffled_join;
+use crate::graph::joins::{readers_of, shuffled_join};
 use crate::job::stage::StageState;
 use crate::job::{Decision, Job, TaskRead};
 
@@ -136,7 +136,10 @@ fn skewed_partitions(
     options: &VolleyOptions,
 ) -> (u32, Vec<Skewed>) {
     let plan = Arc::clone(&stage.plan.plan) as Arc<dyn ExecutionPlan>;
-    let Some((probe, per_bucket)) = shuffled_join(&plan).and_then(|j| {
+    // A split task reads a range of the probe stage's map outputs through every reader of that
+    // stage: only the join's own reader may read it (a shared stage can be read twice).
+    let joined = shuffled_join(&plan).filter(|j| readers_of(&plan, j.probe) == 1);
+    let Some((probe, per_bucket)) = joined.and_then(|j| {
         job.stages
             .get(&j.probe)
             .map(|p| (j.probe, bucket_bytes(p, partitions)))

@@ -11,8 +11,9 @@ use volley_core::shuffle::PartitionLocation;
 
 use crate::adaptive::{before_launch, decide_switch, switch_candidates};
 use crate::explain::{decision_sizes, decision_what};
+use crate::graph::cut::plan_stages_inlining;
 use crate::graph::cut::tests::plan_sql;
-use crate::graph::{ShuffledJoin, StageKind, mark_broadcast_candidates, plan_stages};
+use crate::graph::{ShuffledJoin, StageKind, mark_broadcast_candidates};
 use crate::job::{Job, StageEdit, TaskInfo, TaskRead, TaskState};
 
 /// The job of `sql` over tables `t` and `u` (a, b), with broadcast candidates marked and these
@@ -28,7 +29,8 @@ async fn job_of(sql: &str, settings: &[(&str, &str)]) -> Job {
             "datafusion.optimizer.hash_join_single_partition_threshold_rows",
             0,
         );
-    let mut stages = plan_stages("job", plan_sql(sql, config).await).unwrap();
+    // `t` and `u` are the same file: reused, their scans would be one stage.
+    let mut stages = plan_stages_inlining("job", plan_sql(sql, config).await, 0, false).unwrap();
     mark_broadcast_candidates(&mut stages);
     let settings = settings
         .iter()

@@ -6,7 +6,9 @@
 //!   consumer stage, reading every map task's single file (passthrough mode);
 //! * the build side of a `CollectLeft` hash join is such a passthrough read by every join task:
 //!   a broadcast stage (unless it only scans a few small files: see [`inline_build_side`]);
-//! * the root ends in a result stage whose files the client fetches directly.
+//! * the root ends in a result stage whose files the client fetches directly;
+//! * a stage identical to one cut before is not cut again: its readers read that one
+//!   ([`crate::graph::reuse`]).
 
 use std::sync::Arc;
 
@@ -24,25 +26,29 @@ use volley_core::plan::{CommitFilesExec, ShuffleReaderExec, ShuffleWriterExec};
 use volley_core::rules::emits_build_rows_at_end;
 
 use crate::graph::inline::inline_build_side;
+use crate::graph::reuse::Reuse;
 use crate::graph::writes::split_writes;
 use crate::graph::{StageKind, StagePlan};
 
 /// Split `plan` into stages; the last one is the result stage.
 pub fn plan_stages(job_id: &str, plan: Arc<dyn ExecutionPlan>) -> Result<Vec<StagePlan>> {
-    plan_stages_inlining(job_id, plan, 0)
+    plan_stages_inlining(job_id, plan, 0, true)
 }
 
 /// [`plan_stages`], keeping small scanned build sides in their joins' stages (see
-/// [`inline_build_side`]; `inline_bytes` is its budget).
+/// [`inline_build_side`]; `inline_bytes` is its budget), and reusing identical stages when
+/// `reuse` (see [`crate::graph::reuse`]).
 pub fn plan_stages_inlining(
     job_id: &str,
     plan: Arc<dyn ExecutionPlan>,
     inline_bytes: u64,
+    reuse: bool,
 ) -> Result<Vec<StagePlan>> {
     let mut cutter = Cutter {
         job_id: job_id.to_string(),
         stages: Vec::new(),
         inline_bytes,
+        reuse: Reuse::new(reuse),
     };
     let root = cutter.cut(split_writes(job_id, plan)?)?;
     cutter.add_stage(root, None, StageKind::Result);
@@ -53,6 +59,7 @@ struct Cutter {
     job_id: String,
     stages: Vec<StagePlan>,
     inline_bytes: u64,
+    reuse: Reuse,
 }
 
 impl Cutter {
@@ -66,7 +73,12 @@ impl Cutter {
         partitioning: Option<Partitioning>,
         kind: StageKind,
     ) -> u32 {
+        if let Some(stage_id) = self.reuse.find(&input, partitioning.as_ref(), kind) {
+            return stage_id;
+        }
         let stage_id = self.next_id();
+        self.reuse
+            .record(stage_id, &input, partitioning.as_ref(), kind);
         let mut inputs = Vec::new();
         collect_reader_stages(&input, &mut inputs);
         let partitions = input.output_partitioning().partition_count();

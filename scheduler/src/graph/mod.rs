@@ -4,7 +4,8 @@
 //! inner joins they feed ([`key_filters`]); Parquet scans get balanced task shares ([`scan_balance`]);
 //! table writes are split across tasks ([`writes`]); stages building broadcast hash tables run
 //! their partitions in one task when a slot has the cores for them ([`group`]); each task gets a plan with only its own
-//! files when a scan has many ([`trim`]).
+//! files when a scan has many ([`trim`]); a stage identical to one cut before is read
+//! instead of cut again ([`reuse`]).
 //! Nothing here knows about tasks, executors or the network.
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ pub mod group;
 pub mod inline;
 pub mod joins;
 pub mod key_filters;
+pub mod reuse;
 pub mod scan_balance;
 pub mod trim;
 pub mod writes;

@@ -90,7 +90,12 @@ pub(super) async fn plan_statement(
         let physical = state.create_physical_plan(&explain.plan).await?;
         let physical = balance_parquet_scans(physical, &state).await?;
         let options = VolleyOptions::from_pairs(&config_to_pairs(state.config()));
-        let mut stages = plan_stages_inlining(job_id, physical, options.inline_build_bytes)?;
+        let mut stages = plan_stages_inlining(
+            job_id,
+            physical,
+            options.inline_build_bytes,
+            options.reuse_stages,
+        )?;
         finish_stages(&mut stages, &options, per_task)?;
         let lines = explain_stages(&stages);
         let schema = plan_schema();

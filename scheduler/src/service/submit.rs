@@ -354,8 +354,12 @@ impl SchedulerService {
         });
         let schema = physical.schema();
         let options = VolleyOptions::from_pairs(&settings);
-        let mut stages =
-            plan_stages_inlining(&job_id, Arc::clone(&physical), options.inline_build_bytes)?;
+        let mut stages = plan_stages_inlining(
+            &job_id,
+            Arc::clone(&physical),
+            options.inline_build_bytes,
+            options.reuse_stages,
+        )?;
         let temporary = stages
             .last()
             .and_then(|s| temporary_of(&(Arc::clone(&s.plan) as Arc<dyn ExecutionPlan>)));

@@ -18,6 +18,7 @@ mod perf;
 mod repl;
 mod result_cache;
 mod resume;
+mod reuse;
 mod roles;
 mod s3;
 mod s3_dataframe;
