@@ -1,10 +1,16 @@
 //! Task throughput: a scan of many tiny Parquet files, one task per file, on the embedded
 //! cluster and on single-node DataFusion (one partition per file) in the same run; prints
 //! tasks/s, the slot time each task costs and how much of it the task itself reported.
+
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //!
 //! `cargo bench -p volley-tests --bench tasks -- [--files 1000] [--executors 2] [--slots 2]
 //!  [--iterations 3]`
+
+/// The allocator of the `volley` binary (the single-node DataFusion baseline, in this same
+/// process, uses it too).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

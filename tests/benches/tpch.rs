@@ -1,4 +1,5 @@
 //! TPC-H / TPC-DS benchmark: the queries on single-node DataFusion and on Volley's embedded cluster in
+
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! the same run; prints per-query seconds, totals and the Volley/DataFusion ratio.
 //!
@@ -30,6 +31,11 @@
 //! (`--baseline volley` gives it Volley's session settings instead). `--json FILE` writes one
 //! object per query (seconds, ratio, rows, shuffle and spill bytes; `volley_second_s`: the
 //! second cluster of `--compare-state-dir` or `--result-cache`) and the totals.
+
+/// The allocator of the `volley` binary (the single-node DataFusion baseline, in this same
+/// process, uses it too).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::PathBuf;
 use std::time::Instant;
