@@ -204,6 +204,11 @@ impl TaskRunner {
             .filter(|_| self.test_hooks);
         if let Some(options) = hooks {
             if let Some(release) = options.hold(task.stage_id) {
+                // Tell the test which executor's task is held (it may signal that executor
+                // once the task surely runs there, not just once the scheduler launched it).
+                if let Some(dir) = release.parent() {
+                    let _ = std::fs::write(dir.join(format!("reached-{}", self.executor_id)), b"");
+                }
                 wait_for_release(&release).await?;
             }
             if let Some(busy) = options.busy(task.stage_id) {

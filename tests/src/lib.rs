@@ -86,6 +86,15 @@ impl Hold {
         "SET volley.test_hold_task = ''"
     }
 
+    /// True once a held task runs on executor `executor_id` (it writes a marker next to the
+    /// release file when it reaches the hold).
+    pub fn reached_on(&self, executor_id: &str) -> bool {
+        self.dir
+            .path()
+            .join(format!("reached-{executor_id}"))
+            .exists()
+    }
+
     /// Let the held tasks (and any later attempt of them) run.
     pub fn release(&self) -> std::io::Result<()> {
         std::fs::write(self.release_file(), b"released")

@@ -413,6 +413,16 @@ async fn sigterm_drains_an_executor_its_tasks_finish_and_it_leaves() {
     // executor held when it left is recomputed (stage re-runs are allowed).
     let (cluster, client) = cluster_with(3, "1", "4").await;
     let (job_id, victim, hold) = start_held_job(&client).await;
+    // The scheduler counts a task running once it launched it: wait until it runs there (a
+    // TERM before the launch arrives would drain an idle executor, gone before it is seen).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !hold.reached_on(&victim) {
+        assert!(
+            Instant::now() < deadline,
+            "the held task never ran on {victim}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let index = cluster.executor_index(&victim).await.unwrap();
     cluster.signal_executor(index, "TERM").unwrap();
     // Its held task is still running when the drain starts; then it may finish.
