@@ -183,3 +183,18 @@ pub async fn job_record(
         .into_iter()
         .find(|j| j.job_id == job_id)
 }
+
+/// The rows of job `job_id` once it ends (fetched and released as a client does), or its
+/// error as text.
+pub async fn job_rows(
+    client: &volley::VolleyClient,
+    job_id: &str,
+) -> Result<Vec<compare::Row>, String> {
+    use futures::TryStreamExt;
+    let (_, stream) = client
+        .fetch(job_id.to_string())
+        .await
+        .map_err(|e| e.to_string())?;
+    let batches: Vec<_> = stream.try_collect().await.map_err(|e| e.to_string())?;
+    compare::rows(&batches).map_err(|e| e.to_string())
+}

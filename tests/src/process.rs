@@ -383,6 +383,12 @@ impl ProcessCluster {
             .ok_or_else(|| format!("no executor process on port {port}").into())
     }
 
+    /// SIGKILL the executor process registered as `executor_id`.
+    pub async fn kill_executor_id(&mut self, executor_id: &str) -> Result<(), BoxError> {
+        let index = self.executor_index(executor_id).await?;
+        self.kill_executor(index)
+    }
+
     /// SIGKILL executor `index`.
     pub fn kill_executor(&mut self, index: usize) -> Result<(), BoxError> {
         let child = self.executors.get_mut(index).ok_or("no such executor")?;

@@ -7,7 +7,6 @@
 use std::time::{Duration, Instant};
 
 use datafusion::prelude::SessionContext;
-use futures::TryStreamExt;
 use volley::VolleyClient;
 use volley_core::protobuf::JobRecord;
 use volley_tests::Hold;
@@ -120,15 +119,9 @@ async fn kill_grouped_task(retries: bool) -> Result<Vec<Vec<String>>, String> {
         assert!(Instant::now() < deadline, "stage 1 never ran: {record:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let index = cluster.executor_index(&victim).await.unwrap();
-    cluster.kill_executor(index).unwrap();
+    cluster.kill_executor_id(&victim).await.unwrap();
     hold.release().unwrap();
-    let result = async {
-        let (_, stream) = client.fetch(job_id).await.map_err(|e| e.to_string())?;
-        let batches: Vec<_> = stream.try_collect().await.map_err(|e| e.to_string())?;
-        Ok(rows(&batches).unwrap())
-    }
-    .await;
+    let result = volley_tests::job_rows(&client, &job_id).await;
     drop(cluster);
     result
 }

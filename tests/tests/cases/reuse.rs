@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use datafusion::prelude::SessionContext;
-use futures::TryStreamExt;
 use volley::VolleyClient;
 use volley_tests::Hold;
 use volley_tests::compare::rows;
@@ -146,22 +145,17 @@ async fn kill_shared_output(retries: bool) -> Result<(Vec<Vec<String>>, u32), St
         assert!(Instant::now() < deadline, "never held: {record:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let index = cluster.executor_index(&victim).await.unwrap();
-    cluster.kill_executor(index).unwrap();
+    cluster.kill_executor_id(&victim).await.unwrap();
     hold.release().unwrap();
     let result = async {
-        let (_, stream) = client
-            .fetch(job_id.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        let batches: Vec<_> = stream.try_collect().await.map_err(|e| e.to_string())?;
+        let rows = volley_tests::job_rows(&client, &job_id).await?;
         let record = volley_tests::job_record(&client, &job_id).await.unwrap();
         let attempts = record
             .stages
             .iter()
             .find(|s| s.stage_id == stage)
             .map_or(0, |s| s.attempts);
-        Ok((rows(&batches).unwrap(), attempts))
+        Ok((rows, attempts))
     }
     .await;
     drop(cluster);
