@@ -485,3 +485,16 @@ impl Drop for ProcessCluster {
         }
     }
 }
+
+/// Scheduler arguments of a fault test: `attempts` per task and per stage, executors lost
+/// after 2 s of silence.
+pub fn fault_args(attempts: &str) -> [&str; 6] {
+    [
+        "--executor-timeout-secs",
+        "2",
+        "--task-max-attempts",
+        attempts,
+        "--stage-max-attempts",
+        attempts,
+    ]
+}

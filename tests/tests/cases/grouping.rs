@@ -33,14 +33,7 @@ async fn start(cores: usize, attempts: &str) -> (ProcessCluster, VolleyClient) {
         env: vec![("VOLLEY_EXECUTOR_CORES".to_string(), cores.to_string())],
         ..ProcessOptions::default()
     };
-    let args = [
-        "--executor-timeout-secs",
-        "2",
-        "--task-max-attempts",
-        attempts,
-        "--stage-max-attempts",
-        attempts,
-    ];
+    let args = volley_tests::process::fault_args(attempts);
     let cluster = ProcessCluster::start_with(2, 1, &args, options)
         .await
         .unwrap();

@@ -33,14 +33,7 @@ fn q15() -> String {
 
 /// 2 executors x 1 slot; fusion off, so every planned stage runs as a stage of its own.
 async fn start(attempts: &str) -> (ProcessCluster, VolleyClient) {
-    let args = [
-        "--executor-timeout-secs",
-        "2",
-        "--task-max-attempts",
-        attempts,
-        "--stage-max-attempts",
-        attempts,
-    ];
+    let args = volley_tests::process::fault_args(attempts);
     let cluster = ProcessCluster::start_with(2, 1, &args, Default::default())
         .await
         .unwrap();
