@@ -10,6 +10,12 @@ use crate::cluster::executors::ExecutorInfo;
 use crate::job::{JobState, TaskLaunch};
 use crate::service::{MESSAGE_OVERHEAD, SchedulerService};
 
+/// A table write's temporary folder and the store options it is reached with.
+type Leftovers = (
+    String,
+    Arc<Vec<(String, volley_core::stores::StoreOptions)>>,
+);
+
 impl SchedulerService {
     /// Hand pending tasks to executors with free slots.
     pub fn schedule(&self) {
@@ -168,20 +174,28 @@ impl SchedulerService {
     /// executor whose status report failed the job, its reporting task aborted by this very
     /// cancel) must not stop it between "released" and "files deleted".
     pub async fn release(&self, job_id: &str) {
-        if self.release_deferred(job_id) {
-            return;
+        if let Some(cleanup) = self.release_started(job_id) {
+            let _ = cleanup.await;
         }
-        let this = self.clone();
-        let job_id = job_id.to_string();
-        let _ = tokio::spawn(async move { this.release_now(&job_id).await }).await;
     }
 
-    async fn release_now(&self, job_id: &str) {
+    /// [`Self::release`] for a client that read the job's result: the job is released (its
+    /// status says so) when this returns, the executors' files go right after (the client
+    /// does not wait for every executor's answer).
+    pub fn release_read(&self, job_id: &str) {
+        drop(self.release_started(job_id));
+    }
+
+    /// Mark the job released and start deleting its files (None: nothing to do now).
+    fn release_started(&self, job_id: &str) -> Option<tokio::task::JoinHandle<()>> {
+        if self.release_deferred(job_id) {
+            return None;
+        }
         let (executors, leftovers) = {
             let mut state = self.state.lock();
             state.abort_job_tasks(job_id);
             if state.job(job_id).is_some() && !state.mark_released(job_id) {
-                return;
+                return None;
             }
             let leftovers = state
                 .job(job_id)
@@ -190,6 +204,19 @@ impl SchedulerService {
             let executors: Vec<ExecutorInfo> = state.alive_executors().cloned().collect();
             (executors, leftovers)
         };
+        let this = self.clone();
+        let job_id = job_id.to_string();
+        Some(tokio::spawn(async move {
+            this.remove_job_files(&job_id, executors, leftovers).await
+        }))
+    }
+
+    async fn remove_job_files(
+        &self,
+        job_id: &str,
+        executors: Vec<ExecutorInfo>,
+        leftovers: Option<Leftovers>,
+    ) {
         // Every executor at once: cancel the job's tasks, then delete its files.
         let calls = executors.into_iter().filter_map(|executor| {
             let mut client = self.client(&executor).ok()?;

@@ -222,9 +222,10 @@ impl SchedulerService {
         let params = request.into_inner();
         self.check_owner(role, &params.session_id, &params.job_id)?;
         let job_id = params.job_id;
-        // Releasing a job that still runs cancels it: its tasks stop and its files go.
+        // Releasing a job that still runs cancels it: its tasks stop and its files go (right
+        // after the answer: a client that read a small result does not wait for executors).
         self.state.lock().cancel_job(&job_id);
-        self.release(&job_id).await;
+        self.release_read(&job_id);
         Ok(Response::new(pb::ReleaseJobResult {}))
     }
 
