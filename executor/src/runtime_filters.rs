@@ -1,6 +1,7 @@
 //! Runtime join filters inside a task: a scan on the probe side of a `CollectLeft` hash join
-//! learns the range of the join keys on the build side once that side is read, and skips the
-//! row groups and pages (by their statistics) that hold no key in it.
+//! (each scan of a union there) learns the range of the join keys on the build side once that
+//! side is read, and skips the row groups and pages (by their statistics) that hold no key in
+//! it.
 //!
 //! DataFusion does this on one node with its dynamic join filters, but its build side waits
 //! until every probe partition has reported, and a task runs one partition of its stage: the
@@ -35,7 +36,7 @@ use datafusion::physical_plan::{
 };
 use futures::{Stream, StreamExt};
 use std::collections::HashMap;
-use volley_core::plan::trace::trace_column;
+use volley_core::plan::trace::trace_column_through_unions;
 
 type PlanRef = Arc<dyn ExecutionPlan>;
 type ExprRef = Arc<dyn PhysicalExpr>;
@@ -113,9 +114,9 @@ fn join_targets(join: &HashJoinExec, pending: &mut Pending) -> Vec<Target> {
         let Some(column) = probe_key.downcast_ref::<Column>() else {
             continue;
         };
-        // The scan, and the name and type of its column the key is.
-        let Some((scan, index, field)) =
-            trace_column(join.right(), column.index(), &|node, index| {
+        // The scans (several below a union), and the name and type of their column the key is.
+        let Some(scans) =
+            trace_column_through_unions(join.right(), column.index(), &|node, index| {
                 if !node.is::<DataSourceExec>() {
                     return None;
                 }
@@ -128,13 +129,15 @@ fn join_targets(join: &HashJoinExec, pending: &mut Pending) -> Vec<Target> {
         let Ok(key_type) = build_key.data_type(&build_schema) else {
             continue;
         };
-        if !has_ordered_statistics(&key_type) || *field.data_type() != key_type {
-            continue;
-        }
-        let probe = Arc::new(Column::new(field.name(), index)) as ExprRef;
-        match by_scan.iter_mut().find(|(id, _)| *id == scan) {
-            Some((_, keys)) => keys.push((Arc::clone(build_key), probe)),
-            None => by_scan.push((scan, vec![(Arc::clone(build_key), probe)])),
+        for (scan, index, field) in scans {
+            if !has_ordered_statistics(&key_type) || *field.data_type() != key_type {
+                continue;
+            }
+            let probe = Arc::new(Column::new(field.name(), index)) as ExprRef;
+            match by_scan.iter_mut().find(|(id, _)| *id == scan) {
+                Some((_, keys)) => keys.push((Arc::clone(build_key), probe)),
+                None => by_scan.push((scan, vec![(Arc::clone(build_key), probe)])),
+            }
         }
     }
     by_scan

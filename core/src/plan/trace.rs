@@ -16,6 +16,7 @@ use datafusion::physical_plan::joins::HashJoinExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
+use datafusion::physical_plan::union::UnionExec;
 
 /// Recognises the node a traced column comes from: what it says about column `index` of it.
 pub type Leaf<'a, T> = &'a dyn Fn(&Arc<dyn ExecutionPlan>, usize) -> Option<T>;
@@ -28,48 +29,74 @@ pub fn trace_column<T>(
     index: usize,
     leaf: Leaf<'_, T>,
 ) -> Option<T> {
+    let mut found = Vec::new();
+    if trace(plan, index, leaf, false, &mut found) {
+        found.pop()
+    } else {
+        None
+    }
+}
+
+/// [`trace_column`] that also follows a union into each of its inputs (a row of a union is a
+/// row of one input, with the column at the same place): what `leaf` says at the end of every
+/// path, or `None` when one of them ends elsewhere.
+pub fn trace_column_through_unions<T>(
+    plan: &Arc<dyn ExecutionPlan>,
+    index: usize,
+    leaf: Leaf<'_, T>,
+) -> Option<Vec<T>> {
+    let mut found = Vec::new();
+    trace(plan, index, leaf, true, &mut found).then_some(found)
+}
+
+/// Follow column `index` of `plan` down to the leaves `leaf` recognises, pushing what it says
+/// into `found`; false when a path ends elsewhere.
+fn trace<T>(
+    plan: &Arc<dyn ExecutionPlan>,
+    index: usize,
+    leaf: Leaf<'_, T>,
+    unions: bool,
+    found: &mut Vec<T>,
+) -> bool {
     // A limit keeps the first rows: dropping rows below it changes which.
     if plan.fetch().is_some() {
-        return None;
+        return false;
     }
-    if let Some(found) = leaf(plan, index) {
-        return Some(found);
+    if let Some(at_leaf) = leaf(plan, index) {
+        found.push(at_leaf);
+        return true;
     }
     if let Some(projection) = plan.downcast_ref::<ProjectionExec>() {
-        let expr = &projection.expr().get(index)?.expr;
-        let column = expr.downcast_ref::<Column>()?;
-        return trace_column(projection.input(), column.index(), leaf);
+        let Some(column) = projection
+            .expr()
+            .get(index)
+            .and_then(|e| e.expr.downcast_ref::<Column>())
+        else {
+            return false;
+        };
+        return trace(projection.input(), column.index(), leaf, unions, found);
     }
     if let Some(filter) = plan.downcast_ref::<FilterExec>() {
         let index = match filter.projection() {
-            Some(projection) => *projection.get(index)?,
+            Some(projection) => match projection.get(index) {
+                Some(index) => *index,
+                None => return false,
+            },
             None => index,
         };
-        return trace_column(filter.input(), index, leaf);
+        return trace(filter.input(), index, leaf, unions, found);
     }
     if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
-        if join.null_aware {
-            return None;
-        }
-        let index = match &join.projection {
-            Some(projection) => *projection.get(index)?,
-            None => index,
+        return match join_side(join, index) {
+            Some((side, index)) => trace(side, index, leaf, unions, found),
+            None => false,
         };
-        let left_width = join.left().schema().fields().len();
-        // Into a side whose every output row carries the columns of exactly one of its rows
-        // (an inner side, or a preserved one): dropping that row drops just those rows.
-        let left = index < left_width;
-        return match join.join_type() {
-            JoinType::Inner | JoinType::Left | JoinType::LeftMark if left => {
-                trace_column(join.left(), index, leaf)
-            }
-            JoinType::Inner | JoinType::Right if !left => {
-                trace_column(join.right(), index - left_width, leaf)
-            }
-            JoinType::LeftSemi | JoinType::LeftAnti => trace_column(join.left(), index, leaf),
-            JoinType::RightSemi | JoinType::RightAnti => trace_column(join.right(), index, leaf),
-            _ => None,
-        };
+    }
+    if unions && plan.is::<UnionExec>() {
+        return plan
+            .children()
+            .into_iter()
+            .all(|child| trace(child, index, leaf, unions, found));
     }
     let same_rows = plan.is::<RepartitionExec>()
         || plan.is::<CoalescePartitionsExec>()
@@ -77,7 +104,31 @@ pub fn trace_column<T>(
         || plan.is::<CooperativeExec>()
         || plan.name() == "CoalesceBatchesExec";
     match plan.children().as_slice() {
-        [child] if same_rows && child.schema() == plan.schema() => trace_column(child, index, leaf),
+        [child] if same_rows && child.schema() == plan.schema() => {
+            trace(child, index, leaf, unions, found)
+        }
+        _ => false,
+    }
+}
+
+/// The side of `join` column `index` of its output comes from, and its index there, when
+/// every output row carries the columns of exactly one row of that side (an inner side, or a
+/// preserved one): dropping that row drops just those rows.
+fn join_side(join: &HashJoinExec, index: usize) -> Option<(&Arc<dyn ExecutionPlan>, usize)> {
+    if join.null_aware {
+        return None;
+    }
+    let index = match &join.projection {
+        Some(projection) => *projection.get(index)?,
+        None => index,
+    };
+    let left_width = join.left().schema().fields().len();
+    let left = index < left_width;
+    match join.join_type() {
+        JoinType::Inner | JoinType::Left | JoinType::LeftMark if left => Some((join.left(), index)),
+        JoinType::Inner | JoinType::Right if !left => Some((join.right(), index - left_width)),
+        JoinType::LeftSemi | JoinType::LeftAnti => Some((join.left(), index)),
+        JoinType::RightSemi | JoinType::RightAnti => Some((join.right(), index)),
         _ => None,
     }
 }

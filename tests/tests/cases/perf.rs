@@ -376,7 +376,8 @@ fn fact_rows_read(cluster: &EmbeddedCluster, job_id: &str) -> u64 {
 /// filter the scan reads 1 of the 40 row groups (keys 1200..1299 are rows 12,000..12,999);
 /// without it (`volley.runtime_filters = false`) all 40,000. Every answer equals single-node DataFusion's: the inner join, the
 /// preserved side of an outer join, an empty build side (the join then reads no probe row
-/// either way), and an outer join whose preserved side is the scan (no filter may apply).
+/// either way), an outer join whose preserved side is the scan (no filter may apply), and a
+/// union of two scans on the probe side (each is filtered: TPC-DS q5's sales and returns).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broadcast_join_prunes_the_row_groups_of_its_probe_scan() {
     volley_tests::init_tracing();
@@ -409,6 +410,13 @@ async fn a_broadcast_join_prunes_the_row_groups_of_its_probe_scan() {
             "SELECT count(*), count(d.k), sum(f.v) FROM fact f \
              LEFT JOIN dim d ON f.k = d.k AND d.cat = 'a'",
             [40_000, 40_000],
+        ),
+        // Each scan of a union on the probe side gets the filter.
+        (
+            "SELECT count(*), sum(u.v) FROM \
+             (SELECT k, v FROM fact UNION ALL SELECT k, v * 2 AS v FROM fact) u \
+             JOIN dim d ON u.k = d.k WHERE d.cat = 'a'",
+            [2000, 80_000],
         ),
     ];
     let ctx = SessionContext::new();
