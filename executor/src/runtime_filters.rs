@@ -129,8 +129,11 @@ fn join_targets(join: &HashJoinExec, pending: &mut Pending) -> Vec<Target> {
         let Ok(key_type) = build_key.data_type(&build_schema) else {
             continue;
         };
+        if !has_ordered_statistics(&key_type) {
+            continue;
+        }
         for (scan, index, field) in scans {
-            if !has_ordered_statistics(&key_type) || *field.data_type() != key_type {
+            if *field.data_type() != key_type {
                 continue;
             }
             let probe = Arc::new(Column::new(field.name(), index)) as ExprRef;

@@ -73,12 +73,13 @@ impl Cutter {
         partitioning: Option<Partitioning>,
         kind: StageKind,
     ) -> u32 {
-        if let Some(stage_id) = self.reuse.find(&input, partitioning.as_ref(), kind) {
-            return stage_id;
-        }
         let stage_id = self.next_id();
-        self.reuse
-            .record(stage_id, &input, partitioning.as_ref(), kind);
+        if let Some(existing) =
+            self.reuse
+                .existing_or_record(stage_id, &input, partitioning.as_ref(), kind)
+        {
+            return existing;
+        }
         let mut inputs = Vec::new();
         collect_reader_stages(&input, &mut inputs);
         let partitions = input.output_partitioning().partition_count();

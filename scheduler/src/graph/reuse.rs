@@ -59,9 +59,12 @@ impl Reuse {
         }
     }
 
-    /// The stage already cut that runs exactly `input` into `partitioning` as a `kind` stage.
-    pub(crate) fn find(
+    /// The stage already cut that runs exactly `input` into `partitioning` as a `kind` stage;
+    /// when there is none, stage `new_id` (about to be cut from it) is remembered for later
+    /// identical ones.
+    pub(crate) fn existing_or_record(
         &mut self,
+        new_id: u32,
         input: &Arc<dyn ExecutionPlan>,
         partitioning: Option<&Partitioning>,
         kind: StageKind,
@@ -84,26 +87,14 @@ impl Reuse {
                 return Some(seen.stage_id);
             }
         }
+        self.seen.push(Seen {
+            stage_id: new_id,
+            shape,
+            input: Arc::clone(input),
+            partitioning: partitioning.cloned(),
+            encoded: mine,
+        });
         None
-    }
-
-    /// Remember stage `stage_id`, just cut, for later identical stages.
-    pub(crate) fn record(
-        &mut self,
-        stage_id: u32,
-        input: &Arc<dyn ExecutionPlan>,
-        partitioning: Option<&Partitioning>,
-        kind: StageKind,
-    ) {
-        if self.on && kind != StageKind::Result && reusable(input) {
-            self.seen.push(Seen {
-                stage_id,
-                shape: Shape::of(input, kind),
-                input: Arc::clone(input),
-                partitioning: partitioning.cloned(),
-                encoded: None,
-            });
-        }
     }
 }
 
