@@ -25,7 +25,7 @@ use volley_core::shuffle::MemoryShuffle;
 use volley_core::stores::redact::redact_values;
 use volley_core::stores::{StoreCache, StoreOptions, StoreScope};
 
-use crate::runtime_filters::{BuildBoundsExec, add_runtime_filters};
+use crate::runtime_filters::{BuildBoundsExec, add_runtime_filters, is_runtime_row_filter};
 
 /// What an executor needs to run tasks.
 pub struct TaskRunner {
@@ -323,7 +323,7 @@ fn operator_metrics(plan: &Arc<dyn ExecutionPlan>) -> Vec<pb::OperatorMetrics> {
     let mut out = Vec::new();
     let _ = plan.apply(|node| {
         // Not a node of the scheduler's stage plan.
-        if node.is::<BuildBoundsExec>() {
+        if node.is::<BuildBoundsExec>() || is_runtime_row_filter(node) {
             return Ok(TreeNodeRecursion::Continue);
         }
         let metrics = node

@@ -377,7 +377,8 @@ fn fact_rows_read(cluster: &EmbeddedCluster, job_id: &str) -> u64 {
 /// without it (`volley.runtime_filters = false`) all 40,000. Every answer equals single-node DataFusion's: the inner join, the
 /// preserved side of an outer join, an empty build side (the join then reads no probe row
 /// either way), an outer join whose preserved side is the scan (no filter may apply), and a
-/// union of two scans on the probe side (each is filtered: TPC-DS q5's sales and returns).
+/// union of two scans on the probe side (each is filtered: TPC-DS q5's sales and returns), and
+/// a dimension on the build side of a lower join, whose rows the filter drops one by one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broadcast_join_prunes_the_row_groups_of_its_probe_scan() {
     volley_tests::init_tracing();
@@ -417,6 +418,14 @@ async fn a_broadcast_join_prunes_the_row_groups_of_its_probe_scan() {
              (SELECT k, v FROM fact UNION ALL SELECT k, v * 2 AS v FROM fact) u \
              JOIN dim d ON u.k = d.k WHERE d.cat = 'a'",
             [2000, 80_000],
+        ),
+        // A filter above a lower join (TPC-DS q6's `d_month_seq = (scalar subquery)`) drops
+        // the rows of `dim`, that join's build side, so `dim` holds only category `a`'s keys and
+        // the lower join's own filter prunes `fact` (without the row filter: all 4,000 keys).
+        (
+            "SELECT count(*), sum(f.v) FROM fact f JOIN dim d ON f.k = d.k \
+             WHERE d.cat = (SELECT min(cat) FROM dim WHERE k = 1250)",
+            [1000, 40_000],
         ),
     ];
     let ctx = SessionContext::new();
