@@ -27,9 +27,7 @@ pub fn probe_filter_rewrite(
 ) -> Result<Arc<dyn ExecutionPlan>> {
     let mut found = None;
     join_stage_plan.apply(|node| {
-        if let Some(filter) = filterable(node)
-            && filter.stages == join
-        {
+        if let Some(filter) = filterable(node).into_iter().find(|f| f.stages == join) {
             found = Some(filter);
             return Ok(TreeNodeRecursion::Stop);
         }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::physical_plan::ExecutionPlan;
 
 use volley_core::config::volley_session_config;
 use volley_core::shuffle::PartitionLocation;
@@ -275,6 +276,39 @@ async fn a_small_key_side_filters_the_probe_stage_before_its_shuffle() {
         "the probe stage now reads the keys"
     );
     assert!(probe.wait_for.is_empty());
+}
+
+#[tokio::test]
+async fn a_semi_join_output_side_is_filtered_by_the_keys_of_its_filtered_side() {
+    // `t` (the rows kept) is a whole table: its keys would filter nothing. `u`'s filtered keys
+    // filter `t`'s stage before its shuffle (before, only the semi join's other side could
+    // be filtered, here by `t`'s unselective keys: no candidate at all).
+    let sql = "SELECT t.a FROM t WHERE t.b IN (SELECT b FROM u WHERE a > 1)";
+    let mut job = job_of(sql, &[("volley.adaptive_broadcast_bytes", "1000")]).await;
+    let filters: Vec<(u32, ShuffledJoin)> = job
+        .stages
+        .values()
+        .flat_map(|s| s.join_switch.iter().map(|j| (s.plan.stage_id, *j)))
+        .filter(|(_, j)| j.probe_filter)
+        .collect();
+    assert_eq!(filters.len(), 1, "one way of the semi join: {filters:?}");
+    let (join_stage, join) = filters[0];
+    let filtered = |id: u32| {
+        let plan = Arc::clone(&job.stages[&id].plan.plan) as Arc<dyn ExecutionPlan>;
+        crate::graph::joins::restricts_rows(&plan)
+    };
+    assert!(filtered(join.build), "the keys are `u`'s filtered ones");
+    assert!(!filtered(join.probe), "`t`'s stage is the one filtered");
+    finish(&mut job, join.build, 1, 4, |_, _| 10);
+    let edits = decide_switch(&job, join_stage, join).unwrap();
+    assert!(
+        notes(&edits).contains(&format!(
+            "{}: keeps only rows whose join keys are in stage {} (semi-join reduction before the shuffle)",
+            join.probe, join.build
+        )),
+        "{:?}",
+        notes(&edits)
+    );
 }
 
 const GROUP_ORDER: &str = "SELECT b, count(*) FROM t GROUP BY b ORDER BY b";

@@ -105,9 +105,7 @@ pub fn shuffled_join(stage_plan: &Arc<dyn ExecutionPlan>) -> Option<ShuffledJoin
 pub fn filterable_joins(stage_plan: &Arc<dyn ExecutionPlan>) -> Vec<ShuffledJoin> {
     let mut found = Vec::new();
     let _ = stage_plan.apply(|node| {
-        if let Some(filter) = filterable(node) {
-            found.push(filter.stages);
-        }
+        found.extend(filterable(node).into_iter().map(|f| f.stages));
         Ok(TreeNodeRecursion::Continue)
     });
     found
@@ -123,21 +121,26 @@ pub struct Filterable {
     pub null_equality: NullEquality,
 }
 
-pub fn filterable(node: &Arc<dyn ExecutionPlan>) -> Option<Filterable> {
-    let join = node.downcast_ref::<HashJoinExec>()?;
+/// The ways `node` (a partitioned hash join) may have one side filtered by the other's keys.
+/// A semi join gives both ways (its output side may be filtered by the other side's keys too);
+/// [`super::candidates`] keeps one. Other joins give one at most.
+pub fn filterable(node: &Arc<dyn ExecutionPlan>) -> Vec<Filterable> {
+    let Some(join) = node.downcast_ref::<HashJoinExec>() else {
+        return Vec::new();
+    };
     if *join.partition_mode() != PartitionMode::Partitioned || join.null_aware {
-        return None;
+        return Vec::new();
     }
     // (keys side is the left one) for each side that only matters through its key matches.
-    let orientations: &[bool] = match join.join_type() {
-        JoinType::Left | JoinType::LeftSemi | JoinType::LeftAnti | JoinType::LeftMark => &[true],
-        JoinType::Right | JoinType::RightSemi | JoinType::RightAnti | JoinType::RightMark => {
-            &[false]
-        }
-        JoinType::Inner => &[true, false],
-        _ => return None,
+    let (orientations, both): (&[bool], bool) = match join.join_type() {
+        JoinType::LeftSemi => (&[true, false], true),
+        JoinType::RightSemi => (&[false, true], true),
+        JoinType::Left | JoinType::LeftAnti | JoinType::LeftMark => (&[true], false),
+        JoinType::Right | JoinType::RightAnti | JoinType::RightMark => (&[false], false),
+        JoinType::Inner => (&[true, false], false),
+        _ => return Vec::new(),
     };
-    orientations.iter().find_map(|&keys_left| {
+    let found = orientations.iter().filter_map(|&keys_left| {
         let (keys_side, filtered_side) = if keys_left {
             (join.left(), join.right())
         } else {
@@ -168,7 +171,11 @@ pub fn filterable(node: &Arc<dyn ExecutionPlan>) -> Option<Filterable> {
             on,
             null_equality: join.null_equality(),
         })
-    })
+    });
+    match both {
+        true => found.collect(),
+        false => found.take(1).collect(),
+    }
 }
 
 /// The hash-shuffle stage a join side reads: straight (`None`: the join keys apply to the
