@@ -123,7 +123,7 @@ pub struct Filterable {
 
 /// The ways `node` (a partitioned hash join) may have one side filtered by the other's keys.
 /// A semi join gives both ways (its output side may be filtered by the other side's keys too);
-/// [`super::candidates`] keeps one. Other joins give one at most.
+/// the candidates module keeps one. Other joins give one at most.
 pub fn filterable(node: &Arc<dyn ExecutionPlan>) -> Vec<Filterable> {
     let Some(join) = node.downcast_ref::<HashJoinExec>() else {
         return Vec::new();
