@@ -155,8 +155,10 @@ impl Job {
     }
 
     /// A consumer could not fetch map output `map_partition` of stage `producer` from
-    /// `lost_executor`: that task, and every other of the stage's tasks whose output lives
-    /// there, run again.
+    /// `lost_executor`: every task of the stage whose output lives there (that one among
+    /// them) runs again. A failure naming output that has moved since (the task already ran
+    /// again elsewhere: another reader of the same lost output reported first) changes nothing;
+    /// the reader, requeued, resolves the new location.
     pub fn rerun_producer(
         &mut self,
         producer: u32,
@@ -168,10 +170,11 @@ impl Job {
         let Some(stage) = self.stages.get_mut(&producer) else {
             return;
         };
+        tracing::debug!(producer, map_partition, lost_executor, "map output lost");
         let mut changed = false;
-        for (index, task) in stage.tasks.iter_mut().enumerate() {
+        for task in stage.tasks.iter_mut() {
             let lost = matches!(&task.state, TaskState::Succeeded { executor_id, .. } if executor_id == lost_executor);
-            if lost || index == map_partition as usize && task.is_done() {
+            if lost {
                 task.requeue(Requeue::OutputLost);
                 task.attempt = task.attempt.max(floor);
                 changed = true;
@@ -226,5 +229,89 @@ impl Job {
             }
         }
         freed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use volley_core::config::volley_session_config;
+    use volley_core::shuffle::PartitionLocation;
+
+    use crate::config::SchedulerPolicy;
+    use crate::graph::cut::plan_stages_inlining;
+    use crate::graph::cut::tests::plan_sql;
+    use crate::job::{Job, TaskInfo, TaskState};
+
+    /// Task `map` of `stage` succeeded on `executor` (its outputs there).
+    fn succeed(job: &mut Job, stage: u32, map: usize, executor: &str) {
+        let task = &mut job.stages.get_mut(&stage).unwrap().tasks[map];
+        *task = TaskInfo::pending();
+        let output = PartitionLocation {
+            executor_id: executor.into(),
+            host: "127.0.0.1".into(),
+            flight_port: 1,
+            path: format!("job/{stage}/{map}/0"),
+            map_partition: u32::try_from(map).unwrap(),
+            output_partition: 0,
+            num_rows: 1,
+            num_bytes: 1,
+            grant: String::new(),
+            in_memory: false,
+        };
+        task.state = TaskState::Succeeded {
+            executor_id: executor.into(),
+            outputs: vec![output],
+            elapsed: Duration::from_millis(1),
+        };
+    }
+
+    #[tokio::test]
+    async fn a_stale_fetch_failure_does_not_rerun_output_that_already_moved() {
+        let sql = "SELECT b, count(*) FROM t GROUP BY b";
+        let stages = plan_stages_inlining(
+            "job",
+            plan_sql(sql, volley_session_config(2)).await,
+            0,
+            false,
+        )
+        .unwrap();
+        let schema = Arc::new(datafusion::arrow::datatypes::Schema::empty());
+        let mut job = Job::new(
+            "job".into(),
+            sql.into(),
+            Arc::new(Vec::new()),
+            stages,
+            schema,
+            tracing::Span::none(),
+            false,
+        );
+        let producer = *job.stages.keys().next().unwrap();
+        let maps = job.stages[&producer].tasks.len();
+        for map in 0..maps {
+            succeed(&mut job, producer, map, "a");
+        }
+        job.stages.get_mut(&producer).unwrap().mark_succeeded();
+        let policy = SchedulerPolicy::default();
+        // A reader could not fetch map 0 from `a`: the outputs on `a` run again (attempt 2).
+        job.rerun_producer(producer, 0, "a", &policy);
+        let stage = &job.stages[&producer];
+        assert_eq!(stage.attempts, 2);
+        assert!(stage.tasks.iter().all(|t| !t.is_done()));
+        // They ran again on `b`.
+        for map in 0..maps {
+            succeed(&mut job, producer, map, "b");
+        }
+        job.stages.get_mut(&producer).unwrap().mark_succeeded();
+        // Another reader of the same lost output reports late: nothing is lost now.
+        job.rerun_producer(producer, 0, "a", &policy);
+        let stage = &job.stages[&producer];
+        assert_eq!(stage.attempts, 2, "no new attempt for a stale failure");
+        assert!(
+            stage.tasks.iter().all(|t| t.is_done()),
+            "map output on b kept"
+        );
     }
 }
