@@ -95,6 +95,15 @@ fn switch(job: &Job) -> (u32, ShuffledJoin) {
     found[0]
 }
 
+/// The semi-join reduction candidates of the job: (join stage, join).
+fn probe_filters(job: &Job) -> Vec<(u32, ShuffledJoin)> {
+    job.stages
+        .values()
+        .flat_map(|s| s.join_switch.iter().map(|j| (s.plan.stage_id, *j)))
+        .filter(|(_, j)| j.probe_filter)
+        .collect()
+}
+
 fn notes(edits: &[StageEdit]) -> Vec<String> {
     edits
         .iter()
@@ -242,12 +251,7 @@ async fn a_skewed_join_partition_is_split_by_probe_map_output() {
 async fn a_small_key_side_filters_the_probe_stage_before_its_shuffle() {
     let sql = "SELECT v.a, u.a FROM (SELECT a, b FROM t WHERE a > 1) v LEFT JOIN u ON v.b = u.b";
     let mut job = job_of(sql, &[("volley.adaptive_broadcast_bytes", "1000")]).await;
-    let filters: Vec<(u32, ShuffledJoin)> = job
-        .stages
-        .values()
-        .flat_map(|s| s.join_switch.iter().map(|j| (s.plan.stage_id, *j)))
-        .filter(|(_, j)| j.probe_filter)
-        .collect();
+    let filters = probe_filters(&job);
     assert_eq!(
         filters.len(),
         1,
@@ -285,12 +289,7 @@ async fn a_semi_join_output_side_is_filtered_by_the_keys_of_its_filtered_side() 
     // be filtered, here by `t`'s unselective keys: no candidate at all).
     let sql = "SELECT t.a FROM t WHERE t.b IN (SELECT b FROM u WHERE a > 1)";
     let mut job = job_of(sql, &[("volley.adaptive_broadcast_bytes", "1000")]).await;
-    let filters: Vec<(u32, ShuffledJoin)> = job
-        .stages
-        .values()
-        .flat_map(|s| s.join_switch.iter().map(|j| (s.plan.stage_id, *j)))
-        .filter(|(_, j)| j.probe_filter)
-        .collect();
+    let filters = probe_filters(&job);
     assert_eq!(filters.len(), 1, "one way of the semi join: {filters:?}");
     let (join_stage, join) = filters[0];
     let filtered = |id: u32| {
