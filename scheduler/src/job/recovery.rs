@@ -5,8 +5,15 @@
 use std::collections::HashSet;
 
 use crate::config::SchedulerPolicy;
-use crate::job::task::{MAX_TASK_CRASHES, Requeue, TaskLaunch, TaskState};
+use crate::job::task::{MAX_TASK_CRASHES, Requeue, TaskInfo, TaskLaunch, TaskState};
 use crate::job::{Job, JobState};
+
+/// A finished task whose output is lost runs again, at an attempt number no lower than
+/// `floor` (the job's attempt floor, raised when a job is resumed).
+fn rerun(task: &mut TaskInfo, floor: u32) {
+    task.requeue(Requeue::OutputLost);
+    task.attempt = task.attempt.max(floor);
+}
 
 impl Job {
     /// True when a result task's output is on `executor_id`.
@@ -83,8 +90,7 @@ impl Job {
                     TaskState::Succeeded { executor_id: e, .. }
                         if e == executor_id && output_needed =>
                     {
-                        task.requeue(Requeue::OutputLost);
-                        task.attempt = task.attempt.max(floor);
+                        rerun(task, floor);
                         lost_output = true;
                     }
                     _ => {}
@@ -125,8 +131,7 @@ impl Job {
                 let gone = matches!(&task.state, TaskState::Succeeded { executor_id: e, outputs, .. }
                     if e == executor_id && outputs.iter().any(|o| !held.contains(&o.path)));
                 if gone {
-                    task.requeue(Requeue::OutputLost);
-                    task.attempt = task.attempt.max(floor);
+                    rerun(task, floor);
                     lost_output = true;
                 }
             }
@@ -154,44 +159,29 @@ impl Job {
         self.touch();
     }
 
-    /// A consumer could not fetch map output `map_partition` of stage `producer` from
-    /// `lost_executor`: every task of the stage whose output lives there (that one among
-    /// them) runs again. A failure naming output that has moved since (the task already ran
-    /// again elsewhere: another reader of the same lost output reported first) changes nothing;
-    /// the reader, requeued, resolves the new location.
-    pub fn rerun_producer(
-        &mut self,
-        producer: u32,
-        map_partition: u32,
-        lost_executor: &str,
-        policy: &SchedulerPolicy,
-    ) {
+    /// A consumer could not fetch map output of stage `producer` from `lost_executor`: every
+    /// task of the stage whose output lives there (the one it read among them) runs again. A
+    /// failure naming output that has moved since (the task already ran again elsewhere:
+    /// another reader of the same lost output reported first) changes nothing; the reader,
+    /// requeued, resolves the new location.
+    pub fn rerun_producer(&mut self, producer: u32, lost_executor: &str, policy: &SchedulerPolicy) {
         let floor = self.attempt_floor;
         let Some(stage) = self.stages.get_mut(&producer) else {
             return;
         };
-        tracing::debug!(producer, map_partition, lost_executor, "map output lost");
         let mut changed = false;
         for task in stage.tasks.iter_mut() {
             let lost = matches!(&task.state, TaskState::Succeeded { executor_id, .. } if executor_id == lost_executor);
             if lost {
-                task.requeue(Requeue::OutputLost);
-                task.attempt = task.attempt.max(floor);
+                rerun(task, floor);
                 changed = true;
             }
         }
-        if !changed {
-            return;
+        if changed {
+            stage.reopen();
+            let attempts = stage.attempts;
+            self.outputs_lost(vec![(producer, attempts)], policy);
         }
-        stage.reopen();
-        if stage.attempts > policy.stage_max_attempts {
-            let attempts = stage.attempts - 1;
-            self.fail(format!(
-                "stage {producer} failed after {attempts} attempts: its shuffle output was lost"
-            ));
-            return;
-        }
-        self.invalidate_consumers(producer);
     }
 
     /// Stages reading `producer` must resolve their plans again.
@@ -296,7 +286,7 @@ mod tests {
         job.stages.get_mut(&producer).unwrap().mark_succeeded();
         let policy = SchedulerPolicy::default();
         // A reader could not fetch map 0 from `a`: the outputs on `a` run again (attempt 2).
-        job.rerun_producer(producer, 0, "a", &policy);
+        job.rerun_producer(producer, "a", &policy);
         let stage = &job.stages[&producer];
         assert_eq!(stage.attempts, 2);
         assert!(stage.tasks.iter().all(|t| !t.is_done()));
@@ -306,7 +296,7 @@ mod tests {
         }
         job.stages.get_mut(&producer).unwrap().mark_succeeded();
         // Another reader of the same lost output reports late: nothing is lost now.
-        job.rerun_producer(producer, 0, "a", &policy);
+        job.rerun_producer(producer, "a", &policy);
         let stage = &job.stages[&producer];
         assert_eq!(stage.attempts, 2, "no new attempt for a stale failure");
         assert!(

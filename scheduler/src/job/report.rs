@@ -178,7 +178,7 @@ impl Job {
         let attempts = task.failures;
         if let Some((lost_executor, producer, map_partition)) = fetch_failure {
             tracing::warn!(job_id = %self.id, stage_id, producer, map_partition, %lost_executor, "shuffle fetch failed; re-running producer");
-            self.rerun_producer(producer, map_partition, &lost_executor, policy);
+            self.rerun_producer(producer, &lost_executor, policy);
         } else if !retryable || attempts >= policy.task_max_attempts {
             let tries = if retryable {
                 format!(" after {attempts} attempts")
