@@ -85,7 +85,7 @@ async fn tpch_sf01_on_process_cluster_matches_datafusion_and_duckdb() {
     }
 }
 
-/// The job folders under an embedded cluster's work dir root.
+/// The job folders under a cluster's work dir root (each executor's private folder).
 fn job_dirs(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
     for executor_root in std::fs::read_dir(root).expect("work dir") {
