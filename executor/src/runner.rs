@@ -118,6 +118,7 @@ impl TaskRunner {
             });
         let status = match outcome {
             Ok((partitions, operators)) => pb::task_status::Status::Succeeded(pb::TaskSucceeded {
+                inline_result: self.inline_result(&partitions, def.inline_result_limit),
                 partitions,
                 elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 operators,
@@ -163,6 +164,19 @@ impl TaskRunner {
             task: Some(task),
             executor_id: self.executor_id.clone(),
             status: Some(status),
+        }
+    }
+
+    /// The output of a result stage's task to return inside its report: its one output held
+    /// in memory, when at most `limit` bytes (empty otherwise: read from this executor).
+    fn inline_result(&self, written: &[pb::PartitionStats], limit: u64) -> Vec<u8> {
+        match written {
+            [output] if limit > 0 && output.in_memory && output.num_bytes <= limit => self
+                .memory
+                .get(&output.path)
+                .map(|bytes| bytes.to_vec())
+                .unwrap_or_default(),
+            _ => Vec::new(),
         }
     }
 

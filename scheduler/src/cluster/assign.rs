@@ -111,8 +111,13 @@ impl Placement<'_> {
         let job_span = job.span.clone();
         let settings = Arc::clone(&job.settings);
         let stores = Arc::clone(&job.stores);
+        let final_stage = job.final_stage;
         let Some(stage) = job.stages.get_mut(&stage_id) else {
             return true;
+        };
+        let inline_limit = match stage_id == final_stage && stage.tasks.len() == 1 {
+            true => inline_result_limit(&settings),
+            false => 0,
         };
         if stage.span.is_none() {
             stage.span = Some(tracing::info_span!(
@@ -154,8 +159,21 @@ impl Placement<'_> {
                 settings: Arc::clone(&settings),
                 stores: Arc::clone(&stores),
                 span: stage_span.clone(),
+                inline_limit,
             });
         }
         true
     }
+}
+
+/// `volley.inline_result_bytes` of a job's settings (looked up alone: parsing every setting
+/// would cost more than the task launch).
+fn inline_result_limit(settings: &[(String, String)]) -> u64 {
+    let default = volley_core::config::VolleyOptions::default().inline_result_bytes;
+    settings
+        .iter()
+        .find(|(key, _)| key == "volley.inline_result_bytes")
+        .map_or(default, |(_, value)| {
+            value.trim().parse().unwrap_or(default)
+        })
 }

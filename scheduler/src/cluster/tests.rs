@@ -95,6 +95,7 @@ fn succeeded() -> TaskOutcome {
         }],
         elapsed: Duration::from_millis(5),
         metrics: Vec::new(),
+        inline: None,
     }
 }
 

@@ -100,12 +100,18 @@ pub(super) async fn run(
         s.job(&job_id).map(|job| match &job.state {
             JobState::Failed(message) => Err(failed(message)),
             JobState::Cancelled => Err(Status::cancelled(format!("job {job_id} was cancelled"))),
-            _ => Ok(Answer {
-                job_id: job_id.clone(),
-                schema: Arc::clone(&job.schema),
-                inline: job.inline_result.clone(),
-                locations: job.result_locations(),
-            }),
+            _ => {
+                let locations = job.result_locations();
+                // A cluster query's small answer also came back inline; its endpoints stay
+                // the executors (their TLS and grants, and a release that drops the rows).
+                let inline = job.inline_result.clone().filter(|_| locations.is_empty());
+                Ok(Answer {
+                    job_id: job_id.clone(),
+                    schema: Arc::clone(&job.schema),
+                    inline,
+                    locations,
+                })
+            }
         })
     });
     // Over: nothing to cancel when this call goes.

@@ -113,7 +113,9 @@ pub struct Job {
     pub schema: SchemaRef,
     /// Current state.
     pub state: JobState,
-    /// Result computed on the scheduler (DDL, EXPLAIN), as an Arrow IPC stream.
+    /// The whole result as an Arrow IPC stream: computed on the scheduler (DDL, EXPLAIN,
+    /// answers of the result cache), or small enough to come back with the report of a
+    /// one-task result stage (`volley.inline_result_bytes`; its files are kept too).
     pub inline_result: Option<Vec<u8>>,
     /// Submission time.
     pub submitted: Instant,

@@ -67,7 +67,11 @@ impl Job {
                 outputs,
                 elapsed,
                 metrics,
+                inline,
             } => {
+                if stage_id == self.final_stage && inline.is_some() {
+                    self.inline_result = inline;
+                }
                 let stage_done =
                     self.succeeded(origin, stage_id, partition, outputs, metrics, elapsed);
                 Reported::Succeeded { stage_done }

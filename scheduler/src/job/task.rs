@@ -175,6 +175,9 @@ pub struct TaskLaunch {
     pub stores: Arc<Vec<(String, volley_core::stores::StoreOptions)>>,
     /// Span of its stage: the parent of the task's span on the executor.
     pub span: tracing::Span,
+    /// Largest output it returns inside its status report (the one task of a result stage;
+    /// 0 for every other task).
+    pub inline_limit: u64,
 }
 
 /// One shuffle output a task reported.
@@ -203,6 +206,9 @@ pub enum TaskOutcome {
         elapsed: Duration,
         /// Operator metrics (pre-order): name, value.
         metrics: Vec<Vec<(String, u64)>>,
+        /// The whole output of a result stage's one task, as an Arrow IPC stream, when it was
+        /// small enough to come with the report.
+        inline: Option<Vec<u8>>,
     },
     /// It failed.
     Failed {

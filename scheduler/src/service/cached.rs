@@ -339,15 +339,22 @@ impl SchedulerService {
         if !self.wait_final(job_id).await {
             return Ok(());
         }
-        let (locations, schema) = {
+        let (locations, schema, inline) = {
             let state = self.state.lock();
             match state.job(job_id) {
-                Some(job) if job.state == JobState::Succeeded && job.inline_result.is_none() => {
-                    (job.result_locations(), Arc::clone(&job.schema))
-                }
+                Some(job) if job.state == JobState::Succeeded => (
+                    job.result_locations(),
+                    Arc::clone(&job.schema),
+                    job.inline_result.clone(),
+                ),
                 _ => return Ok(()),
             }
         };
+        if let Some(answer) = inline {
+            // A small answer came back with its task's report: stored as it is.
+            let rows = locations.iter().map(|l| l.num_rows).sum();
+            return self.store_answer(probe, &schema, answer, rows);
+        }
         let file_bytes: u64 = locations.iter().map(|l| l.num_bytes).sum();
         if file_bytes > probe.max_bytes {
             return Ok(());
@@ -360,15 +367,26 @@ impl SchedulerService {
                 batches.push(batch?);
             }
         }
-        let answer = ipc_bytes(&schema, &batches)?;
+        let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+        self.store_answer(probe, &schema, ipc_bytes(&schema, &batches)?, rows)
+    }
+
+    /// Keep `answer` (an Arrow IPC stream of `rows` rows) as the stored answer of `probe`,
+    /// unless too big.
+    fn store_answer(
+        &self,
+        probe: &Probe,
+        schema: &datafusion::arrow::datatypes::SchemaRef,
+        answer: Vec<u8>,
+        rows: u64,
+    ) -> Result<()> {
         if answer.len() as u64 > probe.max_bytes {
             return Ok(());
         }
-        let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
         self.result_cache
             .lock()
             .store(&probe.query, answer, rows, probe.ttl)?;
-        self.remember_shortcut(probe, &schema);
+        self.remember_shortcut(probe, schema);
         Ok(())
     }
 

@@ -208,6 +208,7 @@ impl SchedulerService {
                             task.partition,
                         ));
                         TaskOutcome::Succeeded {
+                            inline: (!s.inline_result.is_empty()).then_some(s.inline_result),
                             outputs: s
                                 .partitions
                                 .into_iter()

@@ -307,5 +307,6 @@ fn definition(t: &TaskLaunch, traceparent: String) -> pb::TaskDefinition {
             .map(|(store, options)| volley_core::stores::options::to_proto(store, options))
             .collect(),
         traceparent,
+        inline_result_limit: t.inline_limit,
     }
 }

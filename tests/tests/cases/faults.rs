@@ -469,3 +469,32 @@ async fn a_restarted_executor_registers_under_a_new_id_and_gets_work() {
         "the new executor ran tasks"
     );
 }
+
+/// A small result comes back inside its task's status report and the job status answer, so
+/// the client reads it from the scheduler: it is still there once every executor is gone.
+/// With `volley.inline_result_bytes = 0` the rows stay on the executors and go with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_result_is_read_from_the_scheduler_after_its_executors_are_gone() {
+    volley_tests::init_tracing();
+    let (expected, floats) = expected().await;
+    let sql = tpch::query(QUERY).unwrap();
+    for inline in [true, false] {
+        let (mut cluster, client) = cluster(2, true).await;
+        if !inline {
+            client
+                .sql("SET volley.inline_result_bytes = 0")
+                .await
+                .unwrap();
+        }
+        let job_id = client.submit(&sql).await.unwrap();
+        let done = client.wait(&job_id).await.unwrap();
+        assert_eq!(!done.inline_result.is_empty(), inline, "inline: {inline}");
+        cluster.kill_executor(0).unwrap();
+        cluster.kill_executor(1).unwrap();
+        match (inline, result(&client, job_id).await) {
+            (true, Ok(actual)) => assert_same_rows(&expected, &actual, &floats, "inline result"),
+            (false, Err(e)) => assert!(e.contains("executor"), "{e}"),
+            (inline, other) => panic!("inline {inline}: {other:?}"),
+        }
+    }
+}
