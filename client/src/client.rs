@@ -345,6 +345,7 @@ impl VolleyClient {
                 job_id: job_id.to_string(),
                 wait_ms: 0,
                 session_id: self.session_id.clone(),
+                release_inline: false,
             })
             .await
             .map_err(status_error)?
@@ -355,6 +356,12 @@ impl VolleyClient {
     /// (restarting) is asked again with backoff for up to [`RECONNECT_LIMIT`]: one started on
     /// its state again resumes the job.
     pub async fn wait(&self, job_id: &str) -> Result<pb::CompletedJob> {
+        self.wait_for(job_id, false).await
+    }
+
+    /// [`Self::wait`]; with `release_inline`, a result that comes inline in the answer is
+    /// released with it (the caller reads it from there).
+    async fn wait_for(&self, job_id: &str, release_inline: bool) -> Result<pb::CompletedJob> {
         let mut scheduler = self.grpc();
         let mut reconnect = Reconnect::default();
         loop {
@@ -363,6 +370,7 @@ impl VolleyClient {
                     job_id: job_id.to_string(),
                     wait_ms: 1000,
                     session_id: self.session_id.clone(),
+                    release_inline,
                 })
                 .await;
             let status = match answer {
@@ -421,13 +429,13 @@ impl VolleyClient {
         &self,
         job_id: String,
     ) -> Result<(SchemaRef, BoxStream<'static, Result<RecordBatch>>)> {
-        let done = self.wait(&job_id).await?;
+        // An inline result is released by the answer that carries it.
+        let done = self.wait_for(&job_id, true).await?;
         let schema = StreamReader::try_new(Cursor::new(done.schema), None)?.schema();
         if !done.inline_result.is_empty() {
             let reader = StreamReader::try_new(Cursor::new(done.inline_result), None)?;
             let batches: Vec<Result<RecordBatch>> =
                 reader.map(|b| b.map_err(VolleyError::from)).collect();
-            self.release(&job_id).await;
             return Ok((schema, futures::stream::iter(batches).boxed()));
         }
         let locations = done

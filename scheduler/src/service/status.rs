@@ -200,7 +200,15 @@ impl SchedulerService {
                 break;
             }
         }
-        Ok(Response::new(self.job_status(&params.job_id)?))
+        let status = self.job_status(&params.job_id)?;
+        let inline = matches!(
+            &status.status,
+            Some(job_status::Status::Completed(done)) if !done.inline_result.is_empty()
+        );
+        if params.release_inline && inline {
+            self.release_read(&params.job_id);
+        }
+        Ok(Response::new(status))
     }
 
     pub(super) async fn handle_cancel_job(

@@ -251,6 +251,7 @@ async fn jobs_belong_to_the_session_that_submitted_them() {
                 job_id: job_id.clone(),
                 wait_ms: 0,
                 session_id: session_id.to_string(),
+                release_inline: false,
             })
             .await
             .unwrap_err();
