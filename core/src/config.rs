@@ -90,8 +90,8 @@ extensions_options! {
         pub shuffle_memory_task_bytes: u64, default = 4 * 1024 * 1024
         /// A result of at most this many bytes (Arrow IPC) written by a one-task result stage
         /// comes back inside its task's status report and the job status answer: the client
-        /// reads it from the scheduler, without a connection to an executor (0: results are
-        /// always read from the executors).
+        /// reads it from the scheduler, without a connection to an executor (at most 1 MiB
+        /// whatever is set; 0: results are always read from the executors).
         pub inline_result_bytes: u64, default = 256 * 1024
         /// How long the scheduler serves a stored result of the same query (same plan, same
         /// input files unchanged, same token) instead of running it again: `0` turns the

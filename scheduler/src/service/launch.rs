@@ -42,7 +42,7 @@ impl SchedulerService {
                     .drain(..fits)
                     .map(|t| {
                         let traceparent = volley_core::telemetry::traceparent(&t.span);
-                        definition(&t, traceparent)
+                        definition(&t, traceparent, self.inline_cap())
                     })
                     .collect();
                 self.metrics
@@ -110,7 +110,10 @@ impl SchedulerService {
     async fn launch_batch(&self, executor: &ExecutorInfo, tasks: Vec<TaskLaunch>) {
         tracing::debug!(executor_id = %executor.id, tasks = tasks.len(), stage = tasks.first().map(|t| t.stage_id), "launching");
         let request = pb::LaunchTasksParams {
-            tasks: tasks.iter().map(|t| definition(t, String::new())).collect(),
+            tasks: tasks
+                .iter()
+                .map(|t| definition(t, String::new(), self.inline_cap()))
+                .collect(),
         };
         // One stage per request: its span's trace context rides in the request metadata.
         let mut request = tonic::Request::new(request);
@@ -282,9 +285,21 @@ impl SchedulerService {
     }
 }
 
+/// The largest result a task returns inside its status report, whatever its session set: 1 MiB,
+/// and at most a quarter of the largest message the scheduler takes (a report it could not
+/// take would be retried, holding the task's slot, and clients with gRPC's default 4 MiB limit
+/// read the job status answer that carries it).
+const MAX_INLINE_RESULT: u64 = 1024 * 1024;
+
+impl SchedulerService {
+    fn inline_cap(&self) -> u64 {
+        MAX_INLINE_RESULT.min(self.config.max_message_size as u64 / 4)
+    }
+}
+
 /// A task as its executor receives it; `traceparent` is its stage span's trace context when
-/// the request's metadata cannot carry it.
-fn definition(t: &TaskLaunch, traceparent: String) -> pb::TaskDefinition {
+/// the request's metadata cannot carry it; `inline_cap` bounds the result it returns inline.
+fn definition(t: &TaskLaunch, traceparent: String, inline_cap: u64) -> pb::TaskDefinition {
     pb::TaskDefinition {
         task: Some(pb::TaskId {
             job_id: t.job_id.clone(),
@@ -307,6 +322,6 @@ fn definition(t: &TaskLaunch, traceparent: String) -> pb::TaskDefinition {
             .map(|(store, options)| volley_core::stores::options::to_proto(store, options))
             .collect(),
         traceparent,
-        inline_result_limit: t.inline_limit,
+        inline_result_limit: t.inline_limit.min(inline_cap),
     }
 }
