@@ -433,9 +433,15 @@ impl VolleyClient {
         let done = self.wait_for(&job_id, true).await?;
         let schema = StreamReader::try_new(Cursor::new(done.schema), None)?.schema();
         if !done.inline_result.is_empty() {
+            let released =
+                done.inline_result.len() <= volley_core::config::KEPT_RELEASED_ANSWER_BYTES;
             let reader = StreamReader::try_new(Cursor::new(done.inline_result), None)?;
             let batches: Vec<Result<RecordBatch>> =
                 reader.map(|b| b.map_err(VolleyError::from)).collect();
+            if !released {
+                // Not released with the answer (see `GetJobStatusParams.release_inline`).
+                self.release(&job_id).await;
+            }
             return Ok((schema, futures::stream::iter(batches).boxed()));
         }
         let locations = done

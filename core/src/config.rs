@@ -334,3 +334,11 @@ pub fn config_to_pairs(config: &SessionConfig) -> Vec<(String, String)> {
     }
     pairs
 }
+
+/// An inline answer (Arrow IPC bytes) up to this size stays with its job once released, so a
+/// client whose status answer was lost can ask again; a larger one is dropped on release, and
+/// a client reading it releases the job itself once it has the rows.
+pub const KEPT_RELEASED_ANSWER_BYTES: usize = 64 * 1024;
+
+/// The largest result a task returns inside its status report, whatever its session set.
+pub const MAX_INLINE_RESULT_BYTES: u64 = 1024 * 1024;

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use prost::Message;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::Status;
 use volley_core::failover::SchedulerUrls;
@@ -113,6 +114,10 @@ const MOVE_ON_AFTER: u32 = 3;
 
 /// Statuses delivered in one report at most.
 const BATCH: usize = 64;
+/// Encoded bytes of the statuses one report gathers at most (a status carrying an inline
+/// result goes alone beyond it): a report too big for the scheduler would be retried, not
+/// split.
+const BATCH_BYTES: usize = 512 * 1024;
 
 /// Where reports go, and what their answers start.
 #[derive(Clone)]
@@ -179,11 +184,28 @@ impl Delivery {
 /// Deliver every report on this (the heartbeat) thread's runtime: the statuses waiting
 /// together go in one report (up to [`BATCH`]), each report on its own.
 async fn deliver_all(mut reports: mpsc::UnboundedReceiver<Report>, delivery: Delivery) {
-    while let Some(first) = reports.recv().await {
+    // A report that did not fit the last batch starts the next one.
+    let mut carried: Option<Report> = None;
+    loop {
+        let first = match carried.take() {
+            Some(report) => report,
+            None => match reports.recv().await {
+                Some(report) => report,
+                None => return,
+            },
+        };
+        let mut bytes = first.0.encoded_len();
         let mut batch = vec![first];
         while batch.len() < BATCH {
             match reports.try_recv() {
-                Ok(report) => batch.push(report),
+                Ok(report) if bytes + report.0.encoded_len() <= BATCH_BYTES => {
+                    bytes += report.0.encoded_len();
+                    batch.push(report);
+                }
+                Ok(report) => {
+                    carried = Some(report);
+                    break;
+                }
                 Err(_) => break,
             }
         }

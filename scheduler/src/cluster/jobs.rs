@@ -15,11 +15,20 @@ use crate::graph::StagePlan;
 use crate::graph::trim::Encoded;
 use crate::job::{CacheHit, Job, JobState, TaskLaunch};
 
-/// A released cached job keeps an answer up to this size (a later status call still gets
-/// it); larger ones are dropped: 1,000 kept jobs must not hold gigabytes.
-const KEPT_CACHED_ANSWER_BYTES: usize = 64 * 1024;
+// A released job keeps an answer up to this size (a later status call still gets it); larger
+// ones are dropped: 1,000 kept jobs must not hold gigabytes.
+use volley_core::config::KEPT_RELEASED_ANSWER_BYTES;
 
 impl ClusterState {
+    /// Bytes of inline answers its jobs hold.
+    pub fn inline_bytes_held(&self) -> usize {
+        self.jobs
+            .values()
+            .filter_map(|job| job.inline_result.as_ref())
+            .map(Vec::len)
+            .sum()
+    }
+
     fn insert(&mut self, mut job: Job) {
         match self.jobs.remove(&job.id) {
             // A waiting job that runs after all (the query it waited for stored no answer):
@@ -259,14 +268,13 @@ impl ClusterState {
             return false;
         }
         job.released = true;
-        if job.cached.is_some()
-            && job
-                .inline_result
-                .as_ref()
-                .is_some_and(|r| r.len() > KEPT_CACHED_ANSWER_BYTES)
+        if job
+            .inline_result
+            .as_ref()
+            .is_some_and(|r| r.len() > KEPT_RELEASED_ANSWER_BYTES)
         {
-            // The client has it; the result cache keeps its own copy. A later status call
-            // hears that it was released (see `Job::answer_dropped`).
+            // The client has it (the result cache keeps its own copy of a cached one). A
+            // later status call hears that it was released (see `Job::answer_dropped`).
             job.inline_result = None;
             job.answer_dropped = true;
         }

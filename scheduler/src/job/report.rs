@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use volley_core::config::MAX_INLINE_RESULT_BYTES;
 use volley_core::shuffle::PartitionLocation;
 
 use crate::config::SchedulerPolicy;
@@ -69,8 +70,15 @@ impl Job {
                 metrics,
                 inline,
             } => {
-                if stage_id == self.final_stage && inline.is_some() {
-                    self.inline_result = inline;
+                if stage_id == self.final_stage {
+                    // This attempt's answer, or none: never an earlier attempt's. Only the one
+                    // task of a result stage answers inline, within the cap launches set.
+                    let one_task = self
+                        .stages
+                        .get(&stage_id)
+                        .is_some_and(|s| s.tasks.len() == 1);
+                    self.inline_result = inline
+                        .filter(|bytes| one_task && bytes.len() as u64 <= MAX_INLINE_RESULT_BYTES);
                 }
                 let stage_done =
                     self.succeeded(origin, stage_id, partition, outputs, metrics, elapsed);

@@ -16,6 +16,10 @@ use crate::cluster::AttemptKey;
 use crate::job::{TaskOutcome, TaskOutput};
 use crate::service::{RECONCILE_GRACE, SchedulerService, new_id, speaks_for};
 
+/// Bytes of inline answers all jobs together may hold in the scheduler's memory: results that
+/// used to live on executors under their `--shuffle-memory`.
+const INLINE_BUDGET: usize = 64 * 1024 * 1024;
+
 impl SchedulerService {
     pub(super) async fn handle_register_executor(
         &self,
@@ -189,6 +193,7 @@ impl SchedulerService {
         {
             let mut state = self.state.lock();
             state.seen(&params.executor_id);
+            let mut inline_held = state.inline_bytes_held();
             for status in statuses {
                 let Some(task) = status.task else { continue };
                 let outcome = match status.status {
@@ -208,7 +213,13 @@ impl SchedulerService {
                             task.partition,
                         ));
                         TaskOutcome::Succeeded {
-                            inline: (!s.inline_result.is_empty()).then_some(s.inline_result),
+                            // Beyond the budget the client reads the answer from the executor.
+                            inline: (!s.inline_result.is_empty()
+                                && inline_held + s.inline_result.len() <= INLINE_BUDGET)
+                                .then(|| {
+                                    inline_held += s.inline_result.len();
+                                    s.inline_result
+                                }),
                             outputs: s
                                 .partitions
                                 .into_iter()

@@ -289,7 +289,7 @@ impl SchedulerService {
 /// and at most a quarter of the largest message the scheduler takes (a report it could not
 /// take would be retried, holding the task's slot, and clients with gRPC's default 4 MiB limit
 /// read the job status answer that carries it).
-const MAX_INLINE_RESULT: u64 = 1024 * 1024;
+const MAX_INLINE_RESULT: u64 = volley_core::config::MAX_INLINE_RESULT_BYTES;
 
 impl SchedulerService {
     fn inline_cap(&self) -> u64 {

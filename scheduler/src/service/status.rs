@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use tonic::{Request, Response, Status};
 use volley_core::codec::VolleyCodec;
+use volley_core::config::KEPT_RELEASED_ANSWER_BYTES;
 use volley_core::protobuf::{self as pb, job_status};
 use volley_core::security::{Role, principal, role};
 
@@ -201,9 +202,13 @@ impl SchedulerService {
             }
         }
         let status = self.job_status(&params.job_id)?;
+        // Only an answer that stays with the released job: one whose reply is lost is asked
+        // for again. A bigger one the client releases once it has read it.
         let inline = matches!(
             &status.status,
-            Some(job_status::Status::Completed(done)) if !done.inline_result.is_empty()
+            Some(job_status::Status::Completed(done))
+                if !done.inline_result.is_empty()
+                    && done.inline_result.len() <= KEPT_RELEASED_ANSWER_BYTES
         );
         if params.release_inline && inline {
             self.release_read(&params.job_id);

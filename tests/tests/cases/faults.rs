@@ -491,10 +491,40 @@ async fn a_small_result_is_read_from_the_scheduler_after_its_executors_are_gone(
         assert_eq!(!done.inline_result.is_empty(), inline, "inline: {inline}");
         cluster.kill_executor(0).unwrap();
         cluster.kill_executor(1).unwrap();
-        match (inline, result(&client, job_id).await) {
+        match (inline, result(&client, job_id.clone()).await) {
             (true, Ok(actual)) => assert_same_rows(&expected, &actual, &floats, "inline result"),
             (false, Err(e)) => assert!(e.contains("executor"), "{e}"),
             (inline, other) => panic!("inline {inline}: {other:?}"),
         }
+        if inline {
+            // Released with the answer that carried it, a small answer stays with the job: a
+            // client whose reply was lost asks again and still gets it.
+            let again = result(&client, job_id).await.expect("asked again");
+            assert_same_rows(&expected, &again, &floats, "inline result asked again");
+        }
     }
+}
+
+/// An inline answer over 64 KiB is not released with the status answer that carries it: the
+/// client releases the job once it has read the rows, and the released job drops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bigger_inline_result_is_released_by_the_client_after_reading_it() {
+    volley_tests::init_tracing();
+    let (_cluster, client) = cluster(2, true).await;
+    let job_id = client
+        .submit("SELECT * FROM lineitem ORDER BY l_orderkey, l_linenumber LIMIT 1000")
+        .await
+        .unwrap();
+    let done = client.wait(&job_id).await.unwrap();
+    let bytes = done.inline_result.len();
+    assert!(
+        (64 * 1024..256 * 1024).contains(&bytes),
+        "{bytes} bytes inline"
+    );
+    let rows = result(&client, job_id.clone()).await.expect("rows");
+    assert_eq!(rows.len(), 1000);
+    let err = result(&client, job_id)
+        .await
+        .expect_err("released by the client");
+    assert!(err.contains("was read and released"), "{err}");
 }
