@@ -193,7 +193,8 @@ impl SchedulerService {
         {
             let mut state = self.state.lock();
             state.seen(&params.executor_id);
-            let mut inline_held = state.inline_bytes_held();
+            // Summed over the jobs only when a report carries an answer.
+            let mut inline_held: Option<usize> = None;
             for status in statuses {
                 let Some(task) = status.task else { continue };
                 let outcome = match status.status {
@@ -214,12 +215,14 @@ impl SchedulerService {
                         ));
                         TaskOutcome::Succeeded {
                             // Beyond the budget the client reads the answer from the executor.
-                            inline: (!s.inline_result.is_empty()
-                                && inline_held + s.inline_result.len() <= INLINE_BUDGET)
-                                .then(|| {
-                                    inline_held += s.inline_result.len();
+                            inline: (!s.inline_result.is_empty()).then_some(()).and_then(|()| {
+                                let held =
+                                    inline_held.get_or_insert_with(|| state.inline_bytes_held());
+                                (*held + s.inline_result.len() <= INLINE_BUDGET).then(|| {
+                                    *held += s.inline_result.len();
                                     s.inline_result
-                                }),
+                                })
+                            }),
                             outputs: s
                                 .partitions
                                 .into_iter()
