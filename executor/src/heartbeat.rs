@@ -194,21 +194,8 @@ async fn deliver_all(mut reports: mpsc::UnboundedReceiver<Report>, delivery: Del
                 None => return,
             },
         };
-        let mut bytes = first.0.encoded_len();
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match reports.try_recv() {
-                Ok(report) if bytes + report.0.encoded_len() <= BATCH_BYTES => {
-                    bytes += report.0.encoded_len();
-                    batch.push(report);
-                }
-                Ok(report) => {
-                    carried = Some(report);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
+        let (batch, rest) = next_batch(first, &mut reports);
+        carried = rest;
         let delivery = delivery.clone();
         tokio::spawn(async move {
             let (statuses, waiting): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
@@ -218,6 +205,27 @@ async fn deliver_all(mut reports: mpsc::UnboundedReceiver<Report>, delivery: Del
             }
         });
     }
+}
+
+/// `first` and the reports waiting behind it, up to [`BATCH`] of them and [`BATCH_BYTES`]
+/// encoded (`first` goes even when bigger); the first report that did not fit comes back.
+fn next_batch(
+    first: Report,
+    reports: &mut mpsc::UnboundedReceiver<Report>,
+) -> (Vec<Report>, Option<Report>) {
+    let mut bytes = first.0.encoded_len();
+    let mut batch = vec![first];
+    while batch.len() < BATCH {
+        match reports.try_recv() {
+            Ok(report) if bytes + report.0.encoded_len() <= BATCH_BYTES => {
+                bytes += report.0.encoded_len();
+                batch.push(report);
+            }
+            Ok(report) => return (batch, Some(report)),
+            Err(_) => break,
+        }
+    }
+    (batch, None)
 }
 
 /// The running heartbeat thread; [`Heartbeat::stop`] ends it.
@@ -426,5 +434,50 @@ async fn attach(
             }
         }
         tokio::time::sleep(backoff(failures).min(check)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A succeeded task's report carrying `inline` bytes of answer.
+    fn report(inline: usize) -> Report {
+        let status = pb::TaskStatus {
+            status: Some(pb::task_status::Status::Succeeded(pb::TaskSucceeded {
+                inline_result: vec![0; inline],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        (status, oneshot::channel().0)
+    }
+
+    #[test]
+    fn a_batch_stays_under_its_byte_limit_and_the_report_left_out_starts_the_next() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for size in [100, 300 * 1024, 300 * 1024, 100] {
+            tx.send(report(size)).unwrap();
+        }
+        let first = rx.try_recv().unwrap();
+        let (batch, rest) = next_batch(first, &mut rx);
+        assert_eq!(batch.len(), 2, "100 B + 300 KiB; the next 300 KiB waits");
+        let (batch, rest) = next_batch(rest.expect("the report left out"), &mut rx);
+        assert_eq!(batch.len(), 2);
+        assert!(rest.is_none());
+        // A report over the limit goes, alone.
+        tx.send(report(600 * 1024)).unwrap();
+        tx.send(report(10)).unwrap();
+        let first = rx.try_recv().unwrap();
+        let (batch, rest) = next_batch(first, &mut rx);
+        assert_eq!(batch.len(), 1);
+        assert!(rest.is_some());
+        // Small reports: at most BATCH in one.
+        for _ in 0..BATCH + 5 {
+            tx.send(report(10)).unwrap();
+        }
+        let first = rx.try_recv().unwrap();
+        let (batch, rest) = next_batch(first, &mut rx);
+        assert_eq!((batch.len(), rest.is_none()), (BATCH, true));
     }
 }
