@@ -433,8 +433,7 @@ impl VolleyClient {
         let done = self.wait_for(&job_id, true).await?;
         let schema = StreamReader::try_new(Cursor::new(done.schema), None)?.schema();
         if !done.inline_result.is_empty() {
-            let released =
-                done.inline_result.len() <= volley_core::config::KEPT_RELEASED_ANSWER_BYTES;
+            let released = volley_core::config::released_with_answer(done.inline_result.len());
             let reader = StreamReader::try_new(Cursor::new(done.inline_result), None)?;
             let batches: Vec<Result<RecordBatch>> =
                 reader.map(|b| b.map_err(VolleyError::from)).collect();

@@ -340,5 +340,13 @@ pub fn config_to_pairs(config: &SessionConfig) -> Vec<(String, String)> {
 /// a client reading it releases the job itself once it has the rows.
 pub const KEPT_RELEASED_ANSWER_BYTES: usize = 64 * 1024;
 
-/// The largest result a task returns inside its status report, whatever its session set.
+/// The largest result a task returns inside its status report, whatever its session set
+/// (clients with gRPC's default 4 MiB limit read the job status answer that carries it).
 pub const MAX_INLINE_RESULT_BYTES: u64 = 1024 * 1024;
+
+/// True when a status answer carrying an inline answer of `bytes` also releases its job (asked
+/// with `release_inline`): the job keeps such an answer once released. The scheduler and the
+/// client decide by this one rule.
+pub fn released_with_answer(bytes: usize) -> bool {
+    bytes > 0 && bytes <= KEPT_RELEASED_ANSWER_BYTES
+}

@@ -198,7 +198,19 @@ impl SchedulerService {
             for status in statuses {
                 let Some(task) = status.task else { continue };
                 let outcome = match status.status {
-                    Some(pb::task_status::Status::Succeeded(s)) => {
+                    Some(pb::task_status::Status::Succeeded(mut s)) => {
+                        // Beyond the budget the client reads the answer from the executor.
+                        let inline = match s.inline_result.len() {
+                            0 => None,
+                            len => {
+                                let held =
+                                    inline_held.get_or_insert_with(|| state.inline_bytes_held());
+                                (*held + len <= INLINE_BUDGET).then(|| {
+                                    *held += len;
+                                    std::mem::take(&mut s.inline_result)
+                                })
+                            }
+                        };
                         let written: u64 = s.partitions.iter().map(|p| p.num_bytes).sum();
                         self.metrics.shuffle_bytes_written.inc_by(written);
                         self.metrics
@@ -214,15 +226,7 @@ impl SchedulerService {
                             task.partition,
                         ));
                         TaskOutcome::Succeeded {
-                            // Beyond the budget the client reads the answer from the executor.
-                            inline: (!s.inline_result.is_empty()).then_some(()).and_then(|()| {
-                                let held =
-                                    inline_held.get_or_insert_with(|| state.inline_bytes_held());
-                                (*held + s.inline_result.len() <= INLINE_BUDGET).then(|| {
-                                    *held += s.inline_result.len();
-                                    s.inline_result
-                                })
-                            }),
+                            inline,
                             outputs: s
                                 .partitions
                                 .into_iter()

@@ -285,15 +285,13 @@ impl SchedulerService {
     }
 }
 
-/// The largest result a task returns inside its status report, whatever its session set: 1 MiB,
-/// and at most a quarter of the largest message the scheduler takes (a report it could not
-/// take would be retried, holding the task's slot, and clients with gRPC's default 4 MiB limit
-/// read the job status answer that carries it).
-const MAX_INLINE_RESULT: u64 = volley_core::config::MAX_INLINE_RESULT_BYTES;
-
 impl SchedulerService {
+    /// The largest result a task returns inside its status report, whatever its session set:
+    /// [`volley_core::config::MAX_INLINE_RESULT_BYTES`], and at most a quarter of the largest
+    /// message the scheduler takes (a report it could not take would be retried, holding the
+    /// task's slot).
     fn inline_cap(&self) -> u64 {
-        MAX_INLINE_RESULT.min(self.config.max_message_size as u64 / 4)
+        volley_core::config::MAX_INLINE_RESULT_BYTES.min(self.config.max_message_size as u64 / 4)
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tonic::{Request, Response, Status};
 use volley_core::codec::VolleyCodec;
-use volley_core::config::KEPT_RELEASED_ANSWER_BYTES;
+use volley_core::config::released_with_answer;
 use volley_core::protobuf::{self as pb, job_status};
 use volley_core::security::{Role, principal, role};
 
@@ -207,8 +207,7 @@ impl SchedulerService {
         let inline = matches!(
             &status.status,
             Some(job_status::Status::Completed(done))
-                if !done.inline_result.is_empty()
-                    && done.inline_result.len() <= KEPT_RELEASED_ANSWER_BYTES
+                if released_with_answer(done.inline_result.len())
         );
         if params.release_inline && inline {
             self.release_read(&params.job_id);
