@@ -57,6 +57,11 @@ extensions_options! {
         /// probe stage instead drops rows whose keys are not on the build side); 0 turns both
         /// off.
         pub adaptive_broadcast_bytes: u64, default = 128 * 1024 * 1024
+        /// Adaptive execution: a stage waiting for the keys of a semi-join reduction (see
+        /// `adaptive_broadcast_bytes`) starts unfiltered instead when task slots would
+        /// otherwise sit idle while the keys stage runs (a one-task keys stage leaves the
+        /// other slots free: waiting would run two scans one after the other).
+        pub adaptive_idle_start: bool, default = true
         /// Adaptive execution: a join partition whose probe side is this many times the median
         /// partition and at least `adaptive_skew_min_bytes` is split into several tasks.
         pub adaptive_skew_factor: u64, default = 4

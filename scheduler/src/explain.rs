@@ -59,6 +59,9 @@ pub fn decision_what(decision: &Decision) -> String {
         Decision::KeptUnfiltered { probe, build, .. } => {
             format!("kept stage {probe} unfiltered: build side (stage {build}) too big")
         }
+        Decision::StartedIdle { build } => format!(
+            "started without waiting for the join keys of stage {build}: task slots were idle"
+        ),
         Decision::KeepsKeysOf { build, .. } => format!(
             "keeps only rows whose join keys are in stage {build} (semi-join reduction before \
              the shuffle)"
@@ -76,9 +79,10 @@ pub fn decision_what(decision: &Decision) -> String {
 pub fn decision_sizes(decision: &Decision) -> String {
     let size = |s: &Size| format!("{} rows, {}", s.rows, bytes(s.bytes));
     match decision {
-        Decision::Candidate(_) | Decision::Skipped { .. } | Decision::FusedInto { .. } => {
-            String::new()
-        }
+        Decision::Candidate(_)
+        | Decision::Skipped { .. }
+        | Decision::FusedInto { .. }
+        | Decision::StartedIdle { .. } => String::new(),
         Decision::Fused { bytes: b, .. } => format!("{} of input", bytes(*b)),
         Decision::KeptJoin { size: s, .. }
         | Decision::Broadcast { size: s, .. }

@@ -19,6 +19,8 @@
 //! * **Fusion.** A stage about to run as one task on at most `volley.adaptive_fuse_bytes` of
 //!   input, whose only consumer would then be ready and can run as one task too, is not run on
 //!   its own: the consumer runs its plan in place of the reader of it ([`fuse`]).
+//! * **Idle start.** A stage waiting for a semi-join reduction's keys starts unfiltered when
+//!   task slots would sit idle while the keys stage runs ([`idle`]).
 //! * **Skew split.** In such a join stage, a partition whose probe side is far above the median
 //!   is split into several tasks, each reading a range of the probe side's map outputs joined
 //!   with the whole build-side partition.
@@ -31,6 +33,7 @@
 //! `EXPLAIN ANALYZE` show them.
 
 pub mod fuse;
+pub mod idle;
 pub mod regroup;
 pub mod rewrite;
 pub mod switch;

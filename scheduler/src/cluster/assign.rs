@@ -22,9 +22,39 @@ impl ClusterState {
     /// Give pending tasks of ready stages to executors with free slots, least loaded first.
     pub fn assign_tasks(&mut self) -> Vec<(ExecutorInfo, Vec<TaskLaunch>)> {
         self.promote_queued();
+        let mut assigned = Assigned::new();
+        self.place_ready(&mut assigned);
+        if self.start_idle_probes() {
+            self.place_ready(&mut assigned);
+        }
+        assigned
+            .into_iter()
+            .filter_map(|(id, tasks)| self.executors.get(&id).map(|e| (e.clone(), tasks)))
+            .collect()
+    }
+
+    /// With slots still free, start the stages that only wait for a running semi-join
+    /// reduction's keys (see [`adaptive::idle`]); true when one was.
+    fn start_idle_probes(&mut self) -> bool {
+        if !self.executors.values().any(ExecutorInfo::accepts_tasks) {
+            return false;
+        }
+        let mut started = false;
+        for job in self.jobs.values_mut() {
+            if job.state != JobState::Running {
+                continue;
+            }
+            let edits = adaptive::idle::start_waiting_probes(job);
+            started |= !edits.is_empty();
+            job.apply(edits);
+        }
+        started
+    }
+
+    /// Place the pending tasks of every ready stage, jobs in order, while slots are free.
+    fn place_ready(&mut self, assigned: &mut Assigned) {
         let slots = self.total_slots();
         let journal = self.journal.clone();
-        let mut assigned = Assigned::new();
         let order = self.job_order.clone();
         'jobs: for job_id in order {
             let Some(job) = self.jobs.get_mut(&job_id) else {
@@ -51,15 +81,11 @@ impl ClusterState {
                     cursor: (self.policy.load_balancing == LoadBalancing::RoundRobin)
                         .then_some(&mut self.rr_cursor),
                 };
-                if !placement.place(job, stage_id, plan, &mut assigned) {
+                if !placement.place(job, stage_id, plan, assigned) {
                     break 'jobs;
                 }
             }
         }
-        assigned
-            .into_iter()
-            .filter_map(|(id, tasks)| self.executors.get(&id).map(|e| (e.clone(), tasks)))
-            .collect()
     }
 }
 

@@ -80,6 +80,12 @@ pub enum Decision {
         /// Keys stage's output.
         size: Size,
     },
+    /// This stage was to wait for the keys of stage `build` (a semi-join reduction) but
+    /// started unfiltered: task slots were idle while that stage ran.
+    StartedIdle {
+        /// Keys stage.
+        build: u32,
+    },
     /// This stage keeps only rows whose join keys are in stage `build`.
     KeepsKeysOf {
         /// Keys stage.

@@ -167,8 +167,10 @@ impl StageState {
         }
     }
 
-    /// Ready -> Running, when its tasks are launched.
+    /// Ready -> Running, when its tasks are launched. A launched stage waits for nothing
+    /// (a resumed job replays the launch of a stage started before its keys stage was done).
     pub fn mark_launched(&mut self) {
+        self.wait_for.clear();
         if matches!(self.phase, StagePhase::Waiting | StagePhase::Ready) {
             self.phase = StagePhase::Running {
                 started: Instant::now(),

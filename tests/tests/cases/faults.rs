@@ -31,7 +31,7 @@ async fn expected() -> (Vec<Row>, Vec<bool>) {
     (rows(&batches).unwrap(), float_columns(&batches))
 }
 
-async fn cluster(executors: usize, retries: bool) -> (ProcessCluster, VolleyClient) {
+pub(super) async fn cluster(executors: usize, retries: bool) -> (ProcessCluster, VolleyClient) {
     let attempts = if retries { "4" } else { "1" };
     cluster_with(executors, attempts, attempts).await
 }
@@ -66,7 +66,7 @@ async fn job(client: &VolleyClient, job_id: &str) -> JobRecord {
     volley_tests::job_record(client, job_id).await.unwrap()
 }
 
-async fn wait_for(
+pub(super) async fn wait_for(
     client: &VolleyClient,
     job_id: &str,
     what: &str,
@@ -94,7 +94,7 @@ fn running_on(record: &JobRecord, stage: u32) -> Option<String> {
         .map(|t| t.executor_id.clone())
 }
 
-async fn result(client: &VolleyClient, job_id: String) -> Result<Vec<Row>, String> {
+pub(super) async fn result(client: &VolleyClient, job_id: String) -> Result<Vec<Row>, String> {
     let (_, stream) = client.fetch(job_id).await.map_err(|e| e.to_string())?;
     let batches: Vec<_> = stream.try_collect().await.map_err(|e| e.to_string())?;
     Ok(rows(&batches).unwrap())

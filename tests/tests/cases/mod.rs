@@ -11,6 +11,7 @@ mod flight_sql;
 mod fuzz;
 mod grouping;
 mod hardening;
+mod idle_start;
 mod layout;
 mod lifecycle;
 mod liveness;

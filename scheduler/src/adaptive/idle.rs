@@ -1,0 +1,73 @@
+//! Starting a stage that waits for a semi-join reduction's keys while task slots sit idle.
+//!
+//! A semi-join reduction makes the stage it filters wait until the keys stage is done: less is
+//! shuffled, but the two stages run one after the other. When the keys stage runs as fewer tasks
+//! than the cluster has slots (a one-task grouped scan, TPC-DS q32's date and item filters over
+//! `catalog_sales`), the other slots would sit idle through that wait while the filtered
+//! stage's scan could run. Then the stage starts at once, unfiltered (its plan is the one
+//! planned; the join still drops the rows the filter would have), and the reduction, decided
+//! when the keys are done, finds it started and keeps it so
+//! ([`crate::job::Decision::KeptUnfiltered`]). `volley.adaptive_idle_start = false` keeps
+//! every such stage waiting.
+
+use volley_core::config::VolleyOptions;
+
+use crate::job::stage::StageState;
+use crate::job::{Decision, Job, StageEdit};
+
+/// True when stage `probe` waits for `build` only as the filtered side of a semi-join
+/// reduction (not as the probe side of a broadcast switch, whose wait saves the whole stage).
+fn reduction_wait(job: &Job, probe: u32, build: u32) -> bool {
+    let mut joins = job
+        .stages
+        .values()
+        .flat_map(|s| s.join_switch.iter())
+        .filter(|j| j.probe == probe && j.build == build)
+        .peekable();
+    joins.peek().is_some() && joins.all(|j| j.probe_filter)
+}
+
+/// True when `stage` could launch now but for its waits, each one on a semi-join reduction's
+/// keys stage that is running.
+fn waits_only_for_running_keys(job: &Job, stage: &StageState) -> bool {
+    let id = stage.plan.stage_id;
+    stage.phase == crate::job::StagePhase::Waiting
+        && !stage.wait_for.is_empty()
+        && stage
+            .plan
+            .inputs
+            .iter()
+            .all(|input| job.stages.get(input).is_some_and(StageState::is_complete))
+        && stage.wait_for.iter().all(|build| {
+            reduction_wait(job, id, *build)
+                && job
+                    .stages
+                    .get(build)
+                    .is_some_and(|b| b.started().is_some() && !b.is_complete())
+        })
+}
+
+/// Edits starting, unfiltered, every stage of `job` that only waits for a running keys stage
+/// (called when task slots are free after every ready task was placed).
+pub fn start_waiting_probes(job: &Job) -> Vec<StageEdit> {
+    let candidates: Vec<&StageState> = job
+        .stages
+        .values()
+        .filter(|s| waits_only_for_running_keys(job, s))
+        .collect();
+    if candidates.is_empty() || !VolleyOptions::from_pairs(&job.settings).adaptive_idle_start {
+        return Vec::new();
+    }
+    let mut edits = Vec::new();
+    for stage in candidates {
+        let id = stage.plan.stage_id;
+        for build in &stage.wait_for {
+            edits.push(StageEdit::StopWaiting {
+                stage: id,
+                on: *build,
+            });
+            edits.push(StageEdit::Note(id, Decision::StartedIdle { build: *build }));
+        }
+    }
+    edits
+}
