@@ -11,10 +11,12 @@ use volley_tests::tpch;
 
 use super::faults::{cluster, result, wait_for};
 
-/// A partitioned semi join (no broadcast by estimate): the filtered `nation` keys (one task)
-/// are a semi-join reduction for the `customer` stage.
-const SQL: &str = "SELECT n_name FROM nation WHERE n_regionkey = 1 \
-    AND EXISTS (SELECT 1 FROM customer c WHERE c.c_nationkey = n_nationkey)";
+/// A partitioned join (no broadcast by estimate) of the filtered `nation` keys (one task)
+/// with `customer` aggregated by those keys: a semi-join reduction candidate for the
+/// `customer` stage, which aggregates before its shuffle.
+const SQL: &str = "SELECT n_name, c.n FROM nation \
+    JOIN (SELECT c_nationkey, count(*) AS n FROM customer GROUP BY c_nationkey) c \
+    ON c.c_nationkey = n_nationkey WHERE n_regionkey = 1";
 
 /// Plan joins as partitioned whatever the estimates say.
 const PARTITIONED: [&str; 2] = [
