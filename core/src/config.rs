@@ -60,7 +60,9 @@ extensions_options! {
         /// Adaptive execution: a stage waiting for the keys of a semi-join reduction (see
         /// `adaptive_broadcast_bytes`) starts unfiltered instead when task slots would
         /// otherwise sit idle while the keys stage runs (a one-task keys stage leaves the
-        /// other slots free: waiting would run two scans one after the other).
+        /// other slots free: waiting would run two scans one after the other), if it
+        /// aggregates rows its own filters or joins cut down before its shuffle and the keys
+        /// stage scans at least as many file bytes.
         pub adaptive_idle_start: bool, default = true
         /// Adaptive execution: a join partition whose probe side is this many times the median
         /// partition and at least `adaptive_skew_min_bytes` is split into several tasks.
