@@ -97,17 +97,21 @@ fn waits_only_for_running_keys(job: &Job, stage: &StageState) -> bool {
         })
 }
 
-/// Edits starting, unfiltered, every stage of `job` that only waits for a running keys stage
-/// (called when task slots are free after every ready task was placed).
-pub fn start_waiting_probes(job: &Job) -> Vec<StageEdit> {
+/// Edits starting, unfiltered, up to `slots` stages of `job` that only wait for a running keys
+/// stage, and how many stages they start (called when `slots` task slots are free after every
+/// ready task was placed: each stage started gets at least one of them, so none is left
+/// without its wait and without a slot).
+pub fn start_waiting_probes(job: &Job, slots: usize) -> (Vec<StageEdit>, usize) {
     let candidates: Vec<&StageState> = job
         .stages
         .values()
         .filter(|s| waits_only_for_running_keys(job, s))
+        .take(slots)
         .collect();
     if candidates.is_empty() || !VolleyOptions::from_pairs(&job.settings).adaptive_idle_start {
-        return Vec::new();
+        return (Vec::new(), 0);
     }
+    let started = candidates.len();
     let mut edits = Vec::new();
     for stage in candidates {
         let id = stage.plan.stage_id;
@@ -119,5 +123,5 @@ pub fn start_waiting_probes(job: &Job) -> Vec<StageEdit> {
             edits.push(StageEdit::Note(id, Decision::StartedIdle { build: *build }));
         }
     }
-    edits
+    (edits, started)
 }

@@ -373,3 +373,43 @@ async fn fusion_stays_off_above_its_budget_or_when_turned_off() {
     finish(&mut job, 1, 2, 4, |_, _| 100);
     assert_eq!(notes(&before_launch(&job, 2, 4)).len(), 3, "800 bytes fit");
 }
+
+/// `t`'s filtered keys (a reduction candidate) and `u`'s rows cut down by a filter,
+/// aggregated by those keys: the aggregating stage may start while the keys stage runs.
+const IDLE: &str = "SELECT t.a, x.n FROM t JOIN (SELECT b, count(*) AS n FROM u WHERE a > 1 \
+    GROUP BY b) x ON x.b = t.b WHERE t.a > 2";
+
+#[tokio::test]
+async fn an_aggregating_stage_starts_while_its_keys_stage_runs_if_a_slot_is_free() {
+    use crate::adaptive::idle::start_waiting_probes;
+    let mut job = job_of(IDLE, &[("volley.adaptive_broadcast_bytes", "1000")]).await;
+    let filters = probe_filters(&job);
+    assert_eq!(filters.len(), 1, "one reduction candidate: {filters:?}");
+    let (_, join) = filters[0];
+    // Keys stage not started yet: the stage keeps waiting.
+    assert_eq!(start_waiting_probes(&job, 4).1, 0);
+    job.stages.get_mut(&join.build).unwrap().mark_launched();
+    // No free slot: it keeps waiting too (started, it would get none).
+    assert_eq!(start_waiting_probes(&job, 0).1, 0);
+    let (edits, started) = start_waiting_probes(&job, 1);
+    assert_eq!(started, 1);
+    assert_eq!(
+        notes(&edits),
+        [format!(
+            "{}: started without waiting for the join keys of stage {}: task slots were idle",
+            join.probe, join.build
+        )]
+    );
+    job.apply(edits);
+    assert!(job.stages[&join.probe].wait_for.is_empty());
+    let mut off = job_of(
+        IDLE,
+        &[
+            ("volley.adaptive_broadcast_bytes", "1000"),
+            ("volley.adaptive_idle_start", "false"),
+        ],
+    )
+    .await;
+    off.stages.get_mut(&join.build).unwrap().mark_launched();
+    assert_eq!(start_waiting_probes(&off, 4).1, 0);
+}

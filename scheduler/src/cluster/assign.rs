@@ -36,16 +36,26 @@ impl ClusterState {
     /// With slots still free, start the stages that only wait for a running semi-join
     /// reduction's keys (see [`adaptive::idle`]); true when one was.
     fn start_idle_probes(&mut self) -> bool {
-        if !self.executors.values().any(ExecutorInfo::accepts_tasks) {
-            return false;
-        }
+        let mut free: usize = self
+            .executors
+            .values()
+            .filter(|e| e.accepts_tasks())
+            .map(|e| usize::try_from(e.free_slots).unwrap_or(usize::MAX))
+            .fold(0, usize::saturating_add);
         let mut started = false;
-        for job in self.jobs.values_mut() {
+        for job_id in &self.job_order {
+            let Some(job) = self.jobs.get_mut(job_id) else {
+                continue;
+            };
+            if free == 0 {
+                break;
+            }
             if job.state != JobState::Running {
                 continue;
             }
-            let edits = adaptive::idle::start_waiting_probes(job);
-            started |= !edits.is_empty();
+            let (edits, stages) = adaptive::idle::start_waiting_probes(job, free);
+            free = free.saturating_sub(stages);
+            started |= stages > 0;
             job.apply(edits);
         }
         started

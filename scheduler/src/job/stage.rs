@@ -160,17 +160,18 @@ impl StageState {
         }
     }
 
-    /// Waiting -> Ready (adaptive planning done).
+    /// Waiting -> Ready (adaptive planning done). A prepared stage waits for nothing (a
+    /// resumed job replays the preparation of a stage started before its keys stage was done,
+    /// see [`crate::adaptive::idle`]).
     pub fn mark_ready(&mut self) {
+        self.wait_for.clear();
         if self.phase == StagePhase::Waiting {
             self.phase = StagePhase::Ready;
         }
     }
 
-    /// Ready -> Running, when its tasks are launched. A launched stage waits for nothing
-    /// (a resumed job replays the launch of a stage started before its keys stage was done).
+    /// Ready -> Running, when its tasks are launched.
     pub fn mark_launched(&mut self) {
-        self.wait_for.clear();
         if matches!(self.phase, StagePhase::Waiting | StagePhase::Ready) {
             self.phase = StagePhase::Running {
                 started: Instant::now(),
