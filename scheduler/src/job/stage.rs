@@ -161,8 +161,8 @@ impl StageState {
     }
 
     /// Waiting -> Ready (adaptive planning done). A prepared stage waits for nothing (a
-    /// resumed job replays the preparation of a stage started before its keys stage was done,
-    /// see [`crate::adaptive::idle`]).
+    /// resumed job replays the preparation of a stage started before its keys stage was done:
+    /// adaptive execution's idle start).
     pub fn mark_ready(&mut self) {
         self.wait_for.clear();
         if self.phase == StagePhase::Waiting {
