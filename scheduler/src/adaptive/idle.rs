@@ -25,6 +25,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use volley_core::config::VolleyOptions;
 
+use crate::graph::inline::file_bytes;
 use crate::graph::joins::restricts_rows;
 use crate::job::stage::StageState;
 use crate::job::{Decision, Job, StageEdit};
@@ -56,18 +57,11 @@ fn scanned_bytes(stage: &StageState) -> u64 {
     let mut bytes = 0u64;
     let plan = std::sync::Arc::clone(&stage.plan.plan) as std::sync::Arc<dyn ExecutionPlan>;
     let _ = plan.apply(|node| {
-        let files = node
+        if let Some(files) = node
             .downcast_ref::<DataSourceExec>()
-            .and_then(|scan| scan.data_source().downcast_ref::<FileScanConfig>());
-        for file in files
-            .iter()
-            .flat_map(|f| f.file_groups.iter().flat_map(|g| g.iter()))
+            .and_then(|scan| scan.data_source().downcast_ref::<FileScanConfig>())
         {
-            let size = match &file.range {
-                Some(range) => u64::try_from(range.end - range.start).unwrap_or(u64::MAX),
-                None => file.object_meta.size,
-            };
-            bytes = bytes.saturating_add(size);
+            bytes = bytes.saturating_add(file_bytes(files));
         }
         Ok(TreeNodeRecursion::Continue)
     });

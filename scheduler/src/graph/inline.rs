@@ -46,6 +46,19 @@ pub fn inline_build_side(join: &HashJoinExec, budget: u64) -> bool {
     bytes.saturating_mul(tasks) <= budget
 }
 
+/// Bytes a file scan reads: its files whole, or the ranges of them it reads.
+pub(crate) fn file_bytes(files: &FileScanConfig) -> u64 {
+    files
+        .file_groups
+        .iter()
+        .flat_map(|g| g.iter())
+        .map(|file| match &file.range {
+            Some(range) => u64::try_from(range.end - range.start).unwrap_or(u64::MAX),
+            None => file.object_meta.size,
+        })
+        .fold(0, u64::saturating_add)
+}
+
 /// Bytes of the files `plan` scans, if it only scans files and has no exchange.
 pub(crate) fn scanned_bytes(plan: &Arc<dyn ExecutionPlan>) -> Option<u64> {
     let mut bytes = 0u64;
@@ -71,13 +84,7 @@ pub(crate) fn scanned_bytes(plan: &Arc<dyn ExecutionPlan>) -> Option<u64> {
                 plain = false;
                 return Ok(TreeNodeRecursion::Stop);
             };
-            for file in files.file_groups.iter().flat_map(|g| g.iter()) {
-                let size = match &file.range {
-                    Some(range) => u64::try_from(range.end - range.start).unwrap_or(u64::MAX),
-                    None => file.object_meta.size,
-                };
-                bytes = bytes.saturating_add(size);
-            }
+            bytes = bytes.saturating_add(file_bytes(files));
         } else if node.children().is_empty()
             && !matches!(node.name(), "EmptyExec" | "PlaceholderRowExec")
         {
